@@ -1,0 +1,63 @@
+"""Aurora configuration: which layers to adapt, with which rank, and which extras to switch on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AuroraConfig:
+    """Everything that defines an Aurora adapter, independent of any backbone.
+
+    ``targets`` is either a preset name understood by the backbone registry (``"paper"``,
+    ``"all-linear"``) or a list of regular expressions matched (``re.fullmatch``) against
+    module names. ``ranks`` overrides ``rank`` per hidden width (``{1408: 64}``) for models
+    with several widths; every width gets its own factor set.
+    """
+
+    rank: int = 32
+    targets: str | list[str] = "paper"
+    dropout: float = 0.1
+    scale: float = 1.0
+    ranks: dict[int, int] = field(default_factory=dict)
+    context_enhancement: bool = True
+    context_scale: float = 0.1
+    gated_query: bool = True
+    gated_query_scale: float = 0.1
+    gated_query_targets: list[str] = field(default_factory=list)
+    backbone: str | None = None
+
+    def __post_init__(self):
+        self.ranks = {int(k): int(v) for k, v in self.ranks.items()}
+        for name, value in [("rank", self.rank), *((f"ranks[{w}]", r) for w, r in self.ranks.items())]:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"AuroraConfig.{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AuroraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, str):
+            if not self.targets:
+                raise ValueError("AuroraConfig.targets is empty")
+        elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"AuroraConfig.targets must be a preset name or a list of patterns, got {self.targets!r}")
+        else:
+            self.targets = list(self.targets)
+
+    def rank_for(self, width: int) -> int:
+        return self.ranks.get(width, self.rank)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AuroraConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AuroraConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

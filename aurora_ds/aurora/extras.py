@@ -1,0 +1,64 @@
+"""The paper's two alignment modules, each gated so that step 0 equals the frozen model.
+
+Gated Query Transformation (GQT): a learnable scale γ and shift β of an attention block's
+output h, blended in through a gate g that starts at zero:
+
+    h' = h + tanh(g) · λ · (h ⊙ γ + β)
+
+Informative Context Enhancement (ICE): the batch-mean text [CLS] feature t̄ added to the fused
+[CLS] f before the matching head, through a gate that starts at zero:
+
+    f' = f + tanh(g) · λ · t̄
+
+γ and β start at N(0, 2e-4) as in the released code, so the gate receives a gradient at step 0
+and the two factors follow as soon as it opens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GatedQueryTransform(nn.Module):
+    """GQT for one attention block; attached with :meth:`attach` as a forward hook."""
+
+    def __init__(self, width: int, scale: float = 0.1, dtype=None, device=None):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.scale = scale
+        self.gamma = nn.Parameter(torch.empty(width, **kw).normal_(0.0, 2e-4))
+        self.beta = nn.Parameter(torch.empty(width, **kw).normal_(0.0, 2e-4))
+        self.gate = nn.Parameter(torch.zeros((), **kw))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.gate) * self.scale * (h * self.gamma + self.beta)
+
+    def attach(self, block: nn.Module):
+        """Register as ``block.aurora_gqt`` and transform the block's output on every call."""
+        block.add_module("aurora_gqt", self)
+        block.register_forward_hook(_apply_gqt)
+
+
+def _apply_gqt(block: nn.Module, args, output):
+    """Forward hook: route the block's (first) output through its GQT module.
+
+    Calling the module (not its tensors) keeps ZeRO-3's per-module gathering in charge.
+    """
+    if isinstance(output, tuple):
+        return (block.aurora_gqt(output[0]), *output[1:])
+    return block.aurora_gqt(output)
+
+
+class ContextEnhancement(nn.Module):
+    """ICE: f' = f + tanh(g) · λ · mean_batch(text [CLS])."""
+
+    def __init__(self, scale: float = 0.1, dtype=None, device=None):
+        super().__init__()
+        self.scale = scale
+        self.gate = nn.Parameter(torch.zeros((), dtype=dtype, device=device))
+
+    def forward(self, fused_cls: torch.Tensor, text_cls: torch.Tensor) -> torch.Tensor:
+        """``text_cls`` is (N, d) text-only [CLS] features; their mean is the shared context."""
+        context = text_cls.mean(dim=0, keepdim=True)
+        return fused_cls + torch.tanh(self.gate) * self.scale * context.to(fused_cls.dtype)

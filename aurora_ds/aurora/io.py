@@ -1,0 +1,112 @@
+"""The adapter file format: a directory with ``adapter_config.json`` and ``adapter.safetensors``.
+
+Safetensors holds plain tensors only, so loading a shared adapter never unpickles anything.
+Writes go to a temporary sibling directory that is renamed into place, so a reader (or a
+crash) never sees half an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import FORMAT_VERSION, AuroraConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+
+
+def write_adapter(directory, tensors: dict[str, torch.Tensor], config: AuroraConfig, structure: dict, extra=None):
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "method": "aurora",
+        "aurora": config.to_dict(),
+        **structure,
+        "tensors": {n: list(t.shape) for n, t in tensors.items()},
+        "extra": extra or {},
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / WEIGHTS_FILE))
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        directory.rename(old)
+    tmp.rename(directory)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def read_adapter_config(directory) -> dict:
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    if not path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{directory} is not an adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if meta.get("method") != "aurora" or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: unsupported adapter (method {meta.get('method')!r}, format_version "
+            f"{meta.get('format_version')!r}; this version reads aurora format {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def read_adapter(directory, handle) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of an adapter directory, checked name by name and shape by shape against ``handle``."""
+    meta = read_adapter_config(directory)
+    recorded = meta.get("widths", {})
+    actual = handle.describe()["widths"]
+    if recorded != actual:
+        raise ValueError(f"adapter {directory} has factor widths/ranks {recorded}, the model has {actual}")
+    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
+    params = dict(handle.named_trainable_parameters())
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter {directory} does not fit this model: tensors missing from the file {missing[:10]}"
+            f"{'...' if len(missing) > 10 else ''}, tensors the model lacks {unexpected[:10]}"
+            f"{'...' if len(unexpected) > 10 else ''}"
+        )
+    for name, value in tensors.items():
+        want = list(getattr(params[name], "ds_shape", params[name].shape))
+        if list(value.shape) != want:
+            raise ValueError(f"adapter {directory}: tensor {name} has shape {list(value.shape)}, the model expects {want}")
+    return tensors, meta
+
+
+def load_adapter(model: torch.nn.Module, directory):
+    """Inject Aurora as recorded in ``directory`` into ``model`` and load its tensors."""
+    from .model import inject_aurora, load_adapter_tensors
+
+    meta = read_adapter_config(directory)
+    handle = inject_aurora(model, AuroraConfig.from_dict(meta["aurora"]))
+    if handle.describe()["layers"] != meta["layers"]:
+        got, want = set(handle.describe()["layers"]), set(meta["layers"])
+        raise ValueError(
+            f"adapter {directory} adapts layers this model does not resolve to: only in the file "
+            f"{sorted(want - got)[:10]}, only in the model {sorted(got - want)[:10]}"
+        )
+    if meta["trained_parameters"]:
+        params = dict(model.named_parameters())
+        unknown = [n for n in meta["trained_parameters"] if n not in params]
+        if unknown:
+            raise ValueError(f"adapter {directory} trains parameters this model lacks: {unknown[:10]}")
+        for name in meta["trained_parameters"]:
+            params[name].requires_grad_(True)
+    tensors, _ = read_adapter(directory, handle)
+    load_adapter_tensors(handle, tensors)
+    return handle

@@ -1,0 +1,222 @@
+"""Injecting Aurora into an existing model, and the handle that manages it afterwards."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import AuroraConfig
+from .extras import ContextEnhancement, GatedQueryTransform
+from .layer import AuroraFactors, AuroraLinear
+from .targets import TargetPreset, find_preset
+
+FACTORS_ATTR = "aurora_factors"
+CONTEXT_ATTR = "aurora_context"
+
+
+def numel(p: torch.Tensor) -> int:
+    """Element count, also for a ZeRO-3 partitioned parameter (whose local shape is [0])."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def _list_names(names: list[str], limit: int = 60) -> str:
+    shown = "\n  ".join(names[:limit])
+    more = f"\n  ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"\n  {shown}{more}"
+
+
+def _match(patterns, candidates: list[str], kind: str) -> list[str]:
+    """Names matching any pattern; a pattern that matches nothing is an error."""
+    chosen = []
+    for pattern in patterns:
+        hits = [n for n in candidates if re.fullmatch(pattern, n)]
+        if not hits:
+            raise ValueError(f"target pattern {pattern!r} matches no {kind}; candidates are:{_list_names(candidates)}")
+        chosen += [n for n in hits if n not in chosen]
+    return sorted(chosen, key=candidates.index)
+
+
+def _layer_width(name: str, layer: nn.Linear) -> int:
+    """d = the smaller side; both sides must be whole multiples of it (blocks of d x d)."""
+    d = min(layer.in_features, layer.out_features)
+    if layer.in_features % d or layer.out_features % d:
+        raise ValueError(
+            f"cannot adapt {name}: its shape {layer.out_features}x{layer.in_features} is not made of "
+            f"square blocks (width {d} does not divide both sides); remove it from the targets"
+        )
+    return d
+
+
+def _resolve_preset(model: nn.Module, config: AuroraConfig) -> TargetPreset:
+    if isinstance(config.targets, str):
+        preset = find_preset([config.backbone, type(model).__name__], config.targets)
+    else:
+        preset = TargetPreset(linear=tuple(config.targets))
+    if config.gated_query_targets:
+        preset = TargetPreset(preset.linear, tuple(config.gated_query_targets), preset.context)
+    return preset
+
+
+def _block_width(name: str, block: nn.Module) -> int:
+    """The output width of an attention block = out_features of its last linear layer."""
+    linears = [m for m in block.modules() if isinstance(m, (nn.Linear, AuroraLinear))]
+    if not linears:
+        raise ValueError(f"gated-query target {name} contains no linear layer to take its width from")
+    return linears[-1].out_features
+
+
+@dataclass
+class AuroraModel:
+    """What :func:`inject_aurora` returns: the model plus everything needed to manage Aurora."""
+
+    model: nn.Module
+    config: AuroraConfig
+    layers: dict[str, AuroraLinear]
+    gated_query: dict[str, GatedQueryTransform]
+
+    @property
+    def factors(self) -> nn.ModuleDict:
+        return getattr(self.model, FACTORS_ATTR)
+
+    @property
+    def context(self) -> ContextEnhancement | None:
+        return getattr(self.model, CONTEXT_ATTR, None)
+
+    def named_aurora_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter Aurora added (factors, coefficients, GQT, ICE), by model name."""
+        return [(n, p) for n, p in self.model.named_parameters() if _is_aurora_name(n)]
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Aurora parameters plus any backbone modules the caller chose to train (heads)."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def num_trainable(self) -> int:
+        return sum(numel(p) for _, p in self.named_trainable_parameters())
+
+    def parameter_report(self) -> dict:
+        aurora = sum(numel(p) for _, p in self.named_aurora_parameters())
+        trainable = self.num_trainable()
+        total = sum(numel(p) for p in self.model.parameters())
+        backbone = total - aurora
+        return {
+            "aurora": aurora,
+            "heads": trainable - aurora,
+            "trainable": trainable,
+            "backbone": backbone,
+            "total": total,
+            "aurora_percent": 100.0 * aurora / backbone,
+            "trainable_percent": 100.0 * trainable / backbone,
+        }
+
+    def format_parameter_report(self) -> str:
+        r = self.parameter_report()
+        return (
+            f"Aurora {r['aurora']:,} params ({r['aurora_percent']:.3f}% of the {r['backbone'] / 1e6:.1f}M backbone); "
+            f"trainable incl. heads {r['trainable']:,} ({r['trainable_percent']:.3f}%)"
+        )
+
+    def train_modules(self, patterns: list[str]):
+        """Unfreeze whole backbone modules (e.g. projection or matching heads) by name pattern."""
+        names = [n for n, _ in self.model.named_modules() if n]
+        for name in _match(patterns, names, "module"):
+            for p in self.model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+
+    def merge(self):
+        """Fold every update into its frozen weight: inference then costs nothing extra."""
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self):
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors an adapter file holds: every trainable parameter, detached, on CPU."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_trainable_parameters()}
+
+    def describe(self) -> dict:
+        """The structure half of ``adapter_config.json``: enough to rebuild and check."""
+        return {
+            "widths": {str(k[1:]): f.rank for k, f in self.factors.items()},
+            "layers": list(self.layers),
+            "gated_query_modules": list(self.gated_query),
+            "context_enhancement": self.context is not None,
+            "trained_parameters": sorted({n for n, _ in self.named_trainable_parameters() if not _is_aurora_name(n)}),
+        }
+
+    def save(self, directory, extra: dict | None = None):
+        from .io import write_adapter
+
+        write_adapter(directory, self.adapter_state_dict(), self.config, self.describe(), extra)
+
+    def load(self, directory):
+        from .io import read_adapter
+
+        tensors, _ = read_adapter(directory, self)
+        load_adapter_tensors(self, tensors)
+
+
+def _is_aurora_name(name: str) -> bool:
+    parts = name.split(".")
+    return parts[0] in (FACTORS_ATTR, CONTEXT_ATTR) or "aurora_gqt" in parts or parts[-1] == "coeffs"
+
+
+@torch.no_grad()
+def load_adapter_tensors(handle: AuroraModel, tensors: dict[str, torch.Tensor]):
+    params = dict(handle.named_trainable_parameters())
+    for name, value in tensors.items():
+        params[name].copy_(value.to(params[name].dtype))
+
+
+def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
+    """Freeze ``model`` and add Aurora in place; returns the managing handle.
+
+    Adapted layers stay at their original attribute paths; the factors are registered once
+    at the root as ``aurora_factors.d{width}``.
+    """
+    if hasattr(model, FACTORS_ATTR):
+        raise ValueError("this model already has Aurora injected")
+    preset = _resolve_preset(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = _match(preset.linear, linear_names, "nn.Linear module")
+    widths = {name: _layer_width(name, model.get_submodule(name)) for name in chosen}
+
+    factors = nn.ModuleDict()
+    for name, d in widths.items():
+        if f"d{d}" not in factors:
+            weight = model.get_submodule(name).weight
+            factors[f"d{d}"] = AuroraFactors(d, config.rank_for(d), config.dropout, weight.dtype, weight.device)
+    model.add_module(FACTORS_ATTR, factors)
+
+    layers = {}
+    for name, d in widths.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layers[name] = AuroraLinear(getattr(parent, attr), factors[f"d{d}"], config.scale)
+        setattr(parent, attr, layers[name])
+
+    gated = {}
+    if config.gated_query and preset.gated_query:
+        block_names = [n for n, _ in model.named_modules() if n]
+        for name in _match(preset.gated_query, block_names, "module"):
+            block = model.get_submodule(name)
+            ref = next(block.parameters())
+            gated[name] = GatedQueryTransform(_block_width(name, block), config.gated_query_scale, ref.dtype, ref.device)
+            gated[name].attach(block)
+
+    if config.context_enhancement and preset.context:
+        head = model.get_submodule(preset.context)
+        model.add_module(CONTEXT_ATTR, ContextEnhancement(config.context_scale, head.weight.dtype, head.weight.device))
+
+    model.train(model.training)  # the new modules follow the model's train/eval mode (dropout)
+    handle = AuroraModel(model, config, layers, gated)
+    for _, p in handle.named_aurora_parameters():
+        p.requires_grad_(True)
+    return handle

@@ -1,0 +1,80 @@
+"""Registry of supported backbones: named shapes, Aurora target maps, build and load.
+
+Every entry builds with random weights from its config (tests, demos, scaling runs) or loads
+from a local checkpoint directory (``save_pretrained`` layout for transformers models,
+``model.safetensors`` for timm). Nothing is ever downloaded. Heavy imports (transformers,
+timm) happen only when a model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..aurora.targets import TargetPreset, register_presets
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """``family`` picks the builder; ``task`` the interface (retrieval, vqa, clip, vision);
+    ``shape`` holds the config values of this size."""
+
+    name: str
+    family: str
+    task: str
+    shape: dict
+    presets: dict[str, TargetPreset]
+    image_size: int
+    trained_heads: tuple[str, ...] = ()
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+_BUILDERS: dict[str, Callable] = {}
+
+
+def register_backbone(spec: BackboneSpec, model_class: str | None = None):
+    """Add ``spec``; its presets are found by backbone name, and by class name if given."""
+    _REGISTRY[spec.name] = spec
+    register_presets(spec.name, spec.presets)
+    if model_class:
+        register_presets(model_class, spec.presets)
+
+
+def register_family(family: str, builder: Callable):
+    _BUILDERS[family] = builder
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; registered backbones: {list_backbones()}")
+    return _REGISTRY[name]
+
+
+def build_backbone(name: str, checkpoint: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """The backbone ``name`` with random weights, or loaded from the local ``checkpoint`` dir.
+
+    Called while a ``transformers.integrations.HfDeepSpeedConfig`` for ZeRO-3 is alive, the
+    transformers families come out already partitioned across ranks.
+    """
+    spec = get_spec(name)
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_dir():
+            raise FileNotFoundError(
+                f"checkpoint directory {checkpoint} for backbone {name!r} does not exist "
+                f"(nothing is downloaded: save the model there with save_pretrained first)"
+            )
+    return _BUILDERS[spec.family](spec, checkpoint, dtype)
+
+
+from . import hf, timm_vit  # noqa: E402,F401  (each registers its families and entries)
+from .probe import example_batch, forward_features  # noqa: E402

@@ -1,0 +1,112 @@
+"""transformers backbones: BLIP retrieval, BLIP VQA, CLIP."""
+
+from __future__ import annotations
+
+from ..aurora.targets import TargetPreset
+from . import BackboneSpec, register_backbone, register_family
+
+
+def _build(spec: BackboneSpec, checkpoint, dtype):
+    import transformers
+
+    cls = getattr(transformers, spec.extra["model_class"])
+    if checkpoint is not None:
+        return cls.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
+    config = getattr(transformers, spec.extra["config_class"])(**spec.shape)
+    return cls._from_config(config, dtype=dtype)
+
+
+register_family("hf", _build)
+
+# Special-token ids of the tokenizers trained locally for the tiny shapes (see tokenizer.py).
+TINY_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 5, "eos_token_id": 3, "sep_token_id": 3}
+
+_VISION = r"vision_model\.encoder\.layers\.\d+\.(self_attn\.(qkv|projection)|mlp\.fc[12])"
+
+
+def _text(tower: str, cross_kv: bool = True) -> tuple[str, str, str]:
+    """(paper, all-linear, gated-query) patterns for one BERT-style text tower of BLIP."""
+    layer = rf"{tower}\.encoder\.layer\.\d+"
+    cross = r"crossattention\.self\.(query|key|value)" if cross_kv else r"crossattention\.self\.query"
+    paper = rf"{layer}\.(attention\.self\.(query|key|value)|{cross})"
+    rest = r"(attention|crossattention)\.output\.dense|intermediate\.dense|output\.dense"
+    return paper, rf"{layer}\.({rest})", rf"{layer}\.(attention|crossattention)"
+
+
+def _blip_presets(towers: list[str], context: str, cross_kv: bool) -> dict[str, TargetPreset]:
+    text = [_text(t, cross_kv) for t in towers]
+    paper = (_VISION, *(t[0] for t in text))
+    gated = tuple(t[2] for t in text)
+    return {
+        "paper": TargetPreset(paper, gated, context),
+        "all-linear": TargetPreset(paper + tuple(t[1] for t in text), gated, context),
+    }
+
+
+def _blip_shape(size: str) -> dict:
+    if size == "tiny":
+        return {
+            "vision_config": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+            "text_config": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "vocab_size": 1024, "max_position_embeddings": 64,
+                            **TINY_TOKEN_IDS},
+            "image_text_hidden_size": 16,
+        }
+    if size == "base":
+        return {"vision_config": {"image_size": 384}, "text_config": {}}
+    return {
+        "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                          "num_attention_heads": 16, "image_size": 384},
+        "text_config": {},
+    }
+
+
+for _size in ("tiny", "base", "large"):
+    # BLIP-large's cross-attention key/value map 1024-d image tokens to 768-d text: not square
+    # blocks of one width, so its paper preset adapts the cross-attention query only.
+    _square = _size != "large"
+    _image = _blip_shape(_size)["vision_config"].get("image_size", 384)
+    register_backbone(
+        BackboneSpec(
+            f"blip-{_size}-retrieval", "hf", "retrieval", _blip_shape(_size),
+            _blip_presets(["text_encoder"], "itm_head", _square), _image,
+            trained_heads=("vision_proj", "text_proj", "itm_head"),
+            description=f"BLIP-{_size} image-text retrieval (ITC + ITM heads)",
+            extra={"model_class": "BlipForImageTextRetrieval", "config_class": "BlipConfig"},
+        ),
+        "BlipForImageTextRetrieval" if _size == "base" else None,
+    )
+    register_backbone(
+        BackboneSpec(
+            f"blip-{_size}-vqa", "hf", "vqa", _blip_shape(_size),
+            _blip_presets(["text_encoder", r"text_decoder\.bert"], "", _square), _image,
+            description=f"BLIP-{_size} VQA (question encoder + answer decoder)",
+            extra={"model_class": "BlipForQuestionAnswering", "config_class": "BlipConfig"},
+        ),
+        "BlipForQuestionAnswering" if _size == "base" else None,
+    )
+
+_CLIP = r"(text|vision)_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
+_CLIP_PRESETS = {"paper": TargetPreset((_CLIP,)), "all-linear": TargetPreset((_CLIP,))}
+register_backbone(
+    BackboneSpec(
+        "clip-tiny", "hf", "clip",
+        {"text_config": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "vocab_size": 1024, "max_position_embeddings": 64, **TINY_TOKEN_IDS},
+         "vision_config": {"hidden_size": 48, "intermediate_size": 192, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+         "projection_dim": 16},
+        _CLIP_PRESETS, 32, description="tiny CLIP with two widths (text 32, vision 48)",
+        extra={"model_class": "CLIPModel", "config_class": "CLIPConfig"},
+    ),
+)
+register_backbone(
+    BackboneSpec(
+        "clip-base", "hf", "clip",
+        {"text_config": {}, "vision_config": {"patch_size": 16}},
+        _CLIP_PRESETS, 224, description="CLIP ViT-B/16 shape (text 512, vision 768)",
+        extra={"model_class": "CLIPModel", "config_class": "CLIPConfig"},
+    ),
+    "CLIPModel",
+)

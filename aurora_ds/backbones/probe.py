@@ -1,0 +1,48 @@
+"""A synthetic batch and a forward pass for every backbone interface.
+
+Used where the exact input does not matter but the whole adapted path must run: equivalence
+tests, the step benchmark, smoke checks of a new registry entry.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..aurora.model import CONTEXT_ATTR
+
+
+def example_batch(spec, batch_size: int = 2, seq_len: int = 12, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    batch = {"pixel_values": torch.randn(batch_size, 3, spec.image_size, spec.image_size, generator=g)}
+    if spec.task != "vision":
+        vocab = spec.shape["text_config"].get("vocab_size", 30524 if spec.task != "clip" else 49408)
+        ids = torch.randint(6, vocab, (batch_size, seq_len), generator=g)
+        batch["input_ids"] = ids
+        batch["attention_mask"] = torch.ones_like(ids)
+    return batch
+
+
+def forward_features(model, spec, batch: dict) -> dict[str, torch.Tensor]:
+    """The outputs that depend on every adapted layer of ``model``, by name."""
+    dtype = next(p for p in model.parameters()).dtype
+    pixels = batch["pixel_values"].to(dtype)
+    if spec.task == "vision":
+        return {"features": model(pixels)}
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if spec.task == "clip":
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        return {"text_embeds": out.text_embeds, "image_embeds": out.image_embeds}
+    image = model.vision_model(pixel_values=pixels).last_hidden_state
+    image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
+    fused = model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image,
+                               encoder_attention_mask=image_mask).last_hidden_state
+    if spec.task == "retrieval":
+        text = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        cls = fused[:, 0]
+        context = getattr(model, CONTEXT_ATTR, None)
+        if context is not None:
+            cls = context(cls, text[:, 0])
+        return {"image": image, "text": text, "fused": fused, "itm": model.itm_head(cls)}
+    logits = model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=fused,
+                                encoder_attention_mask=mask).logits
+    return {"image": image, "fused": fused, "logits": logits}

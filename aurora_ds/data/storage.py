@@ -1,0 +1,180 @@
+"""Reading and writing shards on local disk, S3-compatible object storage, http(s) and pipes.
+
+S3 settings come from the environment, as for the AWS tools:
+AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION.
+Every network read has a connect and a read timeout (AURORA_S3_CONNECT_TIMEOUT, default 3 s;
+AURORA_S3_READ_TIMEOUT, default 10 s) and few retries (AURORA_S3_RETRIES, default 1 attempt per
+call): a frozen endpoint must turn into an error, and the loader's shard-level retry is the one
+place that decides how often to try again. Secrets are never logged.
+
+Importing this module registers ``s3``, ``http`` and ``https`` openers in webdataset's
+``gopen_schemes``, so plain ``wds.WebDataset("s3://...")`` streams too (forked workers inherit
+the table).
+"""
+
+import os
+import shlex
+import time
+from urllib.parse import urlparse
+
+from webdataset.gopen import gopen_pipe, gopen_schemes
+
+S3_BLOCK_SIZE = 8 * 2**20
+UPLOAD_CHUNK = 64 * 2**20
+UPLOAD_ATTEMPTS = 3
+CURL_FLAGS = "-s -f -L --connect-timeout 3 --speed-limit 1024 --speed-time 10"
+
+
+def _env_float(name, default):
+    return float(os.environ.get(name, default))
+
+
+def s3_settings():
+    """The S3 endpoint and credentials from the environment (secrets included: do not log)."""
+    return dict(
+        endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        connect_timeout=_env_float("AURORA_S3_CONNECT_TIMEOUT", 3),
+        read_timeout=_env_float("AURORA_S3_READ_TIMEOUT", 10),
+        retries=int(os.environ.get("AURORA_S3_RETRIES", 1)),
+    )
+
+
+def s3_filesystem():
+    """An s3fs filesystem configured from the environment.
+
+    fsspec caches instances per argument set and per process, so this is cheap to call per
+    shard, follows environment changes, and gives each forked worker its own connection pool.
+    """
+    import s3fs
+
+    s = s3_settings()
+    fs = s3fs.S3FileSystem(
+        key=s["key"], secret=s["secret"], anon=not s["key"],
+        endpoint_url=s["endpoint_url"],
+        client_kwargs={"region_name": s["region"]},
+        config_kwargs={"connect_timeout": s["connect_timeout"], "read_timeout": s["read_timeout"],
+                       "retries": {"max_attempts": 1}},
+    )
+    fs.retries = max(1, s["retries"])
+    return fs
+
+
+def is_s3(url):
+    return url.startswith("s3://")
+
+
+def _s3_path(url):
+    return url[len("s3://"):]
+
+
+def curl_command(url):
+    """A shell command streaming ``url`` with curl, bounded by connect and low-speed timeouts."""
+    return "curl %s %s" % (CURL_FLAGS, shlex.quote(url))
+
+
+def open_url(url, mode="rb"):
+    """Open a local path, ``file://``, ``s3://``, ``http(s)://`` or ``pipe:`` URL as a binary stream.
+
+    ``pipe:`` commands written by users run as given; URLs we interpolate into a shell are quoted.
+    """
+    assert mode in ("rb", "wb"), mode
+    if is_s3(url):
+        if mode == "rb":
+            return s3_filesystem().open(_s3_path(url), "rb", block_size=S3_BLOCK_SIZE,
+                                        cache_type="readahead")
+        return s3_filesystem().open(_s3_path(url), "wb", block_size=UPLOAD_CHUNK)
+    scheme = urlparse(url).scheme
+    if scheme in ("http", "https"):
+        if mode != "rb":
+            raise ValueError("cannot write to %s" % url)
+        return gopen_pipe("pipe:" + curl_command(url), mode)
+    if scheme == "pipe":
+        return gopen_pipe(url, mode)
+    if scheme == "file":
+        url = urlparse(url).path
+    if mode == "wb":
+        os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
+    return open(url, mode)
+
+
+def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
+    return open_url(url, mode)
+
+
+def _gopen_http(url, mode="rb", bufsize=8192, **kw):
+    return open_url(url, mode)
+
+
+def put_file(local_path, url):
+    """Copy a local file to a local path or ``s3://`` URL (multipart above UPLOAD_CHUNK bytes).
+
+    Uploads are idempotent, so a failed one is tried again a bounded number of times.
+    """
+    if not is_s3(url):
+        os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
+        tmp = url + ".tmp"
+        with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+            while True:
+                chunk = src.read(UPLOAD_CHUNK)
+                if not chunk:
+                    break
+                dst.write(chunk)
+        os.replace(tmp, url)
+        return
+    for attempt in range(UPLOAD_ATTEMPTS):
+        try:
+            s3_filesystem().put_file(local_path, _s3_path(url), chunksize=UPLOAD_CHUNK)
+            return
+        except (OSError, TimeoutError) as exn:
+            if attempt + 1 == UPLOAD_ATTEMPTS:
+                raise OSError("upload of %s to %s failed after %d attempts: %s"
+                              % (local_path, url, UPLOAD_ATTEMPTS, exn)) from exn
+            time.sleep(2 ** attempt)
+
+
+def exists(url):
+    if is_s3(url):
+        fs = s3_filesystem()
+        fs.invalidate_cache()
+        return fs.exists(_s3_path(url))
+    return os.path.exists(url)
+
+
+def size(url):
+    """Size in bytes of a local file or S3 object (FileNotFoundError if missing)."""
+    if is_s3(url):
+        return s3_filesystem().info(_s3_path(url))["size"]
+    return os.path.getsize(url)
+
+
+def list_urls(prefix):
+    """Sorted URLs of the files directly under a local directory or ``s3://bucket/prefix``."""
+    if is_s3(prefix):
+        fs = s3_filesystem()
+        fs.invalidate_cache()
+        return sorted("s3://" + p for p in fs.ls(_s3_path(prefix).rstrip("/"), detail=False))
+    return sorted(os.path.join(prefix, name) for name in os.listdir(prefix)
+                  if os.path.isfile(os.path.join(prefix, name)))
+
+
+def read_bytes(url):
+    with open_url(url, "rb") as f:
+        return f.read()
+
+
+def write_bytes(url, data):
+    with open_url(url, "wb") as f:
+        f.write(data)
+
+
+def register_gopen():
+    """Route webdataset's s3:// and http(s):// through the timed openers above."""
+    gopen_schemes["s3"] = _gopen_s3
+    gopen_schemes["http"] = _gopen_http
+    gopen_schemes["https"] = _gopen_http
+
+
+register_gopen()

@@ -1,0 +1,39 @@
+"""Caption and question cleaning as BLIP does it, and tokenisation of a batch of strings."""
+
+import re
+
+_CAPTION_PUNCT = re.compile(r"([.!\"()*#:;~])")
+_SPACES = re.compile(r"\s{2,}")
+
+
+def pre_caption(caption, max_words=50):
+    """BLIP's caption cleaning: lowercase, punctuation to spaces, collapse spaces, truncate."""
+    caption = _CAPTION_PUNCT.sub(" ", caption.lower())
+    caption = _SPACES.sub(" ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
+
+
+def pre_question(question, max_words=50):
+    """BLIP's question cleaning: lowercase, punctuation removed, truncate."""
+    question = _CAPTION_PUNCT.sub("", question.lower()).rstrip(" ")
+    words = question.split(" ")
+    if len(words) > max_words:
+        question = " ".join(words[:max_words])
+    return question
+
+
+def tokenize(tokenizer, texts, max_tokens):
+    """``input_ids`` and ``attention_mask`` (long tensors) for a list of strings.
+
+    A Hugging Face tokenizer is called with padding to the longest and truncation; any other
+    callable is called as ``tokenizer(texts)`` and must return a dict of tensors with those keys.
+    """
+    if hasattr(tokenizer, "model_max_length"):
+        out = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens,
+                        return_tensors="pt")
+    else:
+        out = tokenizer(texts)
+    return {"input_ids": out["input_ids"].long(), "attention_mask": out["attention_mask"].long()}

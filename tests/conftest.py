@@ -1,0 +1,166 @@
+"""Shared fixtures: a real SeaweedFS S3 server for the whole session, stable caches, one thread."""
+
+import os
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aurora_ds/torch_extensions"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+
+
+class S3Endpoint:
+    """What a test needs to reach the session's S3 server."""
+
+    def __init__(self, server, bucket):
+        self.server = server
+        self.endpoint_url = server.endpoint_url
+        self.access_key = server.access_key
+        self.secret_key = server.secret_key
+        self.bucket = bucket
+
+    def env(self):
+        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+                "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A SeaweedFS S3 endpoint with bucket ``aurora-test``; the AWS_* variables point at it."""
+    from aurora_ds.data.seaweed import SeaweedServer
+
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    with SeaweedServer() as server:
+        endpoint = S3Endpoint(server, server.create_bucket("aurora-test"))
+        os.environ.update(endpoint.env())
+        try:
+            yield endpoint
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+class ShardFactory:
+    """Small COCO-, MSRVTT- and VQA-like sets with real JPEG/MP4 bytes, written as tar shards in the
+    shard_tools format (``{key}.jpg|mp4`` + ``{key}.json``, sizes.json, manifest.json)."""
+
+    def __init__(self, seed=0):
+        import random
+
+        self.rng = random.Random(seed)
+
+    def jpeg(self, w=48, h=40):
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.array([[[self.rng.randrange(256)] * 3]], dtype=np.uint8) + np.random.default_rng(
+            self.rng.randrange(2**31)).integers(0, 40, (h, w, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=80)
+        return buf.getvalue()
+
+    def mp4(self, frames=12, w=32, h=32):
+        import io
+
+        import av
+        import numpy as np
+
+        buf = io.BytesIO()
+        base = self.rng.randrange(200)
+        with av.open(buf, "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=8)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            for i in range(frames):
+                frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), base + i * 4, np.uint8), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return buf.getvalue()
+
+    def coco(self, n, prefix="coco"):
+        return [{"__key__": "%s_%06d" % (prefix, i), "jpg": self.jpeg(),
+                 "json": {"id": "%s_%06d" % (prefix, i), "file": "img%d.jpg" % i, "dataset": "coco",
+                          "split": "train",
+                          "captions": ["A photo number %d, caption %d!" % (i, c) for c in range(2 + i % 3)]}}
+                for i in range(n)]
+
+    def msrvtt(self, n, prefix="video"):
+        return [{"__key__": "%s%d" % (prefix, i), "mp4": self.mp4(),
+                 "json": {"id": "%s%d" % (prefix, i), "file": "video%d.mp4" % i, "dataset": "msrvtt",
+                          "split": "train",
+                          "captions": ["Video %d: a person is doing thing %d." % (i, c) for c in range(2)]}}
+                for i in range(n)]
+
+    def vqa(self, n, prefix="vqa"):
+        samples = []
+        for i in range(n):
+            questions = [{"question_id": i * 10 + q, "question": "What is in picture %d, part %d?" % (i, q),
+                          "answers": ["cat"] * 3 + ["dog"], "answer_counts": {"cat": 3, "dog": 1}}
+                         for q in range(1 + i % 2)]
+            samples.append({"__key__": "%s_%06d" % (prefix, i), "jpg": self.jpeg(),
+                            "json": {"id": "%s_%06d" % (prefix, i), "file": "q%d.jpg" % i, "dataset": "vqa",
+                                     "split": "train", "questions": questions}})
+        return samples
+
+    @staticmethod
+    def write(samples, out_dir, name, per_shard, kind="image", manifest=True):
+        """Shards ``{name}-{i:06d}.tar`` in ``out_dir`` (local dir or s3://bucket/prefix); returns the spec."""
+        import hashlib
+        import json
+        import tempfile
+
+        import webdataset as wds
+
+        from aurora_ds.data import storage
+
+        chunks = [samples[i:i + per_shard] for i in range(0, len(samples), per_shard)]
+        sizes, entries = {}, {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, chunk in enumerate(chunks):
+                shard = "%s-%06d.tar" % (name, i)
+                local = os.path.join(tmp, shard)
+                with wds.TarWriter(local) as writer:
+                    for s in chunk:
+                        writer.write({k: (json.dumps(v).encode() if k == "json" else v) for k, v in s.items()})
+                with open(local, "rb") as f:
+                    data = f.read()
+                storage.put_file(local, out_dir.rstrip("/") + "/" + shard)
+                sizes[shard] = len(chunk)
+                entries[shard] = {"count": len(chunk), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            if manifest:
+                storage.write_bytes(out_dir.rstrip("/") + "/sizes.json", json.dumps(sizes).encode())
+                storage.write_bytes(out_dir.rstrip("/") + "/manifest.json", json.dumps(
+                    {"kind": kind, "num_samples": len(samples), "shards": entries}).encode())
+        return "%s/%s-{%06d..%06d}.tar" % (out_dir.rstrip("/"), name, 0, len(chunks) - 1)
+
+
+@pytest.fixture(scope="session")
+def shard_factory():
+    return ShardFactory()
+
+
+class WordTokenizer:
+    """A picklable stand-in tokenizer: one id per word (crc32), padded to the longest."""
+
+    def __call__(self, texts):
+        import zlib
+
+        import torch
+
+        ids = [[zlib.crc32(w.encode()) % 30000 + 1 for w in t.split()] or [1] for t in texts]
+        n = max(map(len, ids))
+        return {"input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])}
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    return WordTokenizer()

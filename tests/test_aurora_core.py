@@ -1,0 +1,294 @@
+"""The method on real backbones: identity at init, the block formula, gradients, merge, files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from aurora_ds import AuroraConfig, build_backbone, inject_aurora, list_backbones, load_adapter
+from aurora_ds.aurora.layer import AuroraLinear
+from aurora_ds.backbones import example_batch, forward_features, get_spec
+
+TINY = [n for n in list_backbones() if "tiny" in n]
+LARGE = [n for n in list_backbones() if "tiny" not in n]
+
+
+def _adapted(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = build_backbone(name).eval()
+    return model, inject_aurora(model, AuroraConfig(rank=kw.pop("rank", 4), backbone=name, **kw))
+
+
+def _randomize(handle, seed=1, std=0.1):
+    """Give every Aurora tensor (V and gates included) a non-zero value, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in handle.named_aurora_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _identity_at_init(name, batch_size):
+    spec = get_spec(name)
+    torch.manual_seed(0)
+    model = build_backbone(name).eval()
+    batch = example_batch(spec, batch_size)
+    with torch.no_grad():
+        before = forward_features(model, spec, batch)
+        handle = inject_aurora(model, AuroraConfig(rank=8, backbone=name))
+        after = forward_features(model, spec, batch)
+    assert handle.layers, name
+    for key in before:
+        assert (before[key] - after[key]).abs().max().item() <= 1e-6, (name, key)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_adapted_equals_frozen_at_init(name):
+    _identity_at_init(name, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LARGE)
+def test_adapted_equals_frozen_at_init_full_size(name):
+    _identity_at_init(name, 1)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_update_matches_block_formula(name):
+    """Probe each adapted layer and compare with ΔW built block by block from the factors."""
+    model, handle = _adapted(name, rank=3)
+    _randomize(handle)
+    for layer_name, layer in handle.layers.items():
+        f, lam = layer.factors, layer.coeffs.detach()
+        d, a, b = f.width, layer.in_features // f.width, layer.out_features // f.width
+        delta = torch.zeros(layer.out_features, layer.in_features)
+        for j in range(b):
+            for i in range(a):
+                m = sum(f.core[:, :, t] * lam[t, j * a + i] for t in range(f.rank))
+                delta[j * d:(j + 1) * d, i * d:(i + 1) * d] = f.V @ m.T @ f.U
+        x = torch.randn(5, layer.in_features)
+        expected = x @ (layer.weight + delta).T + layer.bias
+        with torch.no_grad():
+            got = layer(x)
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), layer_name
+        assert not torch.allclose(got, layer.base_layer(x), atol=1e-5), layer_name
+
+
+def test_fused_qkv_and_mlp_block_shapes():
+    _, handle = _adapted("vit-tiny")
+    shapes = {n.split(".", 2)[-1]: (l.b, l.a, tuple(l.coeffs.shape)) for n, l in handle.layers.items()}
+    assert shapes["attn.qkv"] == (3, 1, (4, 3))
+    assert shapes["mlp.fc1"] == (4, 1, (4, 4))
+    assert shapes["mlp.fc2"] == (1, 4, (4, 4))
+    assert shapes["attn.proj"] == (1, 1, (4, 1))
+
+
+def test_two_widths_get_two_factor_sets():
+    _, handle = _adapted("clip-tiny", ranks={48: 6})
+    assert handle.describe()["widths"] == {"32": 4, "48": 6}
+    text = handle.layers["text_model.encoder.layers.0.self_attn.q_proj"]
+    vision = handle.layers["vision_model.encoder.layers.0.self_attn.q_proj"]
+    assert (text.factors.width, vision.factors.width) == (32, 48)
+    assert text.factors is not vision.factors
+
+
+@pytest.mark.parametrize("name", ["blip-tiny-retrieval", "blip-tiny-vqa", "clip-tiny", "vit-tiny"])
+def test_gradients_reach_only_aurora_and_loss_falls(name):
+    spec = get_spec(name)
+    model, handle = _adapted(name)
+    model.train()
+    handle.config.dropout = 0.0
+    for f in handle.factors.values():
+        f.dropout.p = 0.0
+    batch = example_batch(spec, 2)
+    # Targets from the same model with some other adapter: reachable, so the loss must fall.
+    start = {n: p.detach().clone() for n, p in handle.named_aurora_parameters()}
+    _randomize(handle, seed=7, std=0.5)
+    with torch.no_grad():
+        targets = forward_features(model, spec, batch)
+        for n, p in handle.named_aurora_parameters():
+            p.copy_(start[n])
+
+    def loss_fn():
+        out = forward_features(model, spec, batch)
+        return sum(((out[k] - targets[k]) ** 2).mean() for k in out)
+
+    aurora = {n for n, _ in handle.named_aurora_parameters()}
+    opt = torch.optim.AdamW([p for _, p in handle.named_trainable_parameters()], lr=1e-2)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    for n, p in model.named_parameters():
+        if n in aurora:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
+        else:
+            assert p.grad is None and not p.requires_grad, f"frozen {n} got a gradient"
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] * 0.995, losses
+
+
+@pytest.mark.parametrize("name", ["blip-tiny-retrieval", "vit-tiny", "clip-tiny"])
+def test_merge_and_unmerge(name):
+    spec = get_spec(name)
+    model, handle = _adapted(name)
+    _randomize(handle)
+    batch = example_batch(spec, 2)
+    weights = {n: l.weight.detach().clone() for n, l in handle.layers.items()}
+    with torch.no_grad():
+        adapted = forward_features(model, spec, batch)
+        handle.merge()
+        merged = forward_features(model, spec, batch)
+        assert any(not torch.equal(weights[n], l.weight) for n, l in handle.layers.items())
+        with pytest.raises(RuntimeError, match="already merged"):
+            handle.merge()
+        handle.unmerge()
+    for key in adapted:
+        assert torch.allclose(adapted[key], merged[key], atol=1e-4, rtol=1e-4), key
+    for n, l in handle.layers.items():
+        assert torch.allclose(weights[n], l.weight, atol=1e-6), n
+
+
+@pytest.mark.parametrize("name", ["blip-tiny-retrieval", "blip-tiny-vqa", "clip-tiny"])
+def test_save_and_load_round_trip(tmp_path, name):
+    spec = get_spec(name)
+    model, handle = _adapted(name)
+    if spec.trained_heads:
+        handle.train_modules(list(spec.trained_heads))
+    _randomize(handle)
+    with torch.no_grad():
+        for n, p in handle.named_trainable_parameters():
+            p.add_(0.01)
+    handle.save(tmp_path / "adapter")
+    batch = example_batch(spec, 2)
+    with torch.no_grad():
+        expected = forward_features(model, spec, batch)
+
+    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert meta["aurora"]["rank"] == 4 and meta["aurora"]["backbone"] == name
+    assert meta["layers"] == list(handle.layers)
+    tensors = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
+    assert set(tensors) == {n for n, _ in handle.named_trainable_parameters()}
+    assert sum(t.numel() for t in tensors.values()) == handle.num_trainable()
+
+    torch.manual_seed(0)
+    fresh = build_backbone(name).eval()
+    loaded = load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        got = forward_features(fresh, spec, batch)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert loaded.num_trainable() == handle.num_trainable()
+
+
+def test_blip_base_parameter_counts_match_the_paper_shapes():
+    """Released code: R³ + 1752·R + 36,864 = 125,696 at R=32; we add one gate per GQT block (24)
+    and one for ICE."""
+    with torch.device("meta"):
+        model = build_backbone("blip-base-retrieval")
+        handle = inject_aurora(model, AuroraConfig(rank=32, backbone="blip-base-retrieval"))
+    report = handle.parameter_report()
+    assert report["aurora"] == 32**3 + 1752 * 32 + 36_864 + 24 + 1 == 125_721
+    assert report["backbone"] == 223_744_258
+    assert round(report["aurora_percent"], 3) == 0.056
+    handle.train_modules(["vision_proj", "text_proj", "itm_head"])
+    assert handle.parameter_report()["heads"] == 2 * (768 * 256 + 256) + 768 * 2 + 2
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def test_pattern_matching_nothing_lists_candidates():
+    model = build_backbone("vit-tiny")
+    with pytest.raises(ValueError, match=r"(?s)matches no nn.Linear.*blocks\.0\.attn\.qkv"):
+        inject_aurora(model, AuroraConfig(targets=[r"blocks\.\d+\.nonexistent"]))
+
+
+def test_layer_without_square_blocks_is_refused():
+    model = nn.Sequential(nn.Linear(10, 15))
+    with pytest.raises(ValueError, match=r"cannot adapt 0: its shape 15x10"):
+        inject_aurora(model, AuroraConfig(targets=["0"]))
+
+
+@pytest.mark.parametrize("bad", [{"rank": 0}, {"rank": -3}, {"ranks": {32: 0}}, {"dropout": 1.5}, {"targets": []}])
+def test_bad_config_values(bad):
+    with pytest.raises(ValueError, match="AuroraConfig"):
+        AuroraConfig(**bad)
+
+
+def test_unknown_preset_and_unknown_key_and_double_injection():
+    model = build_backbone("vit-tiny")
+    with pytest.raises(ValueError, match="unknown target preset 'nope'"):
+        inject_aurora(model, AuroraConfig(targets="nope", backbone="vit-tiny"))
+    with pytest.raises(ValueError, match=r"unknown AuroraConfig keys \['rnak'\]"):
+        AuroraConfig.from_dict({"rnak": 3})
+    inject_aurora(model, AuroraConfig(backbone="vit-tiny"))
+    with pytest.raises(ValueError, match="already has Aurora"):
+        inject_aurora(model, AuroraConfig(backbone="vit-tiny"))
+
+
+def test_unregistered_model_needs_explicit_patterns():
+    with pytest.raises(ValueError, match="no target presets are registered for"):
+        inject_aurora(nn.Sequential(nn.Linear(4, 4)), AuroraConfig())
+
+
+def test_mismatched_adapters_are_refused(tmp_path):
+    _, handle = _adapted("vit-tiny")
+    handle.save(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"factor widths/ranks \{'32': 4\}, the model has \{'32': 8\}"):
+        _, other = _adapted("vit-tiny", rank=8)
+        other.load(tmp_path / "a")
+
+    tensors = load_file(str(tmp_path / "a" / "adapter.safetensors"))
+    name = "blocks.0.attn.qkv.coeffs"
+    tensors[name] = torch.zeros(4, 5)
+    save_file(tensors, str(tmp_path / "a" / "adapter.safetensors"))
+    with pytest.raises(ValueError, match=rf"tensor {name} has shape \[4, 5\], the model expects \[4, 3\]"):
+        load_adapter(build_backbone("vit-tiny"), tmp_path / "a")
+
+    del tensors[name]
+    save_file(tensors, str(tmp_path / "a" / "adapter.safetensors"))
+    with pytest.raises(ValueError, match=rf"missing from the file \['{name}'\]"):
+        load_adapter(build_backbone("vit-tiny"), tmp_path / "a")
+
+    with pytest.raises(ValueError, match="adapts layers this model does not resolve to"):
+        load_adapter(build_backbone("vit-base"), tmp_path / "a")
+
+
+def test_missing_or_broken_adapter_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_adapter(build_backbone("vit-tiny"), tmp_path / "nope")
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FileNotFoundError, match="needs adapter_config.json"):
+        load_adapter(build_backbone("vit-tiny"), tmp_path / "x")
+    (tmp_path / "x" / "adapter_config.json").write_text("{not json")
+    (tmp_path / "x" / "adapter.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_adapter(build_backbone("vit-tiny"), tmp_path / "x")
+
+
+def test_missing_backbone_checkpoint_and_unknown_backbone(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint directory .*nope.* does not exist"):
+        build_backbone("blip-tiny-retrieval", checkpoint=tmp_path / "nope")
+    with pytest.raises(ValueError, match="unknown backbone 'blip-huge'"):
+        build_backbone("blip-huge")
+
+
+def test_backbone_loads_from_local_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    model = build_backbone("blip-tiny-retrieval")
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = build_backbone("blip-tiny-retrieval", checkpoint=tmp_path / "ckpt")
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_adapted_layer_stays_at_its_path():
+    model, handle = _adapted("blip-tiny-retrieval")
+    layer = model.text_encoder.encoder.layer[0].crossattention.self.query
+    assert isinstance(layer, AuroraLinear)
+    assert handle.layers["text_encoder.encoder.layer.0.crossattention.self.query"] is layer
+    assert len(handle.gated_query) == 4 and handle.context is not None
