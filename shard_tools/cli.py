@@ -12,7 +12,7 @@ def cmd_convert(args):
     try:
         convert(args.dataset, args.ann, args.media_root, args.split, args.out, workers=args.workers,
                 maxcount=args.maxcount, maxsize=args.maxsize, resize=args.resize, strict=args.strict)
-    except ConvertError as exn:
+    except (ConvertError, FileNotFoundError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1
     return 0

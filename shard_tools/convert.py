@@ -163,9 +163,10 @@ def check_all_media(records, media_root, resize, workers, faults):
 
 
 def convert(dataset, anns, media_root, split, out, workers=1, maxcount=10000, maxsize=3 * 10**9,
-            resize=None, strict=False, log=sys.stderr):
+            resize=None, strict=False, log=None):
     """Convert one dataset split; returns the manifest. Faults are counted and reported; under
     `strict` any fault raises ConvertError before anything is written."""
+    log = log or sys.stderr
     if dataset not in KINDS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(KINDS)}")
     faults = Faults()

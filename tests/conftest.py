@@ -147,20 +147,8 @@ def shard_factory():
     return ShardFactory()
 
 
-class WordTokenizer:
-    """A picklable stand-in tokenizer: one id per word (crc32), padded to the longest."""
-
-    def __call__(self, texts):
-        import zlib
-
-        import torch
-
-        ids = [[zlib.crc32(w.encode()) % 30000 + 1 for w in t.split()] or [1] for t in texts]
-        n = max(map(len, ids))
-        return {"input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),
-                "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])}
-
-
 @pytest.fixture(scope="session")
 def word_tokenizer():
-    return WordTokenizer()
+    from aurora_ds.data.text import HashTokenizer
+
+    return HashTokenizer()

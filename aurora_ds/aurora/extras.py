@@ -29,7 +29,7 @@ class GatedQueryTransform(nn.Module):
         self.scale = scale
         self.gamma = nn.Parameter(torch.empty(width, **kw).normal_(0.0, 2e-4))
         self.beta = nn.Parameter(torch.empty(width, **kw).normal_(0.0, 2e-4))
-        self.gate = nn.Parameter(torch.zeros((), **kw))
+        self.gate = nn.Parameter(torch.zeros(1, **kw))  # 1-d: ZeRO cannot partition 0-d tensors
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + torch.tanh(self.gate) * self.scale * (h * self.gamma + self.beta)
@@ -56,7 +56,7 @@ class ContextEnhancement(nn.Module):
     def __init__(self, scale: float = 0.1, dtype=None, device=None):
         super().__init__()
         self.scale = scale
-        self.gate = nn.Parameter(torch.zeros((), dtype=dtype, device=device))
+        self.gate = nn.Parameter(torch.zeros(1, dtype=dtype, device=device))
 
     def forward(self, fused_cls: torch.Tensor, text_cls: torch.Tensor) -> torch.Tensor:
         """``text_cls`` is (N, d) text-only [CLS] features; their mean is the shared context."""

@@ -526,7 +526,7 @@ class Loader:
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, self.epoch, self.rank, self._batches)),
             persistent_workers=False)
         delivered = yielded = 0
-        for batch in loader:
+        for batch in _reraise_shard_errors(loader):
             info = batch.pop("__info__")
             delivered += info["media"]
             self._consumed.update(info["done_shards"])
@@ -557,6 +557,25 @@ class Loader:
         if missing < 0:
             log.warning("epoch %d, rank %d: delivered %d samples, more than the manifest's %d: "
                         "is the manifest stale?", self.epoch, self.rank, delivered, expected)
+
+
+def _reraise_shard_errors(loader):
+    """DataLoader wraps a worker's ShardError in a traceback dump; raise it again with its own
+    message first, so the shard's URL leads the error."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except ShardError as exn:
+            text = str(exn)
+            lines = [l for l in text.splitlines() if l.startswith("aurora_ds.data.loader.ShardError: ")
+                     or l.startswith("ShardError: ")]
+            if not lines:
+                raise
+            raise ShardError(lines[-1].split(": ", 1)[1] + " (in a DataLoader worker)") from exn
+        yield batch
 
 
 def build_loader(urls, cfg, tokenizer=None, mode="train"):

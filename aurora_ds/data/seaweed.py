@@ -112,7 +112,7 @@ class SeaweedServer:
             "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
             config=botocore.config.Config(connect_timeout=2, read_timeout=5,
-                                          retries={"max_attempts": 1}))
+                                          retries={"total_max_attempts": 1}))
 
     def _wait_ready(self):
         """Poll until an authenticated bucket create + PUT succeeds, or fail with the log tail."""

@@ -22,7 +22,7 @@ from webdataset.gopen import gopen_pipe, gopen_schemes
 S3_BLOCK_SIZE = 8 * 2**20
 UPLOAD_CHUNK = 64 * 2**20
 UPLOAD_ATTEMPTS = 3
-CURL_FLAGS = "-s -f -L --connect-timeout 3 --speed-limit 1024 --speed-time 10"
+CURL_FLAGS = "-s -f -L -g --connect-timeout 3 --speed-limit 1024 --speed-time 10"
 
 
 def _env_float(name, default):
@@ -42,23 +42,31 @@ def s3_settings():
     )
 
 
-def s3_filesystem():
-    """An s3fs filesystem configured from the environment.
+_filesystems = {}
 
-    fsspec caches instances per argument set and per process, so this is cheap to call per
-    shard, follows environment changes, and gives each forked worker its own connection pool.
+
+def s3_filesystem():
+    """An s3fs filesystem configured from the environment, one per process and settings.
+
+    Kept here rather than in fsspec's instance cache: fsspec drops inherited instances in a
+    forked worker, and their garbage collection then tries to close the parent's aiohttp session
+    on the child's event loop ("attached to a different loop"). Holding them avoids that.
     """
     import s3fs
 
     s = s3_settings()
-    fs = s3fs.S3FileSystem(
-        key=s["key"], secret=s["secret"], anon=not s["key"],
-        endpoint_url=s["endpoint_url"],
-        client_kwargs={"region_name": s["region"]},
-        config_kwargs={"connect_timeout": s["connect_timeout"], "read_timeout": s["read_timeout"],
-                       "retries": {"max_attempts": 1}},
-    )
-    fs.retries = max(1, s["retries"])
+    key = (os.getpid(),) + tuple(sorted(s.items()))
+    fs = _filesystems.get(key)
+    if fs is None:
+        fs = s3fs.S3FileSystem(
+            key=s["key"], secret=s["secret"], anon=not s["key"],
+            endpoint_url=s["endpoint_url"], skip_instance_cache=True,
+            client_kwargs={"region_name": s["region"]},
+            config_kwargs={"connect_timeout": s["connect_timeout"], "read_timeout": s["read_timeout"],
+                           "retries": {"total_max_attempts": 1}},
+        )
+        fs.retries = max(1, s["retries"])
+        _filesystems[key] = fs
     return fs
 
 

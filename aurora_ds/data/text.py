@@ -37,3 +37,23 @@ def tokenize(tokenizer, texts, max_tokens):
     else:
         out = tokenizer(texts)
     return {"input_ids": out["input_ids"].long(), "attention_mask": out["attention_mask"].long()}
+
+
+class HashTokenizer:
+    """A vocabulary-free stand-in tokenizer (one id per whitespace word, by crc32), padded to the
+    longest: for benchmarks and tests that need token tensors but no real model. Picklable."""
+
+    def __init__(self, vocab_size=30522, max_tokens=35):
+        self.vocab_size = vocab_size
+        self.max_tokens = max_tokens
+
+    def __call__(self, texts):
+        import zlib
+
+        import torch
+
+        ids = [[zlib.crc32(w.encode()) % (self.vocab_size - 1) + 1 for w in t.split()][: self.max_tokens] or [1]
+               for t in texts]
+        width = max(map(len, ids))
+        return {"input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])}

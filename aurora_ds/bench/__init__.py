@@ -1,0 +1,1 @@
+"""Benchmarks behind ``aurora-bench SUBCOMMAND`` (see cli.py)."""

@@ -1,0 +1,33 @@
+"""aurora-bench: throughput benchmarks, one subcommand per module.
+
+A benchmark module defines ``add_arguments(parser)`` and ``run(args) -> exit code`` and keeps its
+heavy imports inside ``run``; adding one is one line in COMMANDS.
+"""
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "data": ("aurora_ds.bench.data", "loader samples/s (local vs S3, 0 vs 2 workers) and shard writing"),
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="aurora-bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=mod.__doc__)
+        mod.add_arguments(p)
+        p.set_defaults(run=mod.run)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

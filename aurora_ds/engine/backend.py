@@ -1,0 +1,169 @@
+"""Two ways to run the same training step: DeepSpeed (ZeRO-3 etc.) or a plain single process.
+
+Both build the optimizer and the warmup+cosine schedule the same way, scale the loss for
+gradient accumulation the same way and clip the same global norm, so the plain path is an
+exact reference for the DeepSpeed one. They differ only in where parameters live, which is
+what full_values / swapped / checkpoints hide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..aurora.model import numel
+
+
+def make_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (weight decay on matrices only, as BLIP) or plain SGD (exact equivalence tests)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    rest = [p for p in params if all(p is not q for q in decay)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup, then cosine to zero at ``total`` optimizer steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class PlainBackend:
+    """One process, no DeepSpeed: the reference implementation of a training step."""
+
+    distributed = False
+
+    def __init__(self, model, cfg, total_steps: int):
+        self.cfg = cfg
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        self.module = model.to(dtype)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg, self.params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.warmup_steps, total_steps))
+        self.micro = 0
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def backward(self, loss):
+        (loss / self.cfg.grad_accum).backward()
+
+    def step(self):
+        """Optimizer step at the accumulation boundary, as DeepSpeed's engine.step()."""
+        self.micro += 1
+        if self.micro % self.cfg.grad_accum:
+            return
+        if self.cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def full_values(self, params) -> list[torch.Tensor]:
+        return [p.detach().float().clone() for p in params]
+
+    def exchange(self, params, values) -> list[torch.Tensor]:
+        """Put ``values`` into ``params``; return what was there (exactly, in model dtype)."""
+        with torch.no_grad():
+            old = [p.detach().clone() for p in params]
+            for p, v in zip(params, values):
+                p.copy_(v)
+        return old
+
+    set_values = exchange
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "micro": self.micro}
+
+    def load_state_dict(self, state: dict):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro = state["micro"]
+
+
+class DeepSpeedBackend:
+    """The frozen backbone and the Aurora parameters inside a DeepSpeed engine."""
+
+    distributed = True
+
+    def __init__(self, model, cfg, total_steps: int, ds_config: dict):
+        import deepspeed
+
+        self.cfg = cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            optimizer=make_optimizer(cfg, params),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total_steps)),
+            config=ds_config,
+        )
+        self.module = self.engine.module
+        self.zero3 = self.engine.zero_optimization_stage() == 3
+
+    def forward(self, *args):
+        return self.engine(*args)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def step(self):
+        self.engine.step()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def full_values(self, params) -> list[torch.Tensor]:
+        """Full fp32 values of (partitioned) trainable parameters; collective on all ranks."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return [safe_get_full_fp32_param(p).detach().float().clone() for p in params]
+
+    def exchange(self, params, values) -> list[torch.Tensor]:
+        """Put ``values`` into the model's copy of ``params``; return what was there.
+
+        Under ZeRO-3 the forward reads the partitioned low-precision copies, so this goes
+        through GatheredParameters with a modifier rank (re-partitioned on exit). The fp32
+        master weights are not touched: used for the EMA swap, which must restore exactly.
+        """
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if self.zero3 else contextlib.nullcontext()
+        with gathered, torch.no_grad():
+            old = [p.detach().clone() for p in params]
+            for p, v in zip(params, values):
+                p.copy_(v)
+        return old
+
+    def set_values(self, params, values):
+        """Overwrite trainable parameters everywhere: the model copy and the fp32 master."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        self.exchange(params, values)
+        for p, v in zip(params, values):
+            safe_set_full_fp32_param(p, v.float())
+
+
+def local_parameter_bytes(model) -> int:
+    """Bytes of parameters held by this rank (the partition under ZeRO-3)."""
+    total = 0
+    for p in model.parameters():
+        local = getattr(p, "ds_tensor", None)
+        total += (local.numel() * local.element_size()) if local is not None else p.numel() * p.element_size()
+    return total
+
+
+__all__ = ["DeepSpeedBackend", "PlainBackend", "local_parameter_bytes", "lr_lambda", "make_optimizer", "numel"]

@@ -1,0 +1,122 @@
+"""Checkpoints: the adapter (what users share) and the full state for exact resume.
+
+Layout under ``out_dir``::
+
+    adapter_latest/, adapter_best/           adapter directories (aurora.io format), atomic
+    checkpoints/step_000100/                 one full checkpoint
+        adapter/                             the trainable values, gathered (also the fallback
+                                             when resuming on another number of ranks)
+        deepspeed/ or plain_state.pt         optimizer, scheduler (DeepSpeed or plain path)
+        client_state.pt                      step, EMA, feature queue (same on all ranks)
+        rank_00000.pt ...                    per-rank RNG and data position
+        trainer_state.json                   world size, step, config
+        COMPLETE                             written last: only complete checkpoints resume
+
+Only tensors and plain containers go into the ``.pt`` files, read back with
+``torch.load(weights_only=True)``. DeepSpeed's own files are its format (trusted: your run).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..aurora.io import read_adapter, write_adapter
+from ..tasks.common import world
+
+COMPLETE = "COMPLETE"
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_adapter(backend, handle, directory, extra: dict | None = None):
+    """Gather only the trainable tensors (never the backbone) and write them from rank 0."""
+    named = handle.named_trainable_parameters()
+    values = backend.full_values([p for _, p in named])
+    if world()[0] == 0:
+        tensors = {n: v.to(p.dtype).cpu() for (n, p), v in zip(named, values)}
+        write_adapter(directory, tensors, handle.config, handle.describe(), extra)
+    _barrier()
+
+
+def load_adapter_values(backend, handle, directory):
+    """Load an adapter directory into an injected (possibly partitioned) model."""
+    tensors, _ = read_adapter(directory, handle)
+    named = handle.named_trainable_parameters()
+    backend.set_values([p for _, p in named], [tensors[n] for n, _ in named])
+
+
+def save_checkpoint(out_dir, step: int, backend, handle, client_state: dict, data_state: dict, cfg, keep: int):
+    root = Path(out_dir) / "checkpoints"
+    tag = f"step_{step:06d}"
+    path = root / tag
+    rank, size = world()
+    if rank == 0 and path.exists():
+        shutil.rmtree(path)
+    _barrier()
+    save_adapter(backend, handle, path / "adapter", {"step": step})
+    if backend.distributed:
+        backend.engine.save_checkpoint(str(path / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+    elif rank == 0:
+        torch.save(backend.state_dict(), path / "plain_state.pt")
+    # The main process draws randomness from torch only (dropout); loader workers seed themselves.
+    torch.save({"rng": torch.get_rng_state(), "data": data_state}, path / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        torch.save(client_state, path / "client_state.pt")
+        (path / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": size, "config": cfg.to_dict()}, indent=2))
+    _barrier()
+    if rank == 0:
+        (path / COMPLETE).write_text(tag)
+        complete = sorted(p for p in root.iterdir() if (p / COMPLETE).exists())
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    _barrier()
+    return path
+
+
+def find_checkpoint(out_dir, resume: str) -> Path | None:
+    """``auto``: the newest complete checkpoint (incomplete ones are ignored), or None."""
+    if resume == "auto":
+        root = Path(out_dir) / "checkpoints"
+        complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists()) if root.is_dir() else []
+        return complete[-1] if complete else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not (path / COMPLETE).exists():
+        raise ValueError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): the run stopped while writing it")
+    return path
+
+
+def load_checkpoint(path: Path, backend, handle, log) -> tuple[int, dict, dict | None]:
+    """Restore a checkpoint; returns (step, client_state, data_state or None).
+
+    On a different number of ranks DeepSpeed cannot re-partition optimizer state: the run
+    restarts from the checkpoint's adapter with a fresh optimizer, and says so.
+    """
+    rank, size = world()
+    meta = json.loads((path / "trainer_state.json").read_text())
+    client = torch.load(path / "client_state.pt", weights_only=True)
+    if meta["world_size"] != size:
+        log(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {size}: "
+            f"optimizer state cannot be re-partitioned, so training restarts from its adapter with a "
+            f"fresh optimizer at step {meta['step']} (data restarts at the beginning of the epoch)")
+        load_adapter_values(backend, handle, path / "adapter")
+        for _ in range(meta["step"]):
+            backend.scheduler.step()
+        return meta["step"], client, None
+    if backend.distributed:
+        backend.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
+    else:
+        load_adapter_values(backend, handle, path / "adapter")
+        backend.load_state_dict(torch.load(path / "plain_state.pt", weights_only=True))
+    mine = torch.load(path / f"rank_{rank:05d}.pt", weights_only=True)
+    torch.set_rng_state(mine["rng"])
+    return meta["step"], client, mine["data"]

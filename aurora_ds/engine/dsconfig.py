@@ -1,0 +1,73 @@
+"""DeepSpeed config files: recipe-decided fields filled the way transformers fills "auto".
+
+A config may also spell a value out; if it contradicts the recipe that is an error, not a
+silent winner. The optimizer and schedule always come from the recipe (one code path with
+the ``--no-deepspeed`` reference), so a config that brings its own is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def resolve_ds_config(name: str) -> Path:
+    path = Path(name)
+    if path.suffix != ".json":
+        path = DS_CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist; shipped configs: {known}")
+    return path
+
+
+def build_ds_config(name: str, cfg, world_size: int) -> dict:
+    path = resolve_ds_config(name)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    for key in ("optimizer", "scheduler"):
+        if key in raw:
+            raise ValueError(
+                f"{path}: remove the {key!r} section; aurora_ds builds the optimizer and the "
+                f"warmup+cosine schedule from the recipe (optimizer, lr, weight_decay, warmup_steps)"
+            )
+    if cfg.precision == "fp16" and not _has_gpu():
+        raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    ds = copy.deepcopy(raw)
+    wanted = {
+        ("train_micro_batch_size_per_gpu",): cfg.batch_size,
+        ("gradient_accumulation_steps",): cfg.grad_accum,
+        ("train_batch_size",): cfg.batch_size * cfg.grad_accum * world_size,
+        ("gradient_clipping",): cfg.clip_grad,
+        ("bf16", "enabled"): cfg.precision == "bf16",
+        ("fp16", "enabled"): cfg.precision == "fp16",
+    }
+    for keys, value in wanted.items():
+        parent = ds
+        for key in keys[:-1]:
+            parent = parent.setdefault(key, {})
+        current = parent.get(keys[-1], "auto")
+        if current == "auto":
+            parent[keys[-1]] = value
+        elif current != value:
+            where = ".".join(keys)
+            hint = ""
+            if keys == ("train_batch_size",):
+                hint = f" (= batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x world size {world_size})"
+            raise ValueError(f"{path}: {where} is {current!r} but the recipe needs {value!r}{hint}")
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,56 @@
+"""Rank-0 logging: TensorBoard scalars, a console progress bar with ETA, plain messages."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory if there is one, else this process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RunLogger:
+    def __init__(self, log_dir, enabled: bool, total_steps: int, start_step: int, progress: bool):
+        self.enabled = enabled
+        self.writer = self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    def message(self, text: str):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def scalars(self, step: int, values: dict, prefix: str = "train"):
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
+
+    def advance(self, step: int, postfix: dict):
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,210 @@
+"""The training run, top to bottom: set up, build, inject, wrap, train, checkpoint, evaluate."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..aurora import AuroraConfig, inject_aurora
+from ..backbones import build_backbone, get_spec
+from ..tasks.common import world
+from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
+from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from .dsconfig import build_ds_config, zero_stage
+from .ema import EMA
+from .logging import RunLogger, peak_memory_mb
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def aurora_config(cfg) -> AuroraConfig:
+    return AuroraConfig(
+        rank=cfg.rank, targets=cfg.targets, dropout=cfg.dropout, scale=cfg.scale,
+        context_enhancement=cfg.context_enhancement and cfg.task == "retrieval", context_scale=cfg.context_scale,
+        gated_query=cfg.gated_query, gated_query_scale=cfg.gated_query_scale, backbone=cfg.backbone,
+    )
+
+
+def setup_distributed(cfg) -> tuple[int, int]:
+    """DeepSpeed picks gloo on CPU and nccl on GPU by itself; the plain path is one process."""
+    if cfg.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--no-deepspeed is the single-process reference path; launch it without a launcher")
+    return world()
+
+
+def build_model(cfg, ds_config):
+    """The backbone, partitioned as it is built under ZeRO-3, with Aurora injected after."""
+    spec = get_spec(cfg.backbone)
+    keep_alive = None
+    if ds_config is not None and zero_stage(ds_config) == 3:
+        if spec.family != "hf":
+            raise ValueError(f"ZeRO-3 training needs a transformers backbone; {cfg.backbone} is {spec.family}")
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # transformers builds/loads under zero.Init while this object lives.
+        keep_alive = HfDeepSpeedConfig(ds_config)
+    model = build_backbone(cfg.backbone, cfg.checkpoint or None, DTYPES[cfg.precision])
+    # Re-seed: the Aurora init must not depend on how much randomness building the backbone
+    # consumed (partitioned and whole builds consume differently).
+    torch.manual_seed(cfg.seed)
+    handle = inject_aurora(model, aurora_config(cfg))
+    if cfg.train_heads and spec.trained_heads:
+        handle.train_modules(list(spec.trained_heads))
+    if cfg.activation_checkpointing:
+        # Only non-reentrant checkpointing works with factors shared across modules (FIELD-NOTES).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.disable_input_require_grads()
+    return spec, model, handle, keep_alive
+
+
+def make_objective(cfg, model):
+    """The task's loss as an nn.Module around the backbone (what DeepSpeed wraps)."""
+    if cfg.task == "retrieval":
+        from ..tasks.retrieval import RetrievalObjective
+
+        return RetrievalObjective(model, cfg)
+    from ..tasks.qa import QAObjective
+
+    return QAObjective(model, cfg)
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The global-batch value of a per-rank mean loss (what a 1-process run would report)."""
+    value = value.detach().float().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value.item()
+
+
+def batches(source, start_epoch: int):
+    """Endless (epoch, batch) pairs; each epoch re-seeds the loader's shuffling."""
+    epoch = start_epoch
+    while True:
+        if hasattr(source, "set_epoch"):
+            source.set_epoch(epoch)
+        for batch in source:
+            yield epoch, batch
+        epoch += 1
+
+
+def train(cfg, data=None, evaluator=None) -> dict:
+    """Run one training job; returns a summary (also written to out_dir/summary.json).
+
+    ``data`` is an iterable of batches (the streaming loader, or synthetic batches);
+    ``evaluator(model, handle, step)`` returns metrics (higher ``select`` is better).
+    """
+    rank, size = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)  # identical on every rank: identical Aurora init
+    ds_config = build_ds_config(cfg.ds_config, cfg, size) if cfg.deepspeed else None
+    out = Path(cfg.out_dir)
+    checkpoint = find_checkpoint(out, cfg.resume) if cfg.resume else None
+    spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
+    data = data if data is not None else default_data(cfg, spec, rank, size)
+
+    steps_per_epoch = math.ceil(len(data) / cfg.grad_accum) if hasattr(data, "__len__") else None
+    total_steps = cfg.max_steps or (steps_per_epoch * cfg.epochs if steps_per_epoch else 0)
+    if total_steps <= 0:
+        raise ValueError("the data has no known length: set max_steps")
+    objective = make_objective(cfg, model)
+    if cfg.deepspeed:
+        backend = DeepSpeedBackend(objective, cfg, total_steps, ds_config)
+    else:
+        backend = PlainBackend(objective, cfg, total_steps)
+    objective.train()  # from_pretrained returns eval mode; DeepSpeed does not change it
+    objective.ema = EMA(backend, handle.named_trainable_parameters(), cfg.momentum)
+
+    log = RunLogger(out / "tb", rank == 0, total_steps, 0, cfg.progress)
+    log.message(f"[aurora] {handle.format_parameter_report()}")
+    log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
+    step, epoch = 0, 0
+    if checkpoint is not None:
+        step, client, data_state = load_checkpoint(checkpoint, backend, handle, log.message)
+        objective.ema.load_state_dict(client["ema"])
+        objective.load_objective_state(client["objective"])
+        epoch = int(client["epoch"])
+        if data_state is not None:
+            data.load_state_dict(data_state)
+        log.message(f"[aurora] resumed from {checkpoint} at step {step}")
+    elif cfg.resume == "auto":
+        log.message(f"[aurora] no complete checkpoint in {out / 'checkpoints'}: starting fresh")
+
+    stream = batches(data, epoch)
+    skipped: dict[str, int] = {}
+    history, best = [], None
+    while step < total_steps:
+        t0 = time.perf_counter()
+        waited, samples, terms = 0.0, 0, {}
+        for _ in range(cfg.grad_accum):
+            t_data = time.perf_counter()
+            epoch, batch = next(stream)
+            waited += time.perf_counter() - t_data
+            for reason, n in batch.get("skipped", {}).items():
+                skipped[reason] = skipped.get(reason, 0) + n
+            losses = objective.losses(backend.forward, batch, step)
+            backend.backward(losses["loss"])
+            backend.step()
+            samples += len(batch["input_ids"]) * size
+            for k, v in losses.items():
+                terms[k] = terms.get(k, 0.0) + mean_over_ranks(v) / cfg.grad_accum
+        step += 1
+        elapsed = time.perf_counter() - t0
+        history.append({"step": step, **terms})
+        if step % cfg.log_every == 0 or step == total_steps:
+            log.scalars(step, {**terms, "lr": backend.lr(), "samples_per_s": samples / elapsed,
+                               "data_wait_s": waited, "peak_memory_mb": peak_memory_mb(), "epoch": epoch})
+            log.scalars(step, skipped, prefix="skipped")
+        log.advance(step, terms)
+
+        last = step == total_steps
+        if evaluator is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+            metrics = evaluator(backend.forward, handle, step)
+            log.scalars(step, metrics, prefix="eval")
+            log.message(f"[aurora] step {step} eval: {json.dumps(metrics)}")
+            if best is None or metrics["select"] > best["select"]:
+                best = {"step": step, **metrics}
+                save_adapter(backend, handle, out / "adapter_best", {"step": step, "metrics": metrics})
+        if (cfg.save_every and step % cfg.save_every == 0) or last:
+            client = {"ema": objective.ema.state_dict(), "objective": objective.objective_state(),
+                      "epoch": epoch, "step": step}
+            data_state = data.state_dict() if hasattr(data, "state_dict") else {}
+            save_checkpoint(out, step, backend, handle, client, data_state, cfg, cfg.keep_checkpoints)
+            save_adapter(backend, handle, out / "adapter_latest", {"step": step})
+
+    summary = {"steps": step, "world_size": size, "parameters": handle.parameter_report(), "skipped": skipped,
+               "best": best, "history": history, "peak_memory_mb": peak_memory_mb(),
+               "local_parameter_bytes": local_parameter_bytes(objective)}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.message(f"[aurora] done: adapter in {out / 'adapter_latest'}, TensorBoard logs in {out / 'tb'}"
+                    + (f", skipped samples {skipped}" if skipped else ""))
+    log.close()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def default_data(cfg, spec, rank: int, size: int):
+    """Synthetic batches for smoke tests and benchmarks; the streaming loader otherwise."""
+    image_size = cfg.image_size or spec.image_size
+    if cfg.data == "synthetic":
+        from .synthetic import SyntheticBatches
+
+        return SyntheticBatches(cfg, image_size, spec.shape["text_config"].get("vocab_size", 30524), rank, size)
+    from .data import build_train_data
+
+    return build_train_data(cfg, spec, image_size)

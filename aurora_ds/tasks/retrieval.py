@@ -1,0 +1,180 @@
+"""Image-text and video-text retrieval on a BLIP-style backbone: training objective.
+
+The objective is BLIP's: image-text contrastive loss (ITC) against momentum features and a
+feature queue, softened by momentum distillation, plus image-text matching (ITM) with hard
+negatives mined from the whole global batch. Informative Context Enhancement enters the
+matching [CLS]. Randomness that depends on the global batch (negative sampling) is drawn from
+a generator seeded by (seed, step) over the global batch, so 1 rank and N ranks draw the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..aurora.model import CONTEXT_ATTR
+from .common import gather, gather_with_grad, world
+
+
+def _same(x):
+    return x
+
+
+def media_index(media_ids: list[str]) -> torch.Tensor:
+    """A stable integer per media id (the same on every rank), to mark positive pairs."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(m.encode(), digest_size=7).digest(), "big") for m in media_ids])
+
+
+def encode_media(model, pixels: torch.Tensor, frame_weights: torch.Tensor | None = None):
+    """Vision tokens for the fusion encoder and the [CLS] feature for the contrastive path.
+
+    Video (B, T, 3, H, W): every frame goes through the vision tower; the contrastive [CLS]
+    is the temporal mean of the frame [CLS] tokens and the fusion encoder sees all frames'
+    tokens concatenated (B, T*N, d).
+    """
+    dtype = next(model.vision_model.parameters()).dtype
+    if pixels.dim() == 4:
+        tokens = model.vision_model(pixel_values=pixels.to(dtype)).last_hidden_state
+        return tokens, tokens[:, 0]
+    b, t = pixels.shape[:2]
+    tokens = model.vision_model(pixel_values=pixels.flatten(0, 1).to(dtype)).last_hidden_state
+    tokens = tokens.unflatten(0, (b, t))
+    return tokens.flatten(1, 2), tokens[:, :, 0].mean(1)
+
+
+def encode_text(model, input_ids, attention_mask):
+    return model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def match_logits(model, input_ids, attention_mask, media_tokens, text_cls_context):
+    """ITM logits for (text, media) pairs, with ICE on the fused [CLS] when enabled."""
+    media_mask = torch.ones(media_tokens.shape[:-1], dtype=torch.long, device=media_tokens.device)
+    fused = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                               encoder_hidden_states=media_tokens, encoder_attention_mask=media_mask).last_hidden_state
+    cls = fused[:, 0]
+    context = getattr(model, CONTEXT_ATTR, None)
+    if context is not None:
+        cls = context(cls, text_cls_context)
+    return model.itm_head(cls)
+
+
+class RetrievalObjective(nn.Module):
+    """ITC (momentum distillation + queue) + ITM (hard negatives) around a BLIP backbone.
+
+    It is an ``nn.Module`` whose forward does all the backbone work, so that DeepSpeed's
+    engine forward wraps every use of the (partitioned) parameters: calling submodules
+    outside the engine's forward breaks ZeRO-3 gradient accumulation.
+    """
+
+    def __init__(self, backbone, cfg):
+        super().__init__()
+        self.backbone, self.cfg = backbone, cfg
+        self.ema = None  # set by the engine once the parameters are wrapped
+        dim = backbone.config.image_text_hidden_size
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.image_queue = F.normalize(torch.randn(cfg.queue_size, dim, generator=g), dim=1)
+        self.text_queue = F.normalize(torch.randn(cfg.queue_size, dim, generator=g), dim=1)
+        self.idx_queue = torch.full((cfg.queue_size,), -100, dtype=torch.long)
+        self.queue_ptr = 0
+
+    def objective_state(self) -> dict:
+        return {"image_queue": self.image_queue, "text_queue": self.text_queue,
+                "idx_queue": self.idx_queue, "queue_ptr": torch.tensor(self.queue_ptr)}
+
+    def load_objective_state(self, state: dict):
+        for key in ("image_queue", "text_queue", "idx_queue"):
+            getattr(self, key).copy_(state[key])
+        self.queue_ptr = int(state["queue_ptr"])
+
+    def losses(self, forward, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """One micro-batch: momentum features with the EMA swapped in, then the online losses.
+
+        The swap writes into the parameters in place, so it must come before the online
+        forward whose backward reads them.
+        """
+        self.ema.update()
+        with torch.no_grad(), self.ema.swapped():
+            image_feat_m, text_feat_m = forward(batch, step, "momentum")
+        losses = forward(batch, step, "train", (image_feat_m, text_feat_m))
+        self._enqueue(image_feat_m, text_feat_m, media_index(batch["media_id"]))
+        return losses
+
+    def forward(self, batch: dict, step: int, mode: str, momentum=None):
+        model, cfg = self.backbone, self.cfg
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if mode == "momentum":
+            _, media_cls = encode_media(model, batch["pixel_values"])
+            image_feat = F.normalize(model.vision_proj(media_cls), dim=-1)
+            text_feat = F.normalize(model.text_proj(encode_text(model, ids, mask)[:, 0]), dim=-1)
+            return image_feat, text_feat
+
+        image_feat_m, text_feat_m = momentum
+        idx = media_index(batch["media_id"]).to(ids.device).view(-1, 1)
+        media_tokens, media_cls = encode_media(model, batch["pixel_values"])
+        text_cls = encode_text(model, ids, mask)[:, 0]
+        image_feat = F.normalize(model.vision_proj(media_cls), dim=-1)
+        text_feat = F.normalize(model.text_proj(text_cls), dim=-1)
+
+        idx_all = torch.cat([gather(idx).t(), self.idx_queue.view(1, -1)], dim=1)
+        pos = torch.eq(idx, idx_all).float()
+        sim_targets = pos / pos.sum(1, keepdim=True)
+        image_feat_m_all = torch.cat([gather(image_feat_m), self.image_queue])
+        text_feat_m_all = torch.cat([gather(text_feat_m), self.text_queue])
+        if cfg.distill:
+            i2t_targets = cfg.alpha * F.softmax(image_feat_m @ text_feat_m_all.t() / cfg.temp, 1) + (1 - cfg.alpha) * sim_targets
+            t2i_targets = cfg.alpha * F.softmax(text_feat_m @ image_feat_m_all.t() / cfg.temp, 1) + (1 - cfg.alpha) * sim_targets
+        else:
+            i2t_targets = t2i_targets = sim_targets
+        sim_i2t = image_feat @ text_feat_m_all.t() / cfg.temp
+        sim_t2i = text_feat @ image_feat_m_all.t() / cfg.temp
+        loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
+        loss_t2i = -(F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()
+        losses = {"itc": (loss_i2t + loss_t2i) / 2}
+        if cfg.itm:
+            losses["itm"] = self._matching(model, batch, media_tokens, image_feat, text_feat, text_cls, step)
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def _matching(self, model, batch, media_tokens, image_feat, text_feat, text_cls, step):
+        """ITM on positives, one hard negative text per media and one hard negative media per text."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        idx = media_index(batch["media_id"]).to(ids.device)
+        rank, size = world() if self.cfg.negatives_all_ranks else (0, 1)
+        pool = gather if size > 1 else _same
+        pool_grad = gather_with_grad if size > 1 else _same
+        b = ids.shape[0]
+        context = pool_grad(text_cls)
+
+        with torch.no_grad():
+            idx_all = pool(idx.view(-1, 1))
+            same = torch.eq(idx_all, idx_all.t())
+            image_all, text_all = pool(image_feat), pool(text_feat)
+            weights_i2t = F.softmax(image_all @ text_all.t() / self.cfg.temp, 1).masked_fill(same, 0) + 1e-12 * ~same
+            weights_t2i = F.softmax(text_all @ image_all.t() / self.cfg.temp, 1).masked_fill(same, 0) + 1e-12 * ~same
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+            neg_media = torch.multinomial(weights_t2i.float().cpu(), 1, generator=g).view(-1)
+            neg_text = torch.multinomial(weights_i2t.float().cpu(), 1, generator=g).view(-1)
+            local = slice(rank * b, (rank + 1) * b)
+            neg_media, neg_text = neg_media[local].to(ids.device), neg_text[local].to(ids.device)
+
+        media_all = pool_grad(media_tokens)
+        ids_all, mask_all = pool(ids), pool(mask)
+        all_ids = torch.cat([ids, ids, ids_all[neg_text]])
+        all_mask = torch.cat([mask, mask, mask_all[neg_text]])
+        all_media = torch.cat([media_tokens, media_all[neg_media], media_tokens])
+        logits = match_logits(model, all_ids, all_mask, all_media, context)
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        return F.cross_entropy(logits.float(), labels)
+
+    @torch.no_grad()
+    def _enqueue(self, image_feat_m, text_feat_m, idx):
+        images, texts, ids = gather(image_feat_m), gather(text_feat_m), gather(idx.to(image_feat_m.device))
+        n = images.shape[0]
+        slots = (torch.arange(n) + self.queue_ptr) % self.cfg.queue_size
+        self.image_queue[slots] = images.to(self.image_queue.dtype)
+        self.text_queue[slots] = texts.to(self.text_queue.dtype)
+        self.idx_queue[slots] = ids
+        self.queue_ptr = int((self.queue_ptr + n) % self.cfg.queue_size)

@@ -1,0 +1,48 @@
+"""``aurora-train`` / ``python -m aurora_ds.train``: argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .engine.config import build_config, list_recipes
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="aurora-train", description="Train Aurora on a frozen backbone under DeepSpeed.")
+    p.add_argument("--recipe", default="", help=f"packaged recipe ({', '.join(list_recipes())}) or a YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value (repeatable), e.g. --set lr=1e-4 --set rank=16")
+    p.add_argument("--train-shards", help="URL spec of the training shards (same as --set train_shards=...)")
+    p.add_argument("--eval-shards", help="URL spec of the evaluation shards")
+    p.add_argument("--out", help="output directory (same as --set out_dir=...)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint directory")
+    p.add_argument("--ds-config", help="zero3 | zero3_offload | zero2 | path to a DeepSpeed JSON")
+    p.add_argument("--no-deepspeed", action="store_true", help="single-process reference path without DeepSpeed")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def config_from_args(args):
+    extra = {"train_shards": args.train_shards, "eval_shards": args.eval_shards, "out_dir": args.out,
+             "max_steps": args.max_steps, "resume": args.resume, "ds_config": args.ds_config}
+    overrides = list(args.overrides) + [f"{k}={v}" for k, v in extra.items() if v is not None]
+    if args.no_deepspeed:
+        overrides.append("deepspeed=false")
+    return build_config(args.recipe, overrides)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"aurora-train: {e}")
+    from .engine.loop import train
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

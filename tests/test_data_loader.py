@@ -1,0 +1,288 @@
+"""The shard loader on local files: contents, splitting, determinism, resume, faults, quoting."""
+
+import json
+import os
+import shlex
+from collections import Counter
+
+import pytest
+import torch
+
+from aurora_ds.data import (DataShortfallError, LoaderConfig, ShardError, build_loader, expand_urls,
+                            pre_caption, pre_question, read_manifest)
+from aurora_ds.data.media import frame_indices
+from aurora_ds.data.storage import curl_command
+
+
+def cfg(**kw):
+    base = dict(image_size=32, batch_size=4, num_workers=2, shuffle_buffer=20, num_frames=4, seed=1)
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory, shard_factory):
+    out = str(tmp_path_factory.mktemp("coco"))
+    samples = shard_factory.coco(24)
+    return shard_factory.write(samples, out, "coco-train", per_shard=6), samples
+
+
+def all_pairs(samples):
+    return Counter((s["json"]["id"], pre_caption(c)) for s in samples for c in s["json"]["captions"])
+
+
+def test_expand_urls_and_manifest(coco):
+    spec, samples = coco
+    urls = expand_urls(spec)
+    assert [os.path.basename(u) for u in urls] == ["coco-train-%06d.tar" % i for i in range(4)]
+    assert expand_urls("a-{0..1}.tar::b-{00..02}.tar") == ["a-0.tar", "a-1.tar", "b-00.tar", "b-01.tar", "b-02.tar"]
+    m = read_manifest(spec)
+    assert m["kind"] == "image" and m["num_samples"] == 24 and set(m["counts"]) == set(urls)
+    assert read_manifest(urls[0].replace("coco-train-000000", "other")) is None
+    with pytest.raises(ValueError):
+        expand_urls(" :: ")
+
+
+def test_text_cleaning_matches_blip():
+    assert pre_caption("  A man (left) riding a horse!!  On the beach.  ") == "a man left riding a horse on the beach"
+    assert pre_caption("one two three four", max_words=2) == "one two"
+    assert pre_question("What's the man holding?") == "what's the man holding?"
+
+
+def test_frame_sampling():
+    import random
+
+    rng = random.Random(0)
+    assert frame_indices(4, 40, "uniform", rng) == [5, 15, 25, 35]
+    r = frame_indices(4, 40, "random", rng)
+    assert all(10 * i <= x < 10 * (i + 1) for i, x in enumerate(r))
+    h = frame_indices(4, 40, "headtail", rng)
+    assert len(h) == 4 and all(x < 20 for x in h[:2]) and all(20 <= x < 40 for x in h[2:])
+    assert frame_indices(8, 3, "uniform", rng) == sorted(frame_indices(8, 3, "uniform", rng))
+    assert len(frame_indices(8, 3, "headtail", rng)) == 8
+
+
+def test_train_all_captions_once_with_workers(coco, word_tokenizer):
+    spec, samples = coco
+    loader = build_loader(spec, cfg(caption_per_sample="all"), word_tokenizer)
+    seen = Counter()
+    for batch in loader:
+        assert batch["pixel_values"].shape[1:] == (3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+        assert batch["input_ids"].shape[0] == len(batch["caption"]) == len(batch["media_id"])
+        assert batch["attention_mask"].shape == batch["input_ids"].shape
+        assert batch["skipped"] == {}
+        seen.update(zip(batch["media_id"], batch["caption"]))
+    assert seen == all_pairs(samples)
+    assert loader.faults() == {} and loader.state_dict()["epoch"] == 1
+
+
+def test_eval_one_entry_per_media_in_order(coco):
+    spec, samples = coco
+    loader = build_loader(spec, cfg(num_workers=0), None, mode="eval")
+    assert len(loader) == 6
+    batches = list(loader)
+    ids = [i for b in batches for i in b["media_id"]]
+    assert ids == [s["json"]["id"] for s in samples]
+    captions = [c for b in batches for c in b["captions"]]
+    assert captions[3] == [pre_caption(c) for c in samples[3]["json"]["captions"]]
+    # eval transform is deterministic: a second pass gives the same pixels
+    again = next(iter(build_loader(spec, cfg(num_workers=0), None, mode="eval")))
+    assert torch.equal(again["pixel_values"], batches[0]["pixel_values"])
+
+
+def test_random_caption_mode_and_determinism(coco, word_tokenizer):
+    spec, _ = coco
+
+    def run(seed, epoch=0):
+        loader = build_loader(spec, cfg(seed=seed), word_tokenizer)
+        loader.set_epoch(epoch)
+        out = [(b["media_id"], b["caption"], b["pixel_values"]) for b in loader]
+        return out
+
+    a, b, c, d = run(1), run(1), run(2), run(1, epoch=1)
+    assert len(a) == len(build_loader(spec, cfg(), word_tokenizer))
+    assert sorted(i for ids, _, _ in a for i in ids) == sorted("coco_%06d" % i for i in range(24))
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    assert all(torch.equal(x[2], y[2]) for x, y in zip(a, b))
+    assert [x[0] for x in a] != [x[0] for x in c]
+    assert [x[0] for x in a] != [x[0] for x in d]
+
+
+def test_rank_split_covers_everything_once(coco, word_tokenizer, monkeypatch):
+    spec, samples = coco
+    seen = Counter()
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        loader = build_loader(spec, cfg(caption_per_sample="all", num_workers=1), word_tokenizer)
+        part = Counter(p for b in loader for p in zip(b["media_id"], b["caption"]))
+        assert part and not (set(part) & set(seen))
+        seen.update(part)
+    assert seen == all_pairs(samples)
+
+
+def test_resampled_epoch_length(coco, word_tokenizer):
+    spec, _ = coco
+    loader = build_loader(spec, cfg(resampled=True, train_num_samples=50), word_tokenizer)
+    assert len(loader) == 14  # ceil(ceil(50 / 4) / 2) * 2
+    sizes = [len(b["media_id"]) for b in loader]
+    assert sizes == [4] * 14
+    from_manifest = build_loader(spec, cfg(resampled=True, num_workers=0), word_tokenizer)
+    assert len(from_manifest) == 6 and len(list(from_manifest)) == 6
+
+
+def test_resume_skips_consumed_shards(coco, word_tokenizer):
+    spec, samples = coco
+    c = cfg(caption_per_sample="all", num_workers=1, shuffle_buffer=1, batch_size=3)
+    first = build_loader(spec, c, word_tokenizer)
+    seen = Counter()
+    it = iter(first)
+    while len(first.state_dict()["consumed_shards"]) < 2:
+        batch = next(it)
+        seen.update(zip(batch["media_id"], batch["caption"]))
+    state = first.state_dict()
+    del it
+    assert state["epoch"] == 0 and len(state["consumed_shards"]) == 2
+    resumed = build_loader(spec, c, word_tokenizer)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    rest = Counter(p for b in resumed for p in zip(b["media_id"], b["caption"]))
+    consumed = {int(u[-10:-4]) for u in state["consumed_shards"]}
+    consumed_ids = {s["json"]["id"] for i, s in enumerate(samples) if i // 6 in consumed}
+    assert not consumed_ids & {mid for mid, _ in rest}
+    assert set(rest) | set(seen) == set(all_pairs(samples))
+    assert resumed.state_dict() == {"epoch": 1, "consumed_shards": [], "batches": 0, "seed": 1}
+
+
+def test_qa_batches(tmp_path, shard_factory, word_tokenizer):
+    samples = shard_factory.vqa(6)
+    spec = shard_factory.write(samples, str(tmp_path), "vqa", per_shard=3, kind="image_qa")
+    batches = list(build_loader(spec, cfg(task="qa", num_workers=0, shuffle_buffer=1, batch_size=5),
+                                word_tokenizer))
+    qids = [q for b in batches for q in b["question_id"]]
+    assert sorted(qids) == sorted(q["question_id"] for s in samples for q in s["json"]["questions"])
+    b = batches[0]
+    assert b["answers"][0] == ["cat", "dog"] and b["answer_weights"][0] == [0.75, 0.25]
+    assert b["question"][0].startswith("what is in picture") and "?" in b["question"][0]
+    assert b["input_ids"].shape[0] == len(b["question"])
+
+
+def test_hf_tokenizer(coco, tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "number", "caption"]))
+    tok = BertTokenizerFast(vocab_file=str(vocab))
+    batch = next(iter(build_loader(coco[0], cfg(num_workers=0, max_tokens=6), tok)))
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape[1] <= 6
+    assert (batch["input_ids"][:, 0] == tok.cls_token_id).all()
+
+
+def corrupt_shards(tmp_path, shard_factory, kind):
+    """Six samples in two shards; one has broken media bytes, one lacks its json."""
+    samples = shard_factory.coco(6) if kind == "image" else shard_factory.msrvtt(6)
+    ext = "jpg" if kind == "image" else "mp4"
+    samples[1][ext] = samples[1][ext][: len(samples[1][ext]) // 3]  # truncated media
+    samples[4][ext] = b"\x00garbage" * 50
+    del samples[5]["json"]
+    return shard_factory.write(samples, str(tmp_path), kind, per_shard=3, kind=kind)
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_corrupt_media_skipped_and_counted(tmp_path, shard_factory, word_tokenizer, kind):
+    spec = corrupt_shards(tmp_path, shard_factory, kind)
+    c = cfg(media=kind, num_workers=2, missing_tolerance=0.6, max_words=20)
+    loader = build_loader(spec, c, word_tokenizer)
+    batches = list(loader)
+    ids = sorted(i for b in batches for i in b["media_id"])
+    assert len(ids) == 3
+    reason = "decode_" + kind
+    assert loader.faults() == {reason: 2, "missing_field": 1}
+    per_batch = Counter()
+    for b in batches:
+        per_batch.update(b["skipped"])
+        if kind == "video":
+            assert b["pixel_values"].shape[1:] == (4, 3, 32, 32)
+    assert per_batch[reason] + per_batch["missing_field"] <= 3  # some land in info-only batches
+    with pytest.raises(DataShortfallError, match=r"delivered 3 of the 6 samples"):
+        list(build_loader(spec, cfg(media=kind, missing_tolerance=0.0), word_tokenizer))
+
+
+def test_fewer_than_manifest_fails_loudly(tmp_path, shard_factory, word_tokenizer):
+    spec = shard_factory.write(shard_factory.coco(8), str(tmp_path), "short", per_shard=4)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"]["short-000001.tar"]["count"] = 7  # the shard lost 3 samples
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataShortfallError, match=r"delivered 8 of the 11 samples .* 2 shard"):
+        list(build_loader(spec, cfg(), word_tokenizer))
+    assert len(list(build_loader(spec, cfg(missing_tolerance=0.3), word_tokenizer))) > 0
+
+
+def test_truncated_tar_names_url(tmp_path, shard_factory, word_tokenizer, caplog):
+    spec = shard_factory.write(shard_factory.coco(8), str(tmp_path), "trunc", per_shard=4)
+    bad = tmp_path / "trunc-000001.tar"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2 + 100])
+    loader = build_loader(spec, cfg(num_workers=0, max_shard_retries=1), word_tokenizer)
+    with pytest.raises(ShardError, match=r"trunc-000001\.tar after 2 attempt"):
+        list(loader)
+    assert "trunc-000001.tar" in caplog.text and "retrying (1/1)" in caplog.text
+
+
+def test_missing_shard_names_url(tmp_path, shard_factory, word_tokenizer):
+    spec = shard_factory.write(shard_factory.coco(8), str(tmp_path), "gone", per_shard=4)
+    os.remove(tmp_path / "gone-000000.tar")
+    with pytest.raises(ShardError, match=r"gone-000000\.tar after 3 attempt.*FileNotFoundError"):
+        list(build_loader(spec, cfg(num_workers=2), word_tokenizer))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="task"):
+        LoaderConfig(task="captioning")
+    with pytest.raises(ValueError, match="missing_tolerance"):
+        LoaderConfig(missing_tolerance=1.5)
+    with pytest.raises(ValueError, match="frame_sampling"):
+        LoaderConfig(frame_sampling="middle")
+
+
+def test_pipe_and_http_urls_are_quoted(tmp_path, shard_factory, word_tokenizer):
+    import functools
+    import http.server
+    import threading
+
+    evil = "x;touch${IFS}PWNED;$(touch${IFS}PWNED2)"
+    (tmp_path / "srv").mkdir()
+    shard_factory.write(shard_factory.coco(4), str(tmp_path / "srv"), "e", per_shard=4)
+    os.rename(tmp_path / "srv" / "e-000000.tar", tmp_path / "srv" / (evil + ".tar"))
+    cmd = curl_command("http://h/" + evil)
+    assert cmd.endswith("'http://h/%s'" % evil)
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "srv"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        from urllib.parse import quote
+
+        url = "http://127.0.0.1:%d/%s" % (server.server_address[1], quote(evil, safe=";${}()") + ".tar")
+        got = [i for b in build_loader(url, cfg(num_workers=0), word_tokenizer) for i in b["media_id"]]
+        assert sorted(got) == ["coco_%06d" % i for i in range(4)]
+        # a user's pipe: URL runs through the shell as written (here: a command with a pipe)
+        pipe = "pipe:cat %s | cat" % shlex.quote(str(tmp_path / "srv" / (evil + ".tar")))
+        got = [i for b in build_loader(pipe, cfg(num_workers=0), word_tokenizer) for i in b["media_id"]]
+        assert sorted(got) == ["coco_%06d" % i for i in range(4)]
+    finally:
+        os.chdir(cwd)
+        server.shutdown()
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "PWNED2").exists()
+
+
+def test_no_manifest_reads_without_check(tmp_path, shard_factory, word_tokenizer, caplog):
+    spec = shard_factory.write(shard_factory.coco(5), str(tmp_path), "bare", per_shard=5, manifest=False)
+    loader = build_loader(spec, cfg(num_workers=0), word_tokenizer)
+    assert "sample count unknown" in caplog.text
+    with pytest.raises(TypeError, match="length unknown"):
+        len(loader)
+    assert sorted(i for b in loader for i in b["media_id"]) == ["coco_%06d" % i for i in range(5)]
+    with pytest.raises(ValueError, match="resampled mode needs train_num_samples"):
+        build_loader(spec, cfg(resampled=True), word_tokenizer)

@@ -1,0 +1,146 @@
+"""The loader against a real SeaweedFS S3 endpoint: 2 ranks x 2 workers, storage helpers, and
+the endpoint stopped or frozen mid-epoch (readers run in subprocesses under an outer timeout)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from aurora_ds.data import SeaweedServer, pre_caption, storage
+
+pytestmark = pytest.mark.s3
+
+READER = r"""
+import json, sys, time
+from aurora_ds.data import LoaderConfig, build_loader
+from aurora_ds.data.text import HashTokenizer
+
+jobs, delay = json.loads(sys.argv[1]), float(sys.argv[2])
+try:
+    for spec, media, caption_per_sample in jobs:
+        cfg = LoaderConfig(media=media, image_size=32, num_frames=4, batch_size=2, num_workers=2,
+                           shuffle_buffer=10, caption_per_sample=caption_per_sample, seed=3)
+        out = []
+        for batch in build_loader(spec, cfg, HashTokenizer()):
+            out += list(zip(batch["media_id"], batch["caption"]))
+            print("BATCH", flush=True)
+            time.sleep(delay)
+        print("RESULT", json.dumps(out), flush=True)
+except Exception as exn:
+    print("ERROR", type(exn).__name__, exn, flush=True)
+    sys.exit(3)
+"""
+
+
+def run_reader(jobs, env, delay=0.0):
+    """A subprocess reading each (spec, media, caption_per_sample) job in train mode."""
+    return subprocess.Popen([sys.executable, "-c", READER, json.dumps(jobs), str(delay)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def results_of(proc, timeout=120):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return [[tuple(p) for p in json.loads(line[len("RESULT "):])]
+            for line in out.splitlines() if line.startswith("RESULT ")]
+
+
+@pytest.mark.distributed
+def test_two_ranks_two_workers_read_every_sample_once(s3_server, shard_factory):
+    images = shard_factory.coco(16, prefix="img")
+    videos = shard_factory.msrvtt(8)
+    base = "s3://%s/dist" % s3_server.bucket
+    image_spec = shard_factory.write(images, base + "/coco", "coco-train", per_shard=2)
+    video_spec = shard_factory.write(videos, base + "/msrvtt", "msrvtt-train", per_shard=2, kind="video")
+
+    procs = [run_reader([[image_spec, "image", "all"], [video_spec, "video", "random"]],
+                        dict(os.environ, RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1"))
+             for rank in range(2)]
+    (image0, video0), (image1, video1) = [results_of(p) for p in procs]
+    image_parts, video_parts = [image0, image1], [video0, video1]
+
+    expected = Counter((s["json"]["id"], pre_caption(c)) for s in images for c in s["json"]["captions"])
+    assert all(image_parts) and not set(image_parts[0]) & set(image_parts[1])
+    assert Counter(image_parts[0] + image_parts[1]) == expected
+    video_ids = [mid for part in video_parts for mid, _ in part]
+    assert all(video_parts) and sorted(video_ids) == sorted(s["json"]["id"] for s in videos)
+
+
+def test_storage_helpers_and_webdataset_s3(s3_server, tmp_path):
+    import webdataset as wds
+
+    url = "s3://%s/helpers/blob.bin" % s3_server.bucket
+    src = tmp_path / "blob.bin"
+    src.write_bytes(os.urandom(3000))
+    storage.put_file(str(src), url)
+    assert storage.exists(url) and storage.size(url) == 3000
+    assert storage.read_bytes(url) == src.read_bytes()
+    assert url in storage.list_urls("s3://%s/helpers" % s3_server.bucket)
+    assert not storage.exists(url + ".missing")
+
+    with wds.TarWriter(str(tmp_path / "t.tar")) as w:
+        w.write({"__key__": "k0", "txt": b"hello"})
+    storage.put_file(str(tmp_path / "t.tar"), "s3://%s/helpers/t.tar" % s3_server.bucket)
+    ds = wds.WebDataset("s3://%s/helpers/t.tar" % s3_server.bucket, shardshuffle=False)
+    assert [s["txt"] for s in ds] == [b"hello"]
+
+
+@pytest.fixture
+def fault_server(shard_factory):
+    """A dedicated server (these tests freeze and kill it) holding 8 small image shards."""
+    with SeaweedServer() as server:
+        bucket = server.create_bucket("aurora-faults")
+        env = dict(os.environ, AWS_ENDPOINT_URL=server.endpoint_url, AWS_ENDPOINT_URL_S3=server.endpoint_url,
+                   AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key,
+                   OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1")
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            spec = shard_factory.write(shard_factory.coco(32, prefix="f"), "s3://%s/f" % bucket, "f", per_shard=4)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
+        yield server, spec, env
+
+
+def fail_mid_epoch(fault_server, action, delay):
+    """Start a reader taking ``delay`` s per batch (16 batches), apply ``action`` to the server after
+    its first batch; returns (seconds from the action to the reader's exit, exit code, output)."""
+    server, spec, env = fault_server
+    proc = run_reader([[spec, "image", "random"]], env, delay=delay)
+    seen = ""
+    while not seen.endswith("BATCH\n"):
+        line = proc.stdout.readline()
+        assert line, seen  # the reader ended before its first batch
+        seen += line
+    action(server)
+    start = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=100)
+    finally:
+        proc.kill()
+    return time.monotonic() - start, proc.returncode, seen + out
+
+
+def test_frozen_endpoint_fails_naming_shard(fault_server):
+    seconds, rc, out = fail_mid_epoch(fault_server, SeaweedServer.pause, delay=0.3)
+    fault_server[0].resume()
+    assert rc == 3, out
+    assert re.search(r"ERROR ShardError cannot read shard s3://aurora-faults/f/f-\d{6}\.tar after 3 attempt", out), out
+    assert seconds < 60, (seconds, out)
+
+
+def test_stopped_endpoint_fails_naming_shard(fault_server):
+    # slow enough that the reader cannot finish the epoch while weed shuts down gracefully (2-14 s)
+    seconds, rc, out = fail_mid_epoch(fault_server, SeaweedServer.stop, delay=2.0)
+    assert rc == 3, out
+    assert re.search(r"ERROR ShardError cannot read shard s3://aurora-faults/f/f-\d{6}\.tar", out), out
+    assert seconds < 60, (seconds, out)
