@@ -41,7 +41,10 @@ def main(argv=None):
         sys.exit(f"aurora-train: {e}")
     from .engine.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"aurora-train: {e}")
 
 
 if __name__ == "__main__":

@@ -286,3 +286,9 @@ def test_no_manifest_reads_without_check(tmp_path, shard_factory, word_tokenizer
     assert sorted(i for b in loader for i in b["media_id"]) == ["coco_%06d" % i for i in range(5)]
     with pytest.raises(ValueError, match="resampled mode needs train_num_samples"):
         build_loader(spec, cfg(resampled=True), word_tokenizer)
+
+
+def test_stalled_worker_times_out(coco, word_tokenizer):
+    url = "pipe:sleep 15; cat %s" % shlex.quote(expand_urls(coco[0])[0])
+    with pytest.raises(TimeoutError, match=r"DataLoader timed out .* 1 shard\(s\) starting pipe:sleep 15"):
+        list(build_loader(url, cfg(num_workers=1, worker_timeout=2), word_tokenizer))

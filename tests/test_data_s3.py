@@ -92,8 +92,9 @@ def test_storage_helpers_and_webdataset_s3(s3_server, tmp_path):
 
 @pytest.fixture
 def fault_server(shard_factory):
-    """A dedicated server (these tests freeze and kill it) holding 8 small image shards."""
-    with SeaweedServer() as server:
+    """A dedicated server (these tests freeze and kill it) holding 48 two-image shards: many more
+    than the readers' shuffle buffers and prefetching hold, so reading goes on after the fault."""
+    with SeaweedServer(stop_timeout=5) as server:
         bucket = server.create_bucket("aurora-faults")
         env = dict(os.environ, AWS_ENDPOINT_URL=server.endpoint_url, AWS_ENDPOINT_URL_S3=server.endpoint_url,
                    AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key,
@@ -101,7 +102,7 @@ def fault_server(shard_factory):
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            spec = shard_factory.write(shard_factory.coco(32, prefix="f"), "s3://%s/f" % bucket, "f", per_shard=4)
+            spec = shard_factory.write(shard_factory.coco(96, prefix="f"), "s3://%s/f" % bucket, "f", per_shard=2)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -112,7 +113,7 @@ def fault_server(shard_factory):
 
 
 def fail_mid_epoch(fault_server, action, delay):
-    """Start a reader taking ``delay`` s per batch (16 batches), apply ``action`` to the server after
+    """Start a reader taking ``delay`` s per batch (48 batches), apply ``action`` to the server after
     its first batch; returns (seconds from the action to the reader's exit, exit code, output)."""
     server, spec, env = fault_server
     proc = run_reader([[spec, "image", "random"]], env, delay=delay)
@@ -140,7 +141,7 @@ def test_frozen_endpoint_fails_naming_shard(fault_server):
 
 def test_stopped_endpoint_fails_naming_shard(fault_server):
     # slow enough that the reader cannot finish the epoch while weed shuts down gracefully (2-14 s)
-    seconds, rc, out = fail_mid_epoch(fault_server, SeaweedServer.stop, delay=2.0)
+    seconds, rc, out = fail_mid_epoch(fault_server, SeaweedServer.stop, delay=1.0)
     assert rc == 3, out
     assert re.search(r"ERROR ShardError cannot read shard s3://aurora-faults/f/f-\d{6}\.tar", out), out
     assert seconds < 60, (seconds, out)

@@ -511,8 +511,7 @@ class Loader:
         workers = cfg.num_workers
         limit = worker_batches = None
         if cfg.resampled:
-            per_rank, per_worker = self._epoch_batches()
-            limit = per_rank - self._batches
+            limit = self._epoch_batches()[0] - self._batches
             worker_batches = math.ceil(limit / max(1, workers))
         expected = self.expected_samples()
         shards = self._epoch_shards()
@@ -526,7 +525,7 @@ class Loader:
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, self.epoch, self.rank, self._batches)),
             persistent_workers=False)
         delivered = yielded = 0
-        for batch in _reraise_shard_errors(loader):
+        for batch in _reraise_worker_errors(loader, shards or self.urls):
             info = batch.pop("__info__")
             delivered += info["media"]
             self._consumed.update(info["done_shards"])
@@ -559,9 +558,9 @@ class Loader:
                         "is the manifest stale?", self.epoch, self.rank, delivered, expected)
 
 
-def _reraise_shard_errors(loader):
-    """DataLoader wraps a worker's ShardError in a traceback dump; raise it again with its own
-    message first, so the shard's URL leads the error."""
+def _reraise_worker_errors(loader, urls):
+    """Clearer errors from DataLoader workers: a worker's ShardError arrives wrapped in a
+    traceback dump (raise it again with the URL first), and a worker timeout names no data."""
     it = iter(loader)
     while True:
         try:
@@ -569,12 +568,16 @@ def _reraise_shard_errors(loader):
         except StopIteration:
             return
         except ShardError as exn:
-            text = str(exn)
-            lines = [l for l in text.splitlines() if l.startswith("aurora_ds.data.loader.ShardError: ")
-                     or l.startswith("ShardError: ")]
+            lines = [l for l in str(exn).splitlines() if l.startswith(("aurora_ds.data.loader.ShardError: ",
+                                                                      "ShardError: "))]
             if not lines:
                 raise
             raise ShardError(lines[-1].split(": ", 1)[1] + " (in a DataLoader worker)") from exn
+        except RuntimeError as exn:
+            if not str(exn).startswith("DataLoader timed out"):
+                raise
+            raise TimeoutError("%s while reading %d shard(s) starting %s; raise LoaderConfig.worker_timeout "
+                               "if batches are legitimately this slow" % (exn, len(urls), urls[0])) from exn
         yield batch
 
 

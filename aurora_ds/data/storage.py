@@ -154,7 +154,7 @@ def exists(url):
 def size(url):
     """Size in bytes of a local file or S3 object (FileNotFoundError if missing)."""
     if is_s3(url):
-        return s3_filesystem().info(_s3_path(url))["size"]
+        return s3_filesystem().info(_s3_path(url), refresh=True)["size"]
     return os.path.getsize(url)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -36,12 +37,21 @@ def setup_distributed(cfg) -> tuple[int, int]:
     if cfg.deepspeed:
         import deepspeed
 
+        if "RANK" not in os.environ:  # started without a launcher: a 1-rank group on this host
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--no-deepspeed is the single-process reference path; launch it without a launcher")
     return world()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build_model(cfg, ds_config):
