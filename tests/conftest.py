@@ -7,8 +7,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
-
 
 class S3Endpoint:
     """What a test needs to reach the session's S3 server."""
@@ -21,28 +19,17 @@ class S3Endpoint:
         self.bucket = bucket
 
     def env(self):
-        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ENDPOINT_URL_S3": self.endpoint_url,
-                "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_REGION": "us-east-1"}
+        return self.server.env()
 
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A SeaweedFS S3 endpoint with bucket ``aurora-test``; the AWS_* variables point at it."""
+    """A SeaweedFS S3 endpoint with bucket ``aurora-test``; the AWS_* variables point at it
+    (restored afterwards)."""
     from aurora_ds.data.seaweed import SeaweedServer
 
-    saved = {k: os.environ.get(k) for k in S3_ENV}
-    with SeaweedServer() as server:
-        endpoint = S3Endpoint(server, server.create_bucket("aurora-test"))
-        os.environ.update(endpoint.env())
-        try:
-            yield endpoint
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with SeaweedServer() as server, server.environment():
+        yield S3Endpoint(server, server.create_bucket("aurora-test"))
 
 
 class ShardFactory:

@@ -96,20 +96,9 @@ def fault_server(shard_factory):
     than the readers' shuffle buffers and prefetching hold, so reading goes on after the fault."""
     with SeaweedServer(stop_timeout=5) as server:
         bucket = server.create_bucket("aurora-faults")
-        env = dict(os.environ, AWS_ENDPOINT_URL=server.endpoint_url, AWS_ENDPOINT_URL_S3=server.endpoint_url,
-                   AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key,
-                   OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1")
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with server.environment():
             spec = shard_factory.write(shard_factory.coco(96, prefix="f"), "s3://%s/f" % bucket, "f", per_shard=2)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k)
-                else:
-                    os.environ[k] = v
-        yield server, spec, env
+        yield server, spec, dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", **server.env())
 
 
 def fail_mid_epoch(fault_server, action, delay):

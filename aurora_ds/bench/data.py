@@ -74,10 +74,9 @@ def run(args):
     results["config"].pop("run", None)
     datasets = [("image", "coco", make_coco, args.images, "annotations/coco_karpathy_train.json", ""),
                 ("video", "msrvtt", make_msrvtt, args.videos, "annotations/MSRVTT_data.json", "videos/all")]
-    with tempfile.TemporaryDirectory(prefix="aurora-bench-") as tmp, SeaweedServer() as server:
+    with tempfile.TemporaryDirectory(prefix="aurora-bench-") as tmp, SeaweedServer() as server, \
+            server.environment():
         bucket = server.create_bucket("aurora-bench")
-        os.environ.update(AWS_ENDPOINT_URL=server.endpoint_url, AWS_ACCESS_KEY_ID=server.access_key,
-                          AWS_SECRET_ACCESS_KEY=server.secret_key)
         for media, dataset, make, n, ann, media_dir in datasets:
             raw = make(os.path.join(tmp, "raw", dataset), n, args.seed)
             specs = {}

@@ -287,8 +287,8 @@ def sample_items(sample, cfg, train, rng):
                                   answer_weights=[n / total for n in counts.values()]))
             if not items:
                 raise SampleError("missing_field", "no questions")
-    except (KeyError, TypeError) as exn:
-        raise SampleError("missing_field", "json lacks %s" % exn)
+    except (KeyError, TypeError, AttributeError) as exn:  # absent or wrongly typed field
+        raise SampleError("missing_field", "json field: %s: %s" % (type(exn).__name__, exn))
     items[0]["__first__"] = True
     return items
 
@@ -404,9 +404,9 @@ class ShardStream(IterableDataset):
         if self.worker_batches is not None:
             stream = islice(stream, self.worker_batches)
         yield from stream
-        if ledger.has_news():
-            skipped, info = ledger.take()
-            yield {"skipped": skipped, "__info__": info}
+        if ledger.has_news():  # what happened after the last batch still reaches the main process
+            skipped, news = ledger.take()
+            yield {"skipped": skipped, "__info__": news}
 
 
 class Loader:
@@ -528,7 +528,8 @@ class Loader:
         for batch in _reraise_worker_errors(loader, shards or self.urls):
             info = batch.pop("__info__")
             delivered += info["media"]
-            self._consumed.update(info["done_shards"])
+            if not cfg.resampled:  # shards drawn with replacement have no position to resume
+                self._consumed.update(info["done_shards"])
             self._faults.update(batch["skipped"])
             if info["shard_retries"]:
                 self._faults["shard_retries"] += info["shard_retries"]

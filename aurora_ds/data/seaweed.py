@@ -6,6 +6,7 @@ writes logs to /tmp unless given a global ``-logdir``, and is only ready once an
 PUT succeeds (the open port comes seconds earlier).
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -145,6 +146,27 @@ class SeaweedServer:
     def create_bucket(self, bucket):
         self._create_bucket(self._client(), bucket)
         return bucket
+
+    def env(self):
+        """The AWS_* variables that point S3 clients (aurora_ds.data.storage, aws CLI) here."""
+        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+                "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_REGION": "us-east-1"}
+
+    @contextlib.contextmanager
+    def environment(self):
+        """``env()`` set in os.environ for the duration; the previous values come back after."""
+        values = self.env()
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield self
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def log_tail(self, n=40):
         lines = []

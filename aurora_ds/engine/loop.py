@@ -122,13 +122,29 @@ def train(cfg, data=None, evaluator=None) -> dict:
     out = Path(cfg.out_dir)
     checkpoint = find_checkpoint(out, cfg.resume) if cfg.resume else None
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
-    data = data if data is not None else default_data(cfg, spec, rank, size)
+    image_size = cfg.image_size or spec.image_size
+    vocab = spec.shape["text_config"].get("vocab_size", 30524)
+    tokenizer = None
+    if cfg.data == "shards":
+        from .data import build_evaluator, build_train_data, resolve_tokenizer
+
+        tokenizer = resolve_tokenizer(cfg, vocab)
+        if len(tokenizer) > vocab:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the backbone's vocabulary {vocab}")
+        data = data if data is not None else build_train_data(cfg, image_size, tokenizer)
+        if evaluator is None and cfg.eval_shards:
+            evaluator = build_evaluator(cfg, image_size, tokenizer, out)
+    elif data is None:
+        from .synthetic import SyntheticBatches
+
+        data = SyntheticBatches(cfg, image_size, vocab, rank, size)
 
     steps_per_epoch = math.ceil(len(data) / cfg.grad_accum) if hasattr(data, "__len__") else None
     total_steps = cfg.max_steps or (steps_per_epoch * cfg.epochs if steps_per_epoch else 0)
     if total_steps <= 0:
         raise ValueError("the data has no known length: set max_steps")
     objective = make_objective(cfg, model)
+    objective.tokenizer = tokenizer
     if cfg.deepspeed:
         backend = DeepSpeedBackend(objective, cfg, total_steps, ds_config)
     else:
@@ -207,14 +223,3 @@ def train(cfg, data=None, evaluator=None) -> dict:
         dist.destroy_process_group()
     return summary
 
-
-def default_data(cfg, spec, rank: int, size: int):
-    """Synthetic batches for smoke tests and benchmarks; the streaming loader otherwise."""
-    image_size = cfg.image_size or spec.image_size
-    if cfg.data == "synthetic":
-        from .synthetic import SyntheticBatches
-
-        return SyntheticBatches(cfg, image_size, spec.shape["text_config"].get("vocab_size", 30524), rank, size)
-    from .data import build_train_data
-
-    return build_train_data(cfg, spec, image_size)

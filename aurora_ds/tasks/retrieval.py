@@ -103,8 +103,19 @@ class RetrievalObjective(nn.Module):
         return losses
 
     def forward(self, batch: dict, step: int, mode: str, momentum=None):
+        """Modes: ``train`` (losses), ``momentum`` (features under the swapped-in EMA), and for
+        evaluation ``embed_media``, ``embed_text`` and ``match`` (ITM scores)."""
         model, cfg = self.backbone, self.cfg
+        if mode == "embed_media":
+            tokens, cls = encode_media(model, batch["pixel_values"])
+            return F.normalize(model.vision_proj(cls), dim=-1), tokens
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        if mode == "embed_text":
+            cls = encode_text(model, ids, mask)[:, 0]
+            return F.normalize(model.text_proj(cls), dim=-1), cls
+        if mode == "match":
+            logits = match_logits(model, ids, mask, batch["media_tokens"], batch["text_cls"])
+            return logits.float().softmax(-1)[:, 1]
         if mode == "momentum":
             _, media_cls = encode_media(model, batch["pixel_values"])
             image_feat = F.normalize(model.vision_proj(media_cls), dim=-1)

@@ -1,0 +1,85 @@
+"""From the run config to the streaming loader, the tokenizer and the evaluator."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ..backbones.tokenizer import load_tokenizer, train_tokenizer
+from ..tasks.common import world
+
+
+def loader_config(cfg, image_size: int, train: bool):
+    from ..data import LoaderConfig
+
+    return LoaderConfig(
+        task=cfg.task, media=cfg.media, image_size=image_size, num_frames=cfg.num_frames,
+        frame_sampling=cfg.frame_sampling, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+        num_workers=cfg.num_workers, seed=cfg.seed, train_num_samples=cfg.train_num_samples or None,
+        max_words=cfg.max_words,
+    )
+
+
+def _shard_texts(spec: str):
+    """Every caption / question in the shards (json members only; media are not decoded)."""
+    from ..data import expand_urls
+    from ..data.storage import open_url
+
+    for url in expand_urls(spec):
+        with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read().decode("utf-8"))
+                    yield from meta.get("captions", [])
+                    for q in meta.get("questions", []):
+                        yield q["question"]
+                        yield from q.get("answers", [])
+
+
+def resolve_tokenizer(cfg, vocab_size: int):
+    """The configured tokenizer, else the checkpoint's, else one trained on the training text.
+
+    Training happens on rank 0 into out_dir/tokenizer; the other ranks wait and load it.
+    """
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.checkpoint and any(Path(cfg.checkpoint, f).exists() for f in ("tokenizer.json", "vocab.txt")):
+        return load_tokenizer(cfg.checkpoint)
+    path = Path(cfg.out_dir) / "tokenizer"
+    if world()[0] == 0 and not (path / "tokenizer.json").exists():
+        train_tokenizer(_shard_texts(cfg.train_shards), vocab_size, path)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return load_tokenizer(path)
+
+
+def build_train_data(cfg, image_size: int, tokenizer):
+    from ..data import build_loader
+
+    return build_loader(cfg.train_shards, loader_config(cfg, image_size, True), tokenizer, mode="train")
+
+
+def build_evaluator(cfg, image_size: int, tokenizer, out_dir: Path):
+    """``evaluator(forward, handle, step) -> metrics``, also written to out_dir/eval/step_N.json."""
+    from ..data import build_loader
+
+    loader = build_loader(cfg.eval_shards, loader_config(cfg, image_size, False), tokenizer, mode="eval")
+
+    def evaluator(forward, handle, step):
+        if cfg.task == "retrieval":
+            from ..tasks.retrieval_eval import evaluate_retrieval
+
+            metrics = evaluate_retrieval(forward, loader, cfg, tokenizer)
+        else:
+            from ..tasks.vqa_eval import evaluate_qa
+
+            metrics = evaluate_qa(forward, loader, cfg, tokenizer, out_dir / "eval" / f"results_step_{step:06d}.json")
+        if world()[0] == 0:
+            (out_dir / "eval").mkdir(parents=True, exist_ok=True)
+            (out_dir / "eval" / f"step_{step:06d}.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+
+    return evaluator

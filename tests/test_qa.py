@@ -1,0 +1,169 @@
+"""VQA: the official accuracy and normalisation, the submission file, and the BLIP VQA objective
+(training, rank and generate inference) on the tiny random-init backbone."""
+
+import json
+
+import pytest
+import torch
+
+from aurora_ds import AuroraConfig, build_backbone, inject_aurora
+from aurora_ds.backbones.tokenizer import train_tokenizer
+from aurora_ds.engine.config import TrainConfig
+from aurora_ds.tasks.qa import QAObjective, answer_candidates, tokenize_answers
+from aurora_ds.tasks.vqa_eval import (evaluate_qa, exact_match, human_answers, normalize_answer,
+                                      question_accuracy, summarize, write_submission)
+
+QUESTIONS = ["what color is the cat", "how many dogs are there", "is it raining", "what is on the table"]
+ANSWER_LIST = ["red", "blue", "two", "three", "yes", "no", "a red apple", "nothing"]
+TRAINED = ["blue", "three", "no", "a red apple"]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Two", "2"), ("none", "0"), ("ten", "10"), ("a dog", "dog"), ("The Cat", "cat"), ("an apple", "apple"),
+    ("isnt", "isn't"), ("dont", "don't"), ("isn't", "isn't"),
+    ("yes.", "yes"), ("2.5", "2.5"), ("  yes\n", "yes"),
+    ("10,000", "10000"),  # a digit,digit comma deletes every punctuation mark
+    ("hello, world", "hello world"),  # punctuation next to a space is deleted
+    ("black/white", "black white"),  # other punctuation becomes a space
+    ("what?!", "what"),
+])
+def test_normalize_answer_as_official(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_question_accuracy_by_hand():
+    """10 humans; each of the 10 leave-one-out subsets scores min(matches in it / 3, 1).
+    m matching humans: m subsets drop a match (m-1 left), 10-m drop another (m left):
+      m=4: (4·min(3/3,1) + 6·1) / 10 = 1.0
+      m=3: (3·2/3 + 7·1) / 10 = 0.9
+      m=2: (2·1/3 + 8·2/3) / 10 = 0.6
+      m=1: (1·0 + 9·1/3) / 10 = 0.3
+    """
+    for m, expected in [(10, 1.0), (4, 1.0), (3, 0.9), (2, 0.6), (1, 0.3), (0, 0.0)]:
+        humans = ["cat"] * m + ["dog"] * (10 - m)
+        assert question_accuracy("cat", humans) == pytest.approx(expected)
+    assert question_accuracy("Two", ["2"] * 10) == 1.0  # the prediction is always normalised
+    # humans disagree: their punctuation is processed too
+    assert question_accuracy("black white", ["black/white"] * 3 + ["no"] * 7) == pytest.approx(0.9)
+    # fewer humans, same leave-one-out: drop a cat -> 1 cat (1/3) twice, drop the dog -> 2 cats (2/3)
+    assert question_accuracy("cat", ["cat", "cat", "dog"]) == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3)
+
+
+def test_human_answers_and_summary():
+    assert sorted(human_answers(["yes", "no"], [0.7, 0.3])) == ["no"] * 3 + ["yes"] * 7
+    assert human_answers(["yes"], [1.0]) == ["yes"] * 10  # unanimous: 10 agreeing humans
+    assert sorted(human_answers(["a", "b", "c"], [1 / 3] * 3)) == ["a", "b", "c"]
+    assert exact_match("The Dog", "dog") == 1.0 and exact_match("cat", "dog") == 0.0
+    metrics = summarize([1.0, 0.3, 0.0, 1.0], ["yes/no", "number", "yes/no", "other"])
+    assert metrics == {"accuracy": 57.5, "accuracy_number": 30.0, "accuracy_other": 100.0, "accuracy_yes_no": 50.0}
+
+
+def test_write_submission(tmp_path):
+    path = tmp_path / "sub" / "vqa_result.json"
+    write_submission(path, [{"question_id": "262148000", "answer": "yes", "gt": ["yes"]}, {"question_id": 7, "answer": "2"}])
+    assert json.loads(path.read_text()) == [{"question_id": 262148000, "answer": "yes"}, {"question_id": 7, "answer": "2"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(QUESTIONS + ANSWER_LIST, vocab_size=1024)
+
+
+def make_objective(tokenizer, **overrides):
+    torch.manual_seed(0)
+    model = build_backbone("blip-tiny-vqa")
+    inject_aurora(model, AuroraConfig(rank=4, backbone="blip-tiny-vqa"))
+    cfg = TrainConfig(task="qa", backbone="blip-tiny-vqa", data="synthetic", k_test=4, **overrides)
+    objective = QAObjective(model, cfg)
+    objective.tokenizer = tokenizer
+    return objective
+
+
+def make_batch(tokenizer, frames=0):
+    g = torch.Generator().manual_seed(1)
+    shape = (4, frames, 3, 32, 32) if frames else (4, 3, 32, 32)
+    question = tokenizer(QUESTIONS, padding="longest", return_tensors="pt")
+    return {"pixel_values": torch.randn(shape, generator=g), "input_ids": question["input_ids"],
+            "attention_mask": question["attention_mask"], "question": QUESTIONS, "question_id": [1, 2, 3, 4],
+            "answers": [[a] for a in TRAINED], "answer_weights": [[1.0]] * 4}
+
+
+def train(objective, batch, steps, lr=3e-2):
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = objective.losses(objective, batch, step)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_answer_tokens_start_with_decoder_bos(tokenizer):
+    ids, mask = tokenize_answers(tokenizer, ["yes", "a red apple"])
+    assert ids[:, 0].tolist() == [5, 5]  # [DEC], not [CLS]
+    assert ids[0, mask[0].sum() - 1] == 3 and ids[1, -1] == 3  # each ends with [SEP]
+
+
+def test_weighted_answer_loss_and_one_forward(tokenizer):
+    """BLIP: loss = Σ weight · answer NLL / questions; losses() calls forward exactly once."""
+    objective = make_objective(tokenizer, dropout=0.0)
+    objective.eval()
+    batch = make_batch(tokenizer)
+    calls = []
+
+    def forward(*args):
+        calls.append(args[2])
+        return objective(*args)
+
+    single = objective.losses(forward, batch, 0)
+    assert calls == ["train"] and set(single) == {"loss", "answer"}
+    # giving each question a second answer with weight 0 must not change the loss
+    padded = dict(batch, answers=[[a, "nothing"] for a in TRAINED], answer_weights=[[1.0, 0.0]] * 4)
+    assert objective.losses(objective, padded, 0)["loss"].item() == pytest.approx(single["loss"].item(), rel=1e-5)
+    halved = dict(padded, answer_weights=[[0.5, 0.0]] * 4)
+    assert objective.losses(objective, halved, 0)["loss"].item() == pytest.approx(single["loss"].item() / 2, rel=1e-5)
+
+
+def test_training_overfits_and_rank_picks_trained_answers(tokenizer, tmp_path):
+    objective = make_objective(tokenizer)
+    batch = make_batch(tokenizer)
+    losses = train(objective, batch, 40)
+    assert losses[-1] < 0.5 * losses[0]
+
+    candidates = answer_candidates(tokenizer, ANSWER_LIST)
+    ranked = objective(batch, 0, "rank", candidates)
+    assert ranked == TRAINED
+    assert objective.training  # inference modes restore the caller's mode
+    assert objective(batch, 0, "rank", candidates) == ranked
+
+    cfg = objective.cfg
+    eval_batch = dict(batch, answers=[[a, "red"] for a in TRAINED], answer_weights=[[0.7, 0.3]] * 4,
+                      answer_type=["other", "number", "yes/no", "other"])
+    metrics = evaluate_qa(objective, [eval_batch, eval_batch], cfg, tokenizer, ANSWER_LIST, tmp_path / "res.json")
+    assert metrics["accuracy"] == 100.0 and metrics["select"] == 100.0 and metrics["num_questions"] == 4
+    assert metrics["accuracy_yes_no"] == 100.0
+    rows = json.loads((tmp_path / "res.json").read_text())
+    assert rows == [{"question_id": i + 1, "answer": a} for i, a in enumerate(TRAINED)]
+
+
+def test_generate_returns_strings_deterministically(tokenizer):
+    objective = make_objective(tokenizer, inference="generate")
+    batch = make_batch(tokenizer)
+    first = objective(batch, 0, "generate")
+    assert len(first) == 4 and all(isinstance(a, str) for a in first)
+    assert objective(batch, 0, "generate") == first
+    test_split = dict(batch, answers=[[] for _ in TRAINED], answer_weights=[[] for _ in TRAINED])
+    metrics = evaluate_qa(objective, [test_split], objective.cfg, tokenizer)
+    assert metrics["num_questions"] == 4 and metrics["accuracy"] == 0.0
+
+
+def test_video_qa_trains(tokenizer):
+    """Frames go through the vision tower; the question attends to all frames' tokens."""
+    objective = make_objective(tokenizer, media="video", num_frames=2, inference="generate")
+    batch = make_batch(tokenizer, frames=2)
+    losses = train(objective, batch, 8)
+    assert losses[-1] < losses[0]
+    assert len(objective(batch, 0, "generate")) == 4
