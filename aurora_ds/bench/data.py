@@ -7,6 +7,7 @@ are converted with its converter (the same code path as real datasets).
 """
 
 import io
+import itertools
 import json
 import os
 import tempfile
@@ -35,8 +36,9 @@ def write_shards(dataset, raw, ann, media_dir, out, per_shard):
     return manifest, time.perf_counter() - start
 
 
-def read_rate(spec, media, workers, args):
-    """Samples (media) per second over one epoch of ``spec``, with training transforms."""
+def read_rate(spec, media, workers, args, max_batches=None):
+    """Samples (media) per second over one epoch of ``spec`` (or its first batches), with
+    training transforms."""
     from aurora_ds.data import LoaderConfig, build_loader
     from aurora_ds.data.text import HashTokenizer
 
@@ -44,7 +46,7 @@ def read_rate(spec, media, workers, args):
                        batch_size=args.batch_size, num_workers=workers, seed=args.seed, shuffle_buffer=100)
     loader = build_loader(spec, cfg, HashTokenizer())
     start = time.perf_counter()
-    n = sum(len(batch["media_id"]) for batch in loader)
+    n = sum(len(batch["media_id"]) for batch in itertools.islice(loader, max_batches))
     return n, time.perf_counter() - start
 
 
@@ -88,6 +90,7 @@ def run(args):
                     "dataset": dataset, "destination": source, "samples": manifest["num_samples"],
                     "bytes": sum(e["bytes"] for e in manifest["shards"].values()), "seconds": seconds})
                 specs[source] = "::".join(out + "/" + name for name in names)
+            read_rate(specs["local"], media, 0, args, max_batches=2)  # warm-up: first-use costs out of the baseline
             base = None
             for source in ("local", "s3"):
                 for w in workers:

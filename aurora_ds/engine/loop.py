@@ -6,6 +6,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -196,7 +197,9 @@ def train(cfg, data=None, evaluator=None) -> dict:
 
         last = step == total_steps
         if evaluator is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+            objective.eval()  # no dropout while evaluating
             metrics = evaluator(backend.forward, handle, step)
+            objective.train()
             log.scalars(step, metrics, prefix="eval")
             log.message(f"[aurora] step {step} eval: {json.dumps(metrics)}")
             if best is None or metrics["select"] > best["select"]:
@@ -223,3 +226,37 @@ def train(cfg, data=None, evaluator=None) -> dict:
         dist.destroy_process_group()
     return summary
 
+
+
+def evaluate(cfg, adapter_dir) -> dict:
+    """Evaluate a saved adapter on cfg.eval_shards (``aurora-eval``); any number of ranks."""
+    from .checkpoint import load_adapter_values
+    from .data import build_evaluator
+    from ..backbones.tokenizer import load_tokenizer
+
+    rank, size = setup_distributed(cfg)
+    if not cfg.checkpoint and rank == 0:
+        print("[aurora] warning: no backbone checkpoint: evaluating on a random-init backbone, which only "
+              "matches the training run's if built the same way (same seed, same ZeRO stage)", file=sys.stderr)
+    torch.manual_seed(cfg.seed)
+    ds_config = build_ds_config(cfg.ds_config, cfg, size) if cfg.deepspeed else None
+    spec, model, handle, _zero3_context = build_model(cfg, ds_config)
+    # The configured tokenizer, the checkpoint's, or the one trained next to the adapter's run.
+    candidates = [cfg.tokenizer, cfg.checkpoint, Path(adapter_dir) / "tokenizer", Path(adapter_dir).parent / "tokenizer"]
+    found = [Path(c) for c in candidates if c and Path(c, "tokenizer.json").exists()]
+    if not found:
+        raise FileNotFoundError(f"no tokenizer found for adapter {adapter_dir}: set tokenizer=DIR")
+    tokenizer = load_tokenizer(found[0])
+    objective = make_objective(cfg, model)
+    objective.tokenizer = tokenizer
+    backend = DeepSpeedBackend(objective, cfg, 1, ds_config) if cfg.deepspeed else PlainBackend(objective, cfg, 1)
+    load_adapter_values(backend, handle, adapter_dir)
+    objective.eval()
+    out = Path(cfg.out_dir)
+    metrics = build_evaluator(cfg, cfg.image_size or spec.image_size, tokenizer, out)(backend.forward, handle, 0)
+    if rank == 0:
+        print(json.dumps(metrics, indent=2))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics

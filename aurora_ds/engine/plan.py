@@ -122,9 +122,11 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
          rank: int = 32, persistence_threshold: int = PERSISTENCE_THRESHOLD) -> list[dict]:
     """One dict per GPU count in ``gpus_list`` (total GPUs over ``nodes`` nodes): parameter
     counts, DeepSpeed's full-training estimate and Aurora's estimate, all in bytes."""
+    from aurora_ds import AuroraConfig
     from aurora_ds.backbones import get_spec
 
     get_spec(backbone)
+    AuroraConfig(rank=rank)  # a bad rank fails here, before the slow build
     if precision not in BYTES_PER_PARAM:
         raise ValueError(f"precision must be one of {sorted(BYTES_PER_PARAM)}, got {precision!r}")
     if nodes <= 0:
@@ -181,7 +183,7 @@ def format_table(rows: list[dict]) -> str:
         "backbone: frozen weights kept on each GPU (small tensors whole, a share of the rest);",
         "gathered: largest layer gathered for compute plus the next one prefetched;",
         "Aurora: its weights, fp32 master copy, Adam moments and gradients.",
-        *textwrap.wrap(ACTIVATIONS_NOTE, 100),
+        *textwrap.wrap(ACTIVATIONS_NOTE, 100, break_on_hyphens=False),
     ]
     return "\n".join(line.rstrip() for line in lines)
 
@@ -214,18 +216,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=32, help="Aurora rank R")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
-
-    if args.backbone not in list_backbones():
-        parser.error(f"unknown backbone {args.backbone!r}; registered backbones: {', '.join(list_backbones())}")
-    if args.nodes <= 0:
-        parser.error(f"--nodes must be positive, got {args.nodes}")
-    uneven = [n for n in args.gpus if n % args.nodes]
-    if uneven:
-        parser.error(f"--nodes {args.nodes} does not divide --gpus {','.join(map(str, uneven))}")
-    if args.rank <= 0:
-        parser.error(f"--rank must be positive, got {args.rank}")
-
-    rows = plan(args.backbone, args.gpus, args.nodes, args.offload, args.precision, args.rank)
+    try:
+        rows = plan(args.backbone, args.gpus, args.nodes, args.offload, args.precision, args.rank)
+    except ValueError as e:
+        parser.error(str(e))
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
 

@@ -1,0 +1,128 @@
+"""aurora-plan: memory estimates checked against hand computation and DeepSpeed's estimator.
+
+Backbones are built on the meta device, so even the 1 B-parameter ViT-g costs no memory.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+from aurora_ds.engine.plan import main, plan
+
+BLIP = "blip-base-retrieval"
+BACKBONE = 223_744_258  # parameter_report()["backbone"]
+AURORA = 125_721  # parameter_report()["aurora"] at rank 32
+LARGEST = 30524 * 768  # BLIP's word embedding, the largest single module
+
+
+def test_counts_match_parameter_report():
+    p = plan(BLIP, [8])[0]["params"]
+    assert (p["backbone"], p["aurora"], p["total"]) == (BACKBONE, AURORA, BACKBONE + AURORA)
+    assert p["largest_layer"] == LARGEST
+    # Every Aurora tensor is below the persistence threshold at rank 32 (the core is 32**3).
+    assert p["aurora_persistent"] == AURORA
+    assert 0 < p["backbone_persistent"] < 0.002 * BACKBONE
+
+
+def test_aurora_estimate_by_hand_without_persistence():
+    """Threshold 0 partitions everything: the numbers follow from parameter_report alone."""
+    a = plan(BLIP, [8], precision="bf16", persistence_threshold=0)[0]["aurora"]
+    assert a["backbone_gpu_bytes"] == int(2 * BACKBONE / 8)
+    assert a["working_set_gpu_bytes"] == 2 * 2 * LARGEST
+    assert a["aurora_states_gpu_bytes"] == int(2 * AURORA / 8 + 16 * AURORA / 8)
+    assert a["gpu_bytes"] == int(2 * BACKBONE / 8 + 4 * LARGEST + 18 * AURORA / 8)
+    assert a["cpu_bytes_per_node"] == 0
+
+
+def test_aurora_estimate_by_hand_default_threshold():
+    """Small tensors (all Aurora factors, biases, norms) are whole on every GPU."""
+    row = plan(BLIP, [16], precision="fp32")[0]
+    pb, a = row["params"]["backbone_persistent"], row["aurora"]
+    assert a["backbone_gpu_bytes"] == int(4 * pb + 4 * (BACKBONE - pb) / 16)
+    assert a["aurora_states_gpu_bytes"] == int(4 * AURORA + 16 * AURORA / 16)
+    assert a["working_set_gpu_bytes"] == 2 * 4 * LARGEST
+
+
+def test_more_gpus_less_memory_per_gpu():
+    rows = plan(BLIP, [1, 8, 16, 64])
+    for key in ("aurora", "deepspeed_full_training"):
+        gpu = [r[key]["gpu_bytes"] for r in rows]
+        assert gpu == sorted(gpu, reverse=True) and len(set(gpu)) == 4
+    # Aurora trains 0.06 % of the parameters: far below full training on one GPU.
+    assert rows[0]["aurora"]["gpu_bytes"] < rows[0]["deepspeed_full_training"]["gpu_bytes"] / 5
+
+
+def test_offload_moves_backbone_partition_to_cpu():
+    on, off = plan(BLIP, [16], nodes=2, offload=True)[0], plan(BLIP, [16], nodes=2)[0]
+    pb = on["params"]["backbone_persistent"]
+    assert on["aurora"]["backbone_gpu_bytes"] == 2 * pb
+    assert on["aurora"]["cpu_bytes_per_node"] == int(2 * (BACKBONE - pb) / 2)
+    assert off["aurora"]["cpu_bytes_per_node"] == 0
+    assert on["aurora"]["gpu_bytes"] < off["aurora"]["gpu_bytes"]
+    assert on["aurora"]["working_set_gpu_bytes"] == off["aurora"]["working_set_gpu_bytes"]
+
+
+@pytest.mark.parametrize("gpus,nodes,offload", [(1, 1, False), (16, 2, False), (64, 8, True)])
+def test_deepspeed_estimate_is_the_estimator(gpus, nodes, offload):
+    ds = plan(BLIP, [gpus], nodes=nodes, offload=offload)[0]["deepspeed_full_training"]
+    cpu, gpu, largest = estimate_zero3_model_states_mem_needs(
+        BACKBONE + AURORA, LARGEST, num_gpus_per_node=gpus // nodes, num_nodes=nodes,
+        cpu_offload=offload, cpu_offload_params=offload, zero_init=True, additional_buffer_factor=1.5,
+    )
+    assert (ds["cpu_bytes_per_node"], ds["gpu_bytes"], ds["largest_layer_bytes"]) == (cpu, gpu, largest)
+
+
+def test_vit_giant():
+    row = plan("vit-giant", [64])[0]
+    assert 1.0e9 < row["params"]["backbone"] < 1.02e9
+    assert row["aurora"]["gpu_bytes"] < row["deepspeed_full_training"]["gpu_bytes"]
+
+
+def test_cli_table_and_json(capsys):
+    assert main(["--backbone", BLIP, "--gpus", "8,16,64"]) == 0
+    table = capsys.readouterr().out
+    assert "DeepSpeed: all trained" in table and "Activations are not included" in table
+    assert [line.split("|")[0].strip() for line in table.splitlines() if line.split("|")[0].strip().isdigit()] == [
+        "8", "16", "64"]
+
+    assert main(["--backbone", BLIP, "--gpus", "8,16", "--offload", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == plan(BLIP, [8, 16], offload=True)
+
+
+@pytest.mark.slow
+def test_console_script_json_stdout_is_clean():
+    """DeepSpeed logs its accelerator detection to stdout; --json output must still parse."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("DS_ACCELERATOR", None)
+    out = subprocess.run([sys.executable, "-m", "aurora_ds.engine.plan", "--backbone", "vit-tiny", "--gpus", "2",
+                          "--json"], capture_output=True, text=True, env=env, check=True).stdout
+    assert json.loads(out)[0]["gpus"] == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backbone", "no-such-model", "--gpus", "8"], "registered backbones: blip-base-retrieval"),
+    (["--backbone", BLIP, "--gpus", "0"], "must be positive"),
+    (["--backbone", BLIP, "--gpus", "8,abc"], "comma-separated"),
+    (["--backbone", BLIP, "--gpus", "8,12", "--nodes", "8"], "12 GPUs cannot be split evenly over 8 nodes"),
+    (["--backbone", BLIP, "--gpus", "8", "--nodes", "0"], "nodes must be positive"),
+    (["--backbone", BLIP, "--gpus", "8", "--rank", "0"], "rank must be a positive integer"),
+    (["--backbone", BLIP, "--gpus", "8", "--precision", "int8"], "invalid choice"),
+])
+def test_cli_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_plan_errors():
+    with pytest.raises(ValueError, match="registered backbones"):
+        plan("no-such-model", [8])
+    with pytest.raises(ValueError, match="positive"):
+        plan(BLIP, [0])
+    with pytest.raises(ValueError, match="evenly"):
+        plan(BLIP, [6], nodes=4)
