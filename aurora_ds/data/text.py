@@ -28,11 +28,12 @@ def pre_question(question, max_words=50):
 def tokenize(tokenizer, texts, max_tokens):
     """``input_ids`` and ``attention_mask`` (long tensors) for a list of strings.
 
-    A Hugging Face tokenizer is called with padding to the longest and truncation; any other
-    callable is called as ``tokenizer(texts)`` and must return a dict of tensors with those keys.
+    A Hugging Face tokenizer pads to ``max_tokens`` (fixed shapes: batches from different ranks
+    are gathered together) and truncates; any other callable is called as ``tokenizer(texts)``
+    and must return a dict of tensors with those keys.
     """
     if hasattr(tokenizer, "model_max_length"):
-        out = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens,
+        out = tokenizer(texts, padding="max_length", truncation=True, max_length=max_tokens,
                         return_tensors="pt")
     else:
         out = tokenizer(texts)

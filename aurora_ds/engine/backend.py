@@ -16,6 +16,11 @@ import torch
 from ..aurora.model import numel
 
 
+def to_device(batch: dict, device) -> dict:
+    """Tensors of a batch dict onto the compute device (lists of strings stay as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def make_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW (weight decay on matrices only, as BLIP) or plain SGD (exact equivalence tests)."""
     if cfg.optimizer == "sgd":
@@ -46,14 +51,15 @@ class PlainBackend:
     def __init__(self, model, cfg, total_steps: int):
         self.cfg = cfg
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-        self.module = model.to(dtype)
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.module = model.to(dtype).to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg, self.params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.warmup_steps, total_steps))
         self.micro = 0
 
-    def forward(self, *args):
-        return self.module(*args)
+    def forward(self, batch, *args):
+        return self.module(to_device(batch, self.device), *args)
 
     def backward(self, loss):
         (loss / self.cfg.grad_accum).backward()
@@ -114,8 +120,8 @@ class DeepSpeedBackend:
         self.module = self.engine.module
         self.zero3 = self.engine.zero_optimization_stage() == 3
 
-    def forward(self, *args):
-        return self.engine(*args)
+    def forward(self, batch, *args):
+        return self.engine(to_device(batch, self.engine.device), *args)
 
     def backward(self, loss):
         self.engine.backward(loss)

@@ -72,11 +72,12 @@ def build_evaluator(cfg, image_size: int, tokenizer, out_dir: Path):
         if cfg.task == "retrieval":
             from ..tasks.retrieval_eval import evaluate_retrieval
 
-            metrics = evaluate_retrieval(forward, loader, cfg, tokenizer)
+            metrics = evaluate_retrieval(forward, loader, cfg, tokenizer, image_size)
         else:
             from ..tasks.vqa_eval import evaluate_qa
 
-            metrics = evaluate_qa(forward, loader, cfg, tokenizer, out_dir / "eval" / f"results_step_{step:06d}.json")
+            metrics = evaluate_qa(forward, loader, cfg, tokenizer, cfg.answer_list or None,
+                                  results_path=out_dir / "eval" / f"results_step_{step:06d}.json")
         if world()[0] == 0:
             (out_dir / "eval").mkdir(parents=True, exist_ok=True)
             (out_dir / "eval" / f"step_{step:06d}.json").write_text(json.dumps(metrics, indent=2))

@@ -91,6 +91,13 @@ def make_objective(cfg, model):
     return QAObjective(model, cfg)
 
 
+def min_over_ranks(n: int) -> int:
+    t = torch.tensor([n])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def mean_over_ranks(value: torch.Tensor) -> float:
     """The global-batch value of a per-rank mean loss (what a 1-process run would report)."""
     value = value.detach().float().clone()
@@ -140,10 +147,16 @@ def train(cfg, data=None, evaluator=None) -> dict:
 
         data = SyntheticBatches(cfg, image_size, vocab, rank, size)
 
-    steps_per_epoch = math.ceil(len(data) / cfg.grad_accum) if hasattr(data, "__len__") else None
+    steps_per_epoch = None
+    try:
+        # Every rank must take the same number of steps: the smallest rank's epoch sets it.
+        steps_per_epoch = min_over_ranks(len(data)) // cfg.grad_accum
+    except TypeError:
+        pass
     total_steps = cfg.max_steps or (steps_per_epoch * cfg.epochs if steps_per_epoch else 0)
     if total_steps <= 0:
-        raise ValueError("the data has no known length: set max_steps")
+        raise ValueError("the training data has no known length per epoch (no manifest, several items per "
+                         "sample, or fewer batches than grad_accum): set max_steps, or resampled mode")
     objective = make_objective(cfg, model)
     objective.tokenizer = tokenizer
     if cfg.deepspeed:

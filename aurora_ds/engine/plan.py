@@ -148,7 +148,8 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
             "precision": precision,
             "rank": rank,
             "params": dict(counts),
-            "deepspeed_full_training": deepspeed_estimate(counts["total"], counts["largest_layer"], gpus, nodes, offload),
+            "deepspeed_full_training": deepspeed_estimate(
+                counts["total"], counts["largest_layer"], gpus, nodes, offload),
             "aurora": aurora_estimate(counts, gpus, nodes, offload, precision),
             "activations_included": False,
         }
@@ -164,8 +165,8 @@ def format_table(rows: list[dict]) -> str:
     lines = [
         f"{first['backbone']}: {p['total'] / 1e6:,.1f}M params = {p['backbone'] / 1e6:,.1f}M frozen backbone "
         f"+ {p['aurora']:,} Aurora (rank {first['rank']}); largest layer {p['largest_layer'] / 1e6:,.1f}M",
-        f"{first['precision']}, {first['nodes']} node(s), backbone offload to CPU {'on' if first['offload'] else 'off'}; "
-        "GiB of model states per GPU and per node",
+        f"{first['precision']}, {first['nodes']} node(s), backbone offload to CPU "
+        f"{'on' if first['offload'] else 'off'}; GiB of model states per GPU and per node",
         "",
         f"{'':>6} | {'DeepSpeed: all trained':^{2 * w + 1}} | {'Aurora: backbone frozen':^{5 * w + 4}}",
         f"{'GPUs':>6} | " + " ".join(f"{h:>{w}}" for h in ("GPU", "CPU/node")) + " | "
@@ -192,7 +193,7 @@ def _gpu_counts(text: str) -> list[int]:
     try:
         counts = [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a GPU count or a comma-separated list such as 8,16,64, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a GPU count or a comma-separated list like 8,16,64, got {text!r}")
     if any(n <= 0 for n in counts):
         raise argparse.ArgumentTypeError(f"GPU counts must be positive, got {text!r}")
     return counts

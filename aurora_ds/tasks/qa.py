@@ -113,8 +113,8 @@ class QAObjective(nn.Module):
         media_mask = torch.ones(media_tokens.shape[:-1], dtype=torch.long, device=device)
         mask = batch["attention_mask"].to(device)
         states = model.text_encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                                    encoder_hidden_states=media_tokens, encoder_attention_mask=media_mask).last_hidden_state
-        return states, mask
+                                    encoder_hidden_states=media_tokens, encoder_attention_mask=media_mask)
+        return states.last_hidden_state, mask
 
     def _train(self, batch: dict) -> dict[str, torch.Tensor]:
         """BLIP: each question repeated for each of its answers; loss = Σ weight · NLL / questions."""

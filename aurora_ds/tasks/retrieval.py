@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..aurora.model import CONTEXT_ATTR
-from .common import gather, gather_with_grad, world
+from .common import gather, gather_with_grad, row_offset, world
 
 
 def _same(x):
@@ -28,7 +28,7 @@ def media_index(media_ids: list[str]) -> torch.Tensor:
     return torch.tensor([int.from_bytes(hashlib.blake2b(m.encode(), digest_size=7).digest(), "big") for m in media_ids])
 
 
-def encode_media(model, pixels: torch.Tensor, frame_weights: torch.Tensor | None = None):
+def encode_media(model, pixels: torch.Tensor):
     """Vision tokens for the fusion encoder and the [CLS] feature for the contrastive path.
 
     Video (B, T, 3, H, W): every frame goes through the vision tower; the contrastive [CLS]
@@ -36,11 +36,13 @@ def encode_media(model, pixels: torch.Tensor, frame_weights: torch.Tensor | None
     tokens concatenated (B, T*N, d).
     """
     dtype = next(model.vision_model.parameters()).dtype
+    # Video recipes run at 224 px on checkpoints trained at 384: interpolate position embeddings.
+    resize = pixels.shape[-1] != model.config.vision_config.image_size
     if pixels.dim() == 4:
-        tokens = model.vision_model(pixel_values=pixels.to(dtype)).last_hidden_state
+        tokens = model.vision_model(pixel_values=pixels.to(dtype), interpolate_pos_encoding=resize).last_hidden_state
         return tokens, tokens[:, 0]
     b, t = pixels.shape[:2]
-    tokens = model.vision_model(pixel_values=pixels.flatten(0, 1).to(dtype)).last_hidden_state
+    tokens = model.vision_model(pixel_values=pixels.flatten(0, 1).to(dtype), interpolate_pos_encoding=resize).last_hidden_state
     tokens = tokens.unflatten(0, (b, t))
     return tokens.flatten(1, 2), tokens[:, :, 0].mean(1)
 
@@ -168,7 +170,8 @@ class RetrievalObjective(nn.Module):
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
             neg_media = torch.multinomial(weights_t2i.float().cpu(), 1, generator=g).view(-1)
             neg_text = torch.multinomial(weights_i2t.float().cpu(), 1, generator=g).view(-1)
-            local = slice(rank * b, (rank + 1) * b)
+            start = row_offset(b) if size > 1 else 0
+            local = slice(start, start + b)
             neg_media, neg_text = neg_media[local].to(ids.device), neg_text[local].to(ids.device)
 
         media_all = pool_grad(media_tokens)

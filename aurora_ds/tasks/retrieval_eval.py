@@ -62,13 +62,15 @@ def retrieval_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, media2txt: l
 
 
 @torch.no_grad()
-def evaluate_retrieval(forward, loader, cfg, tokenizer) -> dict:
+def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict:
     """Metrics of the model behind ``forward`` on the eval ``loader`` (one entry per media)."""
     rank, size = world()
 
-    # 1. Media embeddings of this rank's shards; every rank steps until all are done.
+    # 1. Media embeddings of this rank's shards; every rank steps until all are done (a rank
+    #    with no shards left runs a dummy batch whose result is dropped).
     feats, tokens, ids, captions = [], [], [], []
-    stream, last = iter(loader), None
+    frames = (cfg.num_frames,) if cfg.media == "video" else ()
+    stream, last = iter(loader), {"pixel_values": torch.zeros(1, *frames, 3, image_size, image_size)}
     while True:
         batch = next(stream, None)
         if not _any_rank(batch is not None):
