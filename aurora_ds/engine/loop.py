@@ -201,7 +201,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
                 terms[k] = terms.get(k, 0.0) + mean_over_ranks(v) / cfg.grad_accum
         step += 1
         elapsed = time.perf_counter() - t0
-        history.append({"step": step, **terms})
+        history.append({"step": step, **terms, "time_s": elapsed, "data_wait_s": waited})
         if step % cfg.log_every == 0 or step == total_steps:
             log.scalars(step, {**terms, "lr": backend.lr(), "samples_per_s": samples / elapsed,
                                "data_wait_s": waited, "peak_memory_mb": peak_memory_mb(), "epoch": epoch})
