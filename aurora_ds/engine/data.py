@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import torch.distributed as dist
@@ -23,8 +24,8 @@ def loader_config(cfg, image_size: int, train: bool):
     )
 
 
-def _shard_texts(spec: str):
-    """Every caption / question in the shards (json members only; media are not decoded)."""
+def _shard_metas(spec: str):
+    """The json record of every sample in the shards (media are not decoded)."""
     from ..data import expand_urls
     from ..data.storage import open_url
 
@@ -32,11 +33,30 @@ def _shard_texts(spec: str):
         with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read().decode("utf-8"))
-                    yield from meta.get("captions", [])
-                    for q in meta.get("questions", []):
-                        yield q["question"]
-                        yield from q.get("answers", [])
+                    yield json.loads(tar.extractfile(member).read().decode("utf-8"))
+
+
+def _shard_texts(spec: str):
+    """Every caption, question and answer in the shards: what a local tokenizer is trained on."""
+    for meta in _shard_metas(spec):
+        yield from meta.get("captions", [])
+        for q in meta.get("questions", []):
+            yield q["question"]
+            yield from q.get("answers", [])
+
+
+def answer_list(cfg, size: int = 3128) -> list[str]:
+    """The configured answer list, else the most frequent training answers (BLIP ships 3,128)."""
+    if cfg.answer_list:
+        path = Path(cfg.answer_list)
+        if not path.is_file():
+            raise FileNotFoundError(f"answer list {path} does not exist")
+        return json.loads(path.read_text())
+    counts = Counter()
+    for meta in _shard_metas(cfg.train_shards):
+        for q in meta.get("questions", []):
+            counts.update(q.get("answer_counts", {}))
+    return [answer for answer, _ in counts.most_common(size)]
 
 
 def resolve_tokenizer(cfg, vocab_size: int):
@@ -67,6 +87,7 @@ def build_evaluator(cfg, image_size: int, tokenizer, out_dir: Path):
     from ..data import build_loader
 
     loader = build_loader(cfg.eval_shards, loader_config(cfg, image_size, False), tokenizer, mode="eval")
+    answers = answer_list(cfg) if cfg.task == "qa" and cfg.inference == "rank" else None
 
     def evaluator(forward, handle, step):
         if cfg.task == "retrieval":
@@ -76,7 +97,7 @@ def build_evaluator(cfg, image_size: int, tokenizer, out_dir: Path):
         else:
             from ..tasks.vqa_eval import evaluate_qa
 
-            metrics = evaluate_qa(forward, loader, cfg, tokenizer, cfg.answer_list or None,
+            metrics = evaluate_qa(forward, loader, cfg, tokenizer, answers,
                                   results_path=out_dir / "eval" / f"results_step_{step:06d}.json")
         if world()[0] == 0:
             (out_dir / "eval").mkdir(parents=True, exist_ok=True)
