@@ -44,6 +44,14 @@ def _blip_presets(towers: list[str], context: str, cross_kv: bool) -> dict[str, 
 
 
 def _blip_shape(size: str) -> dict:
+    """BlipVisionConfig's default initializer_range is 1e-10 (a near-zero, constant vision tower
+    when built without a checkpoint); random-init shapes use BERT's 0.02 instead."""
+    shape = _blip_sizes(size)
+    shape["vision_config"]["initializer_range"] = 0.02
+    return shape
+
+
+def _blip_sizes(size: str) -> dict:
     if size == "tiny":
         return {
             "vision_config": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -36,6 +36,9 @@ def add_arguments(p):
     p.add_argument("--seq-len", type=int, default=12)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false",
+                   help="all configurations in this process: faster, but no CPU memory figures (peak RSS "
+                        "never goes down, so only the first would be right); GPU figures stay valid")
 
 
 def aurora_targets(backbone: str, rank: int):
@@ -141,7 +144,10 @@ def measure(job: dict) -> dict:
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 - base if cuda else peak_rss_mb() - rss_after_build
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20 - base
+    else:
+        peak = peak_rss_mb() - rss_after_build if job["isolated"] else None
     median = statistics.median(times)
     return {
         **{k: job[k] for k in ("size", "backbone", "method")},
@@ -179,7 +185,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def markdown(results: dict) -> str:
     rows = [[r["size"], r["method"] + (f" (r={r['lora_rank']})" if "lora_rank" in r else ""),
-             f"{r['trainable']:,}", f"{r['step_s']:.3f}", f"{r['samples_per_s']:.2f}", f"{r['peak_memory_mb']:.0f}"]
+             f"{r['trainable']:,}", f"{r['step_s']:.3f}", f"{r['samples_per_s']:.2f}", fmt(r["peak_memory_mb"], ".0f")]
             for r in results["runs"]]
     text = table(["size", "method", "trainable", "step s (median)", "samples/s", "peak memory MB"], rows)
     ratio_rows = [[size, key, *(fmt(v, ".2f", "x") for v in r[key].values())]
@@ -219,10 +225,10 @@ def run(args):
         for method in METHODS:
             job = {"size": size, "backbone": backbone, "rank": rank, "method": method, "device": device,
                    "precision": args.precision, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-                   "image_size": args.image_size, "seq_len": args.seq_len}
-            rows.append(run_isolated(job))
+                   "image_size": args.image_size, "seq_len": args.seq_len, "isolated": args.isolate}
+            rows.append(run_isolated(job) if args.isolate else measure(job))
             print(f"[step] {size} {method}: {rows[-1]['step_s']:.3f} s/step, "
-                  f"{rows[-1]['peak_memory_mb']:.0f} MB, {rows[-1]['trainable']:,} trainable", flush=True)
+                  f"{fmt(rows[-1]['peak_memory_mb'], '.0f', ' MB')}, {rows[-1]['trainable']:,} trainable", flush=True)
     results = {"machine": machine(), "config": {**cli_config(args), "device": device}, "runs": rows,
                "ratios": summarise(rows)}
     os.makedirs(args.out, exist_ok=True)
