@@ -226,3 +226,26 @@ def test_ds_config_contradicting_the_recipe(tmp_path):
                                                           "precision": "bf16", "clip_grad": 1.0}), 4)
     assert filled["train_batch_size"] == 24 and filled["bf16"]["enabled"] and not filled["fp16"]["enabled"]
     assert filled["gradient_clipping"] == 1.0 and filled["zero_optimization"]["stage"] == 3
+
+
+def test_tensorboard_has_every_term(equivalence_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(equivalence_runs / "ds2" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    want = {"train/loss", "train/itc", "train/itm", "train/lr", "train/samples_per_s", "train/data_wait_s",
+            "train/peak_memory_mb", "train/epoch"}
+    assert want <= tags, want - tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_bf16_with_activation_checkpointing_on_two_ranks(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bf16"
+    local(2, _common(tiny_checkpoint, out, 2, "batch_size=2", "precision=bf16", "activation_checkpointing=true",
+                     "lr=1e-3"), tmp_path / "bf16.log")
+    summary = _summary(out)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
+    tensors = load_file(str(out / "adapter_latest" / "adapter.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert (tensors["aurora_factors.d32.V"] != 0).any()

@@ -32,7 +32,7 @@ def add_arguments(p):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--image-size", type=int, default=0, help="0 = the backbone's (384 for base: slow on CPU)")
+    p.add_argument("--image-size", type=int, default=0, help="cap on the image size; 0 = the backbone's (384 for base: slow on CPU)")
     p.add_argument("--seq-len", type=int, default=12)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -110,8 +110,8 @@ def measure(job: dict) -> dict:
     device = torch.device(job["device"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["precision"]]
     spec = get_spec(job["backbone"])
-    if job["image_size"]:
-        spec = dataclasses.replace(spec, image_size=job["image_size"])
+    if job["image_size"]:  # a cap: smaller images use the first position embeddings; larger would not fit
+        spec = dataclasses.replace(spec, image_size=min(job["image_size"], spec.image_size))
     model, info = prepare(job["method"], job["backbone"], job["rank"], dtype, device)
     batch = {k: v.to(device) for k, v in example_batch(spec, job["batch"], job["seq_len"]).items()}
     params = [p for p in model.parameters() if p.requires_grad]

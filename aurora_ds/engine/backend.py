@@ -160,7 +160,26 @@ class DeepSpeedBackend:
 
         self.exchange(params, values)
         for p, v in zip(params, values):
-            safe_set_full_fp32_param(p, v.float())
+            if self.zero3:
+                _set_zero3_master(p, v)
+            else:
+                safe_set_full_fp32_param(p, v.float())
+
+
+def _set_zero3_master(param, value):
+    """This rank's slice of a ZeRO-3 parameter's fp32 master copy.
+
+    DeepSpeed's safe_set_full_fp32_param slices the unpadded value and fails when a parameter
+    has fewer elements than ranks (e.g. a 1-element gate on 2 ranks); the partition is padded,
+    so slice a padded copy instead.
+    """
+    opt = param._z3_optimizer
+    part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=None)
+    n, rank = part.numel(), opt._get_param_partition_rank(param)
+    flat = value.detach().flatten().float().to(part.device)
+    chunk = flat[rank * n:(rank + 1) * n]
+    part.data.zero_()
+    part.data[: chunk.numel()].copy_(chunk)
 
 
 def local_parameter_bytes(model) -> int:

@@ -97,7 +97,7 @@ def build_evaluator(cfg, image_size: int, tokenizer, out_dir: Path):
         else:
             from ..tasks.vqa_eval import evaluate_qa
 
-            metrics = evaluate_qa(forward, loader, cfg, tokenizer, answers,
+            metrics = evaluate_qa(forward, loader, cfg, tokenizer, answers, image_size=image_size,
                                   results_path=out_dir / "eval" / f"results_step_{step:06d}.json")
         if world()[0] == 0:
             (out_dir / "eval").mkdir(parents=True, exist_ok=True)

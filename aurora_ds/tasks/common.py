@@ -68,3 +68,29 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return x if world()[1] == 1 else _GatherWithGrad.apply(x)
+
+
+def any_rank(flag: bool) -> bool:
+    if world()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def lockstep(batches, dummy: dict):
+    """(batch, is_real) until every rank's ``batches`` are exhausted.
+
+    Under ZeRO-3 each forward is collective, so a rank that runs out of evaluation data keeps
+    stepping with ``dummy`` (its last real batch once it has one) until all ranks are done.
+    """
+    stream = iter(batches)
+    while True:
+        batch = next(stream, None)
+        if not any_rank(batch is not None):
+            return
+        if batch is None:
+            yield dummy, False
+        else:
+            dummy = batch
+            yield batch, True

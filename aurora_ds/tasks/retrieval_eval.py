@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .common import world
+from .common import lockstep, world
 
 
 def _gather_objects(obj) -> list:
@@ -24,14 +24,6 @@ def _gather_objects(obj) -> list:
     out = [None] * size
     dist.all_gather_object(out, obj)
     return out
-
-
-def _any_rank(flag: bool) -> bool:
-    if world()[1] == 1:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -70,18 +62,14 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
     #    with no shards left runs a dummy batch whose result is dropped).
     feats, tokens, ids, captions = [], [], [], []
     frames = (cfg.num_frames,) if cfg.media == "video" else ()
-    stream, last = iter(loader), {"pixel_values": torch.zeros(1, *frames, 3, image_size, image_size)}
-    while True:
-        batch = next(stream, None)
-        if not _any_rank(batch is not None):
-            break
-        f, tok = forward(batch if batch is not None else last, 0, "embed_media")
-        if batch is not None:
+    dummy = {"pixel_values": torch.zeros(1, *frames, 3, image_size, image_size)}
+    for batch, real in lockstep(loader, dummy):
+        f, tok = forward(batch, 0, "embed_media")
+        if real:
             feats.append(f.float().cpu())
             tokens.append(tok.cpu())
             ids += list(batch["media_id"])
             captions += list(batch["captions"])
-            last = batch
     local = {"ids": ids, "captions": captions,
              "feats": torch.cat(feats) if feats else None, "tokens": torch.cat(tokens) if tokens else None}
     parts = _gather_objects(local)

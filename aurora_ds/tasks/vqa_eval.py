@@ -15,9 +15,10 @@ import os
 import re
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from .common import world
+from .common import lockstep, world
 from .qa import answer_candidates
 
 CONTRACTIONS = {
@@ -136,12 +137,12 @@ def gather_objects(items: list) -> list:
     return [x for part in parts for x in part]
 
 
-def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=None) -> dict:
+def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=None, image_size=None) -> dict:
     """Answer every question of ``loader`` with ``cfg.inference`` and score the answers.
 
     ``forward`` is the engine's (or the objective's) forward; ``answer_list`` (strings, or a
     JSON file of them) is needed for rank inference. Predictions are gathered from all ranks,
-    a question seen twice (padding of uneven shards) counts once, and with ``results_path``
+    a question seen twice counts once, and with ``results_path``
     rank 0 writes the submission file. Questions without answers (test splits) are predicted
     but not scored. VideoQA (``cfg.media == "video"``) scores exact match against the
     most-given answer.
@@ -154,9 +155,16 @@ def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=
             answer_list = json.loads(Path(answer_list).read_text())
         extra = answer_candidates(tokenizer, answer_list)
 
+    frames = (cfg.num_frames,) if cfg.media == "video" else ()
+    image_size = image_size or cfg.image_size
+    question = tokenizer(["?"], padding="max_length", truncation=True, max_length=8, return_tensors="pt")
+    dummy = {"pixel_values": torch.zeros(1, *frames, 3, image_size, image_size), "question_id": [-1],
+             "question": ["?"], "input_ids": question["input_ids"], "attention_mask": question["attention_mask"]}
     records = []
-    for batch in loader:
+    for batch, real in lockstep(loader, dummy):
         predicted = forward(batch, 0, cfg.inference, extra)
+        if not real:
+            continue
         answers = batch.get("answers") or [None] * len(predicted)
         weights = batch.get("answer_weights") or [None] * len(predicted)
         types = batch.get("answer_type") or [None] * len(predicted)

@@ -1,0 +1,82 @@
+"""``aurora-bench step | zero | quality`` at their smallest settings: each writes its JSON (with the
+machine), markdown table and plots. Timings and which method wins are never asserted."""
+
+import json
+
+import pytest
+
+from aurora_ds.bench import step, zero
+from aurora_ds.bench.cli import main
+
+
+def _outputs(tmp_path, name):
+    results = json.loads((tmp_path / f"{name}.json").read_text())
+    assert {"cpu_count", "torch", "device"} <= set(results["machine"])
+    assert (tmp_path / f"{name}.md").read_text().startswith(("|", "Backbone", "Split"))
+    assert results["plots"] and all((tmp_path / p.rsplit("/", 1)[-1]).stat().st_size > 0 for p in results["plots"])
+    return results
+
+
+def test_lora_rank_is_the_closest_count():
+    assert step.matched_lora_rank(725, 1792) == 1  # never 0, even when rank 1 overshoots
+    assert step.matched_lora_rank(125_721, 2 * 10_000) == 6
+    assert step.matched_lora_rank(1000, 300) == 3
+
+
+def test_step_in_process(tmp_path):
+    assert main(["step", "--out", str(tmp_path), "--sizes", "tiny", "--steps", "1", "--warmup", "0", "--no-isolate"]) == 0
+    results = _outputs(tmp_path, "step")
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == set(step.METHODS)
+    assert runs["floor"]["trainable"] == 0 and runs["full"]["trainable"] == runs["full"]["total"]
+    names, width, aurora = step.aurora_targets("blip-tiny-retrieval", 4)
+    assert runs["aurora"]["trainable"] == aurora
+    assert runs["lora"]["trainable"] == runs["lora"]["lora_rank"] * width
+    assert all(r["step_s"] > 0 and r["peak_memory_mb"] is None for r in runs.values())  # CPU, not isolated
+    assert set(results["ratios"]["tiny"]["step_s"]) == {"aurora/floor", "aurora/lora", "aurora/full"}
+
+
+def test_step_isolated_process_reports_memory():
+    job = {"size": "tiny", "backbone": "blip-tiny-retrieval", "rank": 4, "method": "aurora", "device": "cpu",
+           "precision": "fp32", "batch": 2, "steps": 1, "warmup": 0, "image_size": 0, "seq_len": 8, "isolated": True}
+    row = step.run_isolated(job)
+    assert row["method"] == "aurora" and row["peak_memory_mb"] >= 0 and row["rss_after_build_mb"] > 0
+
+
+def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
+    """The reporting half of ``zero`` on stand-in run summaries (the real runs are the slow test)."""
+    def fake_launch(ranks, ds_config, out, args):
+        assert json.loads(ds_config.read_text())["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+        return {"history": [{"time_s": 1.0}, {"time_s": 0.1 * ranks}], "local_parameter_bytes": 1000 // ranks,
+                "peak_memory_mb": 10.0, "steps": 2, "wall_s": 1.0}
+
+    monkeypatch.setattr(zero, "launch", fake_launch)
+    assert main(["zero", "--out", str(tmp_path), "--steps", "2"]) == 0
+    results = _outputs(tmp_path, "zero")
+    assert [r["ranks"] for r in results["runs"]] == [1, 2, 2]
+    assert results["ratios"]["2 ranks"] == {"parameter_bytes": 0.5, "step_s": 2.0}
+    assert {(p["backbone"], p["gpus"]) for p in results["plan"]} == {
+        (b, g) for b in ("blip-large-retrieval", "vit-giant") for g in (8, 16, 64)}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero_real_runs(tmp_path):
+    assert main(["zero", "--out", str(tmp_path), "--steps", "2"]) == 0
+    results = _outputs(tmp_path, "zero")
+    one, two, offload = results["runs"]
+    assert 0.4 < two["local_parameter_bytes"] / one["local_parameter_bytes"] < 0.6
+    assert offload["ds_config"] == "zero3_offload" and offload["steps"] == 2
+
+
+def test_quality_smallest(tmp_path):
+    assert main(["quality", "--out", str(tmp_path), "--pretrain-steps", "2", "--steps", "2", "--batch", "8",
+                 "--test-scenes", "6"]) == 0
+    results = _outputs(tmp_path, "quality")
+    rows = {r["method"]: r for r in results["methods"]}
+    assert list(rows) == ["zero-shot", "aurora", "lora", "full"]
+    for r in rows.values():
+        assert {"itm_tr1", "itm_ir1", "itc_tr1", "itc_ir1", "trainable"} <= set(r)
+    assert rows["zero-shot"]["trainable"] == 0 < rows["aurora"]["trainable"] < rows["full"]["trainable"]
+    assert rows["lora"]["lora_rank"] >= 1 and len(rows["aurora"]["losses"]) == 2
+    assert not set(map(tuple, results["splits"]["a_pairs"])) & set(map(tuple, results["splits"]["b_pairs"]))
