@@ -153,6 +153,38 @@ def train(model, batches: Batches, steps: int, lr: float, seed: int) -> list[flo
     return history
 
 
+def warm_up(model, batches: Batches, steps: int, lr: float, seed: int) -> list[float]:
+    """Plain in-batch image-text contrastive training of the whole model.
+
+    From random init the full objective (momentum features, queue, ITM) sits on the collapsed
+    plateau of near-identical features for a long time on this tiny task; a plain symmetric
+    InfoNCE leaves it within ~100 steps, after which the full objective takes over.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from aurora_ds.tasks.retrieval import RetrievalObjective, media_index
+
+    torch.manual_seed(seed)
+    objective = RetrievalObjective(model, objective_config(lr, steps, batches.batch, seed)).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
+    history = []
+    for step in range(steps):
+        batch = batches(step)
+        image, _ = objective(batch, step, "embed_media")
+        text, _ = objective(batch, step, "embed_text")
+        idx = media_index(batch["media_id"])
+        pos = (idx.view(-1, 1) == idx.view(1, -1)).float()
+        targets = pos / pos.sum(1, keepdim=True)
+        logits = image @ text.t() / 0.07
+        loss = (-(F.log_softmax(logits, 1) * targets).sum(1).mean() - (F.log_softmax(logits.t(), 1) * targets).sum(1).mean()) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    return history
+
+
 def evaluate(model, test: dict) -> dict:
     """TR@1 / IR@1 (and @5) over the test images and their captions, scored by ITM and by ITC."""
     import torch
@@ -251,8 +283,10 @@ def run(args):
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     pretrained = build_backbone(BACKBONE)
-    pre_losses = train(pretrained, Batches(scenes_a, args.batch, args.seed, tokenizer), args.pretrain_steps,
-                       args.lr_pretrain, args.seed)
+    batches_a = Batches(scenes_a, args.batch, args.seed, tokenizer)
+    warm = args.pretrain_steps // 2
+    pre_losses = warm_up(pretrained, batches_a, warm, args.lr_pretrain, args.seed)
+    pre_losses += train(pretrained, batches_a, args.pretrain_steps - warm, args.lr_pretrain, args.seed)
     pretrained.requires_grad_(False)
     pretrain = {"seconds": time.perf_counter() - start, "losses": pre_losses,
                 **{name: evaluate(pretrained, test) for name, test in test_sets.items()}}
