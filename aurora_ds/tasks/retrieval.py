@@ -81,6 +81,10 @@ class RetrievalObjective(nn.Module):
         self.text_queue = F.normalize(torch.randn(cfg.queue_size, dim, generator=g), dim=1)
         self.idx_queue = torch.full((cfg.queue_size,), -100, dtype=torch.long)
         self.queue_ptr = 0
+        self.frame_weights = None  # (pairs, frames) while a frame-aware matching forward runs
+        if cfg.frame_aware_attention and cfg.media == "video":
+            for layer in backbone.text_encoder.encoder.layer:
+                layer.crossattention.self.key.register_forward_hook(self._weigh_frame_keys)
 
     def objective_state(self) -> dict:
         return {"image_queue": self.image_queue, "text_queue": self.text_queue,
@@ -179,9 +183,34 @@ class RetrievalObjective(nn.Module):
         all_ids = torch.cat([ids, ids, ids_all[neg_text]])
         all_mask = torch.cat([mask, mask, mask_all[neg_text]])
         all_media = torch.cat([media_tokens, media_all[neg_media], media_tokens])
-        logits = match_logits(model, all_ids, all_mask, all_media, context)
+        if self.cfg.frame_aware_attention and self.cfg.media == "video":
+            all_text = torch.cat([text_feat, text_feat, pool(text_feat)[neg_text]])
+            self.frame_weights = self._frame_scores(model, all_media, all_text)
+        try:
+            logits = match_logits(model, all_ids, all_mask, all_media, context)
+        finally:
+            self.frame_weights = None
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
         return F.cross_entropy(logits.float(), labels)
+
+    @torch.no_grad()
+    def _frame_scores(self, model, media_tokens, text_feat):
+        """Frame-aware attention (UniAdapter, used by the paper for video): frames weighted by
+        softmax_t(text·frame / 4) · T, without gradient; training only."""
+        t = self.cfg.num_frames
+        frame_cls = media_tokens.unflatten(1, (t, -1))[:, :, 0]
+        frame_feat = F.normalize(model.vision_proj(frame_cls), dim=-1)
+        sim = torch.einsum("btd,bd->bt", frame_feat.float(), text_feat.float())
+        return F.softmax(sim / 4.0, dim=1) * t
+
+    def _weigh_frame_keys(self, module, args, keys):
+        """Forward hook on cross-attention key projections: scale each frame's non-[CLS] keys."""
+        if self.frame_weights is None:
+            return keys
+        w = self.frame_weights.to(keys.dtype)[:, :, None, None]
+        frames = keys.unflatten(1, (self.cfg.num_frames, -1))
+        scaled = torch.cat([frames[:, :, :1], frames[:, :, 1:] * w], dim=2)
+        return scaled.flatten(1, 2)
 
     @torch.no_grad()
     def _enqueue(self, image_feat_m, text_feat_m, idx):
