@@ -124,16 +124,17 @@ class RetrievalObjective(nn.Module):
             return logits.float().softmax(-1)[:, 1]
         if mode == "momentum":
             _, media_cls = encode_media(model, batch["pixel_values"])
-            image_feat = F.normalize(model.vision_proj(media_cls), dim=-1)
-            text_feat = F.normalize(model.text_proj(encode_text(model, ids, mask)[:, 0]), dim=-1)
+            image_feat = F.normalize(model.vision_proj(media_cls).float(), dim=-1)
+            text_feat = F.normalize(model.text_proj(encode_text(model, ids, mask)[:, 0]).float(), dim=-1)
             return image_feat, text_feat
 
         image_feat_m, text_feat_m = momentum
         idx = media_index(batch["media_id"]).to(ids.device).view(-1, 1)
         media_tokens, media_cls = encode_media(model, batch["pixel_values"])
         text_cls = encode_text(model, ids, mask)[:, 0]
-        image_feat = F.normalize(model.vision_proj(media_cls), dim=-1)
-        text_feat = F.normalize(model.text_proj(text_cls), dim=-1)
+        # Similarities and losses in fp32 whatever the backbone's precision (the queue is fp32).
+        image_feat = F.normalize(model.vision_proj(media_cls).float(), dim=-1)
+        text_feat = F.normalize(model.text_proj(text_cls).float(), dim=-1)
 
         idx_all = torch.cat([gather(idx).t(), self.idx_queue.view(1, -1)], dim=1)
         pos = torch.eq(idx, idx_all).float()
