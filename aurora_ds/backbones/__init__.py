@@ -77,4 +77,4 @@ def build_backbone(name: str, checkpoint: str | Path | None = None, dtype: torch
 
 
 from . import hf, timm_vit  # noqa: E402,F401  (each registers its families and entries)
-from .probe import example_batch, forward_features  # noqa: E402
+from .probe import example_batch, forward_features  # noqa: E402,F401  (re-exported)

@@ -13,7 +13,6 @@ import math
 
 import torch
 
-from ..aurora.model import numel
 
 
 def to_device(batch: dict, device) -> dict:
@@ -190,5 +189,3 @@ def local_parameter_bytes(model) -> int:
         total += (local.numel() * local.element_size()) if local is not None else p.numel() * p.element_size()
     return total
 
-
-__all__ = ["DeepSpeedBackend", "PlainBackend", "local_parameter_bytes", "lr_lambda", "make_optimizer", "numel"]

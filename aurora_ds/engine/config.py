@@ -7,7 +7,7 @@ value of the wrong type, is an error before any work starts.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 
