@@ -188,4 +188,3 @@ def local_parameter_bytes(model) -> int:
         local = getattr(p, "ds_tensor", None)
         total += (local.numel() * local.element_size()) if local is not None else p.numel() * p.element_size()
     return total
-
