@@ -39,7 +39,7 @@ PLACES = {
 }
 
 
-def _draw_shape(draw, shape, color, cx, cy, radius):
+def draw_shape(draw, shape, color, cx, cy, radius):
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     if shape == "circle":
         draw.ellipse(box, fill=color)
@@ -68,7 +68,7 @@ def draw_scene(scene, size=IMAGE_SIZE):
     for obj in scene["objects"]:
         (fx, fy), _ = PLACES[obj["place"]]
         radius = size * (0.1 if obj["size"] == "small" else 0.18)
-        _draw_shape(draw, obj["shape"], COLORS[obj["color"]], fx * size, fy * size, radius)
+        draw_shape(draw, obj["shape"], COLORS[obj["color"]], fx * size, fy * size, radius)
     return img
 
 
@@ -157,7 +157,7 @@ def encode_motion_mp4(motion, size=VIDEO_SIZE, frames=VIDEO_FRAMES, fps=VIDEO_FP
             img = Image.new("RGB", (size, size), BACKGROUNDS[motion["background"]])
             cx = (x0 + (x1 - x0) * t) * size
             cy = (y0 + (y1 - y0) * t) * size
-            _draw_shape(ImageDraw.Draw(img), motion["shape"], COLORS[motion["color"]], cx, cy, size * 0.15)
+            draw_shape(ImageDraw.Draw(img), motion["shape"], COLORS[motion["color"]], cx, cy, size * 0.15)
             frame = av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)

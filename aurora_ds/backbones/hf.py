@@ -85,6 +85,11 @@ for _size in ("tiny", "base", "large"):
         ),
         "BlipForImageTextRetrieval" if _size == "base" else None,
     )
+    if _size == "large":
+        # transformers' BlipForQuestionAnswering gives encoder and decoder one text config, so a
+        # 1024-d vision tower also makes the decoder's cross-attention expect 1024-d question
+        # states (they are 768-d): the large VQA shape does not run, so it is not registered.
+        continue
     register_backbone(
         BackboneSpec(
             f"blip-{_size}-vqa", "hf", "vqa", _blip_shape(_size),

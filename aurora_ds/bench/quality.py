@@ -71,6 +71,8 @@ def draw(scene, rng: random.Random, size: int = 32):
     import torch
     from PIL import Image, ImageDraw
 
+    from shard_tools.sample import draw_shape
+
     grey = rng.randint(0, 60)
     image = Image.new("RGB", (size, size), (grey, grey, grey))
     pen = ImageDraw.Draw(image)
@@ -82,13 +84,7 @@ def draw(scene, rng: random.Random, size: int = 32):
             x = side * half + rng.randint(r + 1, half - r - 2)
             y = y0 + rng.randint(-2, 2)
             fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in COLOURS[colour])
-            box = (x - r, y - r, x + r, y + r)
-            if shape == "circle":
-                pen.ellipse(box, fill=fill)
-            elif shape == "square":
-                pen.rectangle(box, fill=fill)
-            else:
-                pen.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+            draw_shape(pen, shape, fill, x, y, r)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (pixels - 0.5) / 0.5
 
