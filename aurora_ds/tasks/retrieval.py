@@ -185,7 +185,7 @@ class RetrievalObjective(nn.Module):
         all_mask = torch.cat([mask, mask, mask_all[neg_text]])
         all_media = torch.cat([media_tokens, media_all[neg_media], media_tokens])
         if self.cfg.frame_aware_attention and self.cfg.media == "video":
-            all_text = torch.cat([text_feat, text_feat, pool(text_feat)[neg_text]])
+            all_text = torch.cat([text_feat, text_feat, text_all[neg_text]])
             self.frame_weights = self._frame_scores(model, all_media, all_text)
         try:
             logits = match_logits(model, all_ids, all_mask, all_media, context)
