@@ -60,15 +60,16 @@ def test_update_matches_block_formula(name):
     model, handle = _adapted(name, rank=3)
     _randomize(handle)
     for layer_name, layer in handle.layers.items():
-        f, lam = layer.factors, layer.coeffs.detach()
-        d, a, b = f.width, layer.in_features // f.width, layer.out_features // f.width
+        U, up, lam = layer.source.down.U, layer.target.up, layer.coeffs.detach()
+        d_in, d_out = layer.source.width, layer.target.width
+        a, b = layer.in_features // d_in, layer.out_features // d_out
         delta = torch.zeros(layer.out_features, layer.in_features)
         for j in range(b):
             for i in range(a):
-                m = sum(f.core[:, :, t] * lam[t, j * a + i] for t in range(f.rank))
-                delta[j * d:(j + 1) * d, i * d:(i + 1) * d] = f.V @ m.T @ f.U
+                m = sum(up.core[:, :, t] * lam[t, j * a + i] for t in range(layer.target.rank))
+                delta[j * d_out:(j + 1) * d_out, i * d_in:(i + 1) * d_in] = up.V @ m.T @ U
         x = torch.randn(5, layer.in_features)
-        expected = x @ (layer.weight + delta).T + layer.bias
+        expected = torch.nn.functional.linear(x, layer.weight + delta, layer.bias)
         with torch.no_grad():
             got = layer(x)
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), layer_name
@@ -86,21 +87,70 @@ def test_fused_qkv_and_mlp_block_shapes():
 
 def test_two_widths_get_two_factor_sets():
     _, handle = _adapted("clip-tiny", ranks={48: 6})
-    assert handle.describe()["widths"] == {"32": 4, "48": 6}
+    assert handle.describe()["factor_sets"] == {"d32": {"width": 32, "rank": 4, "parts": ["down", "up"]},
+                                                "d48": {"width": 48, "rank": 6, "parts": ["down", "up"]}}
     text = handle.layers["text_model.encoder.layers.0.self_attn.q_proj"]
     vision = handle.layers["vision_model.encoder.layers.0.self_attn.q_proj"]
-    assert (text.factors.width, vision.factors.width) == (32, 48)
-    assert text.factors is not vision.factors
+    assert (text.source.width, vision.source.width) == (32, 48)
+    assert text.source is text.target and vision.source is vision.target
+    assert text.source is not vision.source
 
 
-@pytest.mark.parametrize("name", ["blip-tiny-retrieval", "blip-tiny-vqa", "clip-tiny", "vit-tiny"])
+def test_layers_between_widths_use_both_factor_sets():
+    """BLIP-2: the vision MLP (48 -> 208) and the Q-Former cross-attention keys and values
+    (48-d image tokens -> 32) are single blocks between two widths."""
+    _, handle = _adapted("blip2-tiny-retrieval")
+    fc1 = handle.layers["vision_model.encoder.layers.0.mlp.fc1"]
+    fc2 = handle.layers["vision_model.encoder.layers.0.mlp.fc2"]
+    key = handle.layers["qformer.encoder.layer.0.crossattention.attention.key"]
+    query = handle.layers["qformer.encoder.layer.0.crossattention.attention.query"]
+    qkv = handle.layers["vision_model.encoder.layers.0.self_attn.qkv"]
+    assert (fc1.source.width, fc1.target.width, fc1.a, fc1.b) == (48, 208, 1, 1)
+    assert (fc2.source.width, fc2.target.width) == (208, 48)
+    assert (key.source.width, key.target.width) == (48, 32)
+    assert query.source is query.target and query.source.width == 32
+    assert qkv.source is qkv.target and (qkv.a, qkv.b) == (1, 3)
+    assert key.source is qkv.source, "one factor set per width, shared across towers"
+    assert {k: f["width"] for k, f in handle.describe()["factor_sets"].items()} == {"d32": 32, "d48": 48, "d208": 208}
+
+
+def test_tower_ranks_give_a_tower_its_own_factor_sets(tmp_path):
+    _, handle = _adapted("blip2-tiny-retrieval", tower_ranks={"qformer": 2})
+    sets = handle.describe()["factor_sets"]
+    assert sets["qformer_d32"] == {"width": 32, "rank": 2, "parts": ["down", "up"]}
+    # The Q-Former only reads 48-d image tokens: its 48-wide set needs U alone.
+    assert sets["qformer_d48"] == {"width": 48, "rank": 2, "parts": ["down"]}
+    assert sets["d48"]["rank"] == 4 and "d32" not in sets
+    key = handle.layers["qformer.encoder.layer.0.crossattention.attention.key"]
+    assert key.source is handle.factors["qformer_d48"] and tuple(key.coeffs.shape) == (2, 1)
+    handle.save(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert meta["factor_sets"] == sets and meta["aurora"]["tower_ranks"] == {"qformer": 2}
+    assert "aurora_factors.qformer_d48.down.U" in load_file(str(tmp_path / "a" / "adapter.safetensors"))
+    reloaded = load_adapter(build_backbone("blip2-tiny-retrieval"), tmp_path / "a")
+    assert reloaded.describe()["factor_sets"] == sets
+
+
+def test_layers_between_widths_need_equal_ranks():
+    with pytest.raises(ValueError, match=r"cannot adapt vision_model\.encoder\.layers\.0\.mlp\.fc1: it maps width 48 "
+                                         r"\(rank 6\) to width 208 \(rank 4\)"):
+        _adapted("blip2-tiny-retrieval", ranks={48: 6})
+    with pytest.raises(ValueError, match=r"tower_ranks\[''\]|not a module-name prefix"):
+        AuroraConfig(tower_ranks={"": 3})
+    with pytest.raises(ValueError, match=r"tower_ranks\['qformer'\] must be a positive integer"):
+        AuroraConfig(tower_ranks={"qformer": 0})
+
+
+@pytest.mark.parametrize("name", ["blip-tiny-retrieval", "blip-tiny-vqa", "clip-tiny", "vit-tiny", "eva-tiny",
+                                  "blip2-tiny-retrieval", "blip2-opt-tiny-vqa"])
 def test_gradients_reach_only_aurora_and_loss_falls(name):
     spec = get_spec(name)
     model, handle = _adapted(name)
     model.train()
     handle.config.dropout = 0.0
     for f in handle.factors.values():
-        f.dropout.p = 0.0
+        if f.down is not None:
+            f.down.dropout.p = 0.0
     batch = example_batch(spec, 2)
     # Targets from the same model with some other adapter: reachable, so the loss must fall.
     start = {n: p.detach().clone() for n, p in handle.named_aurora_parameters()}
@@ -128,10 +178,11 @@ def test_gradients_reach_only_aurora_and_loss_falls(name):
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
         else:
             assert p.grad is None and not p.requires_grad, f"frozen {n} got a gradient"
-    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] * 0.995, losses
+    # Adam at lr 1e-2 need not fall at every step; over ten it must fall clearly.
+    assert losses[-1] < losses[0] * 0.98 and sum(b < a for a, b in zip(losses, losses[1:])) >= 7, losses
 
 
-@pytest.mark.parametrize("name", ["blip-tiny-retrieval", "vit-tiny", "clip-tiny"])
+@pytest.mark.parametrize("name", ["blip-tiny-retrieval", "vit-tiny", "clip-tiny", "eva-tiny", "blip2-tiny-retrieval"])
 def test_merge_and_unmerge(name):
     spec = get_spec(name)
     model, handle = _adapted(name)
@@ -152,7 +203,7 @@ def test_merge_and_unmerge(name):
         assert torch.allclose(weights[n], l.weight, atol=1e-6), n
 
 
-@pytest.mark.parametrize("name", ["blip-tiny-retrieval", "blip-tiny-vqa", "clip-tiny"])
+@pytest.mark.parametrize("name", ["blip-tiny-retrieval", "blip-tiny-vqa", "clip-tiny", "blip2-tiny-retrieval"])
 def test_save_and_load_round_trip(tmp_path, name):
     spec = get_spec(name)
     model, handle = _adapted(name)
@@ -207,10 +258,12 @@ def test_pattern_matching_nothing_lists_candidates():
         inject_aurora(model, AuroraConfig(targets=[r"blocks\.\d+\.nonexistent"]))
 
 
-def test_layer_without_square_blocks_is_refused():
-    model = nn.Sequential(nn.Linear(10, 15))
-    with pytest.raises(ValueError, match=r"cannot adapt 0: its shape 15x10"):
-        inject_aurora(model, AuroraConfig(targets=["0"]))
+def test_layer_without_square_blocks_goes_between_widths():
+    model = nn.Sequential(nn.Linear(10, 15), nn.ReLU(), nn.Linear(15, 10))
+    handle = inject_aurora(model, AuroraConfig(targets=["0", "2"], rank=2))
+    assert {k: f["parts"] for k, f in handle.describe()["factor_sets"].items()} == {"d10": ["down", "up"],
+                                                                                     "d15": ["down", "up"]}
+    assert handle.layers["0"].source.width == 10 and handle.layers["0"].target.width == 15
 
 
 @pytest.mark.parametrize("bad", [{"rank": 0}, {"rank": -3}, {"ranks": {32: 0}}, {"dropout": 1.5}, {"targets": []}])
@@ -238,7 +291,7 @@ def test_unregistered_model_needs_explicit_patterns():
 def test_mismatched_adapters_are_refused(tmp_path):
     _, handle = _adapted("vit-tiny")
     handle.save(tmp_path / "a")
-    with pytest.raises(ValueError, match=r"factor widths/ranks \{'32': 4\}, the model has \{'32': 8\}"):
+    with pytest.raises(ValueError, match=r"factor sets \{'d32': \{'parts': \['down', 'up'\], 'rank': 4.*the model has .*'rank': 8"):
         _, other = _adapted("vit-tiny", rank=8)
         other.load(tmp_path / "a")
 

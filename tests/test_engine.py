@@ -107,7 +107,7 @@ def test_two_rank_zero3_matches_single_process_reference(equivalence_runs):
     a = load_file(str(equivalence_runs / "plain" / "adapter_latest" / "adapter.safetensors"))
     b = load_file(str(equivalence_runs / "ds2" / "adapter_latest" / "adapter.safetensors"))
     assert set(a) == set(b) and any(k.startswith("aurora_factors.") for k in a)
-    assert (a["aurora_factors.d32.V"] != 0).all(), "V never left its zero init: nothing was trained"
+    assert (a["aurora_factors.d32.up.V"] != 0).all(), "V never left its zero init: nothing was trained"
     for name in a:
         scale = a[name].abs().max().item()
         assert (a[name] - b[name]).abs().max().item() <= 1e-5 * scale + 1e-9, name
@@ -248,4 +248,4 @@ def test_bf16_with_activation_checkpointing_on_two_ranks(tiny_checkpoint, tmp_pa
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
     tensors = load_file(str(out / "adapter_latest" / "adapter.safetensors"))
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    assert (tensors["aurora_factors.d32.V"] != 0).any()
+    assert (tensors["aurora_factors.d32.up.V"] != 0).any()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -14,8 +14,10 @@ class AuroraConfig:
 
     ``targets`` is either a preset name understood by the backbone registry (``"paper"``,
     ``"all-linear"``) or a list of regular expressions matched (``re.fullmatch``) against
-    module names. ``ranks`` overrides ``rank`` per hidden width (``{1408: 64}``) for models
-    with several widths; every width gets its own factor set.
+    module names. Every hidden width gets its own factor set; ``ranks`` overrides ``rank`` per
+    width (``{1408: 64}``). ``tower_ranks`` gives the layers under a module prefix (a tower:
+    ``{"qformer": 16}``) factor sets of their own at that rank, instead of sharing the model-wide
+    sets of their widths.
     """
 
     rank: int = 32
@@ -23,6 +25,7 @@ class AuroraConfig:
     dropout: float = 0.1
     scale: float = 1.0
     ranks: dict[int, int] = field(default_factory=dict)
+    tower_ranks: dict[str, int] = field(default_factory=dict)
     context_enhancement: bool = True
     context_scale: float = 0.1
     gated_query: bool = True
@@ -31,8 +34,11 @@ class AuroraConfig:
     backbone: str | None = None
 
     def __post_init__(self):
-        self.ranks = {int(k): int(v) for k, v in self.ranks.items()}
-        for name, value in [("rank", self.rank), *((f"ranks[{w}]", r) for w, r in self.ranks.items())]:
+        self.ranks = {int(k): v for k, v in self.ranks.items()}
+        self.tower_ranks = dict(self.tower_ranks)
+        checks = [("rank", self.rank), *((f"ranks[{w}]", r) for w, r in self.ranks.items()),
+                  *((f"tower_ranks[{t!r}]", r) for t, r in self.tower_ranks.items())]
+        for name, value in checks:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"AuroraConfig.{name} must be a positive integer, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -45,8 +51,17 @@ class AuroraConfig:
         else:
             self.targets = list(self.targets)
 
-    def rank_for(self, width: int) -> int:
-        return self.ranks.get(width, self.rank)
+        for tower in self.tower_ranks:
+            if not tower or tower.startswith(".") or tower.endswith("."):
+                raise ValueError(f"AuroraConfig.tower_ranks: {tower!r} is not a module-name prefix")
+
+    def tower_of(self, layer_name: str) -> str:
+        """The longest ``tower_ranks`` prefix that contains ``layer_name`` ("" for none)."""
+        towers = [t for t in self.tower_ranks if layer_name.startswith(t + ".")]
+        return max(towers, key=len, default="")
+
+    def rank_for(self, width: int, tower: str = "") -> int:
+        return self.tower_ranks[tower] if tower else self.ranks.get(width, self.rank)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -67,10 +67,10 @@ def read_adapter_config(directory) -> dict:
 def read_adapter(directory, handle) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors of an adapter directory, checked name by name and shape by shape against ``handle``."""
     meta = read_adapter_config(directory)
-    recorded = meta.get("widths", {})
-    actual = handle.describe()["widths"]
+    recorded = meta.get("factor_sets", {})
+    actual = handle.describe()["factor_sets"]
     if recorded != actual:
-        raise ValueError(f"adapter {directory} has factor widths/ranks {recorded}, the model has {actual}")
+        raise ValueError(f"adapter {directory} has factor sets {recorded}, the model has {actual}")
     tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
     params = dict(handle.named_trainable_parameters())
     missing = sorted(set(params) - set(tensors))

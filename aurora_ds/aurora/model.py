@@ -39,15 +39,21 @@ def _match(patterns, candidates: list[str], kind: str) -> list[str]:
     return sorted(chosen, key=candidates.index)
 
 
-def _layer_width(name: str, layer: nn.Linear) -> int:
-    """d = the smaller side; both sides must be whole multiples of it (blocks of d x d)."""
+def _layer_widths(layer: nn.Linear) -> tuple[int, int]:
+    """(input width, output width) of the factor sets a layer uses.
+
+    Square blocks of the smaller side when both sides are whole multiples of it (qkv, fc1,
+    fc2 of a 4x MLP); otherwise one block between the two widths (a 1408 -> 6144 MLP, a
+    cross-attention key from 1408-d image tokens to a 768-d text tower).
+    """
     d = min(layer.in_features, layer.out_features)
     if layer.in_features % d or layer.out_features % d:
-        raise ValueError(
-            f"cannot adapt {name}: its shape {layer.out_features}x{layer.in_features} is not made of "
-            f"square blocks (width {d} does not divide both sides); remove it from the targets"
-        )
-    return d
+        return layer.in_features, layer.out_features
+    return d, d
+
+
+def _factor_key(width: int, tower: str) -> str:
+    return f"{tower.replace('.', '_')}_d{width}" if tower else f"d{width}"
 
 
 def _resolve_preset(model: nn.Module, config: AuroraConfig) -> TargetPreset:
@@ -141,7 +147,7 @@ class AuroraModel:
     def describe(self) -> dict:
         """The structure half of ``adapter_config.json``: enough to rebuild and check."""
         return {
-            "widths": {str(k[1:]): f.rank for k, f in self.factors.items()},
+            "factor_sets": {k: {"width": f.width, "rank": f.rank, "parts": f.parts} for k, f in self.factors.items()},
             "layers": list(self.layers),
             "gated_query_modules": list(self.gated_query),
             "context_enhancement": self.context is not None,
@@ -176,7 +182,8 @@ def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
     """Freeze ``model`` and add Aurora in place; returns the managing handle.
 
     Adapted layers stay at their original attribute paths; the factors are registered once
-    at the root as ``aurora_factors.d{width}``.
+    at the root as ``aurora_factors.d{width}`` (``aurora_factors.{tower}_d{width}`` for a tower
+    with its own rank).
     """
     if hasattr(model, FACTORS_ATTR):
         raise ValueError("this model already has Aurora injected")
@@ -186,20 +193,33 @@ def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
 
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     chosen = _match(preset.linear, linear_names, "nn.Linear module")
-    widths = {name: _layer_width(name, model.get_submodule(name)) for name in chosen}
+    plan = {}  # layer name -> (source key, target key)
+    parts: dict[tuple[int, str], set] = {}  # (width, tower) -> parts used
+    for name in chosen:
+        d_in, d_out = _layer_widths(model.get_submodule(name))
+        tower = config.tower_of(name)
+        parts.setdefault((d_in, tower), set()).add("down")
+        parts.setdefault((d_out, tower), set()).add("up")
+        plan[name] = (_factor_key(d_in, tower), _factor_key(d_out, tower))
+        if config.rank_for(d_in, tower) != config.rank_for(d_out, tower):
+            raise ValueError(
+                f"cannot adapt {name}: it maps width {d_in} (rank {config.rank_for(d_in, tower)}) to width "
+                f"{d_out} (rank {config.rank_for(d_out, tower)}), and a layer between two widths needs equal "
+                f"ranks; set them equal in ranks, give its tower its own rank (tower_ranks), or remove it"
+            )
 
     factors = nn.ModuleDict()
-    for name, d in widths.items():
-        if f"d{d}" not in factors:
-            weight = model.get_submodule(name).weight
-            factors[f"d{d}"] = AuroraFactors(d, config.rank_for(d), config.dropout, weight.dtype, weight.device)
+    for (d, tower), used in sorted(parts.items(), key=lambda item: (item[0][1], item[0][0])):
+        weight = next(model.get_submodule(n).weight for n in chosen if config.tower_of(n) == tower)
+        factors[_factor_key(d, tower)] = AuroraFactors(d, config.rank_for(d, tower), config.dropout, weight.dtype,
+                                                       weight.device, tuple(p for p in ("down", "up") if p in used))
     model.add_module(FACTORS_ATTR, factors)
 
     layers = {}
-    for name, d in widths.items():
+    for name, (source, target) in plan.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layers[name] = AuroraLinear(getattr(parent, attr), factors[f"d{d}"], config.scale)
+        layers[name] = AuroraLinear(getattr(parent, attr), factors[source], factors[target], config.scale)
         setattr(parent, attr, layers[name])
 
     gated = {}

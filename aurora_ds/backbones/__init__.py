@@ -32,6 +32,13 @@ class BackboneSpec:
     description: str = ""
     extra: dict = field(default_factory=dict)
 
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary a tokenizer must fit: that of the config section holding the text
+        model the task tokenizes for (``extra["text_key"]``), or transformers' default."""
+        section = self.shape.get(self.extra.get("text_key", "text_config"), {})
+        return section.get("vocab_size", self.extra.get("default_vocab_size", 30524))
+
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 _BUILDERS: dict[str, Callable] = {}
@@ -76,5 +83,5 @@ def build_backbone(name: str, checkpoint: str | Path | None = None, dtype: torch
     return _BUILDERS[spec.family](spec, checkpoint, dtype)
 
 
-from . import hf, timm_vit  # noqa: E402,F401  (each registers its families and entries)
+from . import blip2, hf, timm_vit  # noqa: E402,F401  (each registers its families and entries)
 from .probe import example_batch, forward_features  # noqa: E402,F401  (re-exported)

@@ -1,4 +1,4 @@
-"""transformers backbones: BLIP retrieval, BLIP VQA, CLIP."""
+"""transformers backbones: BLIP retrieval, BLIP VQA, CLIP (BLIP-2 is in blip2.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from ..aurora.targets import TargetPreset
 from . import BackboneSpec, register_backbone, register_family
 
 
-def _build(spec: BackboneSpec, checkpoint, dtype):
+def build_hf(spec: BackboneSpec, checkpoint, dtype):
     import transformers
 
     cls = getattr(transformers, spec.extra["model_class"])
@@ -16,12 +16,12 @@ def _build(spec: BackboneSpec, checkpoint, dtype):
     return cls._from_config(config, dtype=dtype)
 
 
-register_family("hf", _build)
+register_family("hf", build_hf)
 
 # Special-token ids of the tokenizers trained locally for the tiny shapes (see tokenizer.py).
 TINY_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 5, "eos_token_id": 3, "sep_token_id": 3}
 
-_VISION = r"vision_model\.encoder\.layers\.\d+\.(self_attn\.(qkv|projection)|mlp\.fc[12])"
+VISION = r"vision_model\.encoder\.layers\.\d+\.(self_attn\.(qkv|projection)|mlp\.fc[12])"
 
 
 def _text(tower: str, cross_kv: bool = True) -> tuple[str, str, str]:
@@ -35,7 +35,7 @@ def _text(tower: str, cross_kv: bool = True) -> tuple[str, str, str]:
 
 def _blip_presets(towers: list[str], context: str, cross_kv: bool) -> dict[str, TargetPreset]:
     text = [_text(t, cross_kv) for t in towers]
-    paper = (_VISION, *(t[0] for t in text))
+    paper = (VISION, *(t[0] for t in text))
     gated = tuple(t[2] for t in text)
     return {
         "paper": TargetPreset(paper, gated, context),
@@ -119,7 +119,7 @@ register_backbone(
         "clip-base", "hf", "clip",
         {"text_config": {}, "vision_config": {"patch_size": 16}},
         _CLIP_PRESETS, 224, description="CLIP ViT-B/16 shape (text 512, vision 768)",
-        extra={"model_class": "CLIPModel", "config_class": "CLIPConfig"},
+        extra={"model_class": "CLIPModel", "config_class": "CLIPConfig", "default_vocab_size": 49408},
     ),
     "CLIPModel",
 )

@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 
 from ..aurora.model import CONTEXT_ATTR
+from . import blip2
 
 
 def example_batch(spec, batch_size: int = 2, seq_len: int = 12, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     batch = {"pixel_values": torch.randn(batch_size, 3, spec.image_size, spec.image_size, generator=g)}
     if spec.task != "vision":
-        vocab = spec.shape["text_config"].get("vocab_size", 30524 if spec.task != "clip" else 49408)
+        vocab = spec.vocab_size
         ids = torch.randint(6, vocab, (batch_size, seq_len), generator=g)
         batch["input_ids"] = ids
         batch["attention_mask"] = torch.ones_like(ids)
@@ -27,12 +28,14 @@ def forward_features(model, spec, batch: dict) -> dict[str, torch.Tensor]:
     dtype = next(p for p in model.parameters()).dtype
     pixels = batch["pixel_values"].to(dtype)
     if spec.task == "vision":
-        return {"features": model(pixels)}
+        return {"tokens": model.forward_features(pixels), "features": model(pixels)}
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if spec.task == "clip":
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
         return {"text_embeds": out.text_embeds, "image_embeds": out.image_embeds}
     image = model.vision_model(pixel_values=pixels).last_hidden_state
+    if spec.extra.get("objective") == "blip2":
+        return _blip2_features(model, spec, image, ids, mask)
     image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
     fused = model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image,
                                encoder_attention_mask=image_mask).last_hidden_state
@@ -46,3 +49,14 @@ def forward_features(model, spec, batch: dict) -> dict[str, torch.Tensor]:
     logits = model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=fused,
                                 encoder_attention_mask=mask).logits
     return {"image": image, "fused": fused, "logits": logits}
+
+
+def _blip2_features(model, spec, image, ids, mask) -> dict[str, torch.Tensor]:
+    if spec.task == "retrieval":
+        text = blip2.text_states(model, ids, mask)
+        return {"image": image, "queries": blip2.image_queries(model, image), "text": text,
+                "itm": blip2.match_logits(model, ids, mask, image, text[:, 0])}
+    prefix = blip2.language_prefix(model, image)
+    embeds = model.language_model.get_input_embeddings()(ids)
+    logits = model.language_model(inputs_embeds=torch.cat([prefix.to(embeds.dtype), embeds], 1)).logits
+    return {"image": image, "prefix": prefix, "logits": logits}

@@ -59,7 +59,7 @@ def build_model(cfg, ds_config):
     spec = get_spec(cfg.backbone)
     keep_alive = None
     if ds_config is not None and zero_stage(ds_config) == 3:
-        if spec.family != "hf":
+        if spec.family not in ("hf", "blip2"):
             raise ValueError(f"ZeRO-3 training needs a transformers backbone; {cfg.backbone} is {spec.family}")
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -130,7 +130,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     checkpoint = find_checkpoint(out, cfg.resume) if cfg.resume else None
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
     image_size = cfg.image_size or spec.image_size
-    vocab = spec.shape["text_config"].get("vocab_size", 30524)
+    vocab = spec.vocab_size
     tokenizer = None
     if cfg.data == "shards":
         from .data import build_evaluator, build_train_data, resolve_tokenizer
