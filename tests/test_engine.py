@@ -116,6 +116,39 @@ def test_two_rank_zero3_matches_single_process_reference(equivalence_runs):
     assert la == pytest.approx(lb, abs=1e-5)
 
 
+def test_blip2_two_rank_zero3_matches_single_process_reference(tmp_path, unpartitioned_small_tensors_off):
+    """BLIP-2 under ZeRO-3 with every tensor partitioned: the root-level query tokens, factor
+    sets of three widths with layers between them, and a Q-Former tower with its own sets (one
+    of them U only). Same SGD run as above, ITC over the global batch + ITM."""
+    checkpoint = tmp_path / "blip2-tiny"
+    torch.manual_seed(0)
+    model = build_backbone("blip2-tiny-retrieval")
+    # The Q-Former's own dropout (0.1) draws differently in 1 and 2 processes: off for equality.
+    model.config.qformer_config.hidden_dropout_prob = model.config.qformer_config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(checkpoint)
+    extra = ("backbone=blip2-tiny-retrieval", "tower_ranks=qformer:3", "distill=false", *EQUIV)
+    local(2, _common(checkpoint, tmp_path / "ds2", 3, "batch_size=2", *extra)
+          + ["--ds-config", str(unpartitioned_small_tensors_off)], tmp_path / "ds2.log")
+    plain(_common(checkpoint, tmp_path / "plain", 3, "batch_size=4", *extra), tmp_path / "plain.log")
+    a = load_file(str(tmp_path / "plain" / "adapter_latest" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "ds2" / "adapter_latest" / "adapter.safetensors"))
+    assert {"aurora_factors.d208.up.V", "aurora_factors.qformer_d48.down.U", "aurora_factors.qformer_d32.up.V"} <= set(a)
+    assert "aurora_factors.qformer_d48.up.V" not in a
+    assert set(a) == set(b)
+    for name in ("aurora_factors.d48.up.V", "aurora_factors.d208.up.V", "aurora_factors.qformer_d32.up.V"):
+        assert (a[name] != 0).any(), f"{name} never left its zero init"
+    for name in a:
+        # A projection's bias gradient is a near-cancelling sum (normalised features, ITC over
+        # gathered rows): measured against its weight's scale (observed 2e-7 of it).
+        related = [a[n].abs().max().item() for n in (name, name.replace(".bias", ".weight")) if n in a]
+        assert (a[name] - b[name]).abs().max().item() <= 1e-5 * max(related) + 1e-9, name
+    la = [h["loss"] for h in _summary(tmp_path / "plain")["history"]]
+    lb = [h["loss"] for h in _summary(tmp_path / "ds2")["history"]]
+    assert la == pytest.approx(lb, abs=1e-5)
+    meta = json.loads((tmp_path / "ds2" / "adapter_latest" / "adapter_config.json").read_text())
+    assert meta["factor_sets"]["qformer_d48"] == {"parts": ["down"], "rank": 3, "width": 48}
+
+
 def test_two_ranks_hold_half_the_backbone_each(equivalence_runs, tiny_checkpoint, unpartitioned_small_tensors_off, tmp_path):
     local(1, _common(tiny_checkpoint, tmp_path / "ds1", 1, "batch_size=2")
           + ["--ds-config", str(unpartitioned_small_tensors_off)], tmp_path / "ds1.log")

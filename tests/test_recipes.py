@@ -1,6 +1,6 @@
 """Every recipe end to end on 2 ranks under ZeRO-3: sample data -> shards -> train -> evaluate.
 
-Tiny backbones stand in for BLIP-base (the recipes' other settings stay as shipped, but for the
+Tiny backbones stand in for BLIP-base and BLIP-2 (the recipes' other settings stay as shipped, but for the
 sizes that must shrink to fit 2 CPU cores), loaded from one saved checkpoint per backbone so
 every run and every evaluation sees the same frozen weights.
 """
@@ -28,6 +28,8 @@ RECIPES = {
     "didemo_retrieval": ("didemo", "blip-tiny-retrieval"),
     "vqa": ("vqa", "blip-tiny-vqa"),
     "msrvtt_qa": ("msrvtt_qa", "blip-tiny-vqa"),
+    "coco_retrieval_blip2": ("coco", "blip2-tiny-retrieval"),
+    "vqa_blip2": ("vqa", "blip2-opt-tiny-vqa"),
 }
 SMALL = ["rank=4", "batch_size=4", "eval_batch_size=8", "image_size=32", "num_frames=4", "queue_size=32",
          "num_workers=1", "k_test=16", "progress=false"]
@@ -60,7 +62,7 @@ def world(tmp_path_factory):
                                 str(base / "shards" / name), seed=1, maxcount=3)
             for name in {d for d, _ in RECIPES.values()}}
     checkpoints = {}
-    for backbone in ("blip-tiny-retrieval", "blip-tiny-vqa"):
+    for backbone in sorted({b for _, b in RECIPES.values()}):
         torch.manual_seed(0)
         checkpoints[backbone] = base / backbone
         build_backbone(backbone).save_pretrained(checkpoints[backbone])

@@ -32,8 +32,13 @@ def _build(spec: BackboneSpec, checkpoint, dtype):
 
 
 def _gathered(param, modify: bool = False):
-    """The whole parameter under ZeRO-3 (written back from rank 0 when ``modify``)."""
+    """The whole parameter under ZeRO-3 (written back from rank 0 when ``modify``). One that is
+    already whole (persistent, or gathered by the running forward) is used as it is."""
     if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if not modify and param.ds_status == ZeroParamStatus.AVAILABLE:
         return contextlib.nullcontext()
     import deepspeed
 

@@ -25,6 +25,8 @@ class TrainConfig:
     tokenizer: str = ""  # tokenizer directory; empty = the checkpoint's, or trained on the captions
     # Aurora
     rank: int = 32
+    ranks: str = ""  # per hidden width, "1408:64,768:32"
+    tower_ranks: str = ""  # own factor sets per tower (module prefix), "qformer:16"
     targets: str = "paper"
     dropout: float = 0.1
     scale: float = 1.0
@@ -98,6 +100,8 @@ class TrainConfig:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
         if not 0 <= self.dropout < 1 or not 0 <= self.momentum < 1 or not 0 <= self.alpha <= 1:
             raise ValueError("dropout and momentum must be in [0, 1), alpha in [0, 1]")
+        parse_rank_map("ranks", self.ranks, int)
+        parse_rank_map("tower_ranks", self.tower_ranks, str)
         if self.data == "shards" and not self.train_shards:
             raise ValueError("train_shards is empty: give a URL spec (--set train_shards=...) or data=synthetic")
 
@@ -106,6 +110,20 @@ class TrainConfig:
 
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def parse_rank_map(key: str, text: str, key_type) -> dict:
+    """ "a:8,b:16" -> {a: 8, b: 16}, or an error naming the config key."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, rank = item.partition(":")
+        try:
+            out[key_type(name.strip())] = int(rank)
+        except ValueError:
+            raise ValueError(f"config key {key!r} expects 'name:rank,...' with integer ranks, got {text!r}") from None
+        if out[key_type(name.strip())] <= 0:
+            raise ValueError(f"config key {key!r}: rank of {name.strip()!r} must be > 0, got {text!r}")
+    return out
 
 
 def _coerce(key: str, value, typ):
@@ -129,6 +147,8 @@ def _coerce(key: str, value, typ):
             except ValueError:
                 pass
     elif typ is str:
+        if isinstance(value, dict):  # a YAML mapping for ranks / tower_ranks
+            return ",".join(f"{k}:{v}" for k, v in value.items())
         return str(value)
     raise ValueError(f"config key {key!r} expects {typ.__name__}, got {value!r}")
 

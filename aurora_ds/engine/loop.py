@@ -17,6 +17,7 @@ from ..backbones import build_backbone, get_spec
 from ..tasks.common import world
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
 from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from .config import parse_rank_map
 from .dsconfig import build_ds_config, zero_stage
 from .ema import EMA
 from .logging import RunLogger, peak_memory_mb
@@ -26,7 +27,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def aurora_config(cfg) -> AuroraConfig:
     return AuroraConfig(
-        rank=cfg.rank, targets=cfg.targets, dropout=cfg.dropout, scale=cfg.scale,
+        rank=cfg.rank, ranks=parse_rank_map("ranks", cfg.ranks, int),
+        tower_ranks=parse_rank_map("tower_ranks", cfg.tower_ranks, str), targets=cfg.targets, dropout=cfg.dropout, scale=cfg.scale,
         context_enhancement=cfg.context_enhancement and cfg.task == "retrieval", context_scale=cfg.context_scale,
         gated_query=cfg.gated_query, gated_query_scale=cfg.gated_query_scale, backbone=cfg.backbone,
     )
@@ -79,8 +81,23 @@ def build_model(cfg, ds_config):
     return spec, model, handle, keep_alive
 
 
+def check_backbone(cfg):
+    """Before anything is built: the backbone must serve the task."""
+    spec = get_spec(cfg.backbone)
+    if spec.task not in ("retrieval", "vqa"):
+        raise ValueError(f"backbone {cfg.backbone} is a {spec.task} model: aurora-train needs a retrieval or VQA "
+                         "backbone (use the Python API to adapt it inside your own model)")
+    if (spec.task == "vqa") != (cfg.task == "qa"):
+        raise ValueError(f"task={cfg.task} does not fit backbone {cfg.backbone}, a {spec.task} model")
+
+
 def make_objective(cfg, model):
     """The task's loss as an nn.Module around the backbone (what DeepSpeed wraps)."""
+    spec = get_spec(cfg.backbone)
+    if spec.extra.get("objective") == "blip2":
+        from ..tasks.blip2 import Blip2QAObjective, Blip2RetrievalObjective
+
+        return (Blip2RetrievalObjective if cfg.task == "retrieval" else Blip2QAObjective)(model, cfg)
     if cfg.task == "retrieval":
         from ..tasks.retrieval import RetrievalObjective
 
@@ -123,6 +140,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     ``data`` is an iterable of batches (the streaming loader, or synthetic batches);
     ``evaluator(model, handle, step)`` returns metrics (higher ``select`` is better).
     """
+    check_backbone(cfg)
     rank, size = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)  # identical on every rank: identical Aurora init
     ds_config = build_ds_config(cfg.ds_config, cfg, size) if cfg.deepspeed else None
@@ -246,6 +264,7 @@ def evaluate(cfg, adapter_dir) -> dict:
     from .data import build_evaluator
     from ..backbones.tokenizer import load_tokenizer
 
+    check_backbone(cfg)
     rank, size = setup_distributed(cfg)
     if not cfg.checkpoint and rank == 0:
         print("[aurora] warning: no backbone checkpoint: evaluating on a random-init backbone, which only "

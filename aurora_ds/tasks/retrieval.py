@@ -10,6 +10,7 @@ a generator seeded by (seed, step) over the global batch, so 1 rank and N ranks 
 from __future__ import annotations
 
 import hashlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,59 @@ def match_logits(model, input_ids, attention_mask, media_tokens, text_cls_contex
     if context is not None:
         cls = context(cls, text_cls_context)
     return model.itm_head(cls)
+
+
+def similarity(media_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
+    """Media x text cosine similarities. BLIP-2 media features are one per query, (M, Q, D):
+    a pair scores its best query."""
+    if media_feat.dim() == 3:
+        return torch.einsum("mqd,td->mtq", media_feat, text_feat).max(-1).values
+    return media_feat @ text_feat.t()
+
+
+class MatchingPairs(NamedTuple):
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    media_tokens: torch.Tensor
+    text_feat: torch.Tensor  # each pair's contrastive text feature (frame-aware attention)
+    context: torch.Tensor  # the text [CLS] features ICE averages: the whole pool's
+
+
+def matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, step) -> MatchingPairs:
+    """The ITM pairs of a micro-batch: every positive, each media with a hard negative text and
+    each text with a hard negative media, negatives drawn over the global batch.
+
+    Negatives are drawn by similarity (positives excluded) from a generator seeded by
+    (seed, step) over the global batch, so any number of ranks draws the same pairs.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    idx = media_index(batch["media_id"]).to(ids.device)
+    size = world()[1] if cfg.negatives_all_ranks else 1
+    pool = gather if size > 1 else _same
+    pool_grad = gather_with_grad if size > 1 else _same
+    b = ids.shape[0]
+    start = row_offset(b) if size > 1 else 0
+    with torch.no_grad():
+        idx_all = pool(idx.view(-1, 1))
+        same = torch.eq(idx_all, idx_all.t())
+        sim = similarity(pool(image_feat), pool(text_feat)) / cfg.temp
+        weights_i2t = F.softmax(sim, 1).masked_fill(same, 0) + 1e-12 * ~same
+        weights_t2i = F.softmax(sim.t(), 1).masked_fill(same, 0) + 1e-12 * ~same
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        neg_media = torch.multinomial(weights_t2i.float().cpu(), 1, generator=g).view(-1)
+        neg_text = torch.multinomial(weights_i2t.float().cpu(), 1, generator=g).view(-1)
+        neg_media, neg_text = neg_media[start:start + b].to(ids.device), neg_text[start:start + b].to(ids.device)
+    own = torch.arange(start, start + b, device=ids.device)
+    rows = torch.cat([own, own, neg_text])
+    media = torch.cat([media_tokens, pool_grad(media_tokens)[neg_media], media_tokens])
+    return MatchingPairs(pool(ids)[rows], pool(mask)[rows], media, pool(text_feat)[rows], pool_grad(text_cls))
+
+
+def matching_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ITM logits laid out as :func:`matching_inputs` builds the pairs."""
+    b = logits.shape[0] // 3
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+    return F.cross_entropy(logits.float(), labels)
 
 
 class RetrievalObjective(nn.Module):
@@ -158,41 +212,14 @@ class RetrievalObjective(nn.Module):
 
     def _matching(self, model, batch, media_tokens, image_feat, text_feat, text_cls, step):
         """ITM on positives, one hard negative text per media and one hard negative media per text."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        idx = media_index(batch["media_id"]).to(ids.device)
-        rank, size = world() if self.cfg.negatives_all_ranks else (0, 1)
-        pool = gather if size > 1 else _same
-        pool_grad = gather_with_grad if size > 1 else _same
-        b = ids.shape[0]
-        context = pool_grad(text_cls)
-
-        with torch.no_grad():
-            idx_all = pool(idx.view(-1, 1))
-            same = torch.eq(idx_all, idx_all.t())
-            image_all, text_all = pool(image_feat), pool(text_feat)
-            weights_i2t = F.softmax(image_all @ text_all.t() / self.cfg.temp, 1).masked_fill(same, 0) + 1e-12 * ~same
-            weights_t2i = F.softmax(text_all @ image_all.t() / self.cfg.temp, 1).masked_fill(same, 0) + 1e-12 * ~same
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-            neg_media = torch.multinomial(weights_t2i.float().cpu(), 1, generator=g).view(-1)
-            neg_text = torch.multinomial(weights_i2t.float().cpu(), 1, generator=g).view(-1)
-            start = row_offset(b) if size > 1 else 0
-            local = slice(start, start + b)
-            neg_media, neg_text = neg_media[local].to(ids.device), neg_text[local].to(ids.device)
-
-        media_all = pool_grad(media_tokens)
-        ids_all, mask_all = pool(ids), pool(mask)
-        all_ids = torch.cat([ids, ids, ids_all[neg_text]])
-        all_mask = torch.cat([mask, mask, mask_all[neg_text]])
-        all_media = torch.cat([media_tokens, media_all[neg_media], media_tokens])
+        pairs = matching_inputs(self.cfg, batch, media_tokens, image_feat, text_feat, text_cls, step)
         if self.cfg.frame_aware_attention and self.cfg.media == "video":
-            all_text = torch.cat([text_feat, text_feat, text_all[neg_text]])
-            self.frame_weights = self._frame_scores(model, all_media, all_text)
+            self.frame_weights = self._frame_scores(model, pairs.media_tokens, pairs.text_feat)
         try:
-            logits = match_logits(model, all_ids, all_mask, all_media, context)
+            logits = match_logits(model, pairs.input_ids, pairs.attention_mask, pairs.media_tokens, pairs.context)
         finally:
             self.frame_weights = None
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
-        return F.cross_entropy(logits.float(), labels)
+        return matching_loss(logits)
 
     @torch.no_grad()
     def _frame_scores(self, model, media_tokens, text_feat):

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .common import lockstep, world
+from .retrieval import similarity
 
 
 def _gather_objects(obj) -> list:
@@ -88,21 +89,22 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
     # 2. Text embeddings, split evenly over ranks, then summed back into place.
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     n_text, bs = len(texts), cfg.eval_batch_size
-    text_feat = torch.zeros(n_text, media_feat.shape[1])
-    text_cls = torch.zeros(n_text, media_tokens.shape[-1])
+    text_feat = text_cls = None
     chunks = [range(s, min(s + bs, n_text)) for s in range(0, n_text, bs)]
     for c in range(math.ceil(len(chunks) / size)):
         index = c * size + rank
         rows = chunks[index] if index < len(chunks) else chunks[0]
         sel = torch.tensor(list(rows))
         f, cls = forward({"input_ids": enc["input_ids"][sel], "attention_mask": enc["attention_mask"][sel]}, 0, "embed_text")
+        if text_feat is None:  # the text [CLS] width need not be the media tokens' (BLIP-2)
+            text_feat, text_cls = torch.zeros(n_text, f.shape[-1]), torch.zeros(n_text, cls.shape[-1])
         if index < len(chunks):
             text_feat[sel], text_cls[sel] = f.float().cpu(), cls.float().cpu()
     text_feat, text_cls = _sum_over_ranks(text_feat), _sum_over_ranks(text_cls)
     context = text_cls.mean(0, keepdim=True)
 
     # 3. Top-k by similarity, re-ranked by ITM; rows split over ranks, padded to equal counts.
-    sim = media_feat @ text_feat.t()
+    sim = similarity(media_feat, text_feat)
     n_media = len(order)
     dtype = media_tokens.dtype
     score_i2t = torch.full((n_media, n_text), -100.0)
