@@ -47,7 +47,8 @@ def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
     """The reporting half of ``zero`` on stand-in run summaries (the real runs are the slow test)."""
     def fake_launch(ranks, ds_config, out, args):
         assert json.loads(ds_config.read_text())["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-        return {"history": [{"time_s": 1.0}, {"time_s": 0.1 * ranks}], "local_parameter_bytes": 1000 // ranks,
+        return {"history": [{"time_s": 1.0, "loss": 2.0}, {"time_s": 0.1 * ranks, "loss": 1.9}],
+                "local_parameter_bytes": 1000 // ranks,
                 "peak_memory_mb": 10.0, "steps": 2, "wall_s": 1.0}
 
     monkeypatch.setattr(zero, "launch", fake_launch)
@@ -55,6 +56,15 @@ def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
     results = _outputs(tmp_path, "zero")
     assert [r["ranks"] for r in results["runs"]] == [1, 2, 2]
     assert results["ratios"]["2 ranks"] == {"parameter_bytes": 0.5, "step_s": 2.0}
+    from aurora_ds.engine.plan import count_parameters
+
+    total = count_parameters("blip-tiny-retrieval", 4, 0)["total"]
+    assert all(r["unpartitioned_mb"] == pytest.approx(total * 4 / 2**20) for r in results["runs"])
+    one, two, offload = results["runs"]
+    # aurora-plan: all of the backbone on 1 rank, half on each of 2, with or without offload
+    assert two["plan_parameter_mb"] == pytest.approx(one["plan_parameter_mb"] / 2, rel=0.01)
+    assert offload["plan_parameter_mb"] == pytest.approx(two["plan_parameter_mb"], rel=0.01)
+    assert "aurora-plan model states" in (tmp_path / "zero.md").read_text()
     assert {(p["backbone"], p["gpus"]) for p in results["plan"]} == {
         (b, g) for b in ("blip-large-retrieval", "vit-giant") for g in (8, 16, 64)}
 

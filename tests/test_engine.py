@@ -149,6 +149,15 @@ def test_blip2_two_rank_zero3_matches_single_process_reference(tmp_path, unparti
     assert meta["factor_sets"]["qformer_d48"] == {"parts": ["down"], "rank": 3, "width": 48}
 
 
+def test_runs_leave_no_shared_memory_behind(tiny_checkpoint, tmp_path):
+    """DeepSpeed's CPU allreduce maps a 66 MB /dev/shm file per rank and never removes it."""
+    port = _port()
+    _run(["bash", "-c", f'MASTER_PORT={port} exec bash launchers/local.sh 2 "$@"', "_",
+          *_common(tiny_checkpoint, tmp_path / "run", 1, "batch_size=2")], tmp_path / "run.log")
+    left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, left
+
+
 def test_two_ranks_hold_half_the_backbone_each(equivalence_runs, tiny_checkpoint, unpartitioned_small_tensors_off, tmp_path):
     local(1, _common(tiny_checkpoint, tmp_path / "ds1", 1, "batch_size=2")
           + ["--ds-config", str(unpartitioned_small_tensors_off)], tmp_path / "ds1.log")
@@ -259,6 +268,12 @@ def test_ds_config_contradicting_the_recipe(tmp_path):
                                                           "precision": "bf16", "clip_grad": 1.0}), 4)
     assert filled["train_batch_size"] == 24 and filled["bf16"]["enabled"] and not filled["fp16"]["enabled"]
     assert filled["gradient_clipping"] == 1.0 and filled["zero_optimization"]["stage"] == 3
+    with pytest.raises(ValueError, match=r"offload_param.nvme_path '/local_nvme' is not a directory"):
+        build_ds_config("zero3_offload_nvme", cfg, 1)
+    nvme = json.loads((ROOT / "ds_configs" / "zero3_offload_nvme.json").read_text())
+    nvme["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path)
+    (tmp_path / "nvme.json").write_text(json.dumps(nvme))
+    assert build_ds_config(str(tmp_path / "nvme.json"), cfg, 1)["zero_optimization"]["offload_param"]["device"] == "nvme"
 
 
 def test_tensorboard_has_every_term(equivalence_runs):

@@ -82,6 +82,18 @@ def test_vit_giant():
     assert row["aurora"]["gpu_bytes"] < row["deepspeed_full_training"]["gpu_bytes"]
 
 
+@pytest.mark.parametrize("backbone, low, high", [("blip2-g-retrieval", 1.15e9, 1.19e9),
+                                                 ("blip2-opt-2.7b-vqa", 3.7e9, 3.8e9), ("eva-giant", 1.0e9, 1.02e9)])
+def test_large_backbones_and_offload(backbone, low, high):
+    """Counted on the meta device in seconds; offload moves the backbone share to the CPU."""
+    on_gpu, offloaded = plan(backbone, [8])[0], plan(backbone, [8], offload=True)[0]
+    assert low < on_gpu["params"]["backbone"] < high
+    assert offloaded["aurora"]["gpu_bytes"] < on_gpu["aurora"]["gpu_bytes"]
+    assert offloaded["aurora"]["cpu_bytes_per_node"] > 8 * on_gpu["aurora"]["backbone_gpu_bytes"] * 0.9
+    # the factor sets of every width are counted: 1408, 6144 (ViT-g MLP) and, for BLIP-2, 768
+    assert on_gpu["params"]["aurora"] > 500_000
+
+
 def test_cli_table_and_json(capsys):
     assert main(["--backbone", BLIP, "--gpus", "8,16,64"]) == 0
     table = capsys.readouterr().out

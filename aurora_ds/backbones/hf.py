@@ -24,17 +24,17 @@ TINY_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 5, "eos_token_id": 3, "sep_
 VISION = r"vision_model\.encoder\.layers\.\d+\.(self_attn\.(qkv|projection)|mlp\.fc[12])"
 
 
-def _text(tower: str, cross_kv: bool = True) -> tuple[str, str, str]:
+def _text(tower: str) -> tuple[str, str, str]:
     """(paper, all-linear, gated-query) patterns for one BERT-style text tower of BLIP."""
     layer = rf"{tower}\.encoder\.layer\.\d+"
-    cross = r"crossattention\.self\.(query|key|value)" if cross_kv else r"crossattention\.self\.query"
+    cross = r"crossattention\.self\.(query|key|value)"
     paper = rf"{layer}\.(attention\.self\.(query|key|value)|{cross})"
     rest = r"(attention|crossattention)\.output\.dense|intermediate\.dense|output\.dense"
     return paper, rf"{layer}\.({rest})", rf"{layer}\.(attention|crossattention)"
 
 
-def _blip_presets(towers: list[str], context: str, cross_kv: bool) -> dict[str, TargetPreset]:
-    text = [_text(t, cross_kv) for t in towers]
+def _blip_presets(towers: list[str], context: str) -> dict[str, TargetPreset]:
+    text = [_text(t) for t in towers]
     paper = (VISION, *(t[0] for t in text))
     gated = tuple(t[2] for t in text)
     return {
@@ -71,14 +71,13 @@ def _blip_sizes(size: str) -> dict:
 
 
 for _size in ("tiny", "base", "large"):
-    # BLIP-large's cross-attention key/value map 1024-d image tokens to 768-d text: not square
-    # blocks of one width, so its paper preset adapts the cross-attention query only.
-    _square = _size != "large"
+    # BLIP-large's cross-attention key/value map 1024-d image tokens to 768-d text: layers
+    # between two widths (aurora/layer.py).
     _image = _blip_shape(_size)["vision_config"].get("image_size", 384)
     register_backbone(
         BackboneSpec(
             f"blip-{_size}-retrieval", "hf", "retrieval", _blip_shape(_size),
-            _blip_presets(["text_encoder"], "itm_head", _square), _image,
+            _blip_presets(["text_encoder"], "itm_head"), _image,
             trained_heads=("vision_proj", "text_proj", "itm_head"),
             description=f"BLIP-{_size} image-text retrieval (ITC + ITM heads)",
             extra={"model_class": "BlipForImageTextRetrieval", "config_class": "BlipConfig"},
@@ -93,7 +92,7 @@ for _size in ("tiny", "base", "large"):
     register_backbone(
         BackboneSpec(
             f"blip-{_size}-vqa", "hf", "vqa", _blip_shape(_size),
-            _blip_presets(["text_encoder", r"text_decoder\.bert"], "", _square), _image,
+            _blip_presets(["text_encoder", r"text_decoder\.bert"], ""), _image,
             description=f"BLIP-{_size} VQA (question encoder + answer decoder)",
             extra={"model_class": "BlipForQuestionAnswering", "config_class": "BlipConfig"},
         ),

@@ -3,6 +3,11 @@ synthetic batches): backbone parameter bytes held per rank and median step time 
 ranks, and 2 ranks with parameter offload (``zero3_offload``), as 2-rank/1-rank ratios; plus
 ``aurora-plan``'s estimates for large backbones on 8/16/64 GPUs, which cannot be measured here.
 
+Each run's peak memory per rank is set next to what one unpartitioned copy of the model needs
+and next to ``aurora-plan``'s estimate for the same ranks, precision, offload and persistence
+threshold. The scaling entry (README "Scaling up") is ``--backbone blip2-g-retrieval
+--precision bf16 --runs 2,2-offload``: a 1.2 B model on 2 CPU ranks.
+
 The shipped configs keep tensors below 1e5 elements whole on every rank; the tiny backbone has
 no larger tensor, so this benchmark sets ``--persistence-threshold`` (default 0) to make the
 partitioning visible at any size. The micro-batch is per rank: 2 ranks do twice the samples.
@@ -10,6 +15,7 @@ partitioning visible at any size. The micro-batch is per rank: 2 ranks do twice 
 
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -18,7 +24,8 @@ from pathlib import Path
 
 from .report import bar_chart, cli_config, fmt, machine, ratio, table, write
 
-RUNS = (("1 rank", 1, "zero3"), ("2 ranks", 2, "zero3"), ("2 ranks, offload", 2, "zero3_offload"))
+RUNS = {"1": ("1 rank", 1, "zero3"), "2": ("2 ranks", 2, "zero3"), "2-offload": ("2 ranks, offload", 2, "zero3_offload")}
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 PLAN = (("blip-large-retrieval", (8, 16, 64)), ("vit-giant", (8, 16, 64)))
 LOCAL_SH = Path(__file__).resolve().parents[2] / "launchers" / "local.sh"
 
@@ -33,6 +40,11 @@ def add_arguments(p):
     p.add_argument("--persistence-threshold", type=int, default=0,
                    help="stage3_param_persistence_threshold (the shipped configs use 100000)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per training run")
+    p.add_argument("--precision", choices=sorted(BYTES), default="fp32", help="backbone and Aurora precision")
+    p.add_argument("--image-size", type=int, default=0, help="input resolution (0 = the backbone's)")
+    p.add_argument("--keep-adapters", action="store_true", help="copy each run's adapter_latest into --out")
+    p.add_argument("--runs", default="1,2,2-offload",
+                   help=f"comma-separated runs out of {','.join(RUNS)}; ratios are against the first")
 
 
 def _port() -> int:
@@ -61,7 +73,8 @@ def launch(ranks: int, ds_config: Path, out: Path, args) -> dict:
     rank = args.rank or (4 if "tiny" in args.backbone else 32)
     train_args = ["--set", "data=synthetic", "--set", f"backbone={args.backbone}", "--set", f"rank={rank}",
                   "--set", f"batch_size={args.batch}", "--set", "queue_size=64", "--set", "progress=false",
-                  "--set", "log_every=1", "--max-steps", str(args.steps), "--out", str(out),
+                  "--set", "log_every=1", "--set", f"precision={args.precision}",
+                  "--set", f"image_size={args.image_size}", "--max-steps", str(args.steps), "--out", str(out),
                   "--ds-config", str(ds_config)]
     env = dict(os.environ, MASTER_PORT=str(_port()), PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -79,13 +92,29 @@ def launch(ranks: int, ds_config: Path, out: Path, args) -> dict:
     return summary
 
 
-def measured_row(label: str, ranks: int, config: str, summary: dict, batch: int) -> dict:
+def measured_row(label: str, ranks: int, config: str, summary: dict, args) -> dict:
     times = [h["time_s"] for h in summary["history"][1:]] or [summary["history"][0]["time_s"]]
     step = statistics.median(times)
     return {"run": label, "ranks": ranks, "ds_config": config,
             "local_parameter_bytes": summary["local_parameter_bytes"], "step_s": step,
-            "samples_per_s": batch * ranks / step, "peak_memory_mb": summary["peak_memory_mb"],
-            "wall_s": summary["wall_s"], "steps": summary["steps"]}
+            "samples_per_s": args.batch * ranks / step, "peak_memory_mb": summary["peak_memory_mb"],
+            "loss": [h["loss"] for h in summary["history"]],
+            "wall_s": summary["wall_s"], "steps": summary["steps"], **estimate(ranks, config, args)}
+
+
+def estimate(ranks: int, config: str, args) -> dict:
+    """What one unpartitioned copy needs, and aurora-plan's model states for this run (MiB per
+    rank; on a CPU machine the "GPU" and the offload "CPU" share are the same memory)."""
+    from aurora_ds.engine.plan import count_parameters, plan
+
+    rank = args.rank or (4 if "tiny" in args.backbone else 32)
+    counts = count_parameters(args.backbone, rank, args.persistence_threshold)
+    row = plan(args.backbone, [ranks], offload=config == "zero3_offload", precision=args.precision, rank=rank,
+               persistence_threshold=args.persistence_threshold)[0]["aurora"]
+    return {"unpartitioned_mb": counts["total"] * BYTES[args.precision] / 2**20,
+            "plan_parameter_mb": (row["backbone_gpu_bytes"] + row["cpu_bytes_per_node"] / ranks) / 2**20,
+            "plan_model_states_mb": (row["gpu_bytes"] + row["cpu_bytes_per_node"] / ranks) / 2**20,
+            "params": counts["total"]}
 
 
 def plan_rows() -> list[dict]:
@@ -104,14 +133,23 @@ def plan_rows() -> list[dict]:
 
 def markdown(results: dict) -> str:
     one = results["runs"][0]
+    first = f"vs {one['run']}"
     rows = [[r["run"], r["ds_config"], f"{r['local_parameter_bytes'] / 2**20:.2f}",
              fmt(ratio(r["local_parameter_bytes"], one["local_parameter_bytes"]), ".2f", "x"),
              f"{r['step_s']:.3f}", fmt(ratio(r["step_s"], one["step_s"]), ".2f", "x"),
-             f"{r['samples_per_s']:.1f}", f"{r['peak_memory_mb']:.0f}"] for r in results["runs"]]
-    text = f"Backbone {results['config']['backbone']}, persistence threshold " \
-           f"{results['config']['persistence_threshold']}, micro-batch {results['config']['batch']} per rank.\n\n"
-    text += table(["run", "config", "backbone params MiB/rank", "vs 1 rank", "step s (median)", "vs 1 rank",
-                   "samples/s", "peak memory MB/rank"], rows)
+             f"{r['samples_per_s']:.2f}"] for r in results["runs"]]
+    c = results["config"]
+    text = f"Backbone {c['backbone']} ({one['params'] / 1e6:,.1f}M parameters), {c['precision']}, persistence " \
+           f"threshold {c['persistence_threshold']}, micro-batch {c['batch']} per rank" \
+           f"{', image ' + str(c['image_size']) + ' px' if c['image_size'] else ''}.\n\n"
+    text += table(["run", "config", "params MiB/rank", first, "step s (median)", first, "samples/s"], rows)
+    memory = [[r["run"], f"{r['peak_memory_mb']:,.0f}", f"{r['unpartitioned_mb']:,.0f}",
+               f"{r['plan_model_states_mb']:,.0f}", f"{r['local_parameter_bytes'] / 2**20:,.0f}",
+               f"{r['plan_parameter_mb']:,.0f}"] for r in results["runs"]]
+    text += "\nMemory per rank, MiB (peak: the accelerator's, or on CPU the process's peak RSS, which also " \
+            "holds the Python runtime, activations and the data):\n\n"
+    text += table(["run", "peak", "one unpartitioned copy", "aurora-plan model states", "parameters held",
+                   "aurora-plan parameters"], memory)
     plan_table = [[p["backbone"], p["gpus"], f"{p['params'] / 1e6:,.0f}M", f"{p['aurora_backbone_gpu_gib']:.2f}",
                    f"{p['aurora_gpu_gib']:.2f}", f"{p['full_training_gpu_gib']:.2f}"] for p in results["plan"]]
     text += "\nEstimates (aurora-plan, bf16, no offload, activations excluded), GiB per GPU:\n\n"
@@ -124,12 +162,18 @@ def run(args):
     import tempfile
 
     os.makedirs(args.out, exist_ok=True)
+    unknown = [r for r in args.runs.split(",") if r not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; choose from {list(RUNS)}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="aurora-bench-zero-") as tmp:
-        for label, ranks, config in RUNS:
+        for label, ranks, config in (RUNS[r] for r in args.runs.split(",")):
             path = ds_config_copy(config, args.persistence_threshold, Path(tmp))
             summary = launch(ranks, path, Path(tmp) / f"{ranks}_{config}", args)
-            rows.append(measured_row(label, ranks, config, summary, args.batch))
+            if args.keep_adapters:
+                shutil.copytree(Path(tmp) / f"{ranks}_{config}" / "adapter_latest",
+                                Path(args.out) / f"adapter_{ranks}_{config}", dirs_exist_ok=True)
+            rows.append(measured_row(label, ranks, config, summary, args))
             print(f"[zero] {label}: {rows[-1]['local_parameter_bytes'] / 2**20:.2f} MiB/rank, "
                   f"{rows[-1]['step_s']:.3f} s/step", flush=True)
     one = rows[0]
@@ -142,7 +186,7 @@ def run(args):
     path = os.path.join(args.out, "zero.png")
     bar_chart(path, ["backbone params/rank", "step time"],
               {r["run"]: [ratio(r["local_parameter_bytes"], one["local_parameter_bytes"]), ratio(r["step_s"], one["step_s"])]
-               for r in rows}, "relative to 1 rank", f"ZeRO-3, {args.backbone}")
+               for r in rows}, f"relative to {one['run']}", f"ZeRO-3, {args.backbone}")
     results["plots"] = [path]
     for p in write(args.out, "zero", results, markdown(results)):
         print(f"[zero] wrote {p}")

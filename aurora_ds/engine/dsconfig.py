@@ -36,6 +36,11 @@ def build_ds_config(name: str, cfg, world_size: int) -> dict:
                 f"{path}: remove the {key!r} section; aurora_ds builds the optimizer and the "
                 f"warmup+cosine schedule from the recipe (optimizer, lr, weight_decay, warmup_steps)"
             )
+    offload = raw.get("zero_optimization", {}).get("offload_param", {})
+    if offload.get("device") == "nvme" and not Path(offload.get("nvme_path", "")).is_dir():
+        raise ValueError(f"{path}: zero_optimization.offload_param.nvme_path {offload.get('nvme_path')!r} is not a "
+                         "directory on this machine; point it at a local NVMe mount (DeepSpeed's async I/O op "
+                         "must be built: DS_BUILD_AIO=1)")
     if cfg.precision == "fp16" and not _has_gpu():
         raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
     ds = copy.deepcopy(raw)

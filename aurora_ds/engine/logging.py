@@ -16,8 +16,8 @@ def peak_memory_mb() -> float:
 
 
 class RunLogger:
-    def __init__(self, log_dir, enabled: bool, total_steps: int, start_step: int, progress: bool):
-        self.enabled = enabled
+    def __init__(self, log_dir, enabled: bool, total_steps: int, start_step: int, progress: bool, every: int = 1):
+        self.enabled, self.total, self.every = enabled, total_steps, every
         self.writer = self.bar = None
         if not enabled:
             return
@@ -44,9 +44,13 @@ class RunLogger:
             self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
 
     def advance(self, step: int, postfix: dict):
+        """The progress bar, or without one (logs, batch jobs) a line every ``every`` steps."""
+        terms = {k: f"{v:.4g}" for k, v in postfix.items()}
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
+            self.bar.set_postfix(terms, refresh=True)
+        elif step % self.every == 0 or step == self.total:
+            self.message(f"[aurora] step {step}/{self.total} " + " ".join(f"{k}={v}" for k, v in terms.items()))
 
     def close(self):
         if self.bar is not None:

@@ -45,9 +45,22 @@ def setup_distributed(cfg) -> tuple[int, int]:
         deepspeed.init_distributed()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            release_shm_buffer()
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--no-deepspeed is the single-process reference path; launch it without a launcher")
     return world()
+
+
+def release_shm_buffer():
+    """DeepSpeed's CPU shared-memory allreduce creates one RAM-backed ``/dev/shm`` file per rank
+    (66 MB) and never removes it: every run would leak them. Once every rank has passed
+    ``init_distributed`` (a barrier), all of them have mapped all the files, so each rank unlinks
+    its own now: the mappings stay valid and nothing is left behind, even by a killed run."""
+    path = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                               f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    dist.barrier()
+    path.unlink(missing_ok=True)
 
 
 def _free_port() -> int:
@@ -183,7 +196,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     objective.train()  # from_pretrained returns eval mode; DeepSpeed does not change it
     objective.ema = EMA(backend, handle.named_trainable_parameters(), cfg.momentum)
 
-    log = RunLogger(out / "tb", rank == 0, total_steps, 0, cfg.progress)
+    log = RunLogger(out / "tb", rank == 0, total_steps, 0, cfg.progress, cfg.log_every)
     log.message(f"[aurora] {handle.format_parameter_report()}")
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
     step, epoch = 0, 0
