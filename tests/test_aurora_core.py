@@ -339,6 +339,21 @@ def test_backbone_loads_from_local_checkpoint(tmp_path):
         assert torch.equal(a, b), n
 
 
+def test_timm_tower_from_checkpoint_directory_and_in_bf16(tmp_path):
+    torch.manual_seed(0)
+    model = build_backbone("eva-tiny")
+    (tmp_path / "eva").mkdir()
+    save_file(model.state_dict(), str(tmp_path / "eva" / "model.safetensors"))
+    loaded = build_backbone("eva-tiny", checkpoint=tmp_path / "eva")
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    half = build_backbone("eva-tiny", checkpoint=tmp_path / "eva", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # the build's default dtype is restored
+    with pytest.raises(FileNotFoundError, match="model.safetensors does not exist"):
+        build_backbone("eva-tiny", checkpoint=tmp_path)
+
+
 def test_adapted_layer_stays_at_its_path():
     model, handle = _adapted("blip-tiny-retrieval")
     layer = model.text_encoder.encoder.layer[0].crossattention.self.query

@@ -147,6 +147,9 @@ def test_blip2_two_rank_zero3_matches_single_process_reference(tmp_path, unparti
     assert la == pytest.approx(lb, abs=1e-5)
     meta = json.loads((tmp_path / "ds2" / "adapter_latest" / "adapter_config.json").read_text())
     assert meta["factor_sets"]["qformer_d48"] == {"parts": ["down"], "rank": 3, "width": 48}
+    summary = _summary(tmp_path / "ds2")
+    held = summary["local_parameter_bytes"] / (4 * summary["parameters"]["total"])
+    assert 0.45 < held < 0.55, held  # each rank holds half of everything, queries included
 
 
 def test_runs_leave_no_shared_memory_behind(tiny_checkpoint, tmp_path):

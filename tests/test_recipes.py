@@ -94,6 +94,11 @@ def test_recipe_trains_and_evaluates_on_two_ranks(world, recipe):
         assert metrics["num_media"] == data[dataset]["num_test"]
         assert 0.0 <= metrics["txt_r1"] <= metrics["txt_r5"] <= metrics["txt_r10"] <= 100.0
     assert (out / "adapter_latest" / "adapter.safetensors").exists()
+    meta = json.loads((out / "adapter_latest" / "adapter_config.json").read_text())
+    if backbone.startswith("blip2"):
+        # three widths, layers between them; a language model the recipe keeps frozen is untouched
+        assert {f["width"] for f in meta["factor_sets"].values()} == {32, 48, 208}
+        assert not any("language_model" in name for name in meta["tensors"])
 
 
 def test_evaluation_is_invariant_to_ranks_and_shard_order(world):

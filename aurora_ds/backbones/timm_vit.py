@@ -1,6 +1,10 @@
-"""timm vision transformers (fused qkv), built by name with no weights."""
+"""timm vision transformers (fused qkv) and EVA, built by name with no weights."""
 
 from __future__ import annotations
+
+import contextlib
+
+import torch
 
 from ..aurora.targets import TargetPreset
 from . import BackboneSpec, register_backbone, register_family
@@ -10,7 +14,8 @@ def _build(spec: BackboneSpec, checkpoint, dtype):
     import timm
     from safetensors.torch import load_file
 
-    model = timm.create_model(spec.extra["arch"], pretrained=False, **spec.shape)
+    with _default_dtype(dtype):  # created in the target precision: never an fp32 copy first
+        model = timm.create_model(spec.extra["arch"], pretrained=False, **spec.shape)
     if checkpoint is not None:
         weights = checkpoint / "model.safetensors"
         if not weights.is_file():
@@ -22,6 +27,16 @@ def _build(spec: BackboneSpec, checkpoint, dtype):
         if getattr(module, "q_bias", None) is not None and hasattr(module, "qkv_bias_separate"):
             module.qkv_bias_separate = True
     return model.to(dtype)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 register_family("timm", _build)
