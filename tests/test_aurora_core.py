@@ -29,10 +29,10 @@ def _randomize(handle, seed=1, std=0.1):
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def _identity_at_init(name, batch_size):
+def _identity_at_init(name, batch_size, dtype=torch.float32):
     spec = get_spec(name)
     torch.manual_seed(0)
-    model = build_backbone(name).eval()
+    model = build_backbone(name, dtype=dtype).eval()
     batch = example_batch(spec, batch_size)
     with torch.no_grad():
         before = forward_features(model, spec, batch)
@@ -51,7 +51,9 @@ def test_adapted_equals_frozen_at_init(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LARGE)
 def test_adapted_equals_frozen_at_init_full_size(name):
-    _identity_at_init(name, 1)
+    # 3.7 B parameters would take 15 GB in fp32; V = 0 and closed gates add exact zeros, so
+    # the check is exact in bf16 too.
+    _identity_at_init(name, 1, torch.bfloat16 if name == "blip2-opt-2.7b-vqa" else torch.float32)
 
 
 @pytest.mark.parametrize("name", TINY)

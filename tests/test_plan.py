@@ -11,7 +11,7 @@ import sys
 import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-from aurora_ds.engine.plan import main, plan
+from aurora_ds.engine.plan import MAX_LIVE_PARAMETERS, main, plan
 
 BLIP = "blip-base-retrieval"
 BACKBONE = 223_744_258  # parameter_report()["backbone"]
@@ -32,9 +32,11 @@ def test_aurora_estimate_by_hand_without_persistence():
     """Threshold 0 partitions everything: the numbers follow from parameter_report alone."""
     a = plan(BLIP, [8], precision="bf16", persistence_threshold=0)[0]["aurora"]
     assert a["backbone_gpu_bytes"] == int(2 * BACKBONE / 8)
-    assert a["working_set_gpu_bytes"] == 2 * 2 * LARGEST
+    # ZeRO-3 may keep up to stage3_max_live_parameters (1e8) gathered; BLIP-base's largest layer
+    # and the next one prefetched are fewer.
+    assert a["working_set_gpu_bytes"] == 2 * MAX_LIVE_PARAMETERS > 2 * 2 * LARGEST
     assert a["aurora_states_gpu_bytes"] == int(2 * AURORA / 8 + 16 * AURORA / 8)
-    assert a["gpu_bytes"] == int(2 * BACKBONE / 8 + 4 * LARGEST + 18 * AURORA / 8)
+    assert a["gpu_bytes"] == int(2 * BACKBONE / 8 + 2 * MAX_LIVE_PARAMETERS + 18 * AURORA / 8)
     assert a["cpu_bytes_per_node"] == 0
 
 
@@ -44,7 +46,7 @@ def test_aurora_estimate_by_hand_default_threshold():
     pb, a = row["params"]["backbone_persistent"], row["aurora"]
     assert a["backbone_gpu_bytes"] == int(4 * pb + 4 * (BACKBONE - pb) / 16)
     assert a["aurora_states_gpu_bytes"] == int(4 * AURORA + 16 * AURORA / 16)
-    assert a["working_set_gpu_bytes"] == 2 * 4 * LARGEST
+    assert a["working_set_gpu_bytes"] == 4 * MAX_LIVE_PARAMETERS
 
 
 def test_more_gpus_less_memory_per_gpu():

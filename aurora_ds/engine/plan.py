@@ -28,6 +28,9 @@ BYTES_PER_PARAM = {"bf16": 2, "fp16": 2, "fp32": 4}
 TRAIN_STATE_BYTES = 16
 # Gathered layer plus the next one prefetched while it runs.
 PREFETCH_FACTOR = 2
+# stage3_max_live_parameters in ds_configs/zero3*.json: ZeRO-3 keeps up to this many parameters
+# gathered (those it will reuse soon, e.g. the last forward layers for the backward pass).
+MAX_LIVE_PARAMETERS = 100_000_000
 # DeepSpeed's default stage3_param_persistence_threshold (also in ds_configs/zero3*.json).
 PERSISTENCE_THRESHOLD = 100_000
 GIB = 2**30
@@ -108,7 +111,8 @@ def aurora_estimate(counts: dict, gpus: int, nodes: int, offload: bool, precisio
     backbone_gpu, backbone_cpu = model_copy(counts["backbone_persistent"], backbone_split)
     aurora_gpu, aurora_cpu = model_copy(counts["aurora_persistent"], aurora_split)
     states_gpu = aurora_gpu + TRAIN_STATE_BYTES * counts["aurora"] / gpus
-    working_set = PREFETCH_FACTOR * nbytes * counts["largest_layer"]
+    gathered = max(MAX_LIVE_PARAMETERS, PREFETCH_FACTOR * counts["largest_layer"])
+    working_set = nbytes * min(gathered, backbone_split + aurora_split)
     return {
         "backbone_gpu_bytes": int(backbone_gpu),
         "working_set_gpu_bytes": int(working_set),
@@ -182,7 +186,8 @@ def format_table(rows: list[dict]) -> str:
     lines += [
         "",
         "backbone: frozen weights kept on each GPU (small tensors whole, a share of the rest);",
-        "gathered: largest layer gathered for compute plus the next one prefetched;",
+        "gathered: parameters ZeRO-3 keeps gathered: up to stage3_max_live_parameters (1e8 in the",
+        "  shipped configs), at least the largest layer plus the next one prefetched;",
         "Aurora: its weights, fp32 master copy, Adam moments and gradients.",
         *textwrap.wrap(ACTIVATIONS_NOTE, 100, break_on_hyphens=False),
     ]

@@ -10,8 +10,6 @@ outputs: teacher forcing on each question's answers weighted by how many humans 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,6 +114,7 @@ class Blip2QAObjective(_NoState, nn.Module):
         self.backbone, self.cfg = backbone, cfg
         self.ema = None
         self.tokenizer = None
+        self._candidates = None
 
     def forward(self, batch: dict, step: int, mode: str, extra=None):
         """``train``: {"answer", "loss"}; ``generate``: answer strings; ``rank``: the best answer
@@ -203,9 +202,11 @@ class Blip2QAObjective(_NoState, nn.Module):
         best = top.gather(1, nll.view(b, k).argmin(1, keepdim=True)).squeeze(1)
         return [candidates.answers[i] for i in best.tolist()]
 
-    @functools.lru_cache(maxsize=2)
     def _tokenized(self, answers: tuple[str, ...]):
-        return self._answers(list(answers))
+        """The answer list tokenised once per evaluation, not once per batch."""
+        if self._candidates is None or self._candidates[0] != answers:
+            self._candidates = (answers, self._answers(list(answers)))
+        return self._candidates[1]
 
 
 def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
