@@ -291,10 +291,17 @@ def test_tensorboard_has_every_term(equivalence_runs):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
-def test_bf16_with_activation_checkpointing_on_two_ranks(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("backbone", ["blip-tiny-retrieval", "blip2-tiny-retrieval"])
+def test_bf16_with_activation_checkpointing_on_two_ranks(tiny_checkpoint, tmp_path, backbone):
     out = tmp_path / "bf16"
-    local(2, _common(tiny_checkpoint, out, 2, "batch_size=2", "precision=bf16", "activation_checkpointing=true",
-                     "lr=1e-3"), tmp_path / "bf16.log")
+    if backbone == "blip-tiny-retrieval":
+        checkpoint = tiny_checkpoint
+    else:
+        torch.manual_seed(0)
+        checkpoint = tmp_path / "blip2-tiny"
+        build_backbone(backbone).save_pretrained(checkpoint)
+    local(2, _common(checkpoint, out, 2, "batch_size=2", "precision=bf16", "activation_checkpointing=true",
+                     "lr=1e-3", f"backbone={backbone}"), tmp_path / "bf16.log")
     summary = _summary(out)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
     tensors = load_file(str(out / "adapter_latest" / "adapter.safetensors"))
