@@ -307,3 +307,55 @@ def test_bf16_with_activation_checkpointing_on_two_ranks(tiny_checkpoint, tmp_pa
     tensors = load_file(str(out / "adapter_latest" / "adapter.safetensors"))
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     assert (tensors["aurora_factors.d32.up.V"] != 0).any()
+
+
+TIMM_ZERO3 = """
+import sys, torch, deepspeed
+from pathlib import Path
+from safetensors.torch import load_file
+deepspeed.init_distributed()
+from aurora_ds import AuroraConfig, build_backbone, inject_aurora
+from aurora_ds.engine.loop import release_shm_buffer
+release_shm_buffer()
+
+ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+      "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}
+model = build_backbone("eva-tiny", checkpoint=sys.argv[1], dtype=torch.bfloat16, zero3=ds)
+params = dict(model.named_parameters())
+local = sum(p.ds_tensor.numel() for p in params.values())
+total = sum(p.ds_numel for p in params.values())
+assert 0.45 < local / total < 0.55, (local, total)
+assert {p.dtype for p in params.values()} == {torch.bfloat16}
+state = load_file(str(Path(sys.argv[1]) / "model.safetensors"))
+with deepspeed.zero.GatheredParameters(list(params.values())):
+    for name, p in params.items():
+        assert torch.equal(p.float(), state[name].bfloat16().float()), name
+inject_aurora(model, AuroraConfig(rank=4, backbone="eva-tiny"))
+engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                  config={**ds, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+                                          "zero_allow_untested_optimizer": True})
+loss = engine(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).float().pow(2).mean()
+engine.backward(loss)
+engine.step()
+assert torch.isfinite(loss)
+print("OK", local, total)
+"""
+
+
+def test_timm_tower_built_partitioned_in_bf16_on_two_ranks(tmp_path):
+    """A timm tower (the Python API path): built under zero.Init from a checkpoint directory,
+    half of it on each rank, bf16, the checkpoint's values, one DeepSpeed step."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    (tmp_path / "eva").mkdir()
+    save_file(build_backbone("eva-tiny").state_dict(), str(tmp_path / "eva" / "model.safetensors"))
+    script = tmp_path / "timm_zero3.py"
+    script.write_text(TIMM_ZERO3)
+    port = _port()
+    log = _run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                str(script), str(tmp_path / "eva")], tmp_path / "timm.log")
+    assert log.count("OK ") == 2
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    with pytest.raises(ValueError, match="HfDeepSpeedConfig"):
+        build_backbone("blip-tiny-retrieval", zero3={"zero_optimization": {"stage": 3}})

@@ -66,13 +66,19 @@ def get_spec(name: str) -> BackboneSpec:
     return _REGISTRY[name]
 
 
-def build_backbone(name: str, checkpoint: str | Path | None = None, dtype: torch.dtype = torch.float32):
+def build_backbone(name: str, checkpoint: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                   zero3: dict | None = None):
     """The backbone ``name`` with random weights, or loaded from the local ``checkpoint`` dir.
 
-    Called while a ``transformers.integrations.HfDeepSpeedConfig`` for ZeRO-3 is alive, the
-    transformers families come out already partitioned across ranks.
+    Built directly partitioned across ranks for ZeRO-3: the transformers families when called
+    while a ``transformers.integrations.HfDeepSpeedConfig`` is alive (kept for the whole run,
+    as ``aurora-train`` does: transformers also reads it in ``generate``); the timm towers when
+    given the DeepSpeed config as ``zero3`` (``deepspeed.init_distributed`` must have run).
     """
     spec = get_spec(name)
+    if zero3 is not None and spec.family != "timm":
+        raise ValueError(f"{name} is a transformers model: build it while a transformers.integrations."
+                         "HfDeepSpeedConfig(ds_config) is alive instead of passing zero3")
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_dir():
@@ -80,6 +86,8 @@ def build_backbone(name: str, checkpoint: str | Path | None = None, dtype: torch
                 f"checkpoint directory {checkpoint} for backbone {name!r} does not exist "
                 f"(nothing is downloaded: save the model there with save_pretrained first)"
             )
+    if spec.family == "timm":
+        return _BUILDERS[spec.family](spec, checkpoint, dtype, zero3)
     return _BUILDERS[spec.family](spec, checkpoint, dtype)
 
 
