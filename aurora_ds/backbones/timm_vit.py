@@ -46,7 +46,7 @@ def _load(model, state: dict, partitioned: bool):
     import deepspeed
 
     params = dict(model.named_parameters())
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params) - set(model.state_dict()))
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, param in params.items():

@@ -12,31 +12,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..backbones import blip2
 from .common import gather, gather_with_grad, world
-from .qa import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS, Candidates, inference
+from .qa import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS, Candidates, StatelessObjective, inference
 from .retrieval import encode_media, matching_inputs, matching_loss, media_index, similarity
 
 PROMPT = "Question: {} Answer:"
 MAX_PROMPT_TOKENS = 48
 
 
-class _NoState:
-    """BLIP-2 objectives keep no state beyond the parameters (no queue, no momentum)."""
-
-    def objective_state(self) -> dict:
-        return {}
-
-    def load_objective_state(self, state: dict):
-        pass
-
-    def losses(self, forward, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        return forward(batch, step, "train")
-
-
-class Blip2RetrievalObjective(_NoState, nn.Module):
+class Blip2RetrievalObjective(StatelessObjective):
     """ITC + ITM around a ``Blip2ForImageTextRetrieval``; forward modes as
     :class:`~aurora_ds.tasks.retrieval.RetrievalObjective` (``train``, ``embed_media``,
     ``embed_text``, ``match``), all inside the engine's forward for ZeRO-3."""
@@ -98,7 +84,7 @@ class Blip2RetrievalObjective(_NoState, nn.Module):
         return losses
 
 
-class Blip2QAObjective(_NoState, nn.Module):
+class Blip2QAObjective(StatelessObjective):
     """VQA around a ``Blip2ForConditionalGeneration`` with a decoder-only language model (OPT).
 
     A sequence is ``[query prefix][Question: q Answer:][answer][eos]``; prompts are left-padded

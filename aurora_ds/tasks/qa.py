@@ -68,7 +68,21 @@ def inference(module: nn.Module):
         module.train(training)
 
 
-class QAObjective(nn.Module):
+class StatelessObjective(nn.Module):
+    """An objective with no state beyond the parameters (no feature queue, no momentum
+    features): one forward per micro-batch, nothing to checkpoint besides the engine's."""
+
+    def objective_state(self) -> dict:
+        return {}
+
+    def load_objective_state(self, state: dict):
+        pass
+
+    def losses(self, forward, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        return forward(batch, step, "train")
+
+
+class QAObjective(StatelessObjective):
     """BLIP's VQA answer loss around a ``BlipForQuestionAnswering`` backbone.
 
     As :class:`RetrievalObjective`, all backbone work happens in ``forward`` so that DeepSpeed's
@@ -82,15 +96,6 @@ class QAObjective(nn.Module):
         self.backbone, self.cfg = backbone, cfg
         self.ema = None  # set by the engine; QA has no momentum distillation
         self.tokenizer = None
-
-    def objective_state(self) -> dict:
-        return {}
-
-    def load_objective_state(self, state: dict):
-        pass
-
-    def losses(self, forward, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        return forward(batch, step, "train")
 
     def forward(self, batch: dict, step: int, mode: str, extra=None):
         """``train``: {"answer", "loss"}; ``generate``: answer strings; ``rank``: the best
