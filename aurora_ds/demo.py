@@ -10,23 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def step(message: str):
     print(f"\n==> {message}", flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare(dataset: str, n: int, out: Path, prefix: str, seed: int, maxcount: int) -> dict:
@@ -46,7 +41,7 @@ def train(name: str, recipe: str, specs: dict, checkpoint: Path, out: Path, env:
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**env, "MASTER_PORT": str(_free_port())}).returncode
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**env, "MASTER_PORT": str(free_port())}).returncode
     if code != 0:
         sys.exit(f"training {name} failed (exit {code}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
     summary = json.loads((out / "summary.json").read_text())

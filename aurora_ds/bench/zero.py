@@ -16,12 +16,12 @@ partitioning visible at any size. The micro-batch is per rank: 2 ranks do twice 
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
+from ..dist import free_port
 from .report import bar_chart, cli_config, fmt, machine, ratio, table, write
 
 RUNS = {"1": ("1 rank", 1, "zero3"), "2": ("2 ranks", 2, "zero3"), "2-offload": ("2 ranks, offload", 2, "zero3_offload")}
@@ -47,12 +47,6 @@ def add_arguments(p):
                    help=f"comma-separated runs out of {','.join(RUNS)}; ratios are against the first")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ds_config_copy(name: str, threshold: int, folder: Path) -> Path:
     """The shipped config ``name`` with the persistence threshold set, written into ``folder``."""
     from aurora_ds.engine.dsconfig import resolve_ds_config
@@ -76,7 +70,7 @@ def launch(ranks: int, ds_config: Path, out: Path, args) -> dict:
                   "--set", "log_every=1", "--set", f"precision={args.precision}",
                   "--set", f"image_size={args.image_size}", "--max-steps", str(args.steps), "--out", str(out),
                   "--ds-config", str(ds_config)]
-    env = dict(os.environ, MASTER_PORT=str(_port()), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")

@@ -485,17 +485,10 @@ class Loader:
         return dict(self._faults)
 
     def state_dict(self):
-        """The resume position: epoch, shards fully delivered this epoch, batches this epoch.
-
-        Under torch.distributed this is a collective call (every rank must call it): the shard
-        lists of all ranks are merged, so any rank's state resumes the whole job.
-        """
-        consumed = set(self._consumed)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world > 1:
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, sorted(consumed))
-            consumed = set().union(*map(set, gathered))
-        return {"epoch": self.epoch, "consumed_shards": sorted(consumed), "batches": self._batches,
+        """The resume position of this rank: epoch, shards fully delivered this epoch, batches
+        this epoch. The engine merges every rank's consumed shards before saving, so any rank's
+        saved state resumes the whole job."""
+        return {"epoch": self.epoch, "consumed_shards": sorted(self._consumed), "batches": self._batches,
                 "seed": self.cfg.seed}
 
     def load_state_dict(self, state):

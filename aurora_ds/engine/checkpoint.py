@@ -23,17 +23,10 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-
 from ..aurora.io import read_adapter, write_adapter
-from ..tasks.common import world
+from ..dist import barrier, world
 
 COMPLETE = "COMPLETE"
-
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def save_adapter(backend, handle, directory, extra: dict | None = None):
@@ -43,7 +36,7 @@ def save_adapter(backend, handle, directory, extra: dict | None = None):
     if world()[0] == 0:
         tensors = {n: v.to(p.dtype).cpu() for (n, p), v in zip(named, values)}
         write_adapter(directory, tensors, handle.config, handle.describe(), extra)
-    _barrier()
+    barrier()
 
 
 def load_adapter_values(backend, handle, directory):
@@ -60,7 +53,7 @@ def save_checkpoint(out_dir, step: int, backend, handle, client_state: dict, dat
     rank, size = world()
     if rank == 0 and path.exists():
         shutil.rmtree(path)
-    _barrier()
+    barrier()
     save_adapter(backend, handle, path / "adapter", {"step": step})
     if backend.distributed:
         backend.engine.save_checkpoint(str(path / "deepspeed"), tag="state", exclude_frozen_parameters=True)
@@ -71,13 +64,13 @@ def save_checkpoint(out_dir, step: int, backend, handle, client_state: dict, dat
     if rank == 0:
         torch.save(client_state, path / "client_state.pt")
         (path / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": size, "config": cfg.to_dict()}, indent=2))
-    _barrier()
+    barrier()
     if rank == 0:
         (path / COMPLETE).write_text(tag)
         complete = sorted(p for p in root.iterdir() if (p / COMPLETE).exists())
         for old in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
-    _barrier()
+    barrier()
     return path
 
 

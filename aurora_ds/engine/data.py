@@ -7,10 +7,8 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-import torch.distributed as dist
-
 from ..backbones.tokenizer import load_tokenizer, train_tokenizer
-from ..tasks.common import world
+from ..dist import barrier, world
 
 
 def loader_config(cfg, image_size: int, train: bool):
@@ -71,8 +69,7 @@ def resolve_tokenizer(cfg, vocab_size: int):
     path = Path(cfg.out_dir) / "tokenizer"
     if world()[0] == 0 and not (path / "tokenizer.json").exists():
         train_tokenizer(_shard_texts(cfg.train_shards), vocab_size, path)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
     return load_tokenizer(path)
 
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..aurora import AuroraConfig, inject_aurora
 from ..backbones import build_backbone, get_spec
-from ..tasks.common import world
+from ..dist import barrier, free_port, gather_objects, mean_over_ranks, min_over_ranks, process_rank, set_compute_device, shutdown, world
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
 from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
 from .config import parse_rank_map
@@ -41,7 +39,7 @@ def setup_distributed(cfg) -> tuple[int, int]:
 
         if "RANK" not in os.environ:  # started without a launcher: a 1-rank group on this host
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         deepspeed.init_distributed()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -49,6 +47,7 @@ def setup_distributed(cfg) -> tuple[int, int]:
             release_shm_buffer()
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--no-deepspeed is the single-process reference path; launch it without a launcher")
+    set_compute_device(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
     return world()
 
 
@@ -58,15 +57,9 @@ def release_shm_buffer():
     ``init_distributed`` (a barrier), all of them have mapped all the files, so each rank unlinks
     its own now: the mappings stay valid and nothing is left behind, even by a killed run."""
     path = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-                               f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
-    dist.barrier()
+                               f"{os.environ.get('MASTER_PORT')}_{process_rank()}")
+    barrier()
     path.unlink(missing_ok=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_model(cfg, ds_config):
@@ -120,20 +113,14 @@ def make_objective(cfg, model):
     return QAObjective(model, cfg)
 
 
-def min_over_ranks(n: int) -> int:
-    t = torch.tensor([n])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
-
-
-def mean_over_ranks(value: torch.Tensor) -> float:
-    """The global-batch value of a per-rank mean loss (what a 1-process run would report)."""
-    value = value.detach().float().clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value.item()
+def merged_data_state(data) -> dict:
+    """The loader's resume position with every rank's consumed shards merged (collective)."""
+    if not hasattr(data, "state_dict"):
+        return {}
+    state = data.state_dict()
+    if "consumed_shards" in state:
+        state["consumed_shards"] = sorted(set().union(*map(set, gather_objects(state["consumed_shards"]))))
+    return state
 
 
 def batches(source, start_epoch: int):
@@ -251,7 +238,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
         if (cfg.save_every and step % cfg.save_every == 0) or last:
             client = {"ema": objective.ema.state_dict(), "objective": objective.objective_state(),
                       "epoch": epoch, "step": step}
-            data_state = data.state_dict() if hasattr(data, "state_dict") else {}
+            data_state = merged_data_state(data)
             save_checkpoint(out, step, backend, handle, client, data_state, cfg, cfg.keep_checkpoints)
             save_adapter(backend, handle, out / "adapter_latest", {"step": step})
 
@@ -264,9 +251,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
         log.message(f"[aurora] done: adapter in {out / 'adapter_latest'}, TensorBoard logs in {out / 'tb'}"
                     + (f", skipped samples {skipped}" if skipped else ""))
     log.close()
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()
     return summary
 
 
@@ -300,7 +285,5 @@ def evaluate(cfg, adapter_dir) -> dict:
     metrics = build_evaluator(cfg, cfg.image_size or spec.image_size, tokenizer, out)(backend.forward, handle, 0)
     if rank == 0:
         print(json.dumps(metrics, indent=2))
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()
     return metrics

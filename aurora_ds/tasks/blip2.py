@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import blip2
-from .common import gather, gather_with_grad, world
+from ..dist import gather, gather_with_grad, world
 from .qa import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS, Candidates, StatelessObjective, inference
 from .retrieval import encode_media, matching_inputs, matching_loss, media_index, similarity
 

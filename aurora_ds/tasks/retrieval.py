@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..aurora.model import CONTEXT_ATTR
-from .common import gather, gather_with_grad, row_offset, world
+from ..dist import gather, gather_with_grad, row_offset, world
 
 
 def _same(x):
@@ -113,8 +113,48 @@ def matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, s
 def matching_loss(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ITM logits laid out as :func:`matching_inputs` builds the pairs."""
     b = logits.shape[0] // 3
-    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+    labels = torch.cat([torch.ones(b, dtype=torch.long, device=logits.device), torch.zeros(2 * b, dtype=torch.long, device=logits.device)])
     return F.cross_entropy(logits.float(), labels)
+
+
+class FeatureQueue(nn.Module):
+    """BLIP's queue of past momentum features and their media indices.
+
+    Buffers, so that moving the objective moves them (a plain tensor attribute stays on the
+    CPU while the model goes to the GPU). Non-persistent: the engine checkpoints them itself.
+    The features stay fp32 whatever dtype the module is cast to (bf16/fp16 engines cast every
+    floating buffer), since similarities against the queue are computed in fp32.
+    """
+
+    def __init__(self, size: int, dim: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("image", F.normalize(torch.randn(size, dim, generator=g), dim=1), persistent=False)
+        self.register_buffer("text", F.normalize(torch.randn(size, dim, generator=g), dim=1), persistent=False)
+        self.register_buffer("idx", torch.full((size,), -100, dtype=torch.long), persistent=False)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.image, self.text = self.image.float(), self.text.float()
+        return self
+
+    @torch.no_grad()
+    def push(self, images: torch.Tensor, texts: torch.Tensor, ids: torch.Tensor):
+        n, size = images.shape[0], self.idx.shape[0]
+        slots = (torch.arange(n, device=self.idx.device) + self.ptr) % size
+        self.image[slots] = images.to(self.image)
+        self.text[slots] = texts.to(self.text)
+        self.idx[slots] = ids.view(-1).to(self.idx)
+        self.ptr.copy_((self.ptr + n) % size)
+
+    def state(self) -> dict:
+        return {"image_queue": self.image, "text_queue": self.text, "idx_queue": self.idx, "queue_ptr": self.ptr}
+
+    def load_state(self, state: dict):
+        for key, buf in (("image_queue", self.image), ("text_queue", self.text), ("idx_queue", self.idx)):
+            buf.copy_(state[key])
+        self.ptr.fill_(int(state["queue_ptr"]))
 
 
 class RetrievalObjective(nn.Module):
@@ -129,25 +169,17 @@ class RetrievalObjective(nn.Module):
         super().__init__()
         self.backbone, self.cfg = backbone, cfg
         self.ema = None  # set by the engine once the parameters are wrapped
-        dim = backbone.config.image_text_hidden_size
-        g = torch.Generator().manual_seed(cfg.seed)
-        self.image_queue = F.normalize(torch.randn(cfg.queue_size, dim, generator=g), dim=1)
-        self.text_queue = F.normalize(torch.randn(cfg.queue_size, dim, generator=g), dim=1)
-        self.idx_queue = torch.full((cfg.queue_size,), -100, dtype=torch.long)
-        self.queue_ptr = 0
+        self.queue = FeatureQueue(cfg.queue_size, backbone.config.image_text_hidden_size, cfg.seed)
         self.frame_weights = None  # (pairs, frames) while a frame-aware matching forward runs
         if cfg.frame_aware_attention and cfg.media == "video":
             for layer in backbone.text_encoder.encoder.layer:
                 layer.crossattention.self.key.register_forward_hook(self._weigh_frame_keys)
 
     def objective_state(self) -> dict:
-        return {"image_queue": self.image_queue, "text_queue": self.text_queue,
-                "idx_queue": self.idx_queue, "queue_ptr": torch.tensor(self.queue_ptr)}
+        return self.queue.state()
 
     def load_objective_state(self, state: dict):
-        for key in ("image_queue", "text_queue", "idx_queue"):
-            getattr(self, key).copy_(state[key])
-        self.queue_ptr = int(state["queue_ptr"])
+        self.queue.load_state(state)
 
     def losses(self, forward, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """One micro-batch: momentum features with the EMA swapped in, then the online losses.
@@ -190,11 +222,11 @@ class RetrievalObjective(nn.Module):
         image_feat = F.normalize(model.vision_proj(media_cls).float(), dim=-1)
         text_feat = F.normalize(model.text_proj(text_cls).float(), dim=-1)
 
-        idx_all = torch.cat([gather(idx).t(), self.idx_queue.view(1, -1)], dim=1)
+        idx_all = torch.cat([gather(idx).t(), self.queue.idx.view(1, -1)], dim=1)
         pos = torch.eq(idx, idx_all).float()
         sim_targets = pos / pos.sum(1, keepdim=True)
-        image_feat_m_all = torch.cat([gather(image_feat_m), self.image_queue])
-        text_feat_m_all = torch.cat([gather(text_feat_m), self.text_queue])
+        image_feat_m_all = torch.cat([gather(image_feat_m), self.queue.image])
+        text_feat_m_all = torch.cat([gather(text_feat_m), self.queue.text])
         if cfg.distill:
             i2t_targets = cfg.alpha * F.softmax(image_feat_m @ text_feat_m_all.t() / cfg.temp, 1) + (1 - cfg.alpha) * sim_targets
             t2i_targets = cfg.alpha * F.softmax(text_feat_m @ image_feat_m_all.t() / cfg.temp, 1) + (1 - cfg.alpha) * sim_targets
@@ -242,10 +274,4 @@ class RetrievalObjective(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, image_feat_m, text_feat_m, idx):
-        images, texts, ids = gather(image_feat_m), gather(text_feat_m), gather(idx.to(image_feat_m.device))
-        n = images.shape[0]
-        slots = (torch.arange(n) + self.queue_ptr) % self.cfg.queue_size
-        self.image_queue[slots] = images.to(self.image_queue.dtype)
-        self.text_queue[slots] = texts.to(self.text_queue.dtype)
-        self.idx_queue[slots] = ids
-        self.queue_ptr = int((self.queue_ptr + n) % self.cfg.queue_size)
+        self.queue.push(gather(image_feat_m), gather(text_feat_m), gather(idx.to(image_feat_m.device)))

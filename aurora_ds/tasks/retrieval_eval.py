@@ -12,25 +12,9 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .common import lockstep, world
+from ..dist import gather, gather_objects, lockstep, sum_over_ranks, world
 from .retrieval import similarity
-
-
-def _gather_objects(obj) -> list:
-    rank, size = world()
-    if size == 1:
-        return [obj]
-    out = [None] * size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    if world()[1] > 1:
-        dist.all_reduce(x)
-    return x
 
 
 def _rank(scores: np.ndarray, targets) -> int:
@@ -60,28 +44,38 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
     rank, size = world()
 
     # 1. Media embeddings of this rank's shards; every rank steps until all are done (a rank
-    #    with no shards left runs a dummy batch whose result is dropped).
+    #    with no shards left runs a dummy batch whose result is dropped). Features and tokens
+    #    stay on the compute device and are gathered as tensors (one copy, no pickles); only
+    #    ids and captions travel as objects.
     feats, tokens, ids, captions = [], [], [], []
     frames = (cfg.num_frames,) if cfg.media == "video" else ()
     dummy = {"pixel_values": torch.zeros(1, *frames, 3, image_size, image_size)}
     for batch, real in lockstep(loader, dummy):
         f, tok = forward(batch, 0, "embed_media")
         if real:
-            feats.append(f.float().cpu())
-            tokens.append(tok.cpu())
+            feats.append(f.float())
+            tokens.append(tok)
             ids += list(batch["media_id"])
             captions += list(batch["captions"])
-    local = {"ids": ids, "captions": captions,
-             "feats": torch.cat(feats) if feats else None, "tokens": torch.cat(tokens) if tokens else None}
-    parts = _gather_objects(local)
-    order = sorted((m, p, i) for p, part in enumerate(parts) for i, m in enumerate(part["ids"]))
-    if len({m for m, _, _ in order}) != len(order):
+    if not feats:  # this rank had no media at all: an empty part of the right shape for the gather
+        if "f" not in locals():
+            raise ValueError("the evaluation shards hold no media on any rank")
+        feats, tokens = [f.float()[:0]], [tok[:0]]
+    meta = gather_objects({"ids": ids, "captions": captions})
+    all_ids = [m for part in meta for m in part["ids"]]
+    all_captions = [c for part in meta for c in part["captions"]]
+    if len(set(all_ids)) != len(all_ids):
         raise ValueError("evaluation shards contain a media id twice; the eval set must be read once")
-    media_feat = torch.stack([parts[p]["feats"][i] for _, p, i in order])
-    media_tokens = torch.stack([parts[p]["tokens"][i] for _, p, i in order])
+    order = sorted(range(len(all_ids)), key=all_ids.__getitem__)
+    # Media tokens stay in gather order (one copy); ``perm[j]`` is the row of the j-th media id.
+    perm = torch.tensor(order, device=feats[0].device)
+    media_feat = gather(torch.cat(feats))[perm]
+    media_tokens = gather(torch.cat(tokens))
+    del feats, tokens
+    device = media_feat.device
     texts, txt2media, media2txt = [], [], []
-    for j, (_, p, i) in enumerate(order):
-        caps = parts[p]["captions"][i]
+    for j, i in enumerate(order):
+        caps = all_captions[i]
         media2txt.append(list(range(len(texts), len(texts) + len(caps))))
         txt2media += [j] * len(caps)
         texts += caps
@@ -97,18 +91,20 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
         sel = torch.tensor(list(rows))
         f, cls = forward({"input_ids": enc["input_ids"][sel], "attention_mask": enc["attention_mask"][sel]}, 0, "embed_text")
         if text_feat is None:  # the text [CLS] width need not be the media tokens' (BLIP-2)
-            text_feat, text_cls = torch.zeros(n_text, f.shape[-1]), torch.zeros(n_text, cls.shape[-1])
+            text_feat = torch.zeros(n_text, f.shape[-1], device=device)
+            text_cls = torch.zeros(n_text, cls.shape[-1], device=device)
         if index < len(chunks):
-            text_feat[sel], text_cls[sel] = f.float().cpu(), cls.float().cpu()
-    text_feat, text_cls = _sum_over_ranks(text_feat), _sum_over_ranks(text_cls)
+            text_feat[sel.to(device)], text_cls[sel.to(device)] = f.float(), cls.float()
+    text_feat, text_cls = sum_over_ranks(text_feat), sum_over_ranks(text_cls)
     context = text_cls.mean(0, keepdim=True)
 
     # 3. Top-k by similarity, re-ranked by ITM; rows split over ranks, padded to equal counts.
     sim = similarity(media_feat, text_feat)
     n_media = len(order)
     dtype = media_tokens.dtype
-    score_i2t = torch.full((n_media, n_text), -100.0)
-    score_t2i = torch.full((n_text, n_media), -100.0)
+    score_i2t = torch.full((n_media, n_text), -100.0, device=device)
+    score_t2i = torch.full((n_text, n_media), -100.0, device=device)
+    ids_all, mask_all = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     k_i2t, k_t2i = min(cfg.k_test, n_text), min(cfg.k_test, n_media)
     for direction, n_rows, k in (("i2t", n_media, k_i2t), ("t2i", n_text, k_t2i)):
         for c in range(math.ceil(n_rows / size)):
@@ -117,12 +113,12 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
             row = row if real else 0
             if direction == "i2t":
                 top = sim[row].topk(k).indices
-                pair_tokens, pair_text = media_tokens[row].expand(k, *media_tokens.shape[1:]), top
+                pair_tokens, pair_text = media_tokens[perm[row]].expand(k, *media_tokens.shape[1:]), top
             else:
                 top = sim[:, row].topk(k).indices
-                pair_tokens, pair_text = media_tokens[top], torch.full((k,), row)
-            itm = forward({"input_ids": enc["input_ids"][pair_text], "attention_mask": enc["attention_mask"][pair_text],
-                           "media_tokens": pair_tokens.to(dtype), "text_cls": context.to(dtype)}, 0, "match").float().cpu()
+                pair_tokens, pair_text = media_tokens[perm[top]], torch.full((k,), row, device=device)
+            itm = forward({"input_ids": ids_all[pair_text], "attention_mask": mask_all[pair_text],
+                           "media_tokens": pair_tokens.to(dtype), "text_cls": context.to(dtype)}, 0, "match").float()
             if cfg.media == "video":  # the paper's video evaluation adds the contrastive similarity
                 itm = itm + (sim[row, top] if direction == "i2t" else sim[top, row])
             if real:
@@ -131,8 +127,8 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
                 else:
                     score_t2i[row, top] = itm
     # Each row was filled by exactly one rank; elsewhere it holds the -100 filler.
-    score_i2t = _sum_over_ranks(score_i2t + 100.0) - 100.0
-    score_t2i = _sum_over_ranks(score_t2i + 100.0) - 100.0
-    metrics = retrieval_metrics(score_i2t.numpy(), score_t2i.numpy(), media2txt, txt2media)
+    score_i2t = sum_over_ranks(score_i2t + 100.0) - 100.0
+    score_t2i = sum_over_ranks(score_t2i + 100.0) - 100.0
+    metrics = retrieval_metrics(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), media2txt, txt2media)
     metrics.update({"num_media": n_media, "num_texts": n_text, "select": metrics["r_mean"]})
     return metrics

@@ -16,9 +16,7 @@ import re
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-
-from .common import lockstep, world
+from ..dist import gather_objects as _gather_objects, lockstep, world
 from .qa import answer_candidates
 
 CONTRACTIONS = {
@@ -129,12 +127,7 @@ def write_submission(path, results: list[dict]):
 
 def gather_objects(items: list) -> list:
     """Every rank's list, concatenated in rank order (the same on every rank)."""
-    rank, size = world()
-    if size == 1:
-        return items
-    parts = [None] * size
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
+    return [x for part in _gather_objects(items) for x in part]
 
 
 def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=None, image_size=None) -> dict:
