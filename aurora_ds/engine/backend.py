@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 
+from ..dist import compute_device
 
 
 def to_device(batch: dict, device) -> dict:
@@ -50,7 +52,7 @@ class PlainBackend:
     def __init__(self, model, cfg, total_steps: int):
         self.cfg = cfg
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.device = compute_device()
         self.module = model.to(dtype).to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg, self.params)
@@ -118,6 +120,9 @@ class DeepSpeedBackend:
         )
         self.module = self.engine.module
         self.zero3 = self.engine.zero_optimization_stage() == 3
+        # DeepSpeed does not move a model built under zero.Init: the objective's own state
+        # (buffers created outside it, e.g. the feature queue) would stay on the CPU.
+        place_buffers(self.module, self.engine.device)
 
     def forward(self, batch, *args):
         return self.engine(to_device(batch, self.engine.device), *args)
@@ -179,6 +184,21 @@ def _set_zero3_master(param, value):
     chunk = flat[rank * n:(rank + 1) * n]
     part.data.zero_()
     part.data[: chunk.numel()].copy_(chunk)
+
+
+def place_buffers(module: torch.nn.Module, device) -> None:
+    """Every buffer of ``module`` onto ``device``, dtypes unchanged; then, under
+    ``AURORA_STRICT_DEVICES=1``, refuse any buffer or parameter left elsewhere (ZeRO-3
+    parameters excepted: DeepSpeed places their partitions, on the CPU when offloading)."""
+    device = torch.device(device)
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.device != device:
+                sub._buffers[name] = buf.to(device)
+    if os.environ.get("AURORA_STRICT_DEVICES", "0") == "1":
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if not hasattr(t, "ds_tensor") and t.device.type != device.type:
+                raise RuntimeError(f"AURORA_STRICT_DEVICES: {name} is on {t.device}, the engine computes on {device}")
 
 
 def local_parameter_bytes(model) -> int:
