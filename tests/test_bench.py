@@ -56,7 +56,7 @@ def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
     results = _outputs(tmp_path, "zero")
     assert [r["ranks"] for r in results["runs"]] == [1, 2, 2]
     assert results["ratios"]["2 ranks"] == {"parameter_bytes": 0.5, "step_s": 2.0}
-    from aurora_ds.engine.plan import count_parameters
+    from aurora_ds.plan import count_parameters
 
     total = count_parameters("blip-tiny-retrieval", 4, 0)["total"]
     assert all(r["unpartitioned_mb"] == pytest.approx(total * 4 / 2**20) for r in results["runs"])

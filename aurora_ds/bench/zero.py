@@ -99,7 +99,7 @@ def measured_row(label: str, ranks: int, config: str, summary: dict, args) -> di
 def estimate(ranks: int, config: str, args) -> dict:
     """What one unpartitioned copy needs, and aurora-plan's model states for this run (MiB per
     rank; on a CPU machine the "GPU" and the offload "CPU" share are the same memory)."""
-    from aurora_ds.engine.plan import count_parameters, plan
+    from aurora_ds.plan import count_parameters, plan
 
     rank = args.rank or (4 if "tiny" in args.backbone else 32)
     counts = count_parameters(args.backbone, rank, args.persistence_threshold)
@@ -113,7 +113,7 @@ def estimate(ranks: int, config: str, args) -> dict:
 
 def plan_rows() -> list[dict]:
     """aurora-plan's per-GPU estimates (bf16, no offload), GiB."""
-    from aurora_ds.engine.plan import plan
+    from aurora_ds.plan import plan
 
     rows = []
     for backbone, gpus in PLAN:
