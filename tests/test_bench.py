@@ -2,6 +2,7 @@
 machine), markdown table and plots. Timings and which method wins are never asserted."""
 
 import json
+import sys
 
 import pytest
 
@@ -21,6 +22,12 @@ def test_lora_rank_is_the_closest_count():
     assert step.matched_lora_rank(725, 1792) == 1  # never 0, even when rank 1 overshoots
     assert step.matched_lora_rank(125_721, 2 * 10_000) == 6
     assert step.matched_lora_rank(1000, 300) == 3
+
+
+def test_lora_without_peft_says_which_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    with pytest.raises(ImportError, match=r"pip install 'aurora_ds\[bench\]'"):
+        step.inject_lora(None, ["qkv"], 1)
 
 
 def test_step_in_process(tmp_path):
