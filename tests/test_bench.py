@@ -52,16 +52,16 @@ def test_step_isolated_process_reports_memory():
 
 def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
     """The reporting half of ``zero`` on stand-in run summaries (the real runs are the slow test)."""
-    def fake_launch(ranks, ds_config, out, args):
+    def fake_launch(processes, ds_config, out, args):
         assert json.loads(ds_config.read_text())["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-        return {"history": [{"time_s": 1.0, "loss": 2.0}, {"time_s": 0.1 * ranks, "loss": 1.9}],
-                "local_parameter_bytes": 1000 // ranks,
+        return {"history": [{"time_s": 1.0, "loss": 2.0}, {"time_s": 0.1 * processes, "loss": 1.9}],
+                "local_parameter_bytes": 1000 // processes,
                 "peak_memory_mb": 10.0, "steps": 2, "wall_s": 1.0}
 
     monkeypatch.setattr(zero, "launch", fake_launch)
     assert main(["zero", "--out", str(tmp_path), "--steps", "2"]) == 0
     results = _outputs(tmp_path, "zero")
-    assert [r["ranks"] for r in results["runs"]] == [1, 2, 2]
+    assert [r["processes"] for r in results["runs"]] == [1, 2, 2]
     assert results["ratios"]["2 ranks"] == {"parameter_bytes": 0.5, "step_s": 2.0}
     from aurora_ds.plan import count_parameters
 
