@@ -5,7 +5,7 @@ ranks, and 2 ranks with parameter offload (``zero3_offload``), as 2-rank/1-rank 
 
 Each run's peak memory per rank is set next to what one unpartitioned copy of the model needs
 and next to ``aurora-plan``'s estimate for the same ranks, precision, offload and persistence
-threshold. The scaling entry (README "Scaling up") is ``--backbone blip2-g-retrieval
+threshold. The scaling entry (docs/scaling.md) is ``--backbone blip2-g-retrieval
 --precision bf16 --runs 2,2-offload``: a 1.2 B model on 2 CPU ranks.
 
 The shipped configs keep tensors below 1e5 elements whole on every rank; the tiny backbone has
