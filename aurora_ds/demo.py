@@ -92,7 +92,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="aurora-demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="everything goes here")
     p.add_argument("--no-s3", action="store_true", help="keep the shards in a local directory instead of SeaweedFS")
-    p.add_argument("--ranks", dest="processes", type=int, default=2, help="training processes (local ranks)")
+    p.add_argument("--ranks", dest="processes", metavar="N", type=int, default=2, help="training processes (local ranks)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
