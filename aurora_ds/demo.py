@@ -32,8 +32,8 @@ def prepare(dataset: str, n: int, out: Path, prefix: str, seed: int, maxcount: i
     return specs
 
 
-def train(name: str, recipe: str, specs: dict, checkpoint: Path, out: Path, env: dict, ranks: int, extra: list[str]):
-    cmd = ["bash", str(ROOT / "launchers" / "local.sh"), str(ranks), "--recipe", recipe,
+def train(name: str, recipe: str, specs: dict, checkpoint: Path, out: Path, env: dict, processes: int, extra: list[str]):
+    cmd = ["bash", str(ROOT / "launchers" / "local.sh"), str(processes), "--recipe", recipe,
            "--train-shards", specs["train"], "--eval-shards", specs["test"], "--out", str(out),
            "--set", "backbone=blip-tiny-retrieval", "--set", f"checkpoint={checkpoint}", "--set", "progress=false"]
     for item in extra:
@@ -92,7 +92,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="aurora-demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo", help="everything goes here")
     p.add_argument("--no-s3", action="store_true", help="keep the shards in a local directory instead of SeaweedFS")
-    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--ranks", dest="processes", metavar="N", type=int, default=2, help="training processes (local ranks)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
@@ -127,13 +127,13 @@ def main(argv=None):
         coco = prepare("coco", 64, out, prefix, args.seed, maxcount=10)
         msrvtt = prepare("msrvtt", 24, out, prefix, args.seed, maxcount=4)
 
-        step(f"4/5 training: Aurora under ZeRO-3, {args.ranks} ranks, streaming the shards; evaluation at the end")
+        step(f"4/5 training: Aurora under ZeRO-3, {args.processes} ranks, streaming the shards; evaluation at the end")
         results = {
-            "coco image-text": train("coco", "coco_retrieval", coco, checkpoint, out / "coco", env, args.ranks,
+            "coco image-text": train("coco", "coco_retrieval", coco, checkpoint, out / "coco", env, args.processes,
                                      ["rank=8", "batch_size=8", "epochs=3", "lr=1e-3", "warmup_steps=2",
                                       "queue_size=256", "num_workers=1", "eval_batch_size=16", "image_size=32"]),
             "msrvtt video-text": train("msrvtt", "msrvtt_retrieval", msrvtt, checkpoint, out / "msrvtt", env,
-                                       args.ranks, ["rank=8", "batch_size=4", "epochs=2", "lr=1e-3", "num_frames=4",
+                                       args.processes, ["rank=8", "batch_size=4", "epochs=2", "lr=1e-3", "num_frames=4",
                                                     "queue_size=64", "num_workers=1", "eval_batch_size=4",
                                                     "image_size=32"]),
         }

@@ -128,15 +128,15 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        ctx.rank = process_rank()
+        ctx.process_rank = process_rank()
         ctx.sizes = batch_sizes(x.shape[0])
         return _padded_gather(x, ctx.sizes)
 
     @staticmethod
     def backward(ctx, grad):
         total = sum_over_ranks(grad)
-        start = sum(ctx.sizes[: ctx.rank])
-        return total[start:start + ctx.sizes[ctx.rank]]
+        start = sum(ctx.sizes[: ctx.process_rank])
+        return total[start:start + ctx.sizes[ctx.process_rank]]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

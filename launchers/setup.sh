@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv inside the checkout and install aurora_ds with its test extras. Idempotent.
+# Create .venv inside the checkout and install aurora_ds with its test and benchmark extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -7,4 +7,4 @@ PY=${PYTHON:-python3}
 # DeepSpeed as pure Python: its ops are JIT-built when first needed (none on CPU).
 export DS_BUILD_OPS=0
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,bench]"

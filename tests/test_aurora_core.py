@@ -362,3 +362,14 @@ def test_adapted_layer_stays_at_its_path():
     assert isinstance(layer, AuroraLinear)
     assert handle.layers["text_encoder.encoder.layer.0.crossattention.self.query"] is layer
     assert len(handle.gated_query) == 4 and handle.context is not None
+
+
+def test_adapter_file_format_does_not_import_the_model():
+    """aurora/io.py is the file format alone; model.py uses it (no import cycle)."""
+    import ast
+
+    import aurora_ds.aurora.io as io
+
+    tree = ast.parse(open(io.__file__).read())
+    ours = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+    assert ours == {"config"}

@@ -2,6 +2,7 @@
 machine), markdown table and plots. Timings and which method wins are never asserted."""
 
 import json
+import sys
 
 import pytest
 
@@ -21,6 +22,12 @@ def test_lora_rank_is_the_closest_count():
     assert step.matched_lora_rank(725, 1792) == 1  # never 0, even when rank 1 overshoots
     assert step.matched_lora_rank(125_721, 2 * 10_000) == 6
     assert step.matched_lora_rank(1000, 300) == 3
+
+
+def test_lora_without_peft_says_which_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    with pytest.raises(ImportError, match=r"pip install 'aurora_ds\[bench\]'"):
+        step.inject_lora(None, ["qkv"], 1)
 
 
 def test_step_in_process(tmp_path):
@@ -45,18 +52,18 @@ def test_step_isolated_process_reports_memory():
 
 def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
     """The reporting half of ``zero`` on stand-in run summaries (the real runs are the slow test)."""
-    def fake_launch(ranks, ds_config, out, args):
+    def fake_launch(processes, ds_config, out, args):
         assert json.loads(ds_config.read_text())["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-        return {"history": [{"time_s": 1.0, "loss": 2.0}, {"time_s": 0.1 * ranks, "loss": 1.9}],
-                "local_parameter_bytes": 1000 // ranks,
+        return {"history": [{"time_s": 1.0, "loss": 2.0}, {"time_s": 0.1 * processes, "loss": 1.9}],
+                "local_parameter_bytes": 1000 // processes,
                 "peak_memory_mb": 10.0, "steps": 2, "wall_s": 1.0}
 
     monkeypatch.setattr(zero, "launch", fake_launch)
     assert main(["zero", "--out", str(tmp_path), "--steps", "2"]) == 0
     results = _outputs(tmp_path, "zero")
-    assert [r["ranks"] for r in results["runs"]] == [1, 2, 2]
+    assert [r["processes"] for r in results["runs"]] == [1, 2, 2]
     assert results["ratios"]["2 ranks"] == {"parameter_bytes": 0.5, "step_s": 2.0}
-    from aurora_ds.engine.plan import count_parameters
+    from aurora_ds.plan import count_parameters
 
     total = count_parameters("blip-tiny-retrieval", 4, 0)["total"]
     assert all(r["unpartitioned_mb"] == pytest.approx(total * 4 / 2**20) for r in results["runs"])

@@ -89,7 +89,7 @@ def _summary(out):
 # Same SGD run, micro-batch 2 on each of 2 ranks vs 4 in one process, 2-step accumulation,
 # clipping, the full objective (ITC + distillation + queue, ITM with negatives from all ranks,
 # ICE, GQT). SGD because Adam amplifies rounding noise on the ~1e-20 gradients of a
-# zero-initialised V (FIELD-NOTES). Tolerance: 1e-5 of each tensor's own scale, room for the
+# zero-initialised V into full-size steps. Tolerance: 1e-5 of each tensor's own scale, room for the
 # float32 reduction-order differences of gathers and all-reduces (observed ~1e-7 relative).
 EQUIV = ("optimizer=sgd", "lr=0.05", "dropout=0", "grad_accum=2", "clip_grad=1.0")
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-from aurora_ds.engine.plan import MAX_LIVE_PARAMETERS, main, plan
+from aurora_ds.plan import MAX_LIVE_PARAMETERS, main, plan
 
 BLIP = "blip-base-retrieval"
 BACKBONE = 223_744_258  # parameter_report()["backbone"]
@@ -112,7 +112,7 @@ def test_console_script_json_stdout_is_clean():
     """DeepSpeed logs its accelerator detection to stdout; --json output must still parse."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("DS_ACCELERATOR", None)
-    out = subprocess.run([sys.executable, "-m", "aurora_ds.engine.plan", "--backbone", "vit-tiny", "--gpus", "2",
+    out = subprocess.run([sys.executable, "-m", "aurora_ds.plan", "--backbone", "vit-tiny", "--gpus", "2",
                           "--json"], capture_output=True, text=True, env=env, check=True).stdout
     assert json.loads(out)[0]["gpus"] == 2
 

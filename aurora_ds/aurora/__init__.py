@@ -5,9 +5,9 @@ Depends on torch (and safetensors for the file format) only.
 
 from .config import AuroraConfig
 from .extras import ContextEnhancement, GatedQueryTransform
-from .io import load_adapter, read_adapter_config, write_adapter
+from .io import read_adapter_config, write_adapter
 from .layer import AuroraFactors, AuroraLinear
-from .model import AuroraModel, inject_aurora, numel
+from .model import AuroraModel, inject_aurora, load_adapter, numel
 from .targets import TargetPreset, register_presets
 
 __all__ = [

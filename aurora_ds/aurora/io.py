@@ -87,26 +87,3 @@ def read_adapter(directory, handle) -> tuple[dict[str, torch.Tensor], dict]:
             raise ValueError(f"adapter {directory}: tensor {name} has shape {list(value.shape)}, the model expects {want}")
     return tensors, meta
 
-
-def load_adapter(model: torch.nn.Module, directory):
-    """Inject Aurora as recorded in ``directory`` into ``model`` and load its tensors."""
-    from .model import inject_aurora, load_adapter_tensors
-
-    meta = read_adapter_config(directory)
-    handle = inject_aurora(model, AuroraConfig.from_dict(meta["aurora"]))
-    if handle.describe()["layers"] != meta["layers"]:
-        got, want = set(handle.describe()["layers"]), set(meta["layers"])
-        raise ValueError(
-            f"adapter {directory} adapts layers this model does not resolve to: only in the file "
-            f"{sorted(want - got)[:10]}, only in the model {sorted(got - want)[:10]}"
-        )
-    if meta["trained_parameters"]:
-        params = dict(model.named_parameters())
-        unknown = [n for n in meta["trained_parameters"] if n not in params]
-        if unknown:
-            raise ValueError(f"adapter {directory} trains parameters this model lacks: {unknown[:10]}")
-        for name in meta["trained_parameters"]:
-            params[name].requires_grad_(True)
-    tensors, _ = read_adapter(directory, handle)
-    load_adapter_tensors(handle, tensors)
-    return handle

@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import AuroraConfig
 from .extras import ContextEnhancement, GatedQueryTransform
+from .io import read_adapter, read_adapter_config, write_adapter
 from .layer import AuroraFactors, AuroraLinear
 from .targets import TargetPreset, find_preset
 
@@ -155,13 +156,9 @@ class AuroraModel:
         }
 
     def save(self, directory, extra: dict | None = None):
-        from .io import write_adapter
-
         write_adapter(directory, self.adapter_state_dict(), self.config, self.describe(), extra)
 
     def load(self, directory):
-        from .io import read_adapter
-
         tensors, _ = read_adapter(directory, self)
         load_adapter_tensors(self, tensors)
 
@@ -239,4 +236,26 @@ def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
     handle = AuroraModel(model, config, layers, gated)
     for _, p in handle.named_aurora_parameters():
         p.requires_grad_(True)
+    return handle
+
+
+def load_adapter(model: torch.nn.Module, directory):
+    """Inject Aurora as recorded in ``directory`` into ``model`` and load its tensors."""
+    meta = read_adapter_config(directory)
+    handle = inject_aurora(model, AuroraConfig.from_dict(meta["aurora"]))
+    if handle.describe()["layers"] != meta["layers"]:
+        got, want = set(handle.describe()["layers"]), set(meta["layers"])
+        raise ValueError(
+            f"adapter {directory} adapts layers this model does not resolve to: only in the file "
+            f"{sorted(want - got)[:10]}, only in the model {sorted(got - want)[:10]}"
+        )
+    if meta["trained_parameters"]:
+        params = dict(model.named_parameters())
+        unknown = [n for n in meta["trained_parameters"] if n not in params]
+        if unknown:
+            raise ValueError(f"adapter {directory} trains parameters this model lacks: {unknown[:10]}")
+        for name in meta["trained_parameters"]:
+            params[name].requires_grad_(True)
+    tensors, _ = read_adapter(directory, handle)
+    load_adapter_tensors(handle, tensors)
     return handle

@@ -62,7 +62,11 @@ def matched_lora_rank(target_count: int, width: int) -> int:
 
 def inject_lora(model, names: list[str], rank: int, dropout: float = 0.1):
     """peft LoRA on exactly ``names``; only the LoRA matrices stay trainable."""
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ImportError("the LoRA baseline needs peft, an optional extra: pip install 'aurora_ds[bench]' "
+                          f"(or pip install peft) [{e}]") from None
 
     return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=names), model)
 

@@ -5,7 +5,7 @@ ranks, and 2 ranks with parameter offload (``zero3_offload``), as 2-rank/1-rank 
 
 Each run's peak memory per rank is set next to what one unpartitioned copy of the model needs
 and next to ``aurora-plan``'s estimate for the same ranks, precision, offload and persistence
-threshold. The scaling entry (README "Scaling up") is ``--backbone blip2-g-retrieval
+threshold. The scaling entry (docs/scaling.md) is ``--backbone blip2-g-retrieval
 --precision bf16 --runs 2,2-offload``: a 1.2 B model on 2 CPU ranks.
 
 The shipped configs keep tensors below 1e5 elements whole on every rank; the tiny backbone has
@@ -58,8 +58,8 @@ def ds_config_copy(name: str, threshold: int, folder: Path) -> Path:
     return path
 
 
-def launch(ranks: int, ds_config: Path, out: Path, args) -> dict:
-    """One training run with ``ranks`` local ranks; returns its summary.json."""
+def launch(processes: int, ds_config: Path, out: Path, args) -> dict:
+    """One training run with ``processes`` local ranks; returns its summary.json."""
     import torch
 
     if not LOCAL_SH.is_file():
@@ -77,43 +77,43 @@ def launch(ranks: int, ds_config: Path, out: Path, args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(out / "train.log", "w") as log:
-        proc = subprocess.run(["bash", str(LOCAL_SH), str(ranks), *train_args], stdout=log,
+        proc = subprocess.run(["bash", str(LOCAL_SH), str(processes), *train_args], stdout=log,
                               stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{ranks}-rank run failed; log {out / 'train.log'}:\n{(out / 'train.log').read_text()[-3000:]}")
+        raise RuntimeError(f"{processes}-rank run failed; log {out / 'train.log'}:\n{(out / 'train.log').read_text()[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     summary["wall_s"] = time.perf_counter() - start
     return summary
 
 
-def measured_row(label: str, ranks: int, config: str, summary: dict, args) -> dict:
+def measured_row(label: str, processes: int, config: str, summary: dict, args) -> dict:
     times = [h["time_s"] for h in summary["history"][1:]] or [summary["history"][0]["time_s"]]
     step = statistics.median(times)
-    return {"run": label, "ranks": ranks, "ds_config": config,
+    return {"run": label, "processes": processes, "ds_config": config,
             "local_parameter_bytes": summary["local_parameter_bytes"], "step_s": step,
-            "samples_per_s": args.batch * ranks / step, "peak_memory_mb": summary["peak_memory_mb"],
+            "samples_per_s": args.batch * processes / step, "peak_memory_mb": summary["peak_memory_mb"],
             "loss": [h["loss"] for h in summary["history"]],
-            "wall_s": summary["wall_s"], "steps": summary["steps"], **estimate(ranks, config, args)}
+            "wall_s": summary["wall_s"], "steps": summary["steps"], **estimate(processes, config, args)}
 
 
-def estimate(ranks: int, config: str, args) -> dict:
+def estimate(processes: int, config: str, args) -> dict:
     """What one unpartitioned copy needs, and aurora-plan's model states for this run (MiB per
     rank; on a CPU machine the "GPU" and the offload "CPU" share are the same memory)."""
-    from aurora_ds.engine.plan import count_parameters, plan
+    from aurora_ds.plan import count_parameters, plan
 
     rank = args.rank or (4 if "tiny" in args.backbone else 32)
     counts = count_parameters(args.backbone, rank, args.persistence_threshold)
-    row = plan(args.backbone, [ranks], offload=config == "zero3_offload", precision=args.precision, rank=rank,
+    row = plan(args.backbone, [processes], offload=config == "zero3_offload", precision=args.precision, rank=rank,
                persistence_threshold=args.persistence_threshold)[0]["aurora"]
     return {"unpartitioned_mb": counts["total"] * BYTES[args.precision] / 2**20,
-            "plan_parameter_mb": (row["backbone_gpu_bytes"] + row["cpu_bytes_per_node"] / ranks) / 2**20,
-            "plan_model_states_mb": (row["gpu_bytes"] + row["cpu_bytes_per_node"] / ranks) / 2**20,
+            "plan_parameter_mb": (row["backbone_gpu_bytes"] + row["cpu_bytes_per_node"] / processes) / 2**20,
+            "plan_model_states_mb": (row["gpu_bytes"] + row["cpu_bytes_per_node"] / processes) / 2**20,
             "params": counts["total"]}
 
 
 def plan_rows() -> list[dict]:
     """aurora-plan's per-GPU estimates (bf16, no offload), GiB."""
-    from aurora_ds.engine.plan import plan
+    from aurora_ds.plan import plan
 
     rows = []
     for backbone, gpus in PLAN:
@@ -161,13 +161,13 @@ def run(args):
         raise SystemExit(f"unknown runs {unknown}; choose from {list(RUNS)}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="aurora-bench-zero-") as tmp:
-        for label, ranks, config in (RUNS[r] for r in args.runs.split(",")):
+        for label, processes, config in (RUNS[r] for r in args.runs.split(",")):
             path = ds_config_copy(config, args.persistence_threshold, Path(tmp))
-            summary = launch(ranks, path, Path(tmp) / f"{ranks}_{config}", args)
+            summary = launch(processes, path, Path(tmp) / f"{processes}_{config}", args)
             if args.keep_adapters:
-                shutil.copytree(Path(tmp) / f"{ranks}_{config}" / "adapter_latest",
-                                Path(args.out) / f"adapter_{ranks}_{config}", dirs_exist_ok=True)
-            rows.append(measured_row(label, ranks, config, summary, args))
+                shutil.copytree(Path(tmp) / f"{processes}_{config}" / "adapter_latest",
+                                Path(args.out) / f"adapter_{processes}_{config}", dirs_exist_ok=True)
+            rows.append(measured_row(label, processes, config, summary, args))
             print(f"[zero] {label}: {rows[-1]['local_parameter_bytes'] / 2**20:.2f} MiB/rank, "
                   f"{rows[-1]['step_s']:.3f} s/step", flush=True)
     one = rows[0]

@@ -1,7 +1,7 @@
 """A throwaway SeaweedFS S3 server (``weed mini``) on 127.0.0.1, for tests, demos and benchmarks.
 
-One process runs master + volume + filer + S3 gateway. The flags below come from measurement
-(see FIELD-NOTES): weed does not default to loopback, opens extra services unless told not to,
+One process runs master + volume + filer + S3 gateway. The flags below come from measurement:
+weed does not default to loopback, opens extra services unless told not to,
 writes logs to /tmp unless given a global ``-logdir``, and is only ready once an authenticated
 PUT succeeds (the open port comes seconds earlier).
 """

@@ -9,19 +9,28 @@ from __future__ import annotations
 
 import copy
 import json
+from importlib import resources
 from pathlib import Path
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+def shipped_ds_configs() -> dict:
+    """Name -> file of every config shipped in the ``ds_configs`` package (``zero3``, ...)."""
+    folder = resources.files("ds_configs")
+    return {entry.name[: -len(".json")]: entry for entry in folder.iterdir() if entry.name.endswith(".json")}
 
 
-def resolve_ds_config(name: str) -> Path:
+def resolve_ds_config(name: str):
+    """A shipped config by name (``zero3``) or a path to a JSON file; the result has ``read_text``."""
     path = Path(name)
-    if path.suffix != ".json":
-        path = DS_CONFIG_DIR / f"{name}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist; shipped configs: {known}")
-    return path
+    if path.suffix == ".json" or len(path.parts) > 1:
+        if not path.is_file():
+            raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
+        return path
+    shipped = shipped_ds_configs()
+    if name not in shipped:
+        raise FileNotFoundError(f"unknown DeepSpeed config {name!r}; shipped configs: {sorted(shipped)} "
+                                "(or give the path of a DeepSpeed JSON file)")
+    return shipped[name]
 
 
 def build_ds_config(name: str, cfg, world_size: int) -> dict:

@@ -17,24 +17,24 @@ from ..dist import gather, gather_objects, lockstep, sum_over_ranks, world
 from .retrieval import similarity
 
 
-def _rank(scores: np.ndarray, targets) -> int:
-    """0-based rank of the best target; ties count against the query (pessimistic)."""
+def _position(scores: np.ndarray, targets) -> int:
+    """0-based position of the best target in the ranking; ties count against the query (pessimistic)."""
     return min(int((scores > scores[t]).sum() + (scores == scores[t]).sum() - 1) for t in targets)
 
 
 def retrieval_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, media2txt: list[list[int]], txt2media: list[int]) -> dict:
     """TR@K (media -> text), IR@K (text -> media), their mean, and median ranks (1-based)."""
-    ranks_i2t = np.array([_rank(score_i2t[i], media2txt[i]) for i in range(len(media2txt))])
-    ranks_t2i = np.array([_rank(score_t2i[t], [txt2media[t]]) for t in range(len(txt2media))])
+    positions_i2t = np.array([_position(score_i2t[i], media2txt[i]) for i in range(len(media2txt))])
+    positions_t2i = np.array([_position(score_t2i[t], [txt2media[t]]) for t in range(len(txt2media))])
     out = {}
     for k in (1, 5, 10):
-        out[f"txt_r{k}"] = 100.0 * float((ranks_i2t < k).mean())
-        out[f"img_r{k}"] = 100.0 * float((ranks_t2i < k).mean())
+        out[f"txt_r{k}"] = 100.0 * float((positions_i2t < k).mean())
+        out[f"img_r{k}"] = 100.0 * float((positions_t2i < k).mean())
     out["txt_r_mean"] = (out["txt_r1"] + out["txt_r5"] + out["txt_r10"]) / 3
     out["img_r_mean"] = (out["img_r1"] + out["img_r5"] + out["img_r10"]) / 3
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
-    out["txt_median_rank"] = float(np.median(ranks_i2t + 1))
-    out["img_median_rank"] = float(np.median(ranks_t2i + 1))
+    out["txt_median_rank"] = float(np.median(positions_i2t + 1))
+    out["img_median_rank"] = float(np.median(positions_t2i + 1))
     return out
 
 
