@@ -2,11 +2,14 @@
 
 Safetensors holds plain tensors only, so loading a shared adapter never unpickles anything.
 Writes go to a temporary sibling directory that is renamed into place, so a reader (or a
-crash) never sees half an adapter.
+crash) never sees half an adapter. The config records the size and SHA-256 of the tensor file,
+checked on every load: a damaged file (flipped bytes load fine as safetensors, as NaNs) is
+refused with its path, and so is any non-finite value.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import FORMAT_VERSION, AuroraConfig
@@ -35,6 +39,7 @@ def write_adapter(directory, tensors: dict[str, torch.Tensor], config: AuroraCon
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / WEIGHTS_FILE))
+    meta["files"] = {WEIGHTS_FILE: file_digest(tmp / WEIGHTS_FILE)}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     old = None
     if directory.exists():
@@ -43,6 +48,40 @@ def write_adapter(directory, tensors: dict[str, torch.Tensor], config: AuroraCon
     tmp.rename(directory)
     if old is not None:
         shutil.rmtree(old)
+
+
+def file_digest(path) -> dict:
+    """Size and SHA-256 of a file, as recorded next to tensor files and checked on load."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def check_digest(path, recorded: dict, where) -> None:
+    """Refuse a file whose size or checksum differs from what ``where`` recorded."""
+    actual = file_digest(path)
+    if actual["bytes"] != recorded.get("bytes") or actual["sha256"] != recorded.get("sha256"):
+        raise ValueError(f"{path} is damaged: {actual['bytes']} bytes with SHA-256 {actual['sha256'][:16]}..., "
+                         f"but {where} recorded {recorded.get('bytes')} bytes with SHA-256 "
+                         f"{str(recorded.get('sha256'))[:16]}...")
+
+
+def load_tensors(path, digest: dict | None = None, where: str = "") -> dict[str, torch.Tensor]:
+    """A safetensors file, checked against its recorded digest, every value finite; any
+    failure is an error naming the file (and the tensor)."""
+    path = Path(path)
+    if digest is not None:
+        check_digest(path, digest, where)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path}: tensor {name} holds non-finite values (NaN or inf)")
+    return tensors
 
 
 def read_adapter_config(directory) -> dict:
@@ -71,7 +110,8 @@ def read_adapter(directory, handle) -> tuple[dict[str, torch.Tensor], dict]:
     actual = handle.describe()["factor_sets"]
     if recorded != actual:
         raise ValueError(f"adapter {directory} has factor sets {recorded}, the model has {actual}")
-    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
+    digest = meta.get("files", {}).get(WEIGHTS_FILE)
+    tensors = load_tensors(Path(directory) / WEIGHTS_FILE, digest, Path(directory) / CONFIG_FILE)
     params = dict(handle.named_trainable_parameters())
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))

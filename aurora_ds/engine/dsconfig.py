@@ -8,6 +8,7 @@ the ``--no-deepspeed`` reference), so a config that brings its own is refused.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from importlib import resources
 from pathlib import Path
@@ -74,7 +75,51 @@ def build_ds_config(name: str, cfg, world_size: int) -> dict:
             if keys == ("train_batch_size",):
                 hint = f" (= batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x world size {world_size})"
             raise ValueError(f"{path}: {where} is {current!r} but the recipe needs {value!r}{hint}")
+    validate_ds_config(ds, path)
     return ds
+
+
+# Top-level keys DeepSpeed reads. DeepSpeed itself ignores any other key, so a misspelt
+# "zero_optimisation" would silently run stage 0; here it is an error.
+KNOWN_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "bf16", "bfloat16", "fp16", "amp", "torch_autocast", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state",
+    "activation_checkpointing", "communication_data_type", "seq_parallel_communication_data_type",
+    "prescale_gradients", "gradient_predivide_factor", "sparse_gradients", "flops_profiler", "tensorboard", "wandb",
+    "csv_monitor", "comet", "comms_logger", "aio", "data_types", "checkpoint", "elasticity", "compression_training",
+    "data_efficiency", "autotuning", "nebula", "pipeline", "dataloader_drop_last", "compile", "timers",
+    "monitor_config", "graph_harvesting", "use_data_before_expert_parallelism", "disable_allgather",
+}
+
+
+def validate_ds_config(ds: dict, path) -> None:
+    """Unknown top-level keys and wrong types in the sections we rely on are errors naming the
+    key and the file (checked with DeepSpeed's own schemas for zero_optimization, bf16, fp16)."""
+    for key in ds:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
+            raise ValueError(f"{path}: unknown DeepSpeed config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    from pydantic import ValidationError
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for key, schema in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config),
+                        ("fp16", DeepSpeedFP16Config)):
+        section = ds.get(key)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ValueError(f"{path}: {key} must be a JSON object, got {section!r}")
+        try:
+            schema(**section)
+        except ValidationError as e:
+            problems = "; ".join(f"{key}.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+                                 for err in e.errors())
+            raise ValueError(f"{path}: {problems}") from None
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "steps_per_print"):
+        if key in ds and (isinstance(ds[key], bool) or not isinstance(ds[key], int)):
+            raise ValueError(f"{path}: {key} must be an integer, got {ds[key]!r}")
 
 
 def zero_stage(ds: dict) -> int:
