@@ -60,7 +60,8 @@ def resize_image(data, ext, short_side):
         return data
     img = img.resize(_scaled(*img.size, short_side), Image.BICUBIC)
     buf = io.BytesIO()
-    img.save(buf, format=PIL_FORMATS[ext], **({"quality": 90} if ext in ("jpg", "jpeg") else {}))
+    fmt = PIL_FORMATS[ext]
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buf.getvalue()
 
 

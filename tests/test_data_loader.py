@@ -293,3 +293,16 @@ def test_stalled_worker_times_out(coco, word_tokenizer):
     url = "pipe:sleep 15; cat %s" % shlex.quote(expand_urls(coco[0])[0])
     with pytest.raises(TimeoutError, match=r"DataLoader timed out .* 1 shard\(s\) starting pipe:sleep 15"):
         list(build_loader(url, cfg(num_workers=1, worker_timeout=2), word_tokenizer))
+
+
+def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shard_factory):
+    """The engine's answer list and tokenizer corpus come from shard_format's one reader."""
+    from types import SimpleNamespace
+
+    from aurora_ds.engine.data import _shard_texts, answer_list
+
+    samples = shard_factory.vqa(5)
+    spec = shard_factory.write(samples, str(tmp_path), "vqa", per_shard=2, kind="image_qa")
+    assert answer_list(SimpleNamespace(answer_list="", train_shards=spec)) == ["cat", "dog"]
+    want = [t for s in samples for q in s["json"]["questions"] for t in [q["question"], *q["answers"]]]
+    assert list(_shard_texts(spec)) == want

@@ -412,11 +412,11 @@ class Loader:
                 raise ValueError("resampled mode is for training; evaluation reads every sample once")
             self.num_samples = cfg.train_num_samples or (self.manifest or {}).get("num_samples")
             if not self.num_samples:
-                raise ValueError("resampled mode needs train_num_samples or a manifest.json/sizes.json "
-                                 "next to the shards of %r" % self.urls[0])
+                raise ValueError("resampled mode needs train_num_samples or a %s/%s next to the shards of %r"
+                                 % (shard_format.MANIFEST, shard_format.SIZES, self.urls[0]))
         elif self.manifest is None:
-            log.warning("no manifest/sizes.json for %s...: sample count unknown, epochs are not "
-                        "checked for missing samples", self.urls[0])
+            log.warning("no %s/%s for %s...: sample count unknown, epochs are not checked for "
+                        "missing samples", shard_format.MANIFEST, shard_format.SIZES, self.urls[0])
         workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(self.urls) % (self.world * workers):
             log.warning("%d shards do not divide evenly over %d rank(s) x %d worker(s): ranks get "
