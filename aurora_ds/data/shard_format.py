@@ -129,8 +129,9 @@ def sample_texts(meta):
 def answer_counts(meta):
     """{answer: count} over the sample's questions (empty for retrieval samples)."""
     counts = Counter()
-    for _, _, per_question in questions(meta) if "questions" in meta else ():
-        counts.update(per_question)
+    if "questions" in meta:
+        for _, _, per_question in questions(meta):
+            counts.update(per_question)
     return counts
 
 
