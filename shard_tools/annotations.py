@@ -14,6 +14,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from aurora_ds.data import shard_format
+
 KINDS = {
     "coco": "image",
     "flickr": "image",
@@ -44,15 +46,11 @@ def sample_key(dataset, source_id):
 
 
 def sample_meta(record, dataset, split):
-    """The sample's `json` field (the contract with the loader)."""
-    meta = {"id": record.id, "file": record.file, "dataset": dataset, "split": split}
-    if KINDS[dataset].endswith("_qa"):
-        meta["questions"] = record.questions
-    else:
-        meta["captions"] = record.captions
-    if record.sentences:
-        meta["sentences"] = record.sentences
-    return meta
+    """The sample's `json` field, in the form shard_format defines (the contract with the loader)."""
+    qa = KINDS[dataset].endswith("_qa")
+    return shard_format.sample_meta(record.id, record.file, dataset, split,
+                                    captions=None if qa else record.captions,
+                                    questions=record.questions if qa else None, sentences=record.sentences)
 
 
 def printable(text):
@@ -232,15 +230,6 @@ def read_didemo(dataset, anns, split, media_root, faults):
     return list(out.records.values())
 
 
-def _question(question_id, text, answers):
-    return {
-        "question_id": question_id,
-        "question": text,
-        "answers": answers,
-        "answer_counts": dict(collections.Counter(answers)),
-    }
-
-
 def read_vqa(dataset, anns, split, media_root, faults):
     """VQAv2 questions + annotations json (annotations optional, e.g. test2015); one record per
     image with its questions and all human answers."""
@@ -265,7 +254,7 @@ def read_vqa(dataset, anns, split, media_root, faults):
             record = out.get(image_id, f"{folder}/COCO_{folder}_{image_id:012d}.jpg")
             text = clean_text(q.get("question"), faults, ann, q["question_id"])
             if text is not None:
-                record.questions.append(_question(q["question_id"], text, answers.get(q["question_id"], ([], ann))[0]))
+                record.questions.append(shard_format.question(q["question_id"], text, answers.get(q["question_id"], ([], ann))[0]))
     for qid, (_, ann) in answers.items():
         if qid not in seen:
             faults.add("unknown_media", {"annotation": os.path.basename(ann), "id": str(qid),
@@ -290,7 +279,7 @@ def read_msrvtt_qa(dataset, anns, split, media_root, faults):
             text = clean_text(entry.get("question"), faults, ann, entry["id"])
             if text is not None:
                 answer = entry.get("answer")
-                record.questions.append(_question(entry["id"], text, [answer] if answer else []))
+                record.questions.append(shard_format.question(entry["id"], text, [answer] if answer else []))
     return list(out.records.values())
 
 

@@ -1,5 +1,9 @@
 """Annotation + media -> WebDataset tar shards, sizes.json and manifest.json, locally or on S3.
 
+The shard layout (keys, json fields, stored formats, manifest files) is ``aurora_ds.data.shard_format``'s;
+images in a format the loader does not read (BMP, GIF) are re-encoded as PNG and counted in the
+manifest's ``reencoded``.
+
 Media are read and decode-checked in worker processes and written in annotation order, so the
 same input gives byte-identical shards whatever the number of workers. Each finished shard is
 written to a local temp dir, copied/uploaded to the destination and recorded in
@@ -13,10 +17,12 @@ import multiprocessing
 import os
 import sys
 import tempfile
+from collections import Counter
 
 import webdataset as wds
 
-from aurora_ds.data import storage
+from aurora_ds.data import shard_format, storage
+from aurora_ds.data.shard_format import join, write_json
 
 from .annotations import KINDS, read_records, sample_key, sample_meta
 from .faults import Faults
@@ -35,20 +41,12 @@ def shard_name(dataset, split, index):
     return f"{dataset}-{split}-{index:06d}.tar"
 
 
-def join(out, name):
-    return out.rstrip("/") + "/" + name
-
-
 def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json(url, obj):
-    storage.write_bytes(url, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def remove(url):
@@ -119,6 +117,8 @@ class ShardSink:
         self.out, self.dataset, self.split = out, dataset, split
         self.maxcount, self.maxsize = maxcount, maxsize
         self.settings, self.done, self.log = settings, list(done), log
+        # Images stored re-encoded, per source extension; kept per shard so a resumed run reports all.
+        self.reencoded = Counter(done[-1].get("reencoded", {}) if done else {})
         self.tmp = tempfile.TemporaryDirectory(prefix="aurora-shard-")
         self.writer = None
 
@@ -144,7 +144,8 @@ class ShardSink:
         self.stream.close()
         self.writer = None
         entry = {"name": self.name, "count": self.count, "bytes": os.path.getsize(self.path),
-                 "sha256": sha256_file(self.path), "end": end, "faults": faults.state()}
+                 "sha256": sha256_file(self.path), "end": end, "faults": faults.state(),
+                 "reencoded": dict(self.reencoded)}
         storage.put_file(self.path, join(self.out, self.name))
         os.remove(self.path)
         self.done.append(entry)
@@ -193,9 +194,12 @@ def convert(dataset, anns, media_root, split, out, workers=1, maxcount=10000, ma
             if fault:
                 media_fault(faults, record, fault)
                 continue
-            meta = json.dumps(sample_meta(record, dataset, split), ensure_ascii=False).encode("utf-8")
-            sample = {"__key__": sample_key(dataset, record.id), ext: data, "json": meta}
-            sink.write(sample, len(data) + len(meta), index, faults)
+            source_ext = shard_format.file_ext(record.file)
+            if ext != source_ext:
+                sink.reencoded[source_ext] += 1
+            sample = shard_format.encode_sample(sample_key(dataset, record.id), ext, data,
+                                                sample_meta(record, dataset, split))
+            sink.write(sample, len(data) + len(sample[shard_format.JSON]), index, faults)
         sink.finish(len(records), faults)
     finally:
         sink.close()
@@ -212,11 +216,15 @@ def convert(dataset, anns, media_root, split, out, workers=1, maxcount=10000, ma
         "settings": {"maxcount": maxcount, "maxsize": maxsize, "resize": resize},
         "faults": dict(faults.counts),
         "fault_examples": faults.examples,
+        "reencoded": dict(sink.reencoded),
     }
-    write_json(join(out, "sizes.json"), {name: e["count"] for name, e in shards.items()})
-    write_json(join(out, "manifest.json"), manifest)
+    shard_format.write_manifest(out, manifest)
     remove(join(out, PARTIAL))
     for line in faults.report():
         print(line, file=log)
+    if sink.reencoded:
+        print(f"re-encoded {sum(sink.reencoded.values())} image(s) as {shard_format.REENCODE_AS} "
+              f"({', '.join(f'{k}: {n}' for k, n in sorted(sink.reencoded.items()))}): the loader reads "
+              f"{'/'.join(shard_format.IMAGE_EXTS)} only", file=log)
     print(f"{dataset} {split}: {manifest['num_samples']} samples in {len(shards)} shard(s) -> {out}", file=log)
     return manifest

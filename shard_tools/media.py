@@ -1,13 +1,12 @@
-"""Reading, decode-checking and (optionally) resizing media; runs in the converter's worker processes."""
+"""Reading, decode-checking, re-encoding and (optionally) resizing media; runs in the converter's
+worker processes. Which formats go into a shard is the shard contract's (``shard_format``) call."""
 
 import io
-import os
 
 from PIL import Image
 
-IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif"}
-VIDEO_EXTS = {"mp4", "avi", "mov", "mkv", "webm"}
-PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "gif": "GIF"}
+from aurora_ds.data.shard_format import (IMAGE_EXTS, PIL_FORMATS, REENCODE_AS, REENCODED_IMAGE_EXTS,
+                                         VIDEO_EXTS, file_ext)
 
 
 def decode_image(data):
@@ -31,11 +30,22 @@ def decode_video(data):
 
 def decode_media(ext, data):
     """Decode-check bytes by extension; raises on anything a loader would choke on."""
-    if ext in IMAGE_EXTS:
+    if ext in IMAGE_EXTS or ext in REENCODED_IMAGE_EXTS:
         return decode_image(data)
     if ext in VIDEO_EXTS:
         return decode_video(data)
-    raise ValueError(f"unsupported media extension {ext!r}")
+    raise ValueError(f"unsupported media extension {ext!r}: shards hold {'/'.join(IMAGE_EXTS + VIDEO_EXTS)} "
+                     f"(and {'/'.join(REENCODED_IMAGE_EXTS)} images, re-encoded as {REENCODE_AS})")
+
+
+def reencode_image(data):
+    """Losslessly re-encode an image the loader does not read (BMP, GIF: the first frame) as
+    REENCODE_AS, so it trains instead of being skipped; returns (ext, bytes)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        buf = io.BytesIO()
+        img.save(buf, format=PIL_FORMATS[REENCODE_AS])
+    return REENCODE_AS, buf.getvalue()
 
 
 def _scaled(width, height, short_side):
@@ -50,7 +60,8 @@ def resize_image(data, ext, short_side):
         return data
     img = img.resize(_scaled(*img.size, short_side), Image.BICUBIC)
     buf = io.BytesIO()
-    img.save(buf, format=PIL_FORMATS[ext], **({"quality": 90} if ext in ("jpg", "jpeg") else {}))
+    fmt = PIL_FORMATS[ext]
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buf.getvalue()
 
 
@@ -82,10 +93,12 @@ def resize_video(data, short_side):
 def load_media(task):
     """Worker entry: (index, path, resize) -> (index, ext, bytes, None) or (index, None, None, fault).
 
-    A fault is (reason, message) with reason "missing_media" or "unreadable_media".
+    ``ext`` is the extension stored in the shard: the file's own, or REENCODE_AS for an image in a
+    format the loader does not read. A fault is (reason, message) with reason "missing_media" or
+    "unreadable_media".
     """
     index, path, resize = task
-    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    ext = file_ext(path)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -95,6 +108,8 @@ def load_media(task):
         return index, None, None, ("unreadable_media", f"{type(exn).__name__}: {exn}")
     try:
         decode_media(ext, data)
+        if ext in REENCODED_IMAGE_EXTS:
+            ext, data = reencode_image(data)
         if resize:
             data = resize_video(data, resize) if ext in VIDEO_EXTS else resize_image(data, ext, resize)
             decode_media(ext, data)

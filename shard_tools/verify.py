@@ -1,4 +1,8 @@
-"""Read every shard, decode every sample and check it all against the manifest next to the shards."""
+"""Read every shard, decode every sample and check it all against the manifest next to the shards.
+
+Shards are read with the loader's own reader and checked against the shard contract
+(``aurora_ds.data.shard_format``), so what verify passes is what the loader trains on.
+"""
 
 import hashlib
 import json
@@ -6,9 +10,10 @@ import tarfile
 
 from braceexpand import braceexpand
 
-from aurora_ds.data import storage
+from aurora_ds.data import shard_format, storage
+from aurora_ds.data.shard_format import JSON, KEY, MANIFEST, SIZES, media_kind
 
-from .media import IMAGE_EXTS, VIDEO_EXTS, decode_media
+from .media import decode_media
 
 
 class HashingReader:
@@ -30,25 +35,18 @@ class HashingReader:
             pass
 
 
-def split_name(name):
-    """(key, extension) the way webdataset splits: at the first dot of the base name."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (head + "/" if head else "") + stem, ext.lower()
-
-
 def check_sample(key, fields):
     """Problems with one sample: its json must parse and carry text, its media must decode."""
     problems = []
-    media = [ext for ext in fields if ext in IMAGE_EXTS or ext in VIDEO_EXTS]
+    media = [ext for ext in fields if media_kind(ext)]
     if not media:
         problems.append("no image/video field")
-    if "json" not in fields:
+    if JSON not in fields:
         problems.append("no json field")
     else:
         try:
-            meta = json.loads(fields["json"].decode("utf-8"))
-            if not (meta.get("captions") or meta.get("questions")):
+            meta = json.loads(fields[JSON].decode("utf-8"))
+            if not shard_format.has_text(meta):
                 problems.append("json has no captions or questions")
         except ValueError as exn:
             problems.append(f"json: {exn}")
@@ -75,20 +73,9 @@ def read_shard(url, report):
     count = 0
     with storage.open_url(url, "rb") as f:
         reader = HashingReader(f)
-        current, fields = None, {}
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = split_name(member.name)
-                    if key != current and current is not None:
-                        count += check_and_count(url, current, fields, report)
-                        fields = {}
-                    current = key
-                    fields[ext] = tar.extractfile(member).read()
-            if current is not None:
-                count += check_and_count(url, current, fields, report)
+            for fields in shard_format.iter_tar_samples(reader):
+                count += check_and_count(url, fields.pop(KEY), fields, report)
             reader.drain()
         except (tarfile.TarError, EOFError, OSError) as exn:
             report.problem(f"TRUNCATED {url}: {type(exn).__name__}: {exn} (after {count} complete samples)")
@@ -102,26 +89,24 @@ def check_and_count(url, key, fields, report):
     if key in report.keys:
         report.problem(f"DUPLICATE key {key} in {url} and {report.keys[key]}")
     report.keys[key] = url
-    report.images += any(ext in IMAGE_EXTS for ext in fields)
-    report.videos += any(ext in VIDEO_EXTS for ext in fields)
+    report.images += any(media_kind(ext) == "image" for ext in fields)
+    report.videos += any(media_kind(ext) == "video" for ext in fields)
     return 1
 
 
 def load_manifest(folder, report):
     """manifest.json of a shard folder (None with a problem if absent), cross-checked with sizes.json."""
-    try:
-        manifest = json.loads(storage.read_bytes(folder + "/manifest.json"))
-    except FileNotFoundError:
-        report.problem(f"NO MANIFEST {folder}/manifest.json")
+    manifest = shard_format.read_manifest_file(folder)
+    if manifest is None:
+        report.problem(f"NO MANIFEST {folder}/{MANIFEST}")
         return None
-    try:
-        sizes = json.loads(storage.read_bytes(folder + "/sizes.json"))
-    except FileNotFoundError:
-        report.problem(f"NO SIZES {folder}/sizes.json")
+    sizes = shard_format.read_sizes_file(folder)
+    if sizes is None:
+        report.problem(f"NO SIZES {folder}/{SIZES}")
         sizes = {}
-    for name, entry in manifest["shards"].items():
-        if name in sizes and sizes[name] != entry["count"]:
-            report.problem(f"SIZES {folder}/{name}: sizes.json says {sizes[name]}, manifest {entry['count']}")
+    for name, count in shard_format.sizes_of(manifest).items():
+        if name in sizes and sizes[name] != count:
+            report.problem(f"SIZES {folder}/{name}: {SIZES} says {sizes[name]}, manifest {count}")
     return manifest
 
 
@@ -130,8 +115,10 @@ def shard_urls(spec):
     if spec.endswith(".tar") or "{" in spec:
         return list(braceexpand(spec))
     folder = spec.rstrip("/")
-    manifest = json.loads(storage.read_bytes(folder + "/manifest.json"))
-    return [f"{folder}/{name}" for name in manifest["shards"]]
+    manifest = shard_format.read_manifest_file(folder)
+    if manifest is None:
+        raise FileNotFoundError(shard_format.join(folder, MANIFEST))
+    return [shard_format.join(folder, name) for name in manifest["shards"]]
 
 
 def verify(spec):
@@ -141,7 +128,7 @@ def verify(spec):
     try:
         urls = shard_urls(spec)
     except FileNotFoundError:
-        report.problem(f"NO MANIFEST {spec.rstrip('/')}/manifest.json")
+        report.problem(f"NO MANIFEST {spec.rstrip('/')}/{MANIFEST}")
         return report
     for url in urls:
         folder, _, name = url.rpartition("/")
@@ -161,7 +148,7 @@ def verify(spec):
             continue
         entry = manifest["shards"].get(name)
         if entry is None:
-            report.problem(f"UNLISTED {url}: not in manifest.json")
+            report.problem(f"UNLISTED {url}: not in {MANIFEST}")
             continue
         if count != entry["count"]:
             report.problem(f"COUNT {url}: {count} samples, manifest says {entry['count']}")

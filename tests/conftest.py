@@ -34,7 +34,11 @@ def s3_server():
 
 class ShardFactory:
     """Small COCO-, MSRVTT- and VQA-like sets with real JPEG/MP4 bytes, written as tar shards in the
-    shard_tools format (``{key}.jpg|mp4`` + ``{key}.json``, sizes.json, manifest.json)."""
+    shard contract (``aurora_ds.data.shard_format``: ``{key}.jpg|mp4`` + ``{key}.json``, sizes.json,
+    manifest.json).
+
+    Samples are dicts ``{"__key__", "jpg"|"mp4": bytes, "json": dict}`` (tests damage them before
+    ``write``)."""
 
     def __init__(self, seed=0):
         import random
@@ -72,60 +76,57 @@ class ShardFactory:
                 container.mux(packet)
         return buf.getvalue()
 
+    @staticmethod
+    def sample(key, ext, data, file, dataset, **text):
+        from aurora_ds.data import shard_format
+
+        return {shard_format.KEY: key, ext: data,
+                shard_format.JSON: shard_format.sample_meta(key, file, dataset, "train", **text)}
+
     def coco(self, n, prefix="coco"):
-        return [{"__key__": "%s_%06d" % (prefix, i), "jpg": self.jpeg(),
-                 "json": {"id": "%s_%06d" % (prefix, i), "file": "img%d.jpg" % i, "dataset": "coco",
-                          "split": "train",
-                          "captions": ["A photo number %d, caption %d!" % (i, c) for c in range(2 + i % 3)]}}
+        return [self.sample("%s_%06d" % (prefix, i), "jpg", self.jpeg(), "img%d.jpg" % i, "coco",
+                            captions=["A photo number %d, caption %d!" % (i, c) for c in range(2 + i % 3)])
                 for i in range(n)]
 
     def msrvtt(self, n, prefix="video"):
-        return [{"__key__": "%s%d" % (prefix, i), "mp4": self.mp4(),
-                 "json": {"id": "%s%d" % (prefix, i), "file": "video%d.mp4" % i, "dataset": "msrvtt",
-                          "split": "train",
-                          "captions": ["Video %d: a person is doing thing %d." % (i, c) for c in range(2)]}}
+        return [self.sample("%s%d" % (prefix, i), "mp4", self.mp4(), "video%d.mp4" % i, "msrvtt",
+                            captions=["Video %d: a person is doing thing %d." % (i, c) for c in range(2)])
                 for i in range(n)]
 
     def vqa(self, n, prefix="vqa"):
-        samples = []
-        for i in range(n):
-            questions = [{"question_id": i * 10 + q, "question": "What is in picture %d, part %d?" % (i, q),
-                          "answers": ["cat"] * 3 + ["dog"], "answer_counts": {"cat": 3, "dog": 1}}
-                         for q in range(1 + i % 2)]
-            samples.append({"__key__": "%s_%06d" % (prefix, i), "jpg": self.jpeg(),
-                            "json": {"id": "%s_%06d" % (prefix, i), "file": "q%d.jpg" % i, "dataset": "vqa",
-                                     "split": "train", "questions": questions}})
-        return samples
+        from aurora_ds.data.shard_format import question
+
+        return [self.sample("%s_%06d" % (prefix, i), "jpg", self.jpeg(), "q%d.jpg" % i, "vqa",
+                            questions=[question(i * 10 + q, "What is in picture %d, part %d?" % (i, q),
+                                                ["cat"] * 3 + ["dog"]) for q in range(1 + i % 2)])
+                for i in range(n)]
 
     @staticmethod
     def write(samples, out_dir, name, per_shard, kind="image", manifest=True):
         """Shards ``{name}-{i:06d}.tar`` in ``out_dir`` (local dir or s3://bucket/prefix); returns the spec."""
         import hashlib
-        import json
         import tempfile
 
         import webdataset as wds
 
-        from aurora_ds.data import storage
+        from aurora_ds.data import shard_format, storage
 
         chunks = [samples[i:i + per_shard] for i in range(0, len(samples), per_shard)]
-        sizes, entries = {}, {}
+        entries = {}
         with tempfile.TemporaryDirectory() as tmp:
             for i, chunk in enumerate(chunks):
                 shard = "%s-%06d.tar" % (name, i)
                 local = os.path.join(tmp, shard)
-                with wds.TarWriter(local) as writer:
+                with wds.TarWriter(local, encoder=False) as writer:
                     for s in chunk:
-                        writer.write({k: (json.dumps(v).encode() if k == "json" else v) for k, v in s.items()})
+                        writer.write({k: (shard_format.encode_meta(v) if k == shard_format.JSON else v)
+                                      for k, v in s.items()})
                 with open(local, "rb") as f:
                     data = f.read()
-                storage.put_file(local, out_dir.rstrip("/") + "/" + shard)
-                sizes[shard] = len(chunk)
+                storage.put_file(local, shard_format.join(out_dir, shard))
                 entries[shard] = {"count": len(chunk), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             if manifest:
-                storage.write_bytes(out_dir.rstrip("/") + "/sizes.json", json.dumps(sizes).encode())
-                storage.write_bytes(out_dir.rstrip("/") + "/manifest.json", json.dumps(
-                    {"kind": kind, "num_samples": len(samples), "shards": entries}).encode())
+                shard_format.write_manifest(out_dir, {"kind": kind, "num_samples": len(samples), "shards": entries})
         return "%s/%s-{%06d..%06d}.tar" % (out_dir.rstrip("/"), name, 0, len(chunks) - 1)
 
 

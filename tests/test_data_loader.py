@@ -11,6 +11,7 @@ import torch
 from aurora_ds.data import (DataShortfallError, LoaderConfig, ShardError, build_loader, expand_urls,
                             pre_caption, pre_question, read_manifest)
 from aurora_ds.data.media import frame_indices
+from aurora_ds.data.shard_format import MANIFEST
 from aurora_ds.data.storage import curl_command
 
 
@@ -209,9 +210,9 @@ def test_corrupt_media_skipped_and_counted(tmp_path, shard_factory, word_tokeniz
 
 def test_fewer_than_manifest_fails_loudly(tmp_path, shard_factory, word_tokenizer):
     spec = shard_factory.write(shard_factory.coco(8), str(tmp_path), "short", per_shard=4)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
     manifest["shards"]["short-000001.tar"]["count"] = 7  # the shard lost 3 samples
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataShortfallError, match=r"delivered 8 of the 11 samples .* 2 shard"):
         list(build_loader(spec, cfg(), word_tokenizer))
     assert len(list(build_loader(spec, cfg(missing_tolerance=0.3), word_tokenizer))) > 0
@@ -292,3 +293,16 @@ def test_stalled_worker_times_out(coco, word_tokenizer):
     url = "pipe:sleep 15; cat %s" % shlex.quote(expand_urls(coco[0])[0])
     with pytest.raises(TimeoutError, match=r"DataLoader timed out .* 1 shard\(s\) starting pipe:sleep 15"):
         list(build_loader(url, cfg(num_workers=1, worker_timeout=2), word_tokenizer))
+
+
+def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shard_factory):
+    """The engine's answer list and tokenizer corpus come from shard_format's one reader."""
+    from types import SimpleNamespace
+
+    from aurora_ds.engine.data import _shard_texts, answer_list
+
+    samples = shard_factory.vqa(5)
+    spec = shard_factory.write(samples, str(tmp_path), "vqa", per_shard=2, kind="image_qa")
+    assert answer_list(SimpleNamespace(answer_list="", train_shards=spec)) == ["cat", "dog"]
+    want = [t for s in samples for q in s["json"]["questions"] for t in [q["question"], *q["answers"]]]
+    assert list(_shard_texts(spec)) == want

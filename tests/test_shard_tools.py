@@ -13,6 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from aurora_ds.data.shard_format import MANIFEST, SIZES
 from shard_tools import convert as convert_mod
 from shard_tools import sample
 from shard_tools.cli import main
@@ -37,7 +38,7 @@ def convert(dataset, anns, media_root, split, out, *extra):
 
 def read_samples(folder):
     """Samples as the loader sees them: webdataset over the shards listed in sizes.json."""
-    sizes = json.load(open(os.path.join(folder, "sizes.json")))
+    sizes = json.load(open(os.path.join(folder, SIZES)))
     urls = [os.path.join(folder, name) for name in sizes]
     samples = list(wds.WebDataset(urls, shardshuffle=False))
     for s in samples:
@@ -116,7 +117,7 @@ def test_retrieval_roundtrip(tmp_path, data, dataset, capsys):
     assert main(["verify", str(tmp_path)]) == 0
     assert "OK:" in capsys.readouterr().out
     sizes, samples = read_samples(str(tmp_path))
-    manifest = load(tmp_path / "manifest.json")
+    manifest = load(tmp_path / MANIFEST)
     keys = [s["__key__"] for s in samples]
     assert len(keys) == len(set(keys)) == manifest["num_samples"] == sum(sizes.values())
     assert all(k.startswith(dataset + "_") and "." not in k for k in keys)
@@ -186,7 +187,7 @@ def test_qa_roundtrip(tmp_path, data, capsys):
     _, samples = read_samples(str(tmp_path / "mq"))
     got = {q["question_id"]: (s["meta"]["id"], q["question"], q["answers"]) for s in samples for q in s["meta"]["questions"]}
     assert got == {e["id"]: (f"video{e['video_id']}", e["question"], [e["answer"]]) for e in load(ann)}
-    assert load(tmp_path / "mq" / "manifest.json")["kind"] == "video_qa"
+    assert load(tmp_path / "mq" / MANIFEST)["kind"] == "video_qa"
 
 
 def test_output_independent_of_workers_and_resize(tmp_path, data):
@@ -207,7 +208,7 @@ def test_maxsize_splits_shards(tmp_path, data):
     d = data["coco"]
     ann = os.path.join(d, "annotations", "coco_karpathy_train.json")
     assert convert("coco", [ann], d, "train", tmp_path, "--maxsize", "4000") == 0
-    manifest = load(tmp_path / "manifest.json")
+    manifest = load(tmp_path / MANIFEST)
     _, samples = read_samples(str(tmp_path))
     payload = {s["__key__"]: len(s["jpg"]) + len(s["json"]) for s in samples}
     assert len(manifest["shards"]) > 1 and manifest["num_samples"] == len(samples)
@@ -236,7 +237,7 @@ def test_verify_catches_damage(tmp_path, data, capsys):
     ann = os.path.join(d, "annotations", "coco_karpathy_train.json")
     out = tmp_path / "coco"
     assert convert("coco", [ann], d, "train", out, "--maxcount", "2") == 0
-    names = sorted(load(out / "manifest.json")["shards"])
+    names = sorted(load(out / MANIFEST)["shards"])
     capsys.readouterr()
 
     key = rewrite_member(out / names[0], ".jpg", lambda b: b[: len(b) // 2])
@@ -256,7 +257,7 @@ def test_verify_catches_damage(tmp_path, data, capsys):
     out = tmp_path / "msrvtt"
     assert convert("msrvtt", [os.path.join(d, "annotations", "MSRVTT_data.json")], os.path.join(d, "videos", "all"),
                    "train", out, "--maxcount", "2") == 0
-    name = sorted(load(out / "manifest.json")["shards"])[-1]
+    name = sorted(load(out / MANIFEST)["shards"])[-1]
     key = rewrite_member(out / name, ".mp4", lambda b: b[:200] + bytes(len(b) - 200))
     capsys.readouterr()
     assert main(["verify", str(out)]) == 1
@@ -298,7 +299,7 @@ def test_faults_reported_and_strict(tmp_path, data, capsys):
     out = tmp_path / "out"
     assert convert("coco", [blip, official], d, "val", out) == 0
     err = capsys.readouterr().err
-    manifest = load(out / "manifest.json")
+    manifest = load(out / MANIFEST)
     assert manifest["faults"] == {"missing_media": 1, "unreadable_media": 1, "duplicate_id": 1,
                                   "empty_text": 1, "non_utf8_text": 1, "unknown_media": 1}
     for needle in ("fault missing_media: 1", "999999", "fault unknown_media: 1", "424242",
@@ -357,7 +358,7 @@ def test_resume_skips_complete_shards(tmp_path, data, monkeypatch, capsys):
         convert("coco", [ann], d, "train", out, *args)
     partial = load(out / "manifest.partial.json")
     assert [e["name"] for e in partial["shards"]] == [f"coco-train-{i:06d}.tar" for i in range(3)]
-    assert not (out / "manifest.json").exists()
+    assert not (out / MANIFEST).exists()
     kept = {n: os.stat(out / n).st_mtime_ns for n in ("coco-train-000000.tar", "coco-train-000001.tar")}
     with open(out / "coco-train-000002.tar", "ab") as f:
         f.write(b"damage")
@@ -369,7 +370,7 @@ def test_resume_skips_complete_shards(tmp_path, data, monkeypatch, capsys):
     assert {n: os.stat(out / n).st_mtime_ns for n in kept} == kept
     assert [os.path.basename(c) for c in calls] == [f"coco-train-{i:06d}.tar" for i in range(2, 6)]
     assert files_bytes(out) == files_bytes(tmp_path / "ref")
-    assert load(out / "manifest.json")["faults"] == {"missing_media": 1}
+    assert load(out / MANIFEST)["faults"] == {"missing_media": 1}
 
 
 def test_cli_end_to_end(tmp_path):
@@ -386,7 +387,7 @@ def test_cli_end_to_end(tmp_path):
                "--workers", "2", "--maxcount", "2", "--strict")
     assert done.returncode == 0, done.stderr
     entries = load(os.path.join(d, "train_qa.json")) + load(os.path.join(d, "val_qa.json"))
-    manifest = load(os.path.join(out, "manifest.json"))
+    manifest = load(os.path.join(out, MANIFEST))
     assert manifest["num_samples"] == len({e["video_id"] for e in entries}) and manifest["faults"] == {}
     checked = run("verify", out + "/msrvtt_qa-trainval-{000000..000002}.tar")
     assert checked.returncode == 0 and checked.stdout.startswith("OK: 3 shard(s), 5 samples (0 images, 5 videos)")
@@ -395,3 +396,49 @@ def test_cli_end_to_end(tmp_path):
 def test_cli_reports_missing_annotation(tmp_path, capsys):
     assert convert("coco", [str(tmp_path / "nope.json")], str(tmp_path), "val", tmp_path / "out") == 1
     assert "nope.json" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_bmp_and_gif_are_reencoded_and_train(tmp_path, capsys):
+    """Images in formats the loader does not read (BMP, GIF) are stored as lossless PNG and counted,
+    so they load and decode (they used to convert and then be skipped as missing_field); a format
+    nobody reads is a fault naming the file."""
+    import numpy as np
+
+    from aurora_ds.data import LoaderConfig, build_loader
+    from aurora_ds.data.media import decode_image
+
+    rng = np.random.default_rng(0)
+    pixels = {name: rng.integers(0, 256, (20, 24, 3), dtype=np.uint8) for name in ("a", "b", "c")}
+    os.makedirs(tmp_path / "raw")
+    Image.fromarray(pixels["a"]).save(tmp_path / "raw" / "a.bmp")
+    gif = Image.fromarray(pixels["b"]).convert("P")  # GIF is palette-based: what PIL decodes is the truth
+    gif.save(tmp_path / "raw" / "b.gif")
+    pixels["b"] = np.asarray(Image.open(tmp_path / "raw" / "b.gif").convert("RGB"))
+    Image.fromarray(pixels["c"]).save(tmp_path / "raw" / "c.png")
+    Image.fromarray(pixels["c"]).save(tmp_path / "raw" / "d.tiff")
+    entries = [{"image": f"{n}.{e}", "caption": [f"Picture {n}."]} for n, e in (("a", "bmp"), ("b", "gif"), ("c", "png"))]
+    ann = tmp_path / "test.json"
+    ann.write_text(json.dumps(entries))
+    out = tmp_path / "shards"
+    assert convert("flickr", [str(ann)], str(tmp_path / "raw"), "test", out, "--strict") == 0
+    assert "re-encoded 2 image(s) as png (bmp: 1, gif: 1)" in capsys.readouterr().err
+    assert main(["verify", str(out)]) == 0
+    manifest = load(out / MANIFEST)
+    assert manifest["reencoded"] == {"bmp": 1, "gif": 1} and manifest["num_samples"] == 3
+    _, samples = read_samples(str(out))
+    assert {s["__key__"]: s["meta"]["file"] for s in samples if "png" in s} == {
+        "flickr_a": "a.bmp", "flickr_b": "b.gif", "flickr_c": "c.png"}
+    for s in samples:
+        assert (decode_image(s["png"]).permute(1, 2, 0).numpy() == pixels[s["meta"]["id"]]).all()
+
+    spec = f"{out}/flickr-test-000000.tar"
+    loader = build_loader(spec, LoaderConfig(image_size=16, batch_size=8, num_workers=0), mode="eval")
+    batches = list(loader)
+    assert loader.faults() == {} and sorted(batches[0]["media_id"]) == ["a", "b", "c"]
+    assert batches[0]["pixel_values"].shape == (3, 3, 16, 16)
+
+    entries.append({"image": "d.tiff", "caption": ["Picture d."]})
+    ann.write_text(json.dumps(entries))
+    assert convert("flickr", [str(ann)], str(tmp_path / "raw"), "test", tmp_path / "tiff") == 0
+    err = capsys.readouterr().err
+    assert "fault unreadable_media: 1" in err and "d.tiff" in err and "unsupported media extension 'tiff'" in err

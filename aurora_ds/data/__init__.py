@@ -7,7 +7,8 @@ from . import storage  # noqa: F401  (registers the s3/http openers in webdatase
 from .loader import DataShortfallError, LoaderConfig, ShardError, build_loader
 from .seaweed import SeaweedServer
 from .text import pre_caption, pre_question
-from .urls import expand_urls, read_manifest
+from .shard_format import read_manifest
+from .urls import expand_urls
 
 __all__ = ["DataShortfallError", "LoaderConfig", "SeaweedServer", "ShardError", "build_loader",
            "expand_urls", "pre_caption", "pre_question", "read_manifest"]

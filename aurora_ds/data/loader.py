@@ -30,11 +30,10 @@ from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
-from . import media, storage
+from . import media, shard_format, storage
 from .text import pre_caption, pre_question, tokenize
-from .urls import expand_urls, read_manifest
+from .shard_format import read_manifest
+from .urls import expand_urls
 
 log = logging.getLogger(__name__)
 
@@ -185,22 +184,6 @@ class SampleError(Exception):
         self.reason = reason
 
 
-def tar_samples(stream):
-    """Tar members grouped into samples by key (the name up to the first dot)."""
-    sample = None
-    for member in tar_file_iterator(stream):
-        key, ext = base_plus_ext(member["fname"])
-        if key is None:
-            continue
-        if sample is None or key != sample["__key__"]:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key}
-        sample[ext.lower()] = member["data"]
-    if sample is not None:
-        yield sample
-
-
 def _close_quietly(stream):
     try:
         stream.close()
@@ -216,7 +199,7 @@ def read_shard(url, max_retries, ledger):
             stream = storage.open_url(url, "rb")
             complete = False
             try:
-                for i, sample in enumerate(tar_samples(stream)):
+                for i, sample in enumerate(shard_format.iter_tar_samples(stream)):
                     if i >= delivered:
                         delivered += 1
                         sample["__shard__"] = url
@@ -254,21 +237,22 @@ def resampled_urls(urls, rng):
 
 def sample_items(sample, cfg, train, rng):
     """One shard sample -> its items: caption pairs, one eval entry, or one item per question."""
-    exts = media.IMAGE_EXTS if cfg.media == "image" else media.VIDEO_EXTS
-    ext = next((e for e in exts if e in sample), None)
+    ext = shard_format.media_field(sample, cfg.media)
     if ext is None:
+        exts = shard_format.IMAGE_EXTS if cfg.media == "image" else shard_format.VIDEO_EXTS
         raise SampleError("missing_field", "no %s member" % "/".join(exts))
-    if "json" not in sample:
+    if shard_format.JSON not in sample:
         raise SampleError("missing_field", "no json member")
     try:
-        meta = json.loads(sample["json"])
+        meta = json.loads(sample[shard_format.JSON])
     except ValueError as exn:
         raise SampleError("bad_json", str(exn))
-    base = {"__shard__": sample["__shard__"], "__key__": sample["__key__"],
-            "media": sample[ext], "media_id": str(meta.get("id", sample["__key__"]))}
+    key = sample[shard_format.KEY]
+    base = {"__shard__": sample["__shard__"], "__key__": key, "media": sample[ext],
+            "media_id": str(meta.get("id", key))}
     try:
         if cfg.task == "retrieval":
-            captions = [pre_caption(c, cfg.max_words) for c in meta["captions"]]
+            captions = [pre_caption(c, cfg.max_words) for c in shard_format.captions(meta)]
             if not captions:
                 raise SampleError("missing_field", "empty captions")
             if not train:
@@ -279,11 +263,10 @@ def sample_items(sample, cfg, train, rng):
                 items = [dict(base, caption=c) for c in captions]
         else:
             items = []
-            for q in meta["questions"]:
-                counts = q.get("answer_counts") or Counter(q.get("answers", []))
+            for question_id, question, counts in shard_format.questions(meta):
                 total = sum(counts.values())
-                items.append(dict(base, question=pre_question(q["question"], cfg.max_words),
-                                  question_id=q["question_id"], answers=list(counts),
+                items.append(dict(base, question=pre_question(question, cfg.max_words),
+                                  question_id=question_id, answers=list(counts),
                                   answer_weights=[n / total for n in counts.values()]))
             if not items:
                 raise SampleError("missing_field", "no questions")
@@ -429,11 +412,11 @@ class Loader:
                 raise ValueError("resampled mode is for training; evaluation reads every sample once")
             self.num_samples = cfg.train_num_samples or (self.manifest or {}).get("num_samples")
             if not self.num_samples:
-                raise ValueError("resampled mode needs train_num_samples or a manifest.json/sizes.json "
-                                 "next to the shards of %r" % self.urls[0])
+                raise ValueError("resampled mode needs train_num_samples or a %s/%s next to the shards of %r"
+                                 % (shard_format.MANIFEST, shard_format.SIZES, self.urls[0]))
         elif self.manifest is None:
-            log.warning("no manifest/sizes.json for %s...: sample count unknown, epochs are not "
-                        "checked for missing samples", self.urls[0])
+            log.warning("no %s/%s for %s...: sample count unknown, epochs are not checked for "
+                        "missing samples", shard_format.MANIFEST, shard_format.SIZES, self.urls[0])
         workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(self.urls) % (self.world * workers):
             log.warning("%d shards do not divide evenly over %d rank(s) x %d worker(s): ranks get "

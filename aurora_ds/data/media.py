@@ -10,8 +10,6 @@ from torchvision.transforms import v2
 
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-VIDEO_EXTS = ("mp4", "webm", "avi", "mkv", "mov")
 FRAME_SAMPLINGS = ("uniform", "random", "headtail")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -22,25 +21,16 @@ def loader_config(cfg, image_size: int, train: bool):
     )
 
 
-def _shard_metas(spec: str):
-    """The json record of every sample in the shards (media are not decoded)."""
-    from ..data import expand_urls
-    from ..data.storage import open_url
-
-    for url in expand_urls(spec):
-        with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    yield json.loads(tar.extractfile(member).read().decode("utf-8"))
-
-
 def _shard_texts(spec: str):
-    """Every caption, question and answer in the shards: what a local tokenizer is trained on."""
-    for meta in _shard_metas(spec):
-        yield from meta.get("captions", [])
-        for q in meta.get("questions", []):
-            yield q["question"]
-            yield from q.get("answers", [])
+    """Every caption, question and answer in the shards: what a local tokenizer is trained on.
+
+    The text lives only in the samples' json (a manifest holds counts and checksums), so this
+    reads the json members through the shard contract's one reader, skipping the media.
+    """
+    from ..data import shard_format
+
+    for meta in shard_format.iter_metas(spec):
+        yield from shard_format.sample_texts(meta)
 
 
 def answer_list(cfg, size: int = 3128) -> list[str]:
@@ -50,10 +40,11 @@ def answer_list(cfg, size: int = 3128) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"answer list {path} does not exist")
         return json.loads(path.read_text())
+    from ..data import shard_format
+
     counts = Counter()
-    for meta in _shard_metas(cfg.train_shards):
-        for q in meta.get("questions", []):
-            counts.update(q.get("answer_counts", {}))
+    for meta in shard_format.iter_metas(cfg.train_shards):
+        counts.update(shard_format.answer_counts(meta))
     return [answer for answer, _ in counts.most_common(size)]
 
 
