@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .config import PRECISIONS
+
 
 
 def to_device(batch: dict, device) -> dict:
@@ -49,7 +51,7 @@ class PlainBackend:
 
     def __init__(self, model, cfg, total_steps: int):
         self.cfg = cfg
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        dtype = PRECISIONS[cfg.precision]
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.module = model.to(dtype).to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
