@@ -1,31 +1,45 @@
-"""``aurora-eval``: evaluate a saved adapter on evaluation shards (argument parsing only)."""
+"""``aurora-eval``: evaluate a saved adapter on evaluation shards (argument parsing only).
+
+Its own keys are the options below (``EvalRunConfig``); everything else comes from the run
+configuration recorded next to the adapter (else ``--recipe``), and ``--set`` on top.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .engine.config import build_config, list_recipes
+from .engine.config import PRECISIONS, EvalRunConfig, list_recipes
 
 
-def main(argv=None):
+def parse_args(argv=None) -> EvalRunConfig:
     p = argparse.ArgumentParser(prog="aurora-eval", description="Evaluate an Aurora adapter.")
-    p.add_argument("--recipe", default="", help=f"packaged recipe ({', '.join(list_recipes())}) or a YAML path")
     p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter.safetensors)")
     p.add_argument("--shards", required=True, help="URL spec of the evaluation shards")
     p.add_argument("--out", default="runs/eval", help="where metrics (and QA result files) are written")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--batch-size", type=int, default=0, help="evaluation batch size (default: the run's eval.batch_size)")
+    p.add_argument("--k-test", type=int, default=0, help="retrieval candidates re-ranked per query (default: the run's)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="", help="default: the run's engine.precision")
+    p.add_argument("--ds-config", default="", help="zero3 | zero3_offload | zero2 | path (default: the run's)")
     p.add_argument("--no-deepspeed", action="store_true", help="evaluate in one process without DeepSpeed")
+    p.add_argument("--recipe", default="", help=f"packaged recipe ({', '.join(list_recipes())}) or a YAML path, "
+                   "instead of the run configuration recorded next to the adapter (needed where there is none)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a run configuration value (repeatable), e.g. --set backbone.checkpoint=DIR")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    overrides = [*args.overrides, f"eval_shards={args.shards}", f"train_shards={args.shards}", f"out_dir={args.out}"]
-    if args.no_deepspeed:
-        overrides.append("deepspeed=false")
+    return EvalRunConfig(adapter=args.adapter, shards=args.shards, out=args.out, batch_size=args.batch_size,
+                         k_test=args.k_test, precision=args.precision, deepspeed=not args.no_deepspeed,
+                         ds_config=args.ds_config, recipe=args.recipe, overrides=args.overrides)
+
+
+def main(argv=None):
+    eval_cfg = parse_args(argv)
     try:
-        cfg = build_config(args.recipe, overrides)
+        cfg = eval_cfg.run_config()
         from .engine.loop import evaluate
 
-        evaluate(cfg, args.adapter)
+        evaluate(cfg, eval_cfg.adapter)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"aurora-eval: {e}")
 

@@ -23,7 +23,9 @@ import textwrap
 
 import torch
 
-BYTES_PER_PARAM = {"bf16": 2, "fp16": 2, "fp32": 4}
+from .engine.config import PRECISIONS
+
+BYTES_PER_PARAM = {name: dtype.itemsize for name, dtype in PRECISIONS.items()}
 # fp32 master copy 4 + Adam moments 8 + fp32 gradient 4, per trainable parameter.
 TRAIN_STATE_BYTES = 16
 # Gathered layer plus the next one prefetched while it runs.

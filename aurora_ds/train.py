@@ -12,10 +12,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="aurora-train", description="Train Aurora on a frozen backbone under DeepSpeed.")
     p.add_argument("--recipe", default="", help=f"packaged recipe ({', '.join(list_recipes())}) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value (repeatable), e.g. --set lr=1e-4 --set rank=16")
-    p.add_argument("--train-shards", help="URL spec of the training shards (same as --set train_shards=...)")
+                   help="override a recipe value (repeatable), e.g. --set optim.lr=1e-4 --set aurora.rank=16 "
+                        "--set 'aurora.ranks={1408: 64}'; unknown keys are refused with the known ones listed")
+    p.add_argument("--train-shards", help="URL spec of the training shards (same as --set data.train_shards=...)")
     p.add_argument("--eval-shards", help="URL spec of the evaluation shards")
-    p.add_argument("--out", help="output directory (same as --set out_dir=...)")
+    p.add_argument("--out", help="output directory (same as --set output.dir=...)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint directory")
     p.add_argument("--ds-config", help="zero3 | zero3_offload | zero2 | path to a DeepSpeed JSON")
@@ -25,11 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args):
-    extra = {"train_shards": args.train_shards, "eval_shards": args.eval_shards, "out_dir": args.out,
-             "max_steps": args.max_steps, "resume": args.resume, "ds_config": args.ds_config}
+    extra = {"data.train_shards": args.train_shards, "data.eval_shards": args.eval_shards, "output.dir": args.out,
+             "optim.max_steps": args.max_steps, "output.resume": args.resume, "engine.ds_config": args.ds_config}
     overrides = list(args.overrides) + [f"{k}={v}" for k, v in extra.items() if v is not None]
     if args.no_deepspeed:
-        overrides.append("deepspeed=false")
+        overrides.append("engine.deepspeed=false")
     return build_config(args.recipe, overrides)
 
 

@@ -236,14 +236,15 @@ def _cli_error(args):
 
 
 def test_unknown_key_and_bad_values_are_refused(tmp_path):
-    assert "unknown config key 'rnak'" in _cli_error(["--set", "rnak=3", "--set", "data=synthetic"])
-    assert "rank must be > 0, got 0" in _cli_error(["--set", "rank=0", "--set", "data=synthetic"])
-    assert "expects int, got 'x'" in _cli_error(["--set", "batch_size=x", "--set", "data=synthetic"])
+    err = _cli_error(["--set", "aurora.rnak=3", "--set", "data.source=synthetic"])
+    assert "unknown config key 'aurora.rnak'" in err and "'rank', 'ranks'" in err
+    assert "rank must be a positive integer, got 0" in _cli_error(["--set", "aurora.rank=0", "--set", "data.source=synthetic"])
+    assert "'optim.batch_size' expects int, got 'x'" in _cli_error(["--set", "optim.batch_size=x", "--set", "data.source=synthetic"])
     assert "unknown recipe 'cocoo'" in _cli_error(["--recipe", "cocoo"])
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("lrr: 1\n")
-    with pytest.raises(ValueError, match=f"unknown config key 'lrr' in recipe '{recipe}'"):
-        build_config(str(recipe), ["data=synthetic"])
+    recipe.write_text("optim:\n  lrr: 1\n")
+    with pytest.raises(ValueError, match=f"unknown config key 'optim.lrr' in recipe '{recipe}'"):
+        build_config(str(recipe), ["data.source=synthetic"])
 
 
 def test_missing_backbone_checkpoint_and_resume_dirs(tmp_path):

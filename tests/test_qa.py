@@ -8,7 +8,7 @@ import torch
 
 from aurora_ds import AuroraConfig, build_backbone, inject_aurora
 from aurora_ds.backbones.tokenizer import train_tokenizer
-from aurora_ds.engine.config import TrainConfig
+from aurora_ds.engine.config import build_config
 from aurora_ds.engine.loop import make_objective as objective_for
 from aurora_ds.tasks.blip2 import Blip2QAObjective
 from aurora_ds.tasks.qa import QAObjective, answer_candidates, tokenize_answers
@@ -76,11 +76,12 @@ def tokenizer():
 BACKBONES = ["blip-tiny-vqa", "blip2-opt-tiny-vqa"]
 
 
-def make_objective(tokenizer, backbone="blip-tiny-vqa", targets="paper", **overrides):
+def make_objective(tokenizer, backbone="blip-tiny-vqa", targets="paper", overrides=None):
     torch.manual_seed(0)
     model = build_backbone(backbone)
     inject_aurora(model, AuroraConfig(rank=4, backbone=backbone, targets=targets))
-    cfg = TrainConfig(task="qa", backbone=backbone, data="synthetic", k_test=4, **overrides)
+    cfg = build_config("", {"objective.task": "qa", "backbone.name": backbone, "data.source": "synthetic",
+                            "eval.k_test": 4, **(overrides or {})})
     objective = objective_for(cfg, model)
     objective.tokenizer = tokenizer
     return objective
@@ -117,7 +118,7 @@ def test_answer_tokens_start_with_decoder_bos(tokenizer):
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_weighted_answer_loss_and_one_forward(tokenizer, backbone):
     """BLIP: loss = Σ weight · answer NLL / questions; losses() calls forward exactly once."""
-    objective = make_objective(tokenizer, backbone, dropout=0.0)
+    objective = make_objective(tokenizer, backbone, overrides={"aurora.dropout": 0.0})
     assert isinstance(objective, Blip2QAObjective if backbone.startswith("blip2") else QAObjective)
     objective.eval()
     batch = make_batch(tokenizer)
@@ -170,7 +171,7 @@ def test_training_lowers_loss_and_rank_picks_trained_answer(tokenizer, tmp_path,
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_generate_returns_strings_deterministically(tokenizer, backbone):
-    objective = make_objective(tokenizer, backbone, inference="generate")
+    objective = make_objective(tokenizer, backbone, overrides={"eval.inference": "generate"})
     batch = make_batch(tokenizer)
     first = objective(batch, 0, "generate")
     assert len(first) == 4 and all(isinstance(a, str) for a in first)
@@ -183,7 +184,7 @@ def test_generate_returns_strings_deterministically(tokenizer, backbone):
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_video_qa_trains(tokenizer, backbone):
     """Frames go through the vision tower; the question attends to all frames' tokens."""
-    objective = make_objective(tokenizer, backbone, media="video", num_frames=2, inference="generate")
+    objective = make_objective(tokenizer, backbone, overrides={"data.media": "video", "data.num_frames": 2, "eval.inference": "generate"})
     batch = make_batch(tokenizer, frames=2)
     losses = train(objective, batch, 8)
     assert losses[-1] < losses[0]
@@ -193,7 +194,7 @@ def test_video_qa_trains(tokenizer, backbone):
 def test_blip2_answer_likelihood_ignores_prompt_padding(tokenizer):
     """Prompts are left-padded so answers line up: a question's answer NLL must not depend on
     the other questions in its batch."""
-    objective = make_objective(tokenizer, "blip2-opt-tiny-vqa", dropout=0.0)
+    objective = make_objective(tokenizer, "blip2-opt-tiny-vqa", overrides={"aurora.dropout": 0.0})
     objective.eval()
     batch = make_batch(tokenizer)
     with torch.no_grad():

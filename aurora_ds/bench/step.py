@@ -109,10 +109,12 @@ def measure(job: dict) -> dict:
 
     from aurora_ds.backbones import example_batch, forward_features, get_spec
 
+    from aurora_ds.engine.config import PRECISIONS
+
     from .report import current_rss_mb, peak_rss_mb
 
     device = torch.device(job["device"])
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["precision"]]
+    dtype = PRECISIONS[job["precision"]]
     spec = get_spec(job["backbone"])
     if job["image_size"]:  # a cap: smaller images use the first position embeddings; larger would not fit
         spec = dataclasses.replace(spec, image_size=min(job["image_size"], spec.image_size))

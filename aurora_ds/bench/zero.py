@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 from ..dist import free_port
+from ..engine.config import PRECISIONS
 from .report import bar_chart, cli_config, fmt, machine, ratio, table, write
 
 RUNS = {"1": ("1 rank", 1, "zero3"), "2": ("2 ranks", 2, "zero3"), "2-offload": ("2 ranks, offload", 2, "zero3_offload")}
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BYTES = {name: dtype.itemsize for name, dtype in PRECISIONS.items()}
 PLAN = (("blip-large-retrieval", (8, 16, 64)), ("vit-giant", (8, 16, 64)))
 LOCAL_SH = Path(__file__).resolve().parents[2] / "launchers" / "local.sh"
 

@@ -15,6 +15,7 @@ import os
 import torch
 
 from ..dist import compute_device
+from .config import PRECISIONS
 
 
 def to_device(batch: dict, device) -> dict:
@@ -51,7 +52,7 @@ class PlainBackend:
 
     def __init__(self, model, cfg, total_steps: int):
         self.cfg = cfg
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        dtype = PRECISIONS[cfg.precision]
         self.device = compute_device()
         self.module = model.to(dtype).to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]

@@ -1,65 +1,86 @@
-"""Run configuration as plain values: recipe YAML, then ``--set key=value`` overrides.
+"""Run configuration as plain values, in sections: recipe YAML, then ``--set section.key=value``.
 
-Every key has a default here; a recipe or an override naming an unknown key, or giving a
-value of the wrong type, is an error before any work starts.
+One nested dataclass, ``TrainConfig``, with one section per concern::
+
+    backbone   what is adapted: registry name, checkpoint and tokenizer directories, heads
+    aurora     the adapter itself: an ``AuroraConfig`` (aurora/config.py), not a copy of it
+    data       media kind, shard URL specs, image size, frames, words, loader workers
+    objective  the task and its loss: temperature, queue, distillation, ITM, negatives
+    optim      batch size, accumulation, optimizer, learning rate and schedule, length
+    eval       evaluation batch size, k_test, QA inference and answer list, how often
+    engine     DeepSpeed on/off and its config, precision, activation checkpointing, seed
+    output     run directory, resume, checkpoint/log cadence, progress bar
+
+Every key has a default here. A recipe, ``--set`` or a dict of overrides naming an unknown
+section or key, or giving a value of the wrong type, is an error naming it and listing the
+known ones. Per-width ranks are mappings end to end: ``aurora: {ranks: {1408: 64}}`` in YAML,
+``--set 'aurora.ranks={1408: 64, 768: 32}'`` on the command line (a YAML flow mapping).
+
+``aurora-eval`` has its own small ``EvalRunConfig``; the rest of its run configuration comes
+from the run that wrote the adapter (see ``EvalRunConfig.run_config``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+import json
+import types
+import typing
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import torch
 import yaml
+
+from ..aurora.config import AuroraConfig
+
+# The one precision table: config name -> torch dtype (bytes per element: ``.itemsize``).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _choice(section: str, key: str, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{section}.{key} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _positive(section: str, obj, *keys):
+    for key in keys:
+        if getattr(obj, key) <= 0:
+            raise ValueError(f"{section}.{key} must be > 0, got {getattr(obj, key)!r}")
 
 
 @dataclass
-class TrainConfig:
-    # what to train
-    recipe: str = ""
-    task: str = "retrieval"  # retrieval | qa
-    media: str = "image"  # image | video
-    backbone: str = "blip-tiny-retrieval"
+class BackboneSection:
+    name: str = "blip-tiny-retrieval"  # a registered backbone (aurora_ds.backbones)
     checkpoint: str = ""  # local backbone directory; empty = random init from the named config
     tokenizer: str = ""  # tokenizer directory; empty = the checkpoint's, or trained on the captions
-    # Aurora
-    rank: int = 32
-    ranks: str = ""  # per hidden width, "1408:64,768:32"
-    tower_ranks: str = ""  # own factor sets per tower (module prefix), "qformer:16"
-    targets: str = "paper"
-    dropout: float = 0.1
-    scale: float = 1.0
-    context_enhancement: bool = True
-    context_scale: float = 0.1
-    gated_query: bool = True
-    gated_query_scale: float = 0.1
-    train_heads: bool = True
-    # data
-    data: str = "shards"  # shards | synthetic
+    train_heads: bool = True  # also train the backbone's small task heads (ITM, projections)
+
+
+@dataclass
+class DataSection:
+    source: str = "shards"  # shards | synthetic
+    media: str = "image"  # image | video
     train_shards: str = ""
     eval_shards: str = ""
     train_num_samples: int = 0
     image_size: int = 0  # 0 = the backbone's
     num_frames: int = 8
-    frame_sampling: str = "uniform"
+    frame_sampling: str = "uniform"  # uniform | random | headtail
     max_words: int = 30
     num_workers: int = 2
-    # optimisation
-    batch_size: int = 16  # per rank, per micro-step
-    eval_batch_size: int = 32
-    grad_accum: int = 1
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    epochs: int = 1
-    max_steps: int = 0  # 0 = epochs x steps per epoch
-    clip_grad: float = 0.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    activation_checkpointing: bool = False
-    seed: int = 42
-    # retrieval objective
+
+    def __post_init__(self):
+        _choice("data", "source", self.source, ("shards", "synthetic"))
+        _choice("data", "media", self.media, ("image", "video"))
+        _choice("data", "frame_sampling", self.frame_sampling, ("uniform", "random", "headtail"))
+        _positive("data", self, "num_frames", "max_words")
+
+
+@dataclass
+class ObjectiveSection:
+    task: str = "retrieval"  # retrieval | qa
     temp: float = 0.07
     queue_size: int = 57600
     alpha: float = 0.4
@@ -68,66 +89,128 @@ class TrainConfig:
     itm: bool = True
     negatives_all_ranks: bool = True
     frame_aware_attention: bool = False
-    k_test: int = 128
-    # qa
-    inference: str = "rank"  # rank | generate
-    answer_list: str = ""
-    # engine
+
+    def __post_init__(self):
+        _choice("objective", "task", self.task, ("retrieval", "qa"))
+        _positive("objective", self, "temp")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"objective.momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"objective.alpha must be in [0, 1], got {self.alpha!r}")
+
+
+@dataclass
+class OptimSection:
+    batch_size: int = 16  # per rank, per micro-step
+    grad_accum: int = 1
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs x steps per epoch
+    clip_grad: float = 0.0
+
+    def __post_init__(self):
+        _choice("optim", "optimizer", self.optimizer, ("adamw", "sgd"))
+        _positive("optim", self, "batch_size", "grad_accum", "epochs", "lr")
+
+
+@dataclass
+class EvalSection:
+    batch_size: int = 32
+    k_test: int = 128  # retrieval: candidates re-ranked by ITM per query
+    inference: str = "rank"  # QA: rank (over the answer list) | generate
+    answer_list: str = ""  # QA: JSON list of answers; empty = the most frequent training answers
+    every: int = 0  # evaluate every N steps (0 = at the end only)
+
+    def __post_init__(self):
+        _choice("eval", "inference", self.inference, ("rank", "generate"))
+        _positive("eval", self, "batch_size")
+
+
+@dataclass
+class EngineSection:
     deepspeed: bool = True
-    ds_config: str = "zero3"
-    out_dir: str = "runs/aurora"
+    ds_config: str = "zero3"  # zero3 | zero3_offload | zero2 | auto | path to a DeepSpeed JSON
+    precision: str = "fp32"  # a PRECISIONS name
+    activation_checkpointing: bool = False
+    seed: int = 42
+
+    def __post_init__(self):
+        _choice("engine", "precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/aurora"
     resume: str = ""  # "" | auto | a checkpoint directory
-    eval_every: int = 0
     save_every: int = 0
     log_every: int = 10
     keep_checkpoints: int = 2
     progress: bool = True
 
+
+SECTIONS = {
+    "backbone": BackboneSection, "aurora": AuroraConfig, "data": DataSection, "objective": ObjectiveSection,
+    "optim": OptimSection, "eval": EvalSection, "engine": EngineSection, "output": OutputSection,
+}
+# AuroraConfig fields that are not configuration keys: the run fills them in (adapter_config()).
+_NOT_KEYS = {"aurora": {"backbone"}}
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. Build it with ``build_config``; every section validates its own keys."""
+
+    backbone: BackboneSection = field(default_factory=BackboneSection)
+    aurora: AuroraConfig = field(default_factory=AuroraConfig)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    recipe: str = ""  # the recipe it was built from (recorded, not a key)
+
     def __post_init__(self):
-        choices = {
-            "task": ("retrieval", "qa"), "media": ("image", "video"), "data": ("shards", "synthetic"),
-            "optimizer": ("adamw", "sgd"), "precision": ("fp32", "bf16", "fp16"),
-            "frame_sampling": ("uniform", "random", "headtail"), "inference": ("rank", "generate"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        for key in ("rank", "batch_size", "eval_batch_size", "grad_accum", "epochs", "num_frames", "max_words"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
-        for key in ("lr", "temp"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
-        if not 0 <= self.dropout < 1 or not 0 <= self.momentum < 1 or not 0 <= self.alpha <= 1:
-            raise ValueError("dropout and momentum must be in [0, 1), alpha in [0, 1]")
-        parse_rank_map("ranks", self.ranks, int)
-        parse_rank_map("tower_ranks", self.tower_ranks, str)
-        if self.data == "shards" and not self.train_shards:
-            raise ValueError("train_shards is empty: give a URL spec (--set train_shards=...) or data=synthetic")
+        if self.data.source == "shards" and not self.data.train_shards:
+            raise ValueError("data.train_shards is empty: give a URL spec (--set data.train_shards=... or "
+                             "--train-shards) or data.source=synthetic")
+
+    def adapter_config(self) -> AuroraConfig:
+        """The ``aurora`` section as injected: with the backbone's name, and context enhancement
+        only where there is a matching head (retrieval)."""
+        return dataclasses.replace(self.aurora, backbone=self.backbone.name,
+                                   context_enhancement=self.aurora.context_enhancement and self.objective.task == "retrieval")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Nested plain values (JSON-safe); ``build_config(base=...)`` reads them back."""
+        out = {}
+        for name in SECTIONS:
+            values = dataclasses.asdict(getattr(self, name))
+            for key in _NOT_KEYS.get(name, ()):
+                values.pop(key)
+            out[name] = values
+        out["recipe"] = self.recipe
+        return out
 
 
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+# ---- building: defaults, then a base (a recorded run), a recipe, then overrides ----------------
 
 
-def parse_rank_map(key: str, text: str, key_type) -> dict:
-    """ "a:8,b:16" -> {a: 8, b: 16}, or an error naming the config key."""
-    out = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, rank = item.partition(":")
-        try:
-            out[key_type(name.strip())] = int(rank)
-        except ValueError:
-            raise ValueError(f"config key {key!r} expects 'name:rank,...' with integer ranks, got {text!r}") from None
-        if out[key_type(name.strip())] <= 0:
-            raise ValueError(f"config key {key!r}: rank of {name.strip()!r} must be > 0, got {text!r}")
-    return out
+def section_keys(section: str) -> dict[str, object]:
+    """The keys of a section and their types."""
+    hints = typing.get_type_hints(SECTIONS[section])
+    return {f.name: hints[f.name] for f in dataclasses.fields(SECTIONS[section])
+            if f.name not in _NOT_KEYS.get(section, ())}
 
 
-def _coerce(key: str, value, typ):
-    """Bring a YAML or command-line value to the field's type, or fail naming the key."""
+def known_keys() -> list[str]:
+    return [f"{s}.{k}" for s in SECTIONS for k in section_keys(s)]
+
+
+def _scalar(where: str, value, typ):
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -136,7 +219,7 @@ def _coerce(key: str, value, typ):
     elif typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lstrip("-").isdigit():
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -147,10 +230,101 @@ def _coerce(key: str, value, typ):
             except ValueError:
                 pass
     elif typ is str:
-        if isinstance(value, dict):  # a YAML mapping for ranks / tower_ranks
-            return ",".join(f"{k}:{v}" for k, v in value.items())
-        return str(value)
-    raise ValueError(f"config key {key!r} expects {typ.__name__}, got {value!r}")
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ValueError(f"config key {where!r} expects {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _structured(where: str, value, kind: str):
+    """A mapping or list from YAML, or from a ``--set`` string written as YAML flow syntax."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise ValueError(f"config key {where!r} expects a YAML {kind}, e.g. "
+                             f"{'{1408: 64}' if kind == 'mapping' else '[a, b]'}, got {value!r}") from None
+    if value is None:
+        value = {} if kind == "mapping" else []
+    if not isinstance(value, dict if kind == "mapping" else list):
+        raise ValueError(f"config key {where!r} expects a {kind}, got {value!r}")
+    return value
+
+
+def _coerce(where: str, value, typ):
+    """Bring a YAML or command-line value to the key's type, or fail naming the key."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is dict:
+        mapping = _structured(where, value, "mapping")
+        return {_scalar(f"{where}[{k}]", k, args[0]): _scalar(f"{where}[{k}]", v, args[1]) for k, v in mapping.items()}
+    if origin is list:
+        return [_scalar(f"{where}[{i}]", v, args[0]) for i, v in enumerate(_structured(where, value, "list"))]
+    if origin in (types.UnionType, typing.Union):  # str | list[str]: a list when given one
+        is_list = isinstance(value, list) or (isinstance(value, str) and value.lstrip().startswith("["))
+        listed = [a for a in args if typing.get_origin(a) is list]
+        return _coerce(where, value, listed[0] if is_list and listed else next(a for a in args if a not in listed))
+    return _scalar(where, value, typ)
+
+
+def _merge(values: dict, where: str, data: dict):
+    """Merge nested ``{section: {key: value}}`` or dotted ``{"section.key": value}`` into values."""
+    for name, value in data.items():
+        name = str(name)
+        if name == "recipe":
+            continue  # recorded by build_config, not a key
+        section, dot, key = name.partition(".")
+        if section not in SECTIONS:
+            hint = [k for k in known_keys() if k.endswith("." + section)]
+            raise ValueError(f"unknown config section {section!r} in {where}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint and not dot else "")
+                             + f"; known sections: {list(SECTIONS)}")
+        entries = {key: value} if dot else value
+        if not isinstance(entries, dict):
+            raise ValueError(f"config section {section!r} in {where} must be a mapping of keys to values, "
+                             f"got {value!r}; known keys: {sorted(section_keys(section))}")
+        keys = section_keys(section)
+        for k, v in entries.items():
+            k = str(k)
+            if k not in keys:
+                nested = "." in k and k.split(".")[0] in keys
+                raise ValueError(f"unknown config key {section + '.' + k!r} in {where}; "
+                                 + (f"set the whole mapping, e.g. {section}.{k.split('.')[0]}={{1408: 64}}; "
+                                    if nested else "")
+                                 + f"known keys of {section!r}: {sorted(keys)}")
+            values.setdefault(section, {})[k] = _coerce(f"{section}.{k}", v, keys[k])
+
+
+def build_config(recipe: str = "", overrides: list[str] | dict | None = None, *, base: dict | None = None) -> TrainConfig:
+    """Defaults, then ``base`` (a recorded ``to_dict()``), the recipe, then the overrides
+    (``section.key=value`` strings, or a dict of ``"section.key"`` keys or nested sections)."""
+    sources = [("the recorded run configuration", base or {})]
+    if recipe:
+        sources.append((f"recipe {recipe!r}", load_recipe(recipe)))
+    sources.append(("overrides", overrides) if isinstance(overrides, dict) else ("--set", _pairs(overrides or [])))
+    return _build(sources, recipe or (base or {}).get("recipe", ""))
+
+
+def _build(sources, recipe: str) -> TrainConfig:
+    values: dict = {}
+    for where, data in sources:
+        _merge(values, where, data)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        try:
+            sections[name] = cls(**values.get(name, {}))
+        except ValueError as e:
+            raise ValueError(f"config section {name!r}: {e}") from None
+    return TrainConfig(**sections, recipe=recipe)
+
+
+def _pairs(items: list[str]) -> dict:
+    """``["section.key=value", ...]`` -> ``{"section.key": "value"}``."""
+    pairs = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise ValueError(f"--set expects section.key=value, got {item!r}; known keys: {known_keys()}")
+        pairs[key.strip()] = value
+    return pairs
 
 
 def list_recipes() -> list[str]:
@@ -158,7 +332,7 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(name: str) -> dict:
-    """A packaged recipe by name, or a YAML file by path."""
+    """A packaged recipe by name, or a YAML file by path: a mapping of sections to mappings."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -171,31 +345,61 @@ def load_recipe(name: str) -> dict:
         text = resource.read_text()
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"recipe {name!r} must be a mapping of keys to values")
+        raise ValueError(f"recipe {name!r} must be a mapping of sections ({list(SECTIONS)}) to keys and values")
     return data
 
 
-def build_config(recipe: str = "", overrides: list[str] | dict | None = None) -> TrainConfig:
-    """Defaults, then the recipe, then the overrides (``key=value`` strings or a dict)."""
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    values: dict = {}
-    sources = []
-    if recipe:
-        sources.append((f"recipe {recipe!r}", load_recipe(recipe)))
-        values["recipe"] = recipe
-    if isinstance(overrides, dict):
-        sources.append(("overrides", overrides))
-    elif overrides:
-        pairs = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ValueError(f"--set expects key=value, got {item!r}")
-            key, value = item.split("=", 1)
-            pairs[key.strip()] = value
-        sources.append(("--set", pairs))
-    for where, data in sources:
-        for key, value in data.items():
-            if key not in types:
-                raise ValueError(f"unknown config key {key!r} in {where}; known keys: {sorted(types)}")
-            values[key] = _coerce(key, value, _TYPES[types[key]])
-    return TrainConfig(**values)
+# ---- aurora-eval ----------------------------------------------------------------------------
+
+
+def recorded_run_config(adapter_dir) -> dict | None:
+    """The run configuration recorded by the run that wrote this adapter, if it is there: the
+    ``trainer_state.json`` of its checkpoint (``checkpoints/step_N/adapter``) or of the newest
+    checkpoint of its run directory (``adapter_latest``, ``adapter_best``)."""
+    adapter_dir = Path(adapter_dir)
+    candidates = [adapter_dir.parent / "trainer_state.json",
+                  *sorted((adapter_dir.parent / "checkpoints").glob("step_*/trainer_state.json"), reverse=True)]
+    for path in candidates:
+        if path.is_file():
+            config = json.loads(path.read_text()).get("config")
+            if isinstance(config, dict) and isinstance(config.get("aurora"), dict):  # the nested form
+                return config
+    return None
+
+
+@dataclass
+class EvalRunConfig:
+    """What ``aurora-eval`` needs beyond the adapter's own run configuration."""
+
+    adapter: str  # adapter directory (adapter_config.json + adapter.safetensors)
+    shards: str  # URL spec of the evaluation shards
+    out: str = "runs/eval"  # metrics (and QA result files) go to out/eval/
+    batch_size: int = 0  # 0 = the run's eval.batch_size
+    k_test: int = 0  # 0 = the run's eval.k_test
+    precision: str = ""  # "" = the run's engine.precision
+    deepspeed: bool = True
+    ds_config: str = ""  # "" = the run's engine.ds_config
+    recipe: str = ""  # instead of the recorded run configuration (needed where there is none)
+    overrides: list[str] = field(default_factory=list)  # --set section.key=value, on top
+
+    def run_config(self) -> TrainConfig:
+        """The recorded run configuration (else the recipe, else defaults), with the adapter's own
+        ``aurora`` section and backbone, the ``--set`` overrides, then this config's values."""
+        from ..aurora.io import read_adapter_config
+
+        aurora = dict(read_adapter_config(self.adapter)["aurora"])
+        backbone = aurora.pop("backbone", None)
+        base = None if self.recipe else recorded_run_config(self.adapter)
+        sources = [("the recorded run configuration", base or {})]
+        if self.recipe:
+            sources.append((f"recipe {self.recipe!r}", load_recipe(self.recipe)))
+        sources.append((f"adapter {self.adapter}", {"aurora": aurora, **({"backbone.name": backbone} if backbone else {})}))
+        sources.append(("--set", _pairs(self.overrides)))
+        values = {"data.eval_shards": self.shards, "data.train_shards": self.shards, "data.source": "shards",
+                  "output.dir": self.out, "output.resume": "", "engine.deepspeed": self.deepspeed}
+        for key, value in (("eval.batch_size", self.batch_size), ("eval.k_test", self.k_test),
+                           ("engine.precision", self.precision), ("engine.ds_config", self.ds_config)):
+            if value:
+                values[key] = value
+        sources.append(("aurora-eval", values))
+        return _build(sources, self.recipe or (base or {}).get("recipe", ""))

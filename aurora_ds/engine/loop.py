@@ -10,27 +10,15 @@ from pathlib import Path
 
 import torch
 
-from ..aurora import AuroraConfig, inject_aurora
+from ..aurora import inject_aurora
 from ..backbones import build_backbone, get_spec
 from ..dist import barrier, free_port, gather_objects, mean_over_ranks, min_over_ranks, process_rank, set_compute_device, shutdown, world
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
 from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
-from .config import parse_rank_map
+from .config import PRECISIONS
 from .dsconfig import build_ds_config, zero_stage
 from .ema import EMA
 from .logging import RunLogger, peak_memory_mb
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def aurora_config(cfg) -> AuroraConfig:
-    return AuroraConfig(
-        rank=cfg.rank, ranks=parse_rank_map("ranks", cfg.ranks, int),
-        tower_ranks=parse_rank_map("tower_ranks", cfg.tower_ranks, str), targets=cfg.targets, dropout=cfg.dropout, scale=cfg.scale,
-        context_enhancement=cfg.context_enhancement and cfg.task == "retrieval", context_scale=cfg.context_scale,
-        gated_query=cfg.gated_query, gated_query_scale=cfg.gated_query_scale, backbone=cfg.backbone,
-    )
-
 
 def setup_distributed(cfg) -> tuple[int, int]:
     """DeepSpeed picks gloo on CPU and nccl on GPU by itself; the plain path is one process."""
@@ -73,11 +61,11 @@ def build_model(cfg, ds_config):
 
         # transformers builds/loads under zero.Init while this object lives.
         keep_alive = HfDeepSpeedConfig(ds_config)
-    model = build_backbone(cfg.backbone, cfg.checkpoint or None, DTYPES[cfg.precision])
+    model = build_backbone(cfg.backbone, cfg.checkpoint or None, PRECISIONS[cfg.precision])
     # Re-seed: the Aurora init must not depend on how much randomness building the backbone
     # consumed (partitioned and whole builds consume differently).
     torch.manual_seed(cfg.seed)
-    handle = inject_aurora(model, aurora_config(cfg))
+    handle = inject_aurora(model, cfg.adapter_config())
     if cfg.train_heads and spec.trained_heads:
         handle.train_modules(list(spec.trained_heads))
     if cfg.activation_checkpointing:

@@ -1,0 +1,107 @@
+"""The nested run configuration: sections, recipes, --set, errors, aurora-eval's own config."""
+
+import json
+
+import pytest
+import torch
+
+from aurora_ds.aurora import AuroraConfig
+from aurora_ds.aurora.io import write_adapter
+from aurora_ds.engine.config import (PRECISIONS, SECTIONS, EvalRunConfig, TrainConfig, build_config, known_keys,
+                                     list_recipes, load_recipe)
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_every_recipe_is_nested_and_builds(recipe):
+    data = load_recipe(recipe)
+    assert set(data) <= set(SECTIONS) and all(isinstance(v, dict) for v in data.values())
+    cfg = build_config(recipe, ["data.source=synthetic"])
+    assert cfg.recipe == recipe and isinstance(cfg.aurora, AuroraConfig)
+    again = build_config("", base=json.loads(json.dumps(cfg.to_dict())))  # the recorded form reads back
+    assert again == cfg
+
+
+def test_aurora_section_is_the_adapter_config_and_ranks_are_mappings():
+    cfg = build_config("", ["data.source=synthetic", "aurora.ranks={1408: 64, 768: 32}",
+                            "aurora.tower_ranks={qformer: 16}", "aurora.targets=[a.*, b]", "backbone.name=blip-tiny-vqa",
+                            "objective.task=qa"])
+    assert cfg.aurora.ranks == {1408: 64, 768: 32} and cfg.aurora.tower_ranks == {"qformer": 16}
+    assert cfg.aurora.targets == ["a.*", "b"]
+    adapter = cfg.adapter_config()
+    assert adapter.backbone == "blip-tiny-vqa" and not adapter.context_enhancement  # qa: no matching head
+    assert adapter.rank_for(1408) == 64 and cfg.aurora.backbone is None
+    yaml_cfg = build_config("", {"data": {"source": "synthetic"}, "aurora": {"ranks": {1408: 8}}})
+    assert yaml_cfg.aurora.ranks == {1408: 8}
+    assert "aurora.rank" in known_keys() and "aurora.backbone" not in known_keys()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lrr=1"], "unknown config key 'optim.lrr' in --set; known keys of 'optim': ['batch_size'"),
+    (["optimiser.lr=1"], "unknown config section 'optimiser' in --set; known sections: ['backbone', 'aurora'"),
+    (["lr=1"], "--set expects section.key=value, got 'lr=1'"),
+    (["optim.batch_size=x"], "config key 'optim.batch_size' expects int, got 'x'"),
+    (["aurora.ranks=1408:64"], "config key 'aurora.ranks' expects a mapping"),
+    (["aurora.ranks={wide: 64}"], "config key 'aurora.ranks[wide]' expects int"),
+    (["aurora.ranks={1408: 0}"], "config section 'aurora': AuroraConfig.ranks[1408] must be a positive integer"),
+    (["aurora.ranks.1408=64"], "set the whole mapping, e.g. aurora.ranks={1408: 64}"),
+    (["engine.precision=fp8"], "engine.precision must be one of ('fp32', 'bf16', 'fp16'), got 'fp8'"),
+    (["objective.alpha=2"], "objective.alpha must be in [0, 1]"),
+    (["data.source=shards"], "data.train_shards is empty"),
+])
+def test_errors_name_the_key_and_list_the_known_ones(overrides, message):
+    with pytest.raises(ValueError) as e:
+        build_config("", ["data.source=synthetic", *overrides] if "train_shards" not in message else overrides)
+    assert message in str(e.value)
+
+
+def test_dict_overrides_and_recipe_errors(tmp_path):
+    with pytest.raises(ValueError, match="did you mean 'optim.lr'"):
+        build_config("", {"lr": 1e-3})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim: 3\n")
+    with pytest.raises(ValueError, match="config section 'optim' in recipe .* must be a mapping"):
+        build_config(str(recipe))
+
+
+def test_one_precision_table():
+    assert PRECISIONS == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    from aurora_ds.engine.plan import BYTES_PER_PARAM
+
+    assert BYTES_PER_PARAM == {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _adapter(path, **aurora):
+    write_adapter(path, {"x": torch.zeros(1)}, AuroraConfig(backbone="blip-tiny-retrieval", **aurora), {})
+
+
+def test_eval_config_reads_the_recorded_run_configuration(tmp_path):
+    run = tmp_path / "run"
+    train = build_config("coco_retrieval", ["data.source=synthetic", "backbone.checkpoint=/models/blip",
+                                            "engine.precision=bf16", "eval.k_test=64"])
+    step = run / "checkpoints" / "step_000002"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"step": 2, "config": train.to_dict()}))
+    _adapter(run / "adapter_latest", rank=4, ranks={1408: 8})
+    cfg = EvalRunConfig(adapter=str(run / "adapter_latest"), shards="/s/{0..1}.tar", out=str(tmp_path / "e"),
+                        batch_size=4, overrides=["backbone.tokenizer=/tok"]).run_config()
+    assert cfg.recipe == "coco_retrieval" and cfg.backbone.checkpoint == "/models/blip"
+    assert cfg.backbone.name == "blip-tiny-retrieval" and cfg.backbone.tokenizer == "/tok"
+    assert cfg.aurora.rank == 4 and cfg.aurora.ranks == {1408: 8}  # the adapter's own, not the recipe's
+    assert cfg.engine.precision == "bf16" and cfg.eval.k_test == 64 and cfg.eval.batch_size == 4
+    assert cfg.data.eval_shards == "/s/{0..1}.tar" and cfg.data.source == "shards" and cfg.output.dir == str(tmp_path / "e")
+    # no recorded run: the recipe (or the defaults), still with the adapter's aurora section
+    _adapter(tmp_path / "lone", rank=8)
+    lone = EvalRunConfig(adapter=str(tmp_path / "lone"), shards="/s.tar", recipe="coco_retrieval", k_test=16,
+                         precision="fp32", deepspeed=False).run_config()
+    assert lone.aurora.rank == 8 and lone.eval.k_test == 16 and not lone.engine.deepspeed
+    assert lone.data.image_size == 384 and lone.engine.precision == "fp32"
+
+
+def test_train_cli_shortcuts_map_to_sections():
+    from aurora_ds.train import config_from_args, parse_args
+
+    cfg = config_from_args(parse_args(["--train-shards", "/t.tar", "--out", "/o", "--max-steps", "3", "--no-deepspeed",
+                                       "--ds-config", "zero2", "--set", "optim.lr=0.5"]))
+    assert (cfg.data.train_shards, cfg.output.dir, cfg.optim.max_steps, cfg.engine.deepspeed, cfg.engine.ds_config,
+            cfg.optim.lr) == ("/t.tar", "/o", 3, False, "zero2", 0.5)
+    assert isinstance(cfg, TrainConfig)
