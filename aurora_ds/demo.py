@@ -35,7 +35,7 @@ def prepare(dataset: str, n: int, out: Path, prefix: str, seed: int, maxcount: i
 def train(name: str, recipe: str, specs: dict, checkpoint: Path, out: Path, env: dict, processes: int, extra: list[str]):
     cmd = ["bash", str(ROOT / "launchers" / "local.sh"), str(processes), "--recipe", recipe,
            "--train-shards", specs["train"], "--eval-shards", specs["test"], "--out", str(out),
-           "--set", "backbone=blip-tiny-retrieval", "--set", f"checkpoint={checkpoint}", "--set", "progress=false"]
+           "--set", "backbone.name=blip-tiny-retrieval", "--set", f"backbone.checkpoint={checkpoint}", "--set", "output.progress=false"]
     for item in extra:
         cmd += ["--set", item]
     log = out.with_suffix(".log")
@@ -130,12 +130,12 @@ def main(argv=None):
         step(f"4/5 training: Aurora under ZeRO-3, {args.processes} ranks, streaming the shards; evaluation at the end")
         results = {
             "coco image-text": train("coco", "coco_retrieval", coco, checkpoint, out / "coco", env, args.processes,
-                                     ["rank=8", "batch_size=8", "epochs=3", "lr=1e-3", "warmup_steps=2",
-                                      "queue_size=256", "num_workers=1", "eval_batch_size=16", "image_size=32"]),
+                                     ["aurora.rank=8", "optim.batch_size=8", "optim.epochs=3", "optim.lr=1e-3", "optim.warmup_steps=2",
+                                      "objective.queue_size=256", "data.num_workers=1", "eval.batch_size=16", "data.image_size=32"]),
             "msrvtt video-text": train("msrvtt", "msrvtt_retrieval", msrvtt, checkpoint, out / "msrvtt", env,
-                                       args.processes, ["rank=8", "batch_size=4", "epochs=2", "lr=1e-3", "num_frames=4",
-                                                    "queue_size=64", "num_workers=1", "eval_batch_size=4",
-                                                    "image_size=32"]),
+                                       args.processes, ["aurora.rank=8", "optim.batch_size=4", "optim.epochs=2", "optim.lr=1e-3", "data.num_frames=4",
+                                                    "objective.queue_size=64", "data.num_workers=1", "eval.batch_size=4",
+                                                    "data.image_size=32"]),
         }
     finally:
         if server is not None:

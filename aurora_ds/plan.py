@@ -40,7 +40,7 @@ GIB = 2**30
 ACTIVATIONS_NOTE = (
     "Activations are not included: they grow with micro-batch size and sequence length "
     "(image patches, text tokens, video frames). To cut them, train with "
-    "--set activation_checkpointing=true (non-reentrant checkpointing) and/or a smaller "
+    "--set engine.activation_checkpointing=true (non-reentrant checkpointing) and/or a smaller "
     "micro-batch with gradient accumulation."
 )
 

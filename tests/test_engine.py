@@ -58,8 +58,8 @@ def _env():
 
 
 def _common(checkpoint, out, steps, *extra):
-    args = ["--set", "data=synthetic", "--set", f"checkpoint={checkpoint}", "--set", "queue_size=64",
-            "--set", "rank=4", "--set", "progress=false", "--set", "log_every=1", "--max-steps", str(steps),
+    args = ["--set", "data.source=synthetic", "--set", f"backbone.checkpoint={checkpoint}", "--set", "objective.queue_size=64",
+            "--set", "aurora.rank=4", "--set", "output.progress=false", "--set", "output.log_every=1", "--max-steps", str(steps),
             "--out", str(out)]
     for item in extra:
         args += ["--set", item]
@@ -91,15 +91,15 @@ def _summary(out):
 # ICE, GQT). SGD because Adam amplifies rounding noise on the ~1e-20 gradients of a
 # zero-initialised V into full-size steps. Tolerance: 1e-5 of each tensor's own scale, room for the
 # float32 reduction-order differences of gathers and all-reduces (observed ~1e-7 relative).
-EQUIV = ("optimizer=sgd", "lr=0.05", "dropout=0", "grad_accum=2", "clip_grad=1.0")
+EQUIV = ("optim.optimizer=sgd", "optim.lr=0.05", "aurora.dropout=0", "optim.grad_accum=2", "optim.clip_grad=1.0")
 
 
 @pytest.fixture(scope="module")
 def equivalence_runs(tmp_path_factory, tiny_checkpoint, unpartitioned_small_tensors_off):
     tmp = tmp_path_factory.mktemp("equiv")
-    local(2, _common(tiny_checkpoint, tmp / "ds2", 4, "batch_size=2", *EQUIV)
+    local(2, _common(tiny_checkpoint, tmp / "ds2", 4, "optim.batch_size=2", *EQUIV)
           + ["--ds-config", str(unpartitioned_small_tensors_off)], tmp / "ds2.log")
-    plain(_common(tiny_checkpoint, tmp / "plain", 4, "batch_size=4", *EQUIV), tmp / "plain.log")
+    plain(_common(tiny_checkpoint, tmp / "plain", 4, "optim.batch_size=4", *EQUIV), tmp / "plain.log")
     return tmp
 
 
@@ -126,10 +126,10 @@ def test_blip2_two_rank_zero3_matches_single_process_reference(tmp_path, unparti
     # The Q-Former's own dropout (0.1) draws differently in 1 and 2 processes: off for equality.
     model.config.qformer_config.hidden_dropout_prob = model.config.qformer_config.attention_probs_dropout_prob = 0.0
     model.save_pretrained(checkpoint)
-    extra = ("backbone=blip2-tiny-retrieval", "tower_ranks=qformer:3", "distill=false", *EQUIV)
-    local(2, _common(checkpoint, tmp_path / "ds2", 3, "batch_size=2", *extra)
+    extra = ("backbone.name=blip2-tiny-retrieval", "aurora.tower_ranks={qformer: 3}", "objective.distill=false", *EQUIV)
+    local(2, _common(checkpoint, tmp_path / "ds2", 3, "optim.batch_size=2", *extra)
           + ["--ds-config", str(unpartitioned_small_tensors_off)], tmp_path / "ds2.log")
-    plain(_common(checkpoint, tmp_path / "plain", 3, "batch_size=4", *extra), tmp_path / "plain.log")
+    plain(_common(checkpoint, tmp_path / "plain", 3, "optim.batch_size=4", *extra), tmp_path / "plain.log")
     a = load_file(str(tmp_path / "plain" / "adapter_latest" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "ds2" / "adapter_latest" / "adapter.safetensors"))
     assert {"aurora_factors.d208.up.V", "aurora_factors.qformer_d48.down.U", "aurora_factors.qformer_d32.up.V"} <= set(a)
@@ -156,13 +156,13 @@ def test_runs_leave_no_shared_memory_behind(tiny_checkpoint, tmp_path):
     """DeepSpeed's CPU allreduce maps a 66 MB /dev/shm file per rank and never removes it."""
     port = _port()
     _run(["bash", "-c", f'MASTER_PORT={port} exec bash launchers/local.sh 2 "$@"', "_",
-          *_common(tiny_checkpoint, tmp_path / "run", 1, "batch_size=2")], tmp_path / "run.log")
+          *_common(tiny_checkpoint, tmp_path / "run", 1, "optim.batch_size=2")], tmp_path / "run.log")
     left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, left
 
 
 def test_two_ranks_hold_half_the_backbone_each(equivalence_runs, tiny_checkpoint, unpartitioned_small_tensors_off, tmp_path):
-    local(1, _common(tiny_checkpoint, tmp_path / "ds1", 1, "batch_size=2")
+    local(1, _common(tiny_checkpoint, tmp_path / "ds1", 1, "optim.batch_size=2")
           + ["--ds-config", str(unpartitioned_small_tensors_off)], tmp_path / "ds1.log")
     one = _summary(tmp_path / "ds1")["local_parameter_bytes"]
     two = _summary(equivalence_runs / "ds2")["local_parameter_bytes"]
@@ -171,7 +171,7 @@ def test_two_ranks_hold_half_the_backbone_each(equivalence_runs, tiny_checkpoint
 
 def test_two_node_launch_on_one_machine(tiny_checkpoint, tmp_path):
     """Two launcher processes (node ranks 0 and 1, no ssh) on 127.0.0.1 train and checkpoint."""
-    args = _common(tiny_checkpoint, tmp_path / "out", 2, "batch_size=2")
+    args = _common(tiny_checkpoint, tmp_path / "out", 2, "optim.batch_size=2")
     env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
     procs = [subprocess.Popen(["bash", "launchers/multinode.sh", "node", str(r), "2", "1", *args], cwd=ROOT, env=env,
                               stdout=open(tmp_path / f"node{r}.log", "w"), stderr=subprocess.STDOUT) for r in (0, 1)]
@@ -185,7 +185,7 @@ def test_two_node_launch_on_one_machine(tiny_checkpoint, tmp_path):
 
 
 def test_killed_run_resumes_exactly(tiny_checkpoint, tmp_path):
-    extra = ("batch_size=2", "save_every=2", "keep_checkpoints=10", "lr=1e-3", "warmup_steps=2")
+    extra = ("optim.batch_size=2", "output.save_every=2", "output.keep_checkpoints=10", "optim.lr=1e-3", "optim.warmup_steps=2")
     full = tmp_path / "full"
     local(2, _common(tiny_checkpoint, full, 6, *extra), tmp_path / "full.log")
     expected = _summary(full)["history"]
@@ -219,7 +219,7 @@ def test_killed_run_resumes_exactly(tiny_checkpoint, tmp_path):
 
     # On another number of ranks the optimizer state cannot be re-partitioned: restart from the
     # checkpoint's adapter with a fresh optimizer, and say so.
-    log = local(1, _common(tiny_checkpoint, out, 7, "batch_size=4", "save_every=2", "lr=1e-3")
+    log = local(1, _common(tiny_checkpoint, out, 7, "optim.batch_size=4", "output.save_every=2", "optim.lr=1e-3")
                 + ["--resume", "auto"], tmp_path / "reshard.log")
     assert "written by 2 ranks, this run has 1" in log and "fresh optimizer" in log
     assert [h["step"] for h in _summary(out)["history"]] == [7]
@@ -248,14 +248,14 @@ def test_unknown_key_and_bad_values_are_refused(tmp_path):
 
 
 def test_missing_backbone_checkpoint_and_resume_dirs(tmp_path):
-    err = _cli_error(["--no-deepspeed", "--set", "data=synthetic", "--set", f"checkpoint={tmp_path / 'nope'}"])
+    err = _cli_error(["--no-deepspeed", "--set", "data.source=synthetic", "--set", f"backbone.checkpoint={tmp_path / 'nope'}"])
     assert f"checkpoint directory {tmp_path / 'nope'} for backbone 'blip-tiny-retrieval' does not exist" in err
-    err = _cli_error(["--no-deepspeed", "--set", "data=synthetic", "--resume", str(tmp_path / "gone")])
+    err = _cli_error(["--no-deepspeed", "--set", "data.source=synthetic", "--resume", str(tmp_path / "gone")])
     assert f"checkpoint directory {tmp_path / 'gone'} does not exist" in err
 
 
 def test_ds_config_contradicting_the_recipe(tmp_path):
-    cfg = build_config("", {"data": "synthetic", "batch_size": 2})
+    cfg = build_config("", {"data.source": "synthetic", "optim.batch_size": 2})
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3}))
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu is 3 but the recipe needs 2"):
@@ -268,8 +268,8 @@ def test_ds_config_contradicting_the_recipe(tmp_path):
         build_ds_config(str(bad), cfg, 1)
     with pytest.raises(FileNotFoundError, match="shipped configs"):
         build_ds_config("zero9", cfg, 1)
-    filled = build_ds_config("zero3", build_config("", {"data": "synthetic", "batch_size": 2, "grad_accum": 3,
-                                                          "precision": "bf16", "clip_grad": 1.0}), 4)
+    filled = build_ds_config("zero3", build_config("", {"data.source": "synthetic", "optim.batch_size": 2, "optim.grad_accum": 3,
+                                                          "engine.precision": "bf16", "optim.clip_grad": 1.0}), 4)
     assert filled["train_batch_size"] == 24 and filled["bf16"]["enabled"] and not filled["fp16"]["enabled"]
     assert filled["gradient_clipping"] == 1.0 and filled["zero_optimization"]["stage"] == 3
     with pytest.raises(ValueError, match=r"offload_param.nvme_path '/local_nvme' is not a directory"):
@@ -301,8 +301,8 @@ def test_bf16_with_activation_checkpointing_on_two_ranks(tiny_checkpoint, tmp_pa
         torch.manual_seed(0)
         checkpoint = tmp_path / "blip2-tiny"
         build_backbone(backbone).save_pretrained(checkpoint)
-    local(2, _common(checkpoint, out, 2, "batch_size=2", "precision=bf16", "activation_checkpointing=true",
-                     "lr=1e-3", f"backbone={backbone}"), tmp_path / "bf16.log")
+    local(2, _common(checkpoint, out, 2, "optim.batch_size=2", "engine.precision=bf16", "engine.activation_checkpointing=true",
+                     "optim.lr=1e-3", f"backbone.name={backbone}"), tmp_path / "bf16.log")
     summary = _summary(out)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
     tensors = load_file(str(out / "adapter_latest" / "adapter.safetensors"))

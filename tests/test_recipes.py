@@ -31,8 +31,8 @@ RECIPES = {
     "coco_retrieval_blip2": ("coco", "blip2-tiny-retrieval"),
     "vqa_blip2": ("vqa", "blip2-opt-tiny-vqa"),
 }
-SMALL = ["rank=4", "batch_size=4", "eval_batch_size=8", "image_size=32", "num_frames=4", "queue_size=32",
-         "num_workers=1", "k_test=16", "progress=false"]
+SMALL = ["aurora.rank=4", "optim.batch_size=4", "eval.batch_size=8", "data.image_size=32", "data.num_frames=4", "objective.queue_size=32",
+         "data.num_workers=1", "eval.k_test=16", "output.progress=false"]
 
 
 def _port():
@@ -76,7 +76,7 @@ def test_recipe_trains_and_evaluates_on_two_ranks(world, recipe):
     out = base / "runs" / recipe
     cmd = ["bash", "launchers/local.sh", "2", "--recipe", recipe, "--train-shards", data[dataset]["train"],
            "--eval-shards", data[dataset]["test"], "--out", str(out), "--max-steps", "2",
-           "--set", f"backbone={backbone}", "--set", f"checkpoint={checkpoints[backbone]}"]
+           "--set", f"backbone.name={backbone}", "--set", f"backbone.checkpoint={checkpoints[backbone]}"]
     for item in SMALL:
         cmd += ["--set", item]
     log = _run(cmd, base / f"{recipe}.log")
@@ -113,13 +113,13 @@ def test_evaluation_is_invariant_to_ranks_and_shard_order(world, recipe):
 
     shards = expand_urls(data["coco"]["test"])
     assert len(shards) >= 2
-    common = ["--recipe", recipe, "--adapter", str(adapter), "--set", f"backbone={backbone}",
-              "--set", f"checkpoint={checkpoints[backbone]}",
-              "--set", f"tokenizer={base / 'runs' / recipe / 'tokenizer'}"]
+    common = ["--recipe", recipe, "--adapter", str(adapter), "--set", f"backbone.name={backbone}",
+              "--set", f"backbone.checkpoint={checkpoints[backbone]}",
+              "--set", f"backbone.tokenizer={base / 'runs' / recipe / 'tokenizer'}"]
     for item in SMALL:
         common += ["--set", item]
     if "blip2" in recipe:  # the recipe trains in bf16; evaluate both sides in fp32 so that
-        common += ["--set", "precision=fp32"]  # reduction-order rounding cannot flip near ties
+        common += ["--set", "engine.precision=fp32"]  # reduction-order rounding cannot flip near ties
     _run([sys.executable, "-m", "aurora_ds.evaluate", "--no-deepspeed", "--shards", "::".join(shards),
           "--out", str(base / f"eval1-{recipe}"), *common], base / f"eval1-{recipe}.log")
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),

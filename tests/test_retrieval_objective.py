@@ -11,14 +11,14 @@ from aurora_ds.tasks.retrieval import RetrievalObjective
 
 
 def _objective(**overrides):
-    cfg = build_config("", {"data": "synthetic", "media": "video", "num_frames": 3, "batch_size": 3,
-                            "queue_size": 12, "rank": 4, "dropout": 0.0, **overrides})
+    cfg = build_config("", {"data.source": "synthetic", "data.media": "video", "data.num_frames": 3, "optim.batch_size": 3,
+                            "objective.queue_size": 12, "aurora.rank": 4, "aurora.dropout": 0.0, **overrides})
     torch.manual_seed(0)
     model = build_backbone("blip-tiny-retrieval")
     handle = inject_aurora(model, AuroraConfig(rank=4, backbone="blip-tiny-retrieval"))
     objective = RetrievalObjective(model, cfg)
     backend = PlainBackend(objective, cfg, 3)
-    objective.ema = EMA(backend, handle.named_trainable_parameters(), cfg.momentum)
+    objective.ema = EMA(backend, handle.named_trainable_parameters(), cfg.objective.momentum)
     return cfg, model, objective, backend
 
 

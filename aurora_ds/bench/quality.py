@@ -121,8 +121,8 @@ def objective_config(lr: float, steps: int, batch: int, seed: int):
 
     # A short queue and a fast momentum encoder: with BLIP's 57,600 / 0.995 a run this short only
     # ever compares against stale random features and the tiny model collapses to constant ones.
-    return build_config(overrides={"data": "synthetic", "seed": seed, "lr": lr, "batch_size": batch,
-                                   "warmup_steps": max(1, steps // 20), "queue_size": 64, "momentum": 0.9})
+    return build_config(overrides={"data.source": "synthetic", "engine.seed": seed, "optim.lr": lr, "optim.batch_size": batch,
+                                   "optim.warmup_steps": max(1, steps // 20), "objective.queue_size": 64, "objective.momentum": 0.9})
 
 
 def train(model, batches: Batches, steps: int, lr: float, seed: int) -> list[float]:
@@ -139,7 +139,7 @@ def train(model, batches: Batches, steps: int, lr: float, seed: int) -> list[flo
     objective = RetrievalObjective(model, cfg)
     backend = PlainBackend(objective, cfg, steps)
     objective.train()
-    objective.ema = EMA(backend, [(n, p) for n, p in objective.named_parameters() if p.requires_grad], cfg.momentum)
+    objective.ema = EMA(backend, [(n, p) for n, p in objective.named_parameters() if p.requires_grad], cfg.objective.momentum)
     history = []
     for step in range(steps):
         losses = objective.losses(backend.forward, batches(step), step)

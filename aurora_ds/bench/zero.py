@@ -66,10 +66,10 @@ def launch(processes: int, ds_config: Path, out: Path, args) -> dict:
     if not LOCAL_SH.is_file():
         raise SystemExit(f"{LOCAL_SH} not found: run the zero benchmark from a checkout")
     rank = args.rank or (4 if "tiny" in args.backbone else 32)
-    train_args = ["--set", "data=synthetic", "--set", f"backbone={args.backbone}", "--set", f"rank={rank}",
-                  "--set", f"batch_size={args.batch}", "--set", "queue_size=64", "--set", "progress=false",
-                  "--set", "log_every=1", "--set", f"precision={args.precision}",
-                  "--set", f"image_size={args.image_size}", "--max-steps", str(args.steps), "--out", str(out),
+    train_args = ["--set", "data.source=synthetic", "--set", f"backbone.name={args.backbone}", "--set", f"aurora.rank={rank}",
+                  "--set", f"optim.batch_size={args.batch}", "--set", "objective.queue_size=64", "--set", "output.progress=false",
+                  "--set", "output.log_every=1", "--set", f"engine.precision={args.precision}",
+                  "--set", f"data.image_size={args.image_size}", "--max-steps", str(args.steps), "--out", str(out),
                   "--ds-config", str(ds_config)]
     env = dict(os.environ, MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")

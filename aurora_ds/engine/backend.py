@@ -25,12 +25,12 @@ def to_device(batch: dict, device) -> dict:
 
 def make_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW (weight decay on matrices only, as BLIP) or plain SGD (exact equivalence tests)."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr)
+    if cfg.optim.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.optim.lr)
     decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
     rest = [p for p in params if all(p is not q for q in decay)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999))
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=(0.9, 0.999))
 
 
 def lr_lambda(warmup: int, total: int):
@@ -52,27 +52,27 @@ class PlainBackend:
 
     def __init__(self, model, cfg, total_steps: int):
         self.cfg = cfg
-        dtype = PRECISIONS[cfg.precision]
+        dtype = PRECISIONS[cfg.engine.precision]
         self.device = compute_device()
         self.module = model.to(dtype).to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg, self.params)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.warmup_steps, total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim.warmup_steps, total_steps))
         self.micro = 0
 
     def forward(self, batch, *args):
         return self.module(to_device(batch, self.device), *args)
 
     def backward(self, loss):
-        (loss / self.cfg.grad_accum).backward()
+        (loss / self.cfg.optim.grad_accum).backward()
 
     def step(self):
         """Optimizer step at the accumulation boundary, as DeepSpeed's engine.step()."""
         self.micro += 1
-        if self.micro % self.cfg.grad_accum:
+        if self.micro % self.cfg.optim.grad_accum:
             return
-        if self.cfg.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad)
+        if self.cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -116,7 +116,7 @@ class DeepSpeedBackend:
             model=model,
             model_parameters=params,
             optimizer=make_optimizer(cfg, params),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total_steps)),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim.warmup_steps, total_steps)),
             config=ds_config,
         )
         self.module = self.engine.module

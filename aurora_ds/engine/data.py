@@ -14,10 +14,10 @@ def loader_config(cfg, image_size: int, train: bool):
     from ..data import LoaderConfig
 
     return LoaderConfig(
-        task=cfg.task, media=cfg.media, image_size=image_size, num_frames=cfg.num_frames,
-        frame_sampling=cfg.frame_sampling, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-        num_workers=cfg.num_workers, seed=cfg.seed, train_num_samples=cfg.train_num_samples or None,
-        max_words=cfg.max_words,
+        task=cfg.objective.task, media=cfg.data.media, image_size=image_size, num_frames=cfg.data.num_frames,
+        frame_sampling=cfg.data.frame_sampling, batch_size=cfg.optim.batch_size if train else cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers, seed=cfg.engine.seed, train_num_samples=cfg.data.train_num_samples or None,
+        max_words=cfg.data.max_words,
     )
 
 
@@ -35,15 +35,15 @@ def _shard_texts(spec: str):
 
 def answer_list(cfg, size: int = 3128) -> list[str]:
     """The configured answer list, else the most frequent training answers (BLIP ships 3,128)."""
-    if cfg.answer_list:
-        path = Path(cfg.answer_list)
+    if cfg.eval.answer_list:
+        path = Path(cfg.eval.answer_list)
         if not path.is_file():
             raise FileNotFoundError(f"answer list {path} does not exist")
         return json.loads(path.read_text())
     from ..data import shard_format
 
     counts = Counter()
-    for meta in shard_format.iter_metas(cfg.train_shards):
+    for meta in shard_format.iter_metas(cfg.data.train_shards):
         counts.update(shard_format.answer_counts(meta))
     return [answer for answer, _ in counts.most_common(size)]
 
@@ -53,13 +53,13 @@ def resolve_tokenizer(cfg, vocab_size: int):
 
     Training happens on rank 0 into out_dir/tokenizer; the other ranks wait and load it.
     """
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
-    if cfg.checkpoint and any(Path(cfg.checkpoint, f).exists() for f in ("tokenizer.json", "vocab.txt")):
-        return load_tokenizer(cfg.checkpoint)
-    path = Path(cfg.out_dir) / "tokenizer"
+    if cfg.backbone.tokenizer:
+        return load_tokenizer(cfg.backbone.tokenizer)
+    if cfg.backbone.checkpoint and any(Path(cfg.backbone.checkpoint, f).exists() for f in ("tokenizer.json", "vocab.txt")):
+        return load_tokenizer(cfg.backbone.checkpoint)
+    path = Path(cfg.output.dir) / "tokenizer"
     if world()[0] == 0 and not (path / "tokenizer.json").exists():
-        train_tokenizer(_shard_texts(cfg.train_shards), vocab_size, path)
+        train_tokenizer(_shard_texts(cfg.data.train_shards), vocab_size, path)
     barrier()
     return load_tokenizer(path)
 
@@ -67,18 +67,18 @@ def resolve_tokenizer(cfg, vocab_size: int):
 def build_train_data(cfg, image_size: int, tokenizer):
     from ..data import build_loader
 
-    return build_loader(cfg.train_shards, loader_config(cfg, image_size, True), tokenizer, mode="train")
+    return build_loader(cfg.data.train_shards, loader_config(cfg, image_size, True), tokenizer, mode="train")
 
 
 def build_evaluator(cfg, image_size: int, tokenizer, out_dir: Path):
     """``evaluator(forward, handle, step) -> metrics``, also written to out_dir/eval/step_N.json."""
     from ..data import build_loader
 
-    loader = build_loader(cfg.eval_shards, loader_config(cfg, image_size, False), tokenizer, mode="eval")
-    answers = answer_list(cfg) if cfg.task == "qa" and cfg.inference == "rank" else None
+    loader = build_loader(cfg.data.eval_shards, loader_config(cfg, image_size, False), tokenizer, mode="eval")
+    answers = answer_list(cfg) if cfg.objective.task == "qa" and cfg.eval.inference == "rank" else None
 
     def evaluator(forward, handle, step):
-        if cfg.task == "retrieval":
+        if cfg.objective.task == "retrieval":
             from ..tasks.retrieval_eval import evaluate_retrieval
 
             metrics = evaluate_retrieval(forward, loader, cfg, tokenizer, image_size)

@@ -51,16 +51,16 @@ def build_ds_config(name: str, cfg, world_size: int) -> dict:
         raise ValueError(f"{path}: zero_optimization.offload_param.nvme_path {offload.get('nvme_path')!r} is not a "
                          "directory on this machine; point it at a local NVMe mount (DeepSpeed's async I/O op "
                          "must be built: DS_BUILD_AIO=1)")
-    if cfg.precision == "fp16" and not _has_gpu():
+    if cfg.engine.precision == "fp16" and not _has_gpu():
         raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
     ds = copy.deepcopy(raw)
     wanted = {
-        ("train_micro_batch_size_per_gpu",): cfg.batch_size,
-        ("gradient_accumulation_steps",): cfg.grad_accum,
-        ("train_batch_size",): cfg.batch_size * cfg.grad_accum * world_size,
-        ("gradient_clipping",): cfg.clip_grad,
-        ("bf16", "enabled"): cfg.precision == "bf16",
-        ("fp16", "enabled"): cfg.precision == "fp16",
+        ("train_micro_batch_size_per_gpu",): cfg.optim.batch_size,
+        ("gradient_accumulation_steps",): cfg.optim.grad_accum,
+        ("train_batch_size",): cfg.optim.batch_size * cfg.optim.grad_accum * world_size,
+        ("gradient_clipping",): cfg.optim.clip_grad,
+        ("bf16", "enabled"): cfg.engine.precision == "bf16",
+        ("fp16", "enabled"): cfg.engine.precision == "fp16",
     }
     for keys, value in wanted.items():
         parent = ds
@@ -73,7 +73,7 @@ def build_ds_config(name: str, cfg, world_size: int) -> dict:
             where = ".".join(keys)
             hint = ""
             if keys == ("train_batch_size",):
-                hint = f" (= batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x world size {world_size})"
+                hint = f" (= batch_size {cfg.optim.batch_size} x grad_accum {cfg.optim.grad_accum} x world size {world_size})"
             raise ValueError(f"{path}: {where} is {current!r} but the recipe needs {value!r}{hint}")
     validate_ds_config(ds, path)
     return ds

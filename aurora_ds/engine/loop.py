@@ -22,7 +22,7 @@ from .logging import RunLogger, peak_memory_mb
 
 def setup_distributed(cfg) -> tuple[int, int]:
     """DeepSpeed picks gloo on CPU and nccl on GPU by itself; the plain path is one process."""
-    if cfg.deepspeed:
+    if cfg.engine.deepspeed:
         import deepspeed
 
         if "RANK" not in os.environ:  # started without a launcher: a 1-rank group on this host
@@ -52,23 +52,23 @@ def release_shm_buffer():
 
 def build_model(cfg, ds_config):
     """The backbone, partitioned as it is built under ZeRO-3, with Aurora injected after."""
-    spec = get_spec(cfg.backbone)
+    spec = get_spec(cfg.backbone.name)
     keep_alive = None
     if ds_config is not None and zero_stage(ds_config) == 3:
         if spec.family not in ("hf", "blip2"):
-            raise ValueError(f"ZeRO-3 training needs a transformers backbone; {cfg.backbone} is {spec.family}")
+            raise ValueError(f"ZeRO-3 training needs a transformers backbone; {cfg.backbone.name} is {spec.family}")
         from transformers.integrations import HfDeepSpeedConfig
 
         # transformers builds/loads under zero.Init while this object lives.
         keep_alive = HfDeepSpeedConfig(ds_config)
-    model = build_backbone(cfg.backbone, cfg.checkpoint or None, PRECISIONS[cfg.precision])
+    model = build_backbone(cfg.backbone.name, cfg.backbone.checkpoint or None, PRECISIONS[cfg.engine.precision])
     # Re-seed: the Aurora init must not depend on how much randomness building the backbone
     # consumed (partitioned and whole builds consume differently).
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.engine.seed)
     handle = inject_aurora(model, cfg.adapter_config())
-    if cfg.train_heads and spec.trained_heads:
+    if cfg.backbone.train_heads and spec.trained_heads:
         handle.train_modules(list(spec.trained_heads))
-    if cfg.activation_checkpointing:
+    if cfg.engine.activation_checkpointing:
         # Only non-reentrant checkpointing works with factors shared across modules (FIELD-NOTES).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.disable_input_require_grads()
@@ -77,22 +77,22 @@ def build_model(cfg, ds_config):
 
 def check_backbone(cfg):
     """Before anything is built: the backbone must serve the task."""
-    spec = get_spec(cfg.backbone)
+    spec = get_spec(cfg.backbone.name)
     if spec.task not in ("retrieval", "vqa"):
-        raise ValueError(f"backbone {cfg.backbone} is a {spec.task} model: aurora-train needs a retrieval or VQA "
+        raise ValueError(f"backbone {cfg.backbone.name} is a {spec.task} model: aurora-train needs a retrieval or VQA "
                          "backbone (use the Python API to adapt it inside your own model)")
-    if (spec.task == "vqa") != (cfg.task == "qa"):
-        raise ValueError(f"task={cfg.task} does not fit backbone {cfg.backbone}, a {spec.task} model")
+    if (spec.task == "vqa") != (cfg.objective.task == "qa"):
+        raise ValueError(f"objective.task={cfg.objective.task} does not fit backbone {cfg.backbone.name}, a {spec.task} model")
 
 
 def make_objective(cfg, model):
     """The task's loss as an nn.Module around the backbone (what DeepSpeed wraps)."""
-    spec = get_spec(cfg.backbone)
+    spec = get_spec(cfg.backbone.name)
     if spec.extra.get("objective") == "blip2":
         from ..tasks.blip2 import Blip2QAObjective, Blip2RetrievalObjective
 
-        return (Blip2RetrievalObjective if cfg.task == "retrieval" else Blip2QAObjective)(model, cfg)
-    if cfg.task == "retrieval":
+        return (Blip2RetrievalObjective if cfg.objective.task == "retrieval" else Blip2QAObjective)(model, cfg)
+    if cfg.objective.task == "retrieval":
         from ..tasks.retrieval import RetrievalObjective
 
         return RetrievalObjective(model, cfg)
@@ -130,22 +130,22 @@ def train(cfg, data=None, evaluator=None) -> dict:
     """
     check_backbone(cfg)
     rank, size = setup_distributed(cfg)
-    torch.manual_seed(cfg.seed)  # identical on every rank: identical Aurora init
-    ds_config = build_ds_config(cfg.ds_config, cfg, size) if cfg.deepspeed else None
-    out = Path(cfg.out_dir)
-    checkpoint = find_checkpoint(out, cfg.resume) if cfg.resume else None
+    torch.manual_seed(cfg.engine.seed)  # identical on every rank: identical Aurora init
+    ds_config = build_ds_config(cfg.engine.ds_config, cfg, size) if cfg.engine.deepspeed else None
+    out = Path(cfg.output.dir)
+    checkpoint = find_checkpoint(out, cfg.output.resume) if cfg.output.resume else None
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
-    image_size = cfg.image_size or spec.image_size
+    image_size = cfg.data.image_size or spec.image_size
     vocab = spec.vocab_size
     tokenizer = None
-    if cfg.data == "shards":
+    if cfg.data.source == "shards":
         from .data import build_evaluator, build_train_data, resolve_tokenizer
 
         tokenizer = resolve_tokenizer(cfg, vocab)
         if len(tokenizer) > vocab:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the backbone's vocabulary {vocab}")
         data = data if data is not None else build_train_data(cfg, image_size, tokenizer)
-        if evaluator is None and cfg.eval_shards:
+        if evaluator is None and cfg.data.eval_shards:
             evaluator = build_evaluator(cfg, image_size, tokenizer, out)
     elif data is None:
         from .synthetic import SyntheticBatches
@@ -155,23 +155,23 @@ def train(cfg, data=None, evaluator=None) -> dict:
     steps_per_epoch = None
     try:
         # Every rank must take the same number of steps: the smallest rank's epoch sets it.
-        steps_per_epoch = min_over_ranks(len(data)) // cfg.grad_accum
+        steps_per_epoch = min_over_ranks(len(data)) // cfg.optim.grad_accum
     except TypeError:
         pass
-    total_steps = cfg.max_steps or (steps_per_epoch * cfg.epochs if steps_per_epoch else 0)
+    total_steps = cfg.optim.max_steps or (steps_per_epoch * cfg.optim.epochs if steps_per_epoch else 0)
     if total_steps <= 0:
         raise ValueError("the training data has no known length per epoch (no manifest, several items per "
                          "sample, or fewer batches than grad_accum): set max_steps, or resampled mode")
     objective = make_objective(cfg, model)
     objective.tokenizer = tokenizer
-    if cfg.deepspeed:
+    if cfg.engine.deepspeed:
         backend = DeepSpeedBackend(objective, cfg, total_steps, ds_config)
     else:
         backend = PlainBackend(objective, cfg, total_steps)
     objective.train()  # from_pretrained returns eval mode; DeepSpeed does not change it
-    objective.ema = EMA(backend, handle.named_trainable_parameters(), cfg.momentum)
+    objective.ema = EMA(backend, handle.named_trainable_parameters(), cfg.objective.momentum)
 
-    log = RunLogger(out / "tb", rank == 0, total_steps, 0, cfg.progress, cfg.log_every)
+    log = RunLogger(out / "tb", rank == 0, total_steps, 0, cfg.output.progress, cfg.output.log_every)
     log.message(f"[aurora] {handle.format_parameter_report()}")
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
     step, epoch = 0, 0
@@ -183,7 +183,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
         if data_state is not None:
             data.load_state_dict(data_state)
         log.message(f"[aurora] resumed from {checkpoint} at step {step}")
-    elif cfg.resume == "auto":
+    elif cfg.output.resume == "auto":
         log.message(f"[aurora] no complete checkpoint in {out / 'checkpoints'}: starting fresh")
 
     stream = batches(data, epoch)
@@ -192,7 +192,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     while step < total_steps:
         t0 = time.perf_counter()
         waited, samples, terms = 0.0, 0, {}
-        for _ in range(cfg.grad_accum):
+        for _ in range(cfg.optim.grad_accum):
             t_data = time.perf_counter()
             epoch, batch = next(stream)
             waited += time.perf_counter() - t_data
@@ -203,18 +203,18 @@ def train(cfg, data=None, evaluator=None) -> dict:
             backend.step()
             samples += len(batch["input_ids"]) * size
             for k, v in losses.items():
-                terms[k] = terms.get(k, 0.0) + mean_over_ranks(v) / cfg.grad_accum
+                terms[k] = terms.get(k, 0.0) + mean_over_ranks(v) / cfg.optim.grad_accum
         step += 1
         elapsed = time.perf_counter() - t0
         history.append({"step": step, **terms, "time_s": elapsed, "data_wait_s": waited})
-        if step % cfg.log_every == 0 or step == total_steps:
+        if step % cfg.output.log_every == 0 or step == total_steps:
             log.scalars(step, {**terms, "lr": backend.lr(), "samples_per_s": samples / elapsed,
                                "data_wait_s": waited, "peak_memory_mb": peak_memory_mb(), "epoch": epoch})
             log.scalars(step, skipped, prefix="skipped")
         log.advance(step, terms)
 
         last = step == total_steps
-        if evaluator is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+        if evaluator is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or last):
             objective.eval()  # no dropout while evaluating
             metrics = evaluator(backend.forward, handle, step)
             objective.train()
@@ -223,11 +223,11 @@ def train(cfg, data=None, evaluator=None) -> dict:
             if best is None or metrics["select"] > best["select"]:
                 best = {"step": step, **metrics}
                 save_adapter(backend, handle, out / "adapter_best", {"step": step, "metrics": metrics})
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
+        if (cfg.output.save_every and step % cfg.output.save_every == 0) or last:
             client = {"ema": objective.ema.state_dict(), "objective": objective.objective_state(),
                       "epoch": epoch, "step": step}
             data_state = merged_data_state(data)
-            save_checkpoint(out, step, backend, handle, client, data_state, cfg, cfg.keep_checkpoints)
+            save_checkpoint(out, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints)
             save_adapter(backend, handle, out / "adapter_latest", {"step": step})
 
     summary = {"steps": step, "world_size": size, "parameters": handle.parameter_report(), "skipped": skipped,
@@ -245,32 +245,32 @@ def train(cfg, data=None, evaluator=None) -> dict:
 
 
 def evaluate(cfg, adapter_dir) -> dict:
-    """Evaluate a saved adapter on cfg.eval_shards (``aurora-eval``); any number of ranks."""
+    """Evaluate a saved adapter on cfg.data.eval_shards (``aurora-eval``); any number of ranks."""
     from .checkpoint import load_adapter_values
     from .data import build_evaluator
     from ..backbones.tokenizer import load_tokenizer
 
     check_backbone(cfg)
     rank, size = setup_distributed(cfg)
-    if not cfg.checkpoint and rank == 0:
+    if not cfg.backbone.checkpoint and rank == 0:
         print("[aurora] warning: no backbone checkpoint: evaluating on a random-init backbone, which only "
               "matches the training run's if built the same way (same seed, same ZeRO stage)", file=sys.stderr)
-    torch.manual_seed(cfg.seed)
-    ds_config = build_ds_config(cfg.ds_config, cfg, size) if cfg.deepspeed else None
+    torch.manual_seed(cfg.engine.seed)
+    ds_config = build_ds_config(cfg.engine.ds_config, cfg, size) if cfg.engine.deepspeed else None
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)
     # The configured tokenizer, the checkpoint's, or the one trained next to the adapter's run.
-    candidates = [cfg.tokenizer, cfg.checkpoint, Path(adapter_dir) / "tokenizer", Path(adapter_dir).parent / "tokenizer"]
+    candidates = [cfg.backbone.tokenizer, cfg.backbone.checkpoint, Path(adapter_dir) / "tokenizer", Path(adapter_dir).parent / "tokenizer"]
     found = [Path(c) for c in candidates if c and Path(c, "tokenizer.json").exists()]
     if not found:
         raise FileNotFoundError(f"no tokenizer found for adapter {adapter_dir}: set tokenizer=DIR")
     tokenizer = load_tokenizer(found[0])
     objective = make_objective(cfg, model)
     objective.tokenizer = tokenizer
-    backend = DeepSpeedBackend(objective, cfg, 1, ds_config) if cfg.deepspeed else PlainBackend(objective, cfg, 1)
+    backend = DeepSpeedBackend(objective, cfg, 1, ds_config) if cfg.engine.deepspeed else PlainBackend(objective, cfg, 1)
     load_adapter_values(backend, handle, adapter_dir)
     objective.eval()
-    out = Path(cfg.out_dir)
-    metrics = build_evaluator(cfg, cfg.image_size or spec.image_size, tokenizer, out)(backend.forward, handle, 0)
+    out = Path(cfg.output.dir)
+    metrics = build_evaluator(cfg, cfg.data.image_size or spec.image_size, tokenizer, out)(backend.forward, handle, 0)
     if rank == 0:
         print(json.dumps(metrics, indent=2))
     shutdown()

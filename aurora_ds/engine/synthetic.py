@@ -20,12 +20,12 @@ class SyntheticBatches:
         return self
 
     def __next__(self) -> dict:
-        cfg, b = self.cfg, self.cfg.batch_size
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.position)
+        cfg, b = self.cfg, self.cfg.optim.batch_size
+        g = torch.Generator().manual_seed(cfg.engine.seed * 1_000_003 + self.position)
         n = b * self.world
         shape = (n, 3, self.image_size, self.image_size)
-        if cfg.media == "video":
-            shape = (n, cfg.num_frames, 3, self.image_size, self.image_size)
+        if cfg.data.media == "video":
+            shape = (n, cfg.data.num_frames, 3, self.image_size, self.image_size)
         pixels = torch.randn(shape, generator=g)
         ids = torch.randint(7, self.vocab, (n, self.seq_len), generator=g)
         ids[:, 0] = 2

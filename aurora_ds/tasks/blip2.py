@@ -29,7 +29,7 @@ class Blip2RetrievalObjective(StatelessObjective):
 
     def __init__(self, backbone, cfg):
         super().__init__()
-        if cfg.frame_aware_attention and cfg.media == "video":
+        if cfg.objective.frame_aware_attention and cfg.data.media == "video":
             raise ValueError("frame_aware_attention weighs BLIP's frame [CLS] tokens; BLIP-2's Q-Former has none: "
                              "set frame_aware_attention=false for BLIP-2 video retrieval")
         self.backbone, self.cfg = backbone, cfg
@@ -71,12 +71,12 @@ class Blip2RetrievalObjective(StatelessObjective):
         text_all = gather_with_grad(text_feat) if many else text_feat
         pos = torch.eq(idx, idx_all.t()).float()
         targets = pos / pos.sum(1, keepdim=True)
-        sim_i2t = similarity(image_feat, text_all) / cfg.temp
-        sim_t2i = similarity(image_all, text_feat).t() / cfg.temp
+        sim_i2t = similarity(image_feat, text_all) / cfg.objective.temp
+        sim_t2i = similarity(image_all, text_feat).t() / cfg.objective.temp
         loss_i2t = -(F.log_softmax(sim_i2t, 1) * targets).sum(1).mean()
         loss_t2i = -(F.log_softmax(sim_t2i, 1) * targets).sum(1).mean()
         losses = {"itc": (loss_i2t + loss_t2i) / 2}
-        if cfg.itm:
+        if cfg.objective.itm:
             pairs = matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, step)
             logits = blip2.match_logits(model, pairs.input_ids, pairs.attention_mask, pairs.media_tokens, pairs.context)
             losses["itm"] = matching_loss(logits)
@@ -181,7 +181,7 @@ class Blip2QAObjective(StatelessObjective):
         answer, answer_mask = (t.to(prefix.device) for t in self._tokenized(tuple(candidates.answers)))
         embeds, mask = self._embed(prefix, prompt, prompt_mask)
         first = self.backbone.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].float()
-        b, k = prefix.shape[0], min(self.cfg.k_test, len(candidates.answers))
+        b, k = prefix.shape[0], min(self.cfg.eval.k_test, len(candidates.answers))
         top = first.softmax(-1).index_select(1, answer[:, 0]).topk(k, dim=1).indices  # (b, k)
         nll = self._answer_nll(prefix.repeat_interleave(k, 0), prompt.repeat_interleave(k, 0),
                                prompt_mask.repeat_interleave(k, 0), answer[top.flatten()], answer_mask[top.flatten()])

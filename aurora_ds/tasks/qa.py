@@ -151,7 +151,7 @@ class QAObjective(StatelessObjective):
             raise ValueError("rank inference needs the answer list: pass answer_candidates(tokenizer, answers)")
         model = self.backbone
         ids, answer_mask = candidates.input_ids.to(states.device), candidates.attention_mask.to(states.device)
-        b, k = states.shape[0], min(self.cfg.k_test, len(candidates.answers))
+        b, k = states.shape[0], min(self.cfg.eval.k_test, len(candidates.answers))
         start = model.text_decoder(input_ids=ids[:1, :1].expand(b, 1), encoder_hidden_states=states,
                                    encoder_attention_mask=mask).logits[:, 0]
         first = start.float().softmax(-1).index_select(1, ids[:, 1])

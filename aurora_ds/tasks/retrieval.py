@@ -89,7 +89,7 @@ def matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, s
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     idx = media_index(batch["media_id"]).to(ids.device)
-    size = world()[1] if cfg.negatives_all_ranks else 1
+    size = world()[1] if cfg.objective.negatives_all_ranks else 1
     pool = gather if size > 1 else _same
     pool_grad = gather_with_grad if size > 1 else _same
     b = ids.shape[0]
@@ -97,10 +97,10 @@ def matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, s
     with torch.no_grad():
         idx_all = pool(idx.view(-1, 1))
         same = torch.eq(idx_all, idx_all.t())
-        sim = similarity(pool(image_feat), pool(text_feat)) / cfg.temp
+        sim = similarity(pool(image_feat), pool(text_feat)) / cfg.objective.temp
         weights_i2t = F.softmax(sim, 1).masked_fill(same, 0) + 1e-12 * ~same
         weights_t2i = F.softmax(sim.t(), 1).masked_fill(same, 0) + 1e-12 * ~same
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(cfg.engine.seed * 1_000_003 + step)
         neg_media = torch.multinomial(weights_t2i.float().cpu(), 1, generator=g).view(-1)
         neg_text = torch.multinomial(weights_i2t.float().cpu(), 1, generator=g).view(-1)
         neg_media, neg_text = neg_media[start:start + b].to(ids.device), neg_text[start:start + b].to(ids.device)
@@ -169,9 +169,9 @@ class RetrievalObjective(nn.Module):
         super().__init__()
         self.backbone, self.cfg = backbone, cfg
         self.ema = None  # set by the engine once the parameters are wrapped
-        self.queue = FeatureQueue(cfg.queue_size, backbone.config.image_text_hidden_size, cfg.seed)
+        self.queue = FeatureQueue(cfg.objective.queue_size, backbone.config.image_text_hidden_size, cfg.engine.seed)
         self.frame_weights = None  # (pairs, frames) while a frame-aware matching forward runs
-        if cfg.frame_aware_attention and cfg.media == "video":
+        if cfg.objective.frame_aware_attention and cfg.data.media == "video":
             for layer in backbone.text_encoder.encoder.layer:
                 layer.crossattention.self.key.register_forward_hook(self._weigh_frame_keys)
 
@@ -227,17 +227,17 @@ class RetrievalObjective(nn.Module):
         sim_targets = pos / pos.sum(1, keepdim=True)
         image_feat_m_all = torch.cat([gather(image_feat_m), self.queue.image])
         text_feat_m_all = torch.cat([gather(text_feat_m), self.queue.text])
-        if cfg.distill:
-            i2t_targets = cfg.alpha * F.softmax(image_feat_m @ text_feat_m_all.t() / cfg.temp, 1) + (1 - cfg.alpha) * sim_targets
-            t2i_targets = cfg.alpha * F.softmax(text_feat_m @ image_feat_m_all.t() / cfg.temp, 1) + (1 - cfg.alpha) * sim_targets
+        if cfg.objective.distill:
+            i2t_targets = cfg.objective.alpha * F.softmax(image_feat_m @ text_feat_m_all.t() / cfg.objective.temp, 1) + (1 - cfg.objective.alpha) * sim_targets
+            t2i_targets = cfg.objective.alpha * F.softmax(text_feat_m @ image_feat_m_all.t() / cfg.objective.temp, 1) + (1 - cfg.objective.alpha) * sim_targets
         else:
             i2t_targets = t2i_targets = sim_targets
-        sim_i2t = image_feat @ text_feat_m_all.t() / cfg.temp
-        sim_t2i = text_feat @ image_feat_m_all.t() / cfg.temp
+        sim_i2t = image_feat @ text_feat_m_all.t() / cfg.objective.temp
+        sim_t2i = text_feat @ image_feat_m_all.t() / cfg.objective.temp
         loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
         loss_t2i = -(F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()
         losses = {"itc": (loss_i2t + loss_t2i) / 2}
-        if cfg.itm:
+        if cfg.objective.itm:
             losses["itm"] = self._matching(model, batch, media_tokens, image_feat, text_feat, text_cls, step)
         losses["loss"] = sum(losses.values())
         return losses
@@ -245,7 +245,7 @@ class RetrievalObjective(nn.Module):
     def _matching(self, model, batch, media_tokens, image_feat, text_feat, text_cls, step):
         """ITM on positives, one hard negative text per media and one hard negative media per text."""
         pairs = matching_inputs(self.cfg, batch, media_tokens, image_feat, text_feat, text_cls, step)
-        if self.cfg.frame_aware_attention and self.cfg.media == "video":
+        if self.cfg.objective.frame_aware_attention and self.cfg.data.media == "video":
             self.frame_weights = self._frame_scores(model, pairs.media_tokens, pairs.text_feat)
         try:
             logits = match_logits(model, pairs.input_ids, pairs.attention_mask, pairs.media_tokens, pairs.context)
@@ -257,7 +257,7 @@ class RetrievalObjective(nn.Module):
     def _frame_scores(self, model, media_tokens, text_feat):
         """Frame-aware attention (UniAdapter, used by the paper for video): frames weighted by
         softmax_t(text·frame / 4) · T, without gradient; training only."""
-        t = self.cfg.num_frames
+        t = self.cfg.data.num_frames
         frame_cls = media_tokens.unflatten(1, (t, -1))[:, :, 0]
         frame_feat = F.normalize(model.vision_proj(frame_cls), dim=-1)
         sim = torch.einsum("btd,bd->bt", frame_feat.float(), text_feat.float())
@@ -268,7 +268,7 @@ class RetrievalObjective(nn.Module):
         if self.frame_weights is None:
             return keys
         w = self.frame_weights.to(keys.dtype)[:, :, None, None]
-        frames = keys.unflatten(1, (self.cfg.num_frames, -1))
+        frames = keys.unflatten(1, (self.cfg.data.num_frames, -1))
         scaled = torch.cat([frames[:, :, :1], frames[:, :, 1:] * w], dim=2)
         return scaled.flatten(1, 2)
 

@@ -48,7 +48,7 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
     #    stay on the compute device and are gathered as tensors (one copy, no pickles); only
     #    ids and captions travel as objects.
     feats, tokens, ids, captions = [], [], [], []
-    frames = (cfg.num_frames,) if cfg.media == "video" else ()
+    frames = (cfg.data.num_frames,) if cfg.data.media == "video" else ()
     dummy = {"pixel_values": torch.zeros(1, *frames, 3, image_size, image_size)}
     for batch, real in lockstep(loader, dummy):
         f, tok = forward(batch, 0, "embed_media")
@@ -82,7 +82,7 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
 
     # 2. Text embeddings, split evenly over ranks, then summed back into place.
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-    n_text, bs = len(texts), cfg.eval_batch_size
+    n_text, bs = len(texts), cfg.eval.batch_size
     text_feat = text_cls = None
     chunks = [range(s, min(s + bs, n_text)) for s in range(0, n_text, bs)]
     for c in range(math.ceil(len(chunks) / size)):
@@ -105,7 +105,7 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
     score_i2t = torch.full((n_media, n_text), -100.0, device=device)
     score_t2i = torch.full((n_text, n_media), -100.0, device=device)
     ids_all, mask_all = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    k_i2t, k_t2i = min(cfg.k_test, n_text), min(cfg.k_test, n_media)
+    k_i2t, k_t2i = min(cfg.eval.k_test, n_text), min(cfg.eval.k_test, n_media)
     for direction, n_rows, k in (("i2t", n_media, k_i2t), ("t2i", n_text, k_t2i)):
         for c in range(math.ceil(n_rows / size)):
             row = c * size + rank
@@ -119,7 +119,7 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
                 pair_tokens, pair_text = media_tokens[perm[top]], torch.full((k,), row, device=device)
             itm = forward({"input_ids": ids_all[pair_text], "attention_mask": mask_all[pair_text],
                            "media_tokens": pair_tokens.to(dtype), "text_cls": context.to(dtype)}, 0, "match").float()
-            if cfg.media == "video":  # the paper's video evaluation adds the contrastive similarity
+            if cfg.data.media == "video":  # the paper's video evaluation adds the contrastive similarity
                 itm = itm + (sim[row, top] if direction == "i2t" else sim[top, row])
             if real:
                 if direction == "i2t":

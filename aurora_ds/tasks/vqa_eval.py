@@ -131,31 +131,31 @@ def gather_objects(items: list) -> list:
 
 
 def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=None, image_size=None) -> dict:
-    """Answer every question of ``loader`` with ``cfg.inference`` and score the answers.
+    """Answer every question of ``loader`` with ``cfg.eval.inference`` and score the answers.
 
     ``forward`` is the engine's (or the objective's) forward; ``answer_list`` (strings, or a
     JSON file of them) is needed for rank inference. Predictions are gathered from all ranks,
     a question seen twice counts once, and with ``results_path``
     rank 0 writes the submission file. Questions without answers (test splits) are predicted
-    but not scored. VideoQA (``cfg.media == "video"``) scores exact match against the
+    but not scored. VideoQA (``cfg.data.media == "video"``) scores exact match against the
     most-given answer.
     """
     extra = None
-    if cfg.inference == "rank":
+    if cfg.eval.inference == "rank":
         if answer_list is None:
             raise ValueError("rank inference needs an answer list (set answer_list)")
         if isinstance(answer_list, (str, Path)):
             answer_list = json.loads(Path(answer_list).read_text())
         extra = answer_candidates(tokenizer, answer_list)
 
-    frames = (cfg.num_frames,) if cfg.media == "video" else ()
-    image_size = image_size or cfg.image_size
+    frames = (cfg.data.num_frames,) if cfg.data.media == "video" else ()
+    image_size = image_size or cfg.data.image_size
     question = tokenizer(["?"], padding="max_length", truncation=True, max_length=8, return_tensors="pt")
     dummy = {"pixel_values": torch.zeros(1, *frames, 3, image_size, image_size), "question_id": [-1],
              "question": ["?"], "input_ids": question["input_ids"], "attention_mask": question["attention_mask"]}
     records = []
     for batch, real in lockstep(loader, dummy):
-        predicted = forward(batch, 0, cfg.inference, extra)
+        predicted = forward(batch, 0, cfg.eval.inference, extra)
         if not real:
             continue
         answers = batch.get("answers") or [None] * len(predicted)
@@ -169,7 +169,7 @@ def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=
         unique.setdefault(r["question_id"], r)
     records = list(unique.values())
     scored = [r for r in records if r["gt"]]
-    if cfg.media == "video":
+    if cfg.data.media == "video":
         scores = [exact_match(r["answer"], max(zip(r["weights"], r["gt"]))[1]) for r in scored]
     else:
         scores = [question_accuracy(r["answer"], human_answers(r["gt"], r["weights"])) for r in scored]
