@@ -12,7 +12,8 @@ from aurora_ds.tasks.retrieval import RetrievalObjective
 
 def _objective(**overrides):
     cfg = build_config("", {"data.source": "synthetic", "data.media": "video", "data.num_frames": 3, "optim.batch_size": 3,
-                            "objective.queue_size": 12, "aurora.rank": 4, "aurora.dropout": 0.0, **overrides})
+                            "objective.queue_size": 12, "aurora.rank": 4, "aurora.dropout": 0.0,
+                            **{f"objective.{key}": value for key, value in overrides.items()}})
     torch.manual_seed(0)
     model = build_backbone("blip-tiny-retrieval")
     handle = inject_aurora(model, AuroraConfig(rank=4, backbone="blip-tiny-retrieval"))
