@@ -40,9 +40,9 @@ RECIPES = {
     "vqa_blip2": ("vqa", "blip2-opt-tiny-vqa"),
 }
 # Sizes that keep the tiny runs quick; everything else stays as the recipe ships it.
-SMALL = {"rank": 4, "batch_size": 8, "eval_batch_size": 16, "image_size": 64,
-         "num_frames": 4, "queue_size": 64, "num_workers": 2, "k_test": 16,
-         "progress": False, "log_every": 1}
+SMALL = {"aurora.rank": 4, "optim.batch_size": 8, "eval.batch_size": 16, "data.image_size": 64,
+         "data.num_frames": 4, "objective.queue_size": 64, "data.num_workers": 2, "eval.k_test": 16,
+         "output.progress": False, "output.log_every": 1}
 
 
 def sets(values: dict) -> list[str]:
@@ -70,7 +70,7 @@ def train_cmd(args, recipe, backbone, checkpoint, data, out, precision, extra=()
            "-m", "aurora_ds.train"] if deepspeed else [sys.executable, "-m", "aurora_ds.train", "--no-deepspeed"]
     cmd += ["--recipe", recipe, "--train-shards", data["train"], "--eval-shards", data["test"], "--out", str(out),
             "--max-steps", str(args.steps)]
-    return cmd + sets({"backbone": backbone, "checkpoint": checkpoint, "precision": precision,
+    return cmd + sets({"backbone.name": backbone, "backbone.checkpoint": checkpoint, "engine.precision": precision,
                        **SMALL, **dict(extra)})
 
 
@@ -150,8 +150,8 @@ def main():
     jobs[f"coco_retrieval/plain/{main_precision}"] = train_cmd(
         args, "coco_retrieval", "blip-tiny-retrieval", checkpoints["blip-tiny-retrieval"], data["coco"],
         work / "runs" / "coco_plain", main_precision, deepspeed=False)
-    base_size = {"rank": 32, "batch_size": 16 if gpu else 2, "image_size": 224 if gpu else 64,
-                 "queue_size": 1024, "k_test": 16}
+    base_size = {"aurora.rank": 32, "optim.batch_size": 16 if gpu else 2, "data.image_size": 224 if gpu else 64,
+                 "objective.queue_size": 1024, "eval.k_test": 16}
     jobs[f"coco_retrieval/zero3/{main_precision}/blip-base"] = train_cmd(
         args, "coco_retrieval", "blip-base-retrieval", checkpoints["blip-base-retrieval"], data["coco"],
         work / "runs" / "coco_base", main_precision, extra=base_size)
@@ -173,10 +173,8 @@ def main():
     first = outs.get(f"coco_retrieval/zero3/{main_precision}")
     if first is not None and (first / "adapter_latest").exists():
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
-               "-m", "aurora_ds.evaluate", "--recipe", "coco_retrieval", "--adapter", str(first / "adapter_latest"),
-               "--shards", data["coco"]["test"], "--out", str(work / "eval_coco")]
-        cmd += sets({"backbone": "blip-tiny-retrieval", "checkpoint": checkpoints["blip-tiny-retrieval"],
-                     "precision": main_precision, **SMALL})
+               "-m", "aurora_ds.evaluate", "--adapter", str(first / "adapter_latest"), "--shards", data["coco"]["test"],
+               "--out", str(work / "eval_coco")]  # everything else from the adapter and its run
         result = run("aurora-eval coco_retrieval", cmd, out / "aurora_eval.log", env, args.timeout)
         print(f"[gpu_check] {'ok  ' if result['ok'] else 'FAIL'} aurora-eval ({result['wall_s']} s) {result['error']}", flush=True)
         results.append(result)

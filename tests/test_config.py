@@ -65,7 +65,7 @@ def test_dict_overrides_and_recipe_errors(tmp_path):
 
 def test_one_precision_table():
     assert PRECISIONS == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    from aurora_ds.engine.plan import BYTES_PER_PARAM
+    from aurora_ds.plan import BYTES_PER_PARAM
 
     assert BYTES_PER_PARAM == {"fp32": 4, "bf16": 2, "fp16": 2}
 

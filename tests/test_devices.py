@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from aurora_ds import AuroraConfig, build_backbone, inject_aurora
 from aurora_ds import dist
 from aurora_ds.engine.backend import place_buffers
-from aurora_ds.engine.config import TrainConfig
+from aurora_ds.engine.config import build_config
 from aurora_ds.engine.loop import make_objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,8 @@ def test_every_objective_tensor_moves_with_the_objective(backbone, task):
     torch.manual_seed(0)
     model = build_backbone(backbone)
     inject_aurora(model, AuroraConfig(rank=4, backbone=backbone))
-    cfg = TrainConfig(task=task, backbone=backbone, data="synthetic", queue_size=16)
+    cfg = build_config("", {"objective.task": task, "backbone.name": backbone, "data.source": "synthetic",
+                            "objective.queue_size": 16})
     objective = make_objective(cfg, model)
     before = dict(_tensors(objective, set()))
     assert before, "no tensors found: the walk is broken"
