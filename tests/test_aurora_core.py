@@ -297,15 +297,23 @@ def test_mismatched_adapters_are_refused(tmp_path):
         _, other = _adapted("vit-tiny", rank=8)
         other.load(tmp_path / "a")
 
+    def rewrite(tensors):  # a consistent file (its digest recorded) that does not fit the model
+        from aurora_ds.aurora.io import file_digest
+
+        save_file(tensors, str(tmp_path / "a" / "adapter.safetensors"))
+        meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+        meta["files"]["adapter.safetensors"] = file_digest(tmp_path / "a" / "adapter.safetensors")
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(meta))
+
     tensors = load_file(str(tmp_path / "a" / "adapter.safetensors"))
     name = "blocks.0.attn.qkv.coeffs"
     tensors[name] = torch.zeros(4, 5)
-    save_file(tensors, str(tmp_path / "a" / "adapter.safetensors"))
+    rewrite(tensors)
     with pytest.raises(ValueError, match=rf"tensor {name} has shape \[4, 5\], the model expects \[4, 3\]"):
         load_adapter(build_backbone("vit-tiny"), tmp_path / "a")
 
     del tensors[name]
-    save_file(tensors, str(tmp_path / "a" / "adapter.safetensors"))
+    rewrite(tensors)
     with pytest.raises(ValueError, match=rf"missing from the file \['{name}'\]"):
         load_adapter(build_backbone("vit-tiny"), tmp_path / "a")
 

@@ -303,6 +303,6 @@ def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shar
 
     samples = shard_factory.vqa(5)
     spec = shard_factory.write(samples, str(tmp_path), "vqa", per_shard=2, kind="image_qa")
-    assert answer_list(SimpleNamespace(answer_list="", train_shards=spec)) == ["cat", "dog"]
+    assert answer_list(SimpleNamespace(eval=SimpleNamespace(answer_list=""), data=SimpleNamespace(train_shards=spec))) == ["cat", "dog"]
     want = [t for s in samples for q in s["json"]["questions"] for t in [q["question"], *q["answers"]]]
     assert list(_shard_texts(spec)) == want
