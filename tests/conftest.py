@@ -1,9 +1,15 @@
-"""Shared fixtures: a real SeaweedFS S3 server for the whole session, stable caches, one thread."""
+"""Shared fixtures: a real SeaweedFS S3 server for the whole session, stable caches, one thread.
+
+Every test, and every training/evaluation process a test starts, runs with
+``AURORA_STRICT_DEVICES=1``: a tensor from another device reaching a collective, or a buffer the
+engine could not place, is an error here rather than on a user's GPUs.
+"""
 
 import os
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aurora_ds/torch_extensions"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["AURORA_STRICT_DEVICES"] = "1"
 
 import pytest  # noqa: E402
 
