@@ -98,19 +98,11 @@ def check_backbone(cfg):
 
 
 def make_objective(cfg, model):
-    """The task's loss as an nn.Module around the backbone (what DeepSpeed wraps)."""
-    spec = get_spec(cfg.backbone)
-    if spec.extra.get("objective") == "blip2":
-        from ..tasks.blip2 import Blip2QAObjective, Blip2RetrievalObjective
+    """The task's loss as an nn.Module around the backbone (what DeepSpeed wraps), from the
+    table of (model interface, task) pairs."""
+    from ..tasks.objectives import make_objective as from_table
 
-        return (Blip2RetrievalObjective if cfg.task == "retrieval" else Blip2QAObjective)(model, cfg)
-    if cfg.task == "retrieval":
-        from ..tasks.retrieval import RetrievalObjective
-
-        return RetrievalObjective(model, cfg)
-    from ..tasks.qa import QAObjective
-
-    return QAObjective(model, cfg)
+    return from_table(get_spec(cfg.backbone).interface, cfg.task, model, cfg)
 
 
 def merged_data_state(data) -> dict:
