@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .dist import free_port
+from .engine.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,15 +39,16 @@ def train(name: str, recipe: str, specs: dict, checkpoint: Path, out: Path, env:
            "--set", "backbone.name=blip-tiny-retrieval", "--set", f"backbone.checkpoint={checkpoint}", "--set", "output.progress=false"]
     for item in extra:
         cmd += ["--set", item]
-    log = out.with_suffix(".log")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out)
+    log = run.log
+    out.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**env, "MASTER_PORT": str(free_port())}).returncode
     if code != 0:
         sys.exit(f"training {name} failed (exit {code}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
-    summary = json.loads((out / "summary.json").read_text())
-    evals = sorted((out / "eval").glob("step_*.json"))
-    summary["eval"] = json.loads(evals[-1].read_text()) if evals else {}
+    summary = json.loads(run.summary.read_text())
+    latest = run.latest_eval_metrics()
+    summary["eval"] = json.loads(latest.read_text()) if latest else {}
     print(f"    {name}: {summary['steps']} steps, loss {summary['history'][0]['loss']:.3f} -> "
           f"{summary['history'][-1]['loss']:.3f}; eval {json.dumps({k: round(v, 1) for k, v in summary['eval'].items() if 'r1' in k or k == 'r_mean'})}")
     return summary
@@ -146,8 +148,9 @@ def main(argv=None):
     report(out, results, storage)
     print(f"\nDone in {time.time() - started:.0f} s. Everything is under {out}:")
     for name in ("coco", "msrvtt"):
-        print(f"  {name}: adapter {out / name / 'adapter_latest'}, best {out / name / 'adapter_best'}, "
-              f"TensorBoard {out / name / 'tb'}, metrics {out / name / 'eval'}")
+        run = RunDir(out / name)
+        print(f"  {name}: adapter {run.adapter_latest}, best {run.adapter_best}, "
+              f"TensorBoard {run.tensorboard}, metrics {run.eval}, log {run.log}")
     print(f"  report: {out / 'report.md'} and {out / 'report.png'}")
     print(f"  view the logs: tensorboard --logdir {out}")
 

@@ -18,6 +18,12 @@ FACTORS_ATTR = "aurora_factors"
 CONTEXT_ATTR = "aurora_context"
 
 
+def context_module(model: nn.Module) -> ContextEnhancement | None:
+    """The Informative Context Enhancement module injected into ``model``, or None: the public
+    way for a backbone's matching path to apply it (where it lives on the model is Aurora's)."""
+    return getattr(model, CONTEXT_ATTR, None)
+
+
 def numel(p: torch.Tensor) -> int:
     """Element count, also for a ZeRO-3 partitioned parameter (whose local shape is [0])."""
     return getattr(p, "ds_numel", p.numel())
@@ -90,7 +96,7 @@ class AuroraModel:
 
     @property
     def context(self) -> ContextEnhancement | None:
-        return getattr(self.model, CONTEXT_ATTR, None)
+        return context_module(self.model)
 
     def named_aurora_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Every parameter Aurora added (factors, coefficients, GQT, ICE), by model name."""

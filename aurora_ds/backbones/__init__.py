@@ -20,7 +20,10 @@ from ..aurora.targets import TargetPreset, register_presets
 @dataclass(frozen=True)
 class BackboneSpec:
     """``family`` picks the builder; ``task`` the interface (retrieval, vqa, clip, vision);
-    ``shape`` holds the config values of this size."""
+    ``shape`` holds the config values of this size; ``interface`` names the model interface
+    the tasks drive (``blip`` or ``blip2``: ``backbones/blip.py``, ``blip2.py``) and, with the
+    task, picks the objective (``tasks/objectives.py``); empty for models aurora-train does not
+    serve (CLIP, timm towers)."""
 
     name: str
     family: str
@@ -30,6 +33,7 @@ class BackboneSpec:
     image_size: int
     trained_heads: tuple[str, ...] = ()
     description: str = ""
+    interface: str = ""
     extra: dict = field(default_factory=dict)
 
     @property

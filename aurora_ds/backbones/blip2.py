@@ -15,9 +15,10 @@ import contextlib
 
 import torch
 
-from ..aurora.model import CONTEXT_ATTR
+from ..aurora import context_module
 from ..aurora.targets import TargetPreset
 from . import BackboneSpec, register_backbone, register_family
+from . import blip
 from .hf import TINY_TOKEN_IDS, VISION, build_hf
 
 
@@ -99,9 +100,9 @@ for _size, _name in (("tiny", "tiny"), ("full", "g")):
             f"blip2-{_name}-retrieval", "blip2", "retrieval", _shape(_size, "retrieval"), _presets("itm_head", False),
             _image, trained_heads=("vision_projection", "text_projection", "itm_head"),
             description=f"BLIP-2 {'tiny' if _size == 'tiny' else 'ViT-g/14 (blip2-itm-vit-g shape, 1.2 B)'} "
-                        "image-text retrieval: Q-Former ITC + ITM",
+                        "image-text retrieval: Q-Former ITC + ITM", interface="blip2",
             extra={"model_class": "Blip2ForImageTextRetrieval", "config_class": "Blip2Config",
-                   "text_key": "qformer_config", "objective": "blip2"},
+                   "text_key": "qformer_config"},
         ),
         "Blip2ForImageTextRetrieval" if _size == "full" else None,
     )
@@ -110,12 +111,18 @@ for _size, _name in (("tiny", "tiny"), ("full", "g")):
         BackboneSpec(
             f"blip2-{_lm}-vqa", "blip2", "vqa", _shape(_size, "vqa"), _presets("", True), _image,
             description=f"BLIP-2 {'tiny' if _size == 'tiny' else 'ViT-g/14 + OPT-2.7B (3.9 B)'} VQA: "
-                        "Q-Former queries prefix a frozen language model",
+                        "Q-Former queries prefix a frozen language model", interface="blip2",
             extra={"model_class": "Blip2ForConditionalGeneration", "config_class": "Blip2Config",
-                   "text_key": "text_config", "objective": "blip2"},
+                   "text_key": "text_config"},
         ),
         "Blip2ForConditionalGeneration" if _size == "full" else None,
     )
+
+
+def encode_media(model, pixels):
+    """Vision tokens (and the [CLS], unused by BLIP-2): the ViT tower is BLIP's, as are its
+    video and resolution conventions."""
+    return blip.encode_media(model, pixels)
 
 
 def query_tokens(model, batch_size: int):
@@ -151,7 +158,7 @@ def match_logits(model, input_ids, attention_mask, image_tokens, text_cls_contex
                            query_length=q.shape[1], attention_mask=torch.cat([_ones(q), attention_mask], 1),
                            encoder_hidden_states=image_tokens, encoder_attention_mask=_ones(image_tokens))
     queries = states.last_hidden_state[:, :q.shape[1]].to(model.itm_head.weight.dtype)
-    context = getattr(model, CONTEXT_ATTR, None)
+    context = context_module(model)
     if context is not None and text_cls_context is not None:
         queries = context(queries, text_cls_context)
     return model.itm_head(queries).mean(1)

@@ -79,7 +79,7 @@ for _size in ("tiny", "base", "large"):
             f"blip-{_size}-retrieval", "hf", "retrieval", _blip_shape(_size),
             _blip_presets(["text_encoder"], "itm_head"), _image,
             trained_heads=("vision_proj", "text_proj", "itm_head"),
-            description=f"BLIP-{_size} image-text retrieval (ITC + ITM heads)",
+            description=f"BLIP-{_size} image-text retrieval (ITC + ITM heads)", interface="blip",
             extra={"model_class": "BlipForImageTextRetrieval", "config_class": "BlipConfig"},
         ),
         "BlipForImageTextRetrieval" if _size == "base" else None,
@@ -93,7 +93,7 @@ for _size in ("tiny", "base", "large"):
         BackboneSpec(
             f"blip-{_size}-vqa", "hf", "vqa", _blip_shape(_size),
             _blip_presets(["text_encoder", r"text_decoder\.bert"], ""), _image,
-            description=f"BLIP-{_size} VQA (question encoder + answer decoder)",
+            description=f"BLIP-{_size} VQA (question encoder + answer decoder)", interface="blip",
             extra={"model_class": "BlipForQuestionAnswering", "config_class": "BlipConfig"},
         ),
         "BlipForQuestionAnswering" if _size == "base" else None,

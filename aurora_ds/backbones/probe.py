@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..aurora.model import CONTEXT_ATTR
-from . import blip2
+from ..aurora import context_module
+from . import blip, blip2
 
 
 def example_batch(spec, batch_size: int = 2, seq_len: int = 12, seed: int = 0) -> dict:
@@ -34,15 +34,13 @@ def forward_features(model, spec, batch: dict) -> dict[str, torch.Tensor]:
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
         return {"text_embeds": out.text_embeds, "image_embeds": out.image_embeds}
     image = model.vision_model(pixel_values=pixels).last_hidden_state
-    if spec.extra.get("objective") == "blip2":
+    if spec.interface == "blip2":
         return _blip2_features(model, spec, image, ids, mask)
-    image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
-    fused = model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image,
-                               encoder_attention_mask=image_mask).last_hidden_state
+    fused = blip.fuse(model, ids, mask, image)
     if spec.task == "retrieval":
-        text = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        text = blip.encode_text(model, ids, mask)
         cls = fused[:, 0]
-        context = getattr(model, CONTEXT_ATTR, None)
+        context = context_module(model)
         if context is not None:
             cls = context(cls, text[:, 0])
         return {"image": image, "text": text, "fused": fused, "itm": model.itm_head(cls)}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..dist import free_port
 from ..engine.config import PRECISIONS
+from ..engine.rundir import RunDir
 from .report import bar_chart, cli_config, fmt, machine, ratio, table, write
 
 RUNS = {"1": ("1 rank", 1, "zero3"), "2": ("2 ranks", 2, "zero3"), "2-offload": ("2 ranks, offload", 2, "zero3_offload")}
@@ -75,14 +76,15 @@ def launch(processes: int, ds_config: Path, out: Path, args) -> dict:
     env.setdefault("OMP_NUM_THREADS", "1")
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
+    run = RunDir(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(out / "train.log", "w") as log:
+    with open(run.log, "w") as log:
         proc = subprocess.run(["bash", str(LOCAL_SH), str(processes), *train_args], stdout=log,
                               stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{processes}-rank run failed; log {out / 'train.log'}:\n{(out / 'train.log').read_text()[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
+        raise RuntimeError(f"{processes}-rank run failed; log {run.log}:\n{run.log.read_text()[-3000:]}")
+    summary = json.loads(run.summary.read_text())
     summary["wall_s"] = time.perf_counter() - start
     return summary
 
@@ -166,7 +168,7 @@ def run(args):
             path = ds_config_copy(config, args.persistence_threshold, Path(tmp))
             summary = launch(processes, path, Path(tmp) / f"{processes}_{config}", args)
             if args.keep_adapters:
-                shutil.copytree(Path(tmp) / f"{processes}_{config}" / "adapter_latest",
+                shutil.copytree(RunDir(Path(tmp) / f"{processes}_{config}").adapter_latest,
                                 Path(args.out) / f"adapter_{processes}_{config}", dirs_exist_ok=True)
             rows.append(measured_row(label, processes, config, summary, args))
             print(f"[zero] {label}: {rows[-1]['local_parameter_bytes'] / 2**20:.2f} MiB/rank, "

@@ -1,8 +1,7 @@
 """Checkpoints: the adapter (what users share) and the full state for exact resume.
 
-Layout under ``out_dir``::
+Where they go in a run is :class:`~aurora_ds.engine.rundir.RunDir`'s; inside one checkpoint::
 
-    adapter_latest/, adapter_best/           adapter directories (aurora.io format), atomic
     checkpoints/step_000100/                 one full checkpoint
         adapter/                             the trainable values, gathered (also the fallback
                                              when resuming on another number of ranks)
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from ..aurora.io import read_adapter, write_adapter
 from ..dist import barrier, world
+from .rundir import CHECKPOINT_ADAPTER, RunDir
 
 COMPLETE = "COMPLETE"
 
@@ -46,15 +46,15 @@ def load_adapter_values(backend, handle, directory):
     backend.set_values([p for _, p in named], [tensors[n] for n, _ in named])
 
 
-def save_checkpoint(out_dir, step: int, backend, handle, client_state: dict, data_state: dict, cfg, keep: int):
-    root = Path(out_dir) / "checkpoints"
-    tag = f"step_{step:06d}"
-    path = root / tag
+def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict, data_state: dict, cfg, keep: int):
+    root = run.checkpoints
+    path = run.checkpoint(step)
+    tag = path.name
     rank, size = world()
     if rank == 0 and path.exists():
         shutil.rmtree(path)
     barrier()
-    save_adapter(backend, handle, path / "adapter", {"step": step})
+    save_adapter(backend, handle, path / CHECKPOINT_ADAPTER, {"step": step})
     if backend.distributed:
         backend.engine.save_checkpoint(str(path / "deepspeed"), tag="state", exclude_frozen_parameters=True)
     elif rank == 0:
@@ -74,10 +74,10 @@ def save_checkpoint(out_dir, step: int, backend, handle, client_state: dict, dat
     return path
 
 
-def find_checkpoint(out_dir, resume: str) -> Path | None:
-    """``auto``: the newest complete checkpoint (incomplete ones are ignored), or None."""
+def find_checkpoint(run: RunDir, resume: str) -> Path | None:
+    """``auto``: the run's newest complete checkpoint (incomplete ones are ignored), or None."""
     if resume == "auto":
-        root = Path(out_dir) / "checkpoints"
+        root = run.checkpoints
         complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists()) if root.is_dir() else []
         return complete[-1] if complete else None
     path = Path(resume)
@@ -101,14 +101,14 @@ def load_checkpoint(path: Path, backend, handle, log) -> tuple[int, dict, dict |
         log(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {size}: "
             f"optimizer state cannot be re-partitioned, so training restarts from its adapter with a "
             f"fresh optimizer at step {meta['step']} (data restarts at the beginning of the epoch)")
-        load_adapter_values(backend, handle, path / "adapter")
+        load_adapter_values(backend, handle, path / CHECKPOINT_ADAPTER)
         for _ in range(meta["step"]):
             backend.scheduler.step()
         return meta["step"], client, None
     if backend.distributed:
         backend.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
     else:
-        load_adapter_values(backend, handle, path / "adapter")
+        load_adapter_values(backend, handle, path / CHECKPOINT_ADAPTER)
         backend.load_state_dict(torch.load(path / "plain_state.pt", weights_only=True))
     mine = torch.load(path / f"rank_{rank:05d}.pt", weights_only=True)
     torch.set_rng_state(mine["rng"])

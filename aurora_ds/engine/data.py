@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..backbones.tokenizer import load_tokenizer, train_tokenizer
 from ..dist import barrier, world
+from .rundir import RunDir
 
 
 def loader_config(cfg, image_size: int, train: bool):
@@ -33,10 +34,12 @@ def _shard_texts(spec: str):
         yield from shard_format.sample_texts(meta)
 
 
-def answer_list(cfg, size: int = 3128) -> list[str]:
-    """The configured answer list, else the most frequent training answers (BLIP ships 3,128)."""
-    if cfg.eval.answer_list:
-        path = Path(cfg.eval.answer_list)
+def answer_list(cfg, size: int = 3128, path=None) -> list[str]:
+    """The answer list file ``path`` (default: the configured one), else the most frequent
+    training answers (BLIP ships 3,128)."""
+    path = path or cfg.eval.answer_list
+    if path:
+        path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"answer list {path} does not exist")
         return json.loads(path.read_text())
@@ -51,13 +54,13 @@ def answer_list(cfg, size: int = 3128) -> list[str]:
 def resolve_tokenizer(cfg, vocab_size: int):
     """The configured tokenizer, else the checkpoint's, else one trained on the training text.
 
-    Training happens on rank 0 into out_dir/tokenizer; the other ranks wait and load it.
+    Training happens on rank 0 into the run's tokenizer folder; the other ranks wait and load it.
     """
     if cfg.backbone.tokenizer:
         return load_tokenizer(cfg.backbone.tokenizer)
     if cfg.backbone.checkpoint and any(Path(cfg.backbone.checkpoint, f).exists() for f in ("tokenizer.json", "vocab.txt")):
         return load_tokenizer(cfg.backbone.checkpoint)
-    path = Path(cfg.output.dir) / "tokenizer"
+    path = RunDir(cfg.output.dir).tokenizer
     if world()[0] == 0 and not (path / "tokenizer.json").exists():
         train_tokenizer(_shard_texts(cfg.data.train_shards), vocab_size, path)
     barrier()
@@ -70,12 +73,19 @@ def build_train_data(cfg, image_size: int, tokenizer):
     return build_loader(cfg.data.train_shards, loader_config(cfg, image_size, True), tokenizer, mode="train")
 
 
-def build_evaluator(cfg, image_size: int, tokenizer, out_dir: Path):
-    """``evaluator(forward, handle, step) -> metrics``, also written to out_dir/eval/step_N.json."""
+def build_evaluator(cfg, image_size: int, tokenizer, run: RunDir, answer_file=None):
+    """``evaluator(forward, handle, step) -> metrics``, also written into ``run``'s eval folder.
+
+    QA rank inference writes the answer list it ranks into the run (``aurora-eval`` reads it
+    back from the adapter's run: the same answers, not ones counted from the evaluation shards).
+    """
     from ..data import build_loader
 
     loader = build_loader(cfg.data.eval_shards, loader_config(cfg, image_size, False), tokenizer, mode="eval")
-    answers = answer_list(cfg) if cfg.objective.task == "qa" and cfg.eval.inference == "rank" else None
+    answers = answer_list(cfg, path=answer_file) if cfg.objective.task == "qa" and cfg.eval.inference == "rank" else None
+    if answers is not None and world()[0] == 0:
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.answer_list.write_text(json.dumps(answers))
 
     def evaluator(forward, handle, step):
         if cfg.objective.task == "retrieval":
@@ -86,10 +96,10 @@ def build_evaluator(cfg, image_size: int, tokenizer, out_dir: Path):
             from ..tasks.vqa_eval import evaluate_qa
 
             metrics = evaluate_qa(forward, loader, cfg, tokenizer, answers, image_size=image_size,
-                                  results_path=out_dir / "eval" / f"results_step_{step:06d}.json")
+                                  results_path=run.eval_results(step))
         if world()[0] == 0:
-            (out_dir / "eval").mkdir(parents=True, exist_ok=True)
-            (out_dir / "eval" / f"step_{step:06d}.json").write_text(json.dumps(metrics, indent=2))
+            run.eval.mkdir(parents=True, exist_ok=True)
+            run.eval_metrics(step).write_text(json.dumps(metrics, indent=2))
         return metrics
 
     return evaluator

@@ -19,6 +19,7 @@ from .config import PRECISIONS
 from .dsconfig import build_ds_config, zero_stage
 from .ema import EMA
 from .logging import RunLogger, peak_memory_mb
+from .rundir import RunDir
 
 def setup_distributed(cfg) -> tuple[int, int]:
     """DeepSpeed picks gloo on CPU and nccl on GPU by itself; the plain path is one process."""
@@ -86,19 +87,11 @@ def check_backbone(cfg):
 
 
 def make_objective(cfg, model):
-    """The task's loss as an nn.Module around the backbone (what DeepSpeed wraps)."""
-    spec = get_spec(cfg.backbone.name)
-    if spec.extra.get("objective") == "blip2":
-        from ..tasks.blip2 import Blip2QAObjective, Blip2RetrievalObjective
+    """The task's loss as an nn.Module around the backbone (what DeepSpeed wraps), from the
+    table of (model interface, task) pairs."""
+    from ..tasks.objectives import make_objective as from_table
 
-        return (Blip2RetrievalObjective if cfg.objective.task == "retrieval" else Blip2QAObjective)(model, cfg)
-    if cfg.objective.task == "retrieval":
-        from ..tasks.retrieval import RetrievalObjective
-
-        return RetrievalObjective(model, cfg)
-    from ..tasks.qa import QAObjective
-
-    return QAObjective(model, cfg)
+    return from_table(get_spec(cfg.backbone.name).interface, cfg.objective.task, model, cfg)
 
 
 def merged_data_state(data) -> dict:
@@ -123,7 +116,7 @@ def batches(source, start_epoch: int):
 
 
 def train(cfg, data=None, evaluator=None) -> dict:
-    """Run one training job; returns a summary (also written to out_dir/summary.json).
+    """Run one training job; returns a summary (also written to the run's summary.json).
 
     ``data`` is an iterable of batches (the streaming loader, or synthetic batches);
     ``evaluator(model, handle, step)`` returns metrics (higher ``select`` is better).
@@ -132,8 +125,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
     rank, size = setup_distributed(cfg)
     torch.manual_seed(cfg.engine.seed)  # identical on every rank: identical Aurora init
     ds_config = build_ds_config(cfg.engine.ds_config, cfg, size) if cfg.engine.deepspeed else None
-    out = Path(cfg.output.dir)
-    checkpoint = find_checkpoint(out, cfg.output.resume) if cfg.output.resume else None
+    run = RunDir(cfg.output.dir)
+    checkpoint = find_checkpoint(run, cfg.output.resume) if cfg.output.resume else None
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
     image_size = cfg.data.image_size or spec.image_size
     vocab = spec.vocab_size
@@ -146,7 +139,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the backbone's vocabulary {vocab}")
         data = data if data is not None else build_train_data(cfg, image_size, tokenizer)
         if evaluator is None and cfg.data.eval_shards:
-            evaluator = build_evaluator(cfg, image_size, tokenizer, out)
+            evaluator = build_evaluator(cfg, image_size, tokenizer, run)
     elif data is None:
         from .synthetic import SyntheticBatches
 
@@ -171,7 +164,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     objective.train()  # from_pretrained returns eval mode; DeepSpeed does not change it
     objective.ema = EMA(backend, handle.named_trainable_parameters(), cfg.objective.momentum)
 
-    log = RunLogger(out / "tb", rank == 0, total_steps, 0, cfg.output.progress, cfg.output.log_every)
+    log = RunLogger(run.tensorboard, rank == 0, total_steps, 0, cfg.output.progress, cfg.output.log_every)
     log.message(f"[aurora] {handle.format_parameter_report()}")
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
     step, epoch = 0, 0
@@ -184,7 +177,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
             data.load_state_dict(data_state)
         log.message(f"[aurora] resumed from {checkpoint} at step {step}")
     elif cfg.output.resume == "auto":
-        log.message(f"[aurora] no complete checkpoint in {out / 'checkpoints'}: starting fresh")
+        log.message(f"[aurora] no complete checkpoint in {run.checkpoints}: starting fresh")
 
     stream = batches(data, epoch)
     skipped: dict[str, int] = {}
@@ -222,26 +215,37 @@ def train(cfg, data=None, evaluator=None) -> dict:
             log.message(f"[aurora] step {step} eval: {json.dumps(metrics)}")
             if best is None or metrics["select"] > best["select"]:
                 best = {"step": step, **metrics}
-                save_adapter(backend, handle, out / "adapter_best", {"step": step, "metrics": metrics})
+                save_adapter(backend, handle, run.adapter_best, {"step": step, "metrics": metrics})
         if (cfg.output.save_every and step % cfg.output.save_every == 0) or last:
             client = {"ema": objective.ema.state_dict(), "objective": objective.objective_state(),
                       "epoch": epoch, "step": step}
             data_state = merged_data_state(data)
-            save_checkpoint(out, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints)
-            save_adapter(backend, handle, out / "adapter_latest", {"step": step})
+            save_checkpoint(run, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints)
+            save_adapter(backend, handle, run.adapter_latest, {"step": step})
 
     summary = {"steps": step, "world_size": size, "parameters": handle.parameter_report(), "skipped": skipped,
                "best": best, "history": history, "peak_memory_mb": peak_memory_mb(),
                "local_parameter_bytes": local_parameter_bytes(objective)}
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.message(f"[aurora] done: adapter in {out / 'adapter_latest'}, TensorBoard logs in {out / 'tb'}"
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.summary.write_text(json.dumps(summary, indent=2))
+        log.message(f"[aurora] done: adapter in {run.adapter_latest}, TensorBoard logs in {run.tensorboard}"
                     + (f", skipped samples {skipped}" if skipped else ""))
     log.close()
     shutdown()
     return summary
 
+
+
+def eval_tokenizer(cfg, adapter_dir) -> Path:
+    """The tokenizer to evaluate an adapter with: the configured one, the backbone checkpoint's,
+    one shipped inside the adapter directory, or the one trained in the adapter's run."""
+    source = RunDir.of_adapter(adapter_dir)
+    candidates = [cfg.backbone.tokenizer, cfg.backbone.checkpoint, Path(adapter_dir) / "tokenizer", source and source.tokenizer]
+    found = [Path(c) for c in candidates if c and Path(c, "tokenizer.json").exists()]
+    if not found:
+        raise FileNotFoundError(f"no tokenizer found for adapter {adapter_dir}: set tokenizer=DIR")
+    return found[0]
 
 
 def evaluate(cfg, adapter_dir) -> dict:
@@ -258,19 +262,17 @@ def evaluate(cfg, adapter_dir) -> dict:
     torch.manual_seed(cfg.engine.seed)
     ds_config = build_ds_config(cfg.engine.ds_config, cfg, size) if cfg.engine.deepspeed else None
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)
-    # The configured tokenizer, the checkpoint's, or the one trained next to the adapter's run.
-    candidates = [cfg.backbone.tokenizer, cfg.backbone.checkpoint, Path(adapter_dir) / "tokenizer", Path(adapter_dir).parent / "tokenizer"]
-    found = [Path(c) for c in candidates if c and Path(c, "tokenizer.json").exists()]
-    if not found:
-        raise FileNotFoundError(f"no tokenizer found for adapter {adapter_dir}: set tokenizer=DIR")
-    tokenizer = load_tokenizer(found[0])
+    tokenizer = load_tokenizer(eval_tokenizer(cfg, adapter_dir))
     objective = make_objective(cfg, model)
     objective.tokenizer = tokenizer
     backend = DeepSpeedBackend(objective, cfg, 1, ds_config) if cfg.engine.deepspeed else PlainBackend(objective, cfg, 1)
     load_adapter_values(backend, handle, adapter_dir)
     objective.eval()
-    out = Path(cfg.output.dir)
-    metrics = build_evaluator(cfg, cfg.data.image_size or spec.image_size, tokenizer, out)(backend.forward, handle, 0)
+    # Rank inference ranks the answers the adapter's run ranked, unless a list is configured.
+    source = RunDir.of_adapter(adapter_dir)
+    answers = None if cfg.eval.answer_list or source is None or not source.answer_list.is_file() else source.answer_list
+    evaluator = build_evaluator(cfg, cfg.data.image_size or spec.image_size, tokenizer, RunDir(cfg.output.dir), answers)
+    metrics = evaluator(backend.forward, handle, 0)
     if rank == 0:
         print(json.dumps(metrics, indent=2))
     shutdown()

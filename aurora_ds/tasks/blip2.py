@@ -15,28 +15,27 @@ import torch.nn.functional as F
 
 from ..backbones import blip2
 from ..dist import gather, gather_with_grad, world
-from .qa import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS, Candidates, StatelessObjective, inference
-from .retrieval import encode_media, matching_inputs, matching_loss, media_index, similarity
+from .base import Objective
+from .qa import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS, Candidates, inference
+from .retrieval import matching_inputs, matching_loss, media_index, similarity
 
 PROMPT = "Question: {} Answer:"
 MAX_PROMPT_TOKENS = 48
 
 
-class Blip2RetrievalObjective(StatelessObjective):
+class Blip2RetrievalObjective(Objective):
     """ITC + ITM around a ``Blip2ForImageTextRetrieval``; forward modes as
     :class:`~aurora_ds.tasks.retrieval.RetrievalObjective` (``train``, ``embed_media``,
     ``embed_text``, ``match``), all inside the engine's forward for ZeRO-3."""
 
     def __init__(self, backbone, cfg):
-        super().__init__()
+        super().__init__(backbone, cfg)  # no momentum encoder: the engine's EMA goes unused
         if cfg.objective.frame_aware_attention and cfg.data.media == "video":
             raise ValueError("frame_aware_attention weighs BLIP's frame [CLS] tokens; BLIP-2's Q-Former has none: "
                              "set frame_aware_attention=false for BLIP-2 video retrieval")
-        self.backbone, self.cfg = backbone, cfg
-        self.ema = None  # set by the engine; unused (no momentum encoder)
 
     def _media(self, pixels):
-        tokens, _ = encode_media(self.backbone, pixels)
+        tokens, _ = blip2.encode_media(self.backbone, pixels)
         queries = blip2.image_queries(self.backbone, tokens)
         return tokens, self.backbone.vision_projection(queries.to(self.backbone.vision_projection.weight.dtype))
 
@@ -84,7 +83,7 @@ class Blip2RetrievalObjective(StatelessObjective):
         return losses
 
 
-class Blip2QAObjective(StatelessObjective):
+class Blip2QAObjective(Objective):
     """VQA around a ``Blip2ForConditionalGeneration`` with a decoder-only language model (OPT).
 
     A sequence is ``[query prefix][Question: q Answer:][answer][eos]``; prompts are left-padded
@@ -93,13 +92,10 @@ class Blip2QAObjective(StatelessObjective):
     """
 
     def __init__(self, backbone, cfg):
-        super().__init__()
+        super().__init__(backbone, cfg)
         if not backbone.config.use_decoder_only_language_model:
             raise ValueError("BLIP-2 VQA here drives a decoder-only language model (OPT); "
                              f"{backbone.config.text_config.model_type} is an encoder-decoder")
-        self.backbone, self.cfg = backbone, cfg
-        self.ema = None
-        self.tokenizer = None
         self._candidates = None
 
     def forward(self, batch: dict, step: int, mode: str, extra=None):
@@ -124,7 +120,7 @@ class Blip2QAObjective(StatelessObjective):
         if self.tokenizer is None:
             raise ValueError("BLIP-2 VQA needs the language model's tokenizer (set objective.tokenizer)")
         model = self.backbone
-        media_tokens, _ = encode_media(model, batch["pixel_values"])
+        media_tokens, _ = blip2.encode_media(model, batch["pixel_values"])
         prefix = blip2.language_prefix(model, media_tokens)
         rows = self.tokenizer([PROMPT.format(q) for q in batch["question"]], add_special_tokens=False,
                               truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"]

@@ -15,7 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .retrieval import encode_media
+from ..backbones import blip
+from .base import Objective
 
 MAX_ANSWER_TOKENS = 16
 MAX_NEW_TOKENS = 10
@@ -45,17 +46,6 @@ def answer_candidates(tokenizer, answers: list[str]) -> Candidates:
     return Candidates(list(answers), *tokenize_answers(tokenizer, answers))
 
 
-def answer_nll(model, ids, mask, question_states, question_mask) -> torch.Tensor:
-    """Summed token negative log-likelihood of each answer given its question encoding.
-
-    The decoder shifts the labels itself; padding is masked out, bos is never predicted.
-    """
-    out = model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=question_states,
-                             encoder_attention_mask=question_mask, labels=ids.masked_fill(mask == 0, -100),
-                             reduction="none")
-    return out.loss
-
-
 @contextlib.contextmanager
 def inference(module: nn.Module):
     """No gradients and no dropout, whatever mode the caller left the module in."""
@@ -68,21 +58,7 @@ def inference(module: nn.Module):
         module.train(training)
 
 
-class StatelessObjective(nn.Module):
-    """An objective with no state beyond the parameters (no feature queue, no momentum
-    features): one forward per micro-batch, nothing to checkpoint besides the engine's."""
-
-    def objective_state(self) -> dict:
-        return {}
-
-    def load_objective_state(self, state: dict):
-        pass
-
-    def losses(self, forward, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        return forward(batch, step, "train")
-
-
-class QAObjective(StatelessObjective):
+class QAObjective(Objective):
     """BLIP's VQA answer loss around a ``BlipForQuestionAnswering`` backbone.
 
     As :class:`RetrievalObjective`, all backbone work happens in ``forward`` so that DeepSpeed's
@@ -90,12 +66,6 @@ class QAObjective(StatelessObjective):
     forward modes for the same reason. ``tokenizer`` must be set before training or
     generating: the objective tokenises answers and decodes generations itself.
     """
-
-    def __init__(self, backbone, cfg):
-        super().__init__()
-        self.backbone, self.cfg = backbone, cfg
-        self.ema = None  # set by the engine; QA has no momentum distillation
-        self.tokenizer = None
 
     def forward(self, batch: dict, step: int, mode: str, extra=None):
         """``train``: {"answer", "loss"}; ``generate``: answer strings; ``rank``: the best
@@ -112,14 +82,7 @@ class QAObjective(StatelessObjective):
 
     def _encode_questions(self, batch: dict):
         """Question tokens attended over the media tokens: the decoder's cross-attention memory."""
-        model = self.backbone
-        device = model.text_encoder.embeddings.word_embeddings.weight.device
-        media_tokens, _ = encode_media(model, batch["pixel_values"].to(device))
-        media_mask = torch.ones(media_tokens.shape[:-1], dtype=torch.long, device=device)
-        mask = batch["attention_mask"].to(device)
-        states = model.text_encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                                    encoder_hidden_states=media_tokens, encoder_attention_mask=media_mask)
-        return states.last_hidden_state, mask
+        return blip.encode_questions(self.backbone, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
 
     def _train(self, batch: dict) -> dict[str, torch.Tensor]:
         """BLIP: each question repeated for each of its answers; loss = Σ weight · NLL / questions."""
@@ -128,20 +91,14 @@ class QAObjective(StatelessObjective):
         answers = [a for group in batch["answers"] for a in group]
         weights = torch.tensor([w for group in batch["answer_weights"] for w in group], device=states.device)
         ids, answer_mask = (t.to(states.device) for t in tokenize_answers(self.tokenizer, answers))
-        nll = answer_nll(self.backbone, ids, answer_mask, states.repeat_interleave(counts, 0),
-                         mask.repeat_interleave(counts, 0))
+        nll = blip.answer_nll(self.backbone, ids, answer_mask, states.repeat_interleave(counts, 0),
+                              mask.repeat_interleave(counts, 0))
         loss = (weights * nll.float()).sum() / len(counts)
         return {"answer": loss, "loss": loss}
 
     def _generate(self, states, mask) -> list[str]:
-        """Greedy decoding from [DEC] until [SEP], as ``BlipForQuestionAnswering.generate``
-        (but with the question's padding masked, as in training)."""
-        model = self.backbone
-        text = model.config.text_config
-        bos = torch.full((states.shape[0], 1), model.decoder_start_token_id, dtype=torch.long, device=states.device)
-        out = model.text_decoder.generate(input_ids=bos, encoder_hidden_states=states, encoder_attention_mask=mask,
-                                          eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,
-                                          max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1)
+        """Greedy answers, decoded to strings."""
+        out = blip.generate_answers(self.backbone, states, mask, MAX_NEW_TOKENS)
         return [a.strip() for a in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def _rank(self, states, mask, candidates: Candidates) -> list[str]:
@@ -152,11 +109,10 @@ class QAObjective(StatelessObjective):
         model = self.backbone
         ids, answer_mask = candidates.input_ids.to(states.device), candidates.attention_mask.to(states.device)
         b, k = states.shape[0], min(self.cfg.eval.k_test, len(candidates.answers))
-        start = model.text_decoder(input_ids=ids[:1, :1].expand(b, 1), encoder_hidden_states=states,
-                                   encoder_attention_mask=mask).logits[:, 0]
+        start = blip.first_answer_logits(model, ids[:1, :1].expand(b, 1), states, mask)
         first = start.float().softmax(-1).index_select(1, ids[:, 1])
         top = first.topk(k, dim=1).indices  # (b, k)
-        nll = answer_nll(model, ids[top.flatten()], answer_mask[top.flatten()],
-                         states.repeat_interleave(k, 0), mask.repeat_interleave(k, 0))
+        nll = blip.answer_nll(model, ids[top.flatten()], answer_mask[top.flatten()],
+                              states.repeat_interleave(k, 0), mask.repeat_interleave(k, 0))
         best = top.gather(1, nll.view(b, k).argmin(1, keepdim=True)).squeeze(1)
         return [candidates.answers[i] for i in best.tolist()]

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..aurora.model import CONTEXT_ATTR
+from ..backbones.blip import encode_media, encode_text, match_logits
 from ..dist import gather, gather_with_grad, row_offset, world
+from .base import Objective
 
 
 def _same(x):
@@ -27,41 +28,6 @@ def _same(x):
 def media_index(media_ids: list[str]) -> torch.Tensor:
     """A stable integer per media id (the same on every rank), to mark positive pairs."""
     return torch.tensor([int.from_bytes(hashlib.blake2b(m.encode(), digest_size=7).digest(), "big") for m in media_ids])
-
-
-def encode_media(model, pixels: torch.Tensor):
-    """Vision tokens for the fusion encoder and the [CLS] feature for the contrastive path.
-
-    Video (B, T, 3, H, W): every frame goes through the vision tower; the contrastive [CLS]
-    is the temporal mean of the frame [CLS] tokens and the fusion encoder sees all frames'
-    tokens concatenated (B, T*N, d).
-    """
-    dtype = next(model.vision_model.parameters()).dtype
-    # Video recipes run at 224 px on checkpoints trained at 384: interpolate position embeddings.
-    resize = pixels.shape[-1] != model.config.vision_config.image_size
-    if pixels.dim() == 4:
-        tokens = model.vision_model(pixel_values=pixels.to(dtype), interpolate_pos_encoding=resize).last_hidden_state
-        return tokens, tokens[:, 0]
-    b, t = pixels.shape[:2]
-    tokens = model.vision_model(pixel_values=pixels.flatten(0, 1).to(dtype), interpolate_pos_encoding=resize).last_hidden_state
-    tokens = tokens.unflatten(0, (b, t))
-    return tokens.flatten(1, 2), tokens[:, :, 0].mean(1)
-
-
-def encode_text(model, input_ids, attention_mask):
-    return model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-def match_logits(model, input_ids, attention_mask, media_tokens, text_cls_context):
-    """ITM logits for (text, media) pairs, with ICE on the fused [CLS] when enabled."""
-    media_mask = torch.ones(media_tokens.shape[:-1], dtype=torch.long, device=media_tokens.device)
-    fused = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
-                               encoder_hidden_states=media_tokens, encoder_attention_mask=media_mask).last_hidden_state
-    cls = fused[:, 0]
-    context = getattr(model, CONTEXT_ATTR, None)
-    if context is not None:
-        cls = context(cls, text_cls_context)
-    return model.itm_head(cls)
 
 
 def similarity(media_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
@@ -157,18 +123,12 @@ class FeatureQueue(nn.Module):
         self.ptr.fill_(int(state["queue_ptr"]))
 
 
-class RetrievalObjective(nn.Module):
-    """ITC (momentum distillation + queue) + ITM (hard negatives) around a BLIP backbone.
-
-    It is an ``nn.Module`` whose forward does all the backbone work, so that DeepSpeed's
-    engine forward wraps every use of the (partitioned) parameters: calling submodules
-    outside the engine's forward breaks ZeRO-3 gradient accumulation.
-    """
+class RetrievalObjective(Objective):
+    """ITC (momentum distillation + queue) + ITM (hard negatives) around a BLIP backbone; its
+    state is the feature queue, and each micro-batch first runs the momentum (EMA) forward."""
 
     def __init__(self, backbone, cfg):
-        super().__init__()
-        self.backbone, self.cfg = backbone, cfg
-        self.ema = None  # set by the engine once the parameters are wrapped
+        super().__init__(backbone, cfg)
         self.queue = FeatureQueue(cfg.objective.queue_size, backbone.config.image_text_hidden_size, cfg.engine.seed)
         self.frame_weights = None  # (pairs, frames) while a frame-aware matching forward runs
         if cfg.objective.frame_aware_attention and cfg.data.media == "video":
