@@ -97,6 +97,7 @@ def main():
     p.add_argument("--parallel", type=int, default=4, help="runs at a time")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run")
     p.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    p.add_argument("--no-bench", action="store_true", help="leave out the step benchmark")
     args = p.parse_args()
 
     import torch
@@ -180,7 +181,7 @@ def main():
         results.append(result)
 
     bench = None
-    if gpu and not args.only:
+    if gpu and not args.only and not args.no_bench:
         cmd = [sys.executable, "-m", "aurora_ds.bench.cli", "step", "--out", str(out / "step"), "--sizes", "base",
                "--precision", "bf16", "--device", "cuda", "--batch", "8", "--image-size", "224", "--steps", "10",
                "--warmup", "3", "--no-isolate"]
