@@ -27,18 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aurora_ds.dist import free_port  # noqa: E402
+from aurora_ds.recipes import SMOKE as RECIPES  # noqa: E402
 
-# recipe -> (sample dataset, tiny backbone)
-RECIPES = {
-    "coco_retrieval": ("coco", "blip-tiny-retrieval"),
-    "flickr_retrieval": ("flickr", "blip-tiny-retrieval"),
-    "msrvtt_retrieval": ("msrvtt", "blip-tiny-retrieval"),
-    "didemo_retrieval": ("didemo", "blip-tiny-retrieval"),
-    "vqa": ("vqa", "blip-tiny-vqa"),
-    "msrvtt_qa": ("msrvtt_qa", "blip-tiny-vqa"),
-    "coco_retrieval_blip2": ("coco", "blip2-tiny-retrieval"),
-    "vqa_blip2": ("vqa", "blip2-opt-tiny-vqa"),
-}
 # Sizes that keep the tiny runs quick; everything else stays as the recipe ships it.
 SMALL = {"aurora.rank": 4, "optim.batch_size": 8, "eval.batch_size": 16, "data.image_size": 64,
          "data.num_frames": 4, "objective.queue_size": 64, "data.num_workers": 2, "eval.k_test": 16,

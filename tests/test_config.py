@@ -105,3 +105,10 @@ def test_train_cli_shortcuts_map_to_sections():
     assert (cfg.data.train_shards, cfg.output.dir, cfg.optim.max_steps, cfg.engine.deepspeed, cfg.engine.ds_config,
             cfg.optim.lr) == ("/t.tar", "/o", 3, False, "zero2", 0.5)
     assert isinstance(cfg, TrainConfig)
+
+
+def test_every_packaged_recipe_has_a_smoke_stand_in():
+    from aurora_ds.engine.config import list_recipes
+    from aurora_ds.recipes import SMOKE
+
+    assert set(SMOKE) == set(list_recipes())

@@ -16,21 +16,12 @@ import pytest
 import torch
 
 from aurora_ds import build_backbone
+from aurora_ds.recipes import SMOKE as RECIPES
 from shard_tools.quickstart import sample_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
 
-RECIPES = {
-    "coco_retrieval": ("coco", "blip-tiny-retrieval"),
-    "flickr_retrieval": ("flickr", "blip-tiny-retrieval"),
-    "msrvtt_retrieval": ("msrvtt", "blip-tiny-retrieval"),
-    "didemo_retrieval": ("didemo", "blip-tiny-retrieval"),
-    "vqa": ("vqa", "blip-tiny-vqa"),
-    "msrvtt_qa": ("msrvtt_qa", "blip-tiny-vqa"),
-    "coco_retrieval_blip2": ("coco", "blip2-tiny-retrieval"),
-    "vqa_blip2": ("vqa", "blip2-opt-tiny-vqa"),
-}
 SMALL = ["aurora.rank=4", "optim.batch_size=4", "eval.batch_size=8", "data.image_size=32", "data.num_frames=4", "objective.queue_size=32",
          "data.num_workers=1", "eval.k_test=16", "output.progress=false"]
 
