@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 import torch
-from ..dist import gather_objects as _gather_objects, lockstep, world
+from ..dist import gather_objects, lockstep, world
 from .qa import answer_candidates
 
 CONTRACTIONS = {
@@ -125,11 +125,6 @@ def write_submission(path, results: list[dict]):
     os.replace(tmp, path)
 
 
-def gather_objects(items: list) -> list:
-    """Every rank's list, concatenated in rank order (the same on every rank)."""
-    return [x for part in _gather_objects(items) for x in part]
-
-
 def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=None, image_size=None) -> dict:
     """Answer every question of ``loader`` with ``cfg.eval.inference`` and score the answers.
 
@@ -165,7 +160,7 @@ def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=
             records.append({"question_id": qid, "answer": pred, "gt": gt, "weights": w, "answer_type": kind})
 
     unique = {}
-    for r in gather_objects(records):
+    for r in (r for part in gather_objects(records) for r in part):  # every rank's, in rank order
         unique.setdefault(r["question_id"], r)
     records = list(unique.values())
     scored = [r for r in records if r["gt"]]
