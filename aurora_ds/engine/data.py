@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from ..backbones.tokenizer import load_tokenizer, train_tokenizer
+from ..backbones.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 from ..dist import barrier, world
 from .rundir import RunDir
 
@@ -51,20 +51,57 @@ def answer_list(cfg, size: int = 3128, path=None) -> list[str]:
     return [answer for answer, _ in counts.most_common(size)]
 
 
+def tokenizer_source(cfg) -> tuple[str, str] | None:
+    """(config key, directory) of the tokenizer a run uses, when one is given or shipped with
+    the checkpoint; None when one is to be trained on the captions."""
+    if cfg.backbone.tokenizer:
+        return "backbone.tokenizer", cfg.backbone.tokenizer
+    if cfg.backbone.checkpoint and has_tokenizer(cfg.backbone.checkpoint):
+        return "backbone.checkpoint", cfg.backbone.checkpoint
+    return None
+
+
 def resolve_tokenizer(cfg, vocab_size: int):
     """The configured tokenizer, else the checkpoint's, else one trained on the training text.
 
     Training happens on rank 0 into the run's tokenizer folder; the other ranks wait and load it.
     """
-    if cfg.backbone.tokenizer:
-        return load_tokenizer(cfg.backbone.tokenizer)
-    if cfg.backbone.checkpoint and any(Path(cfg.backbone.checkpoint, f).exists() for f in ("tokenizer.json", "vocab.txt")):
-        return load_tokenizer(cfg.backbone.checkpoint)
+    source = tokenizer_source(cfg)
+    if source is not None:
+        return load_tokenizer(source[1], source[0])
     path = RunDir(cfg.output.dir).tokenizer
     if world()[0] == 0 and not (path / "tokenizer.json").exists():
         train_tokenizer(_shard_texts(cfg.data.train_shards), vocab_size, path)
     barrier()
     return load_tokenizer(path)
+
+
+def media_size(cfg, spec, config) -> int:
+    """The image side the run feeds: ``data.image_size``, else the backbone config's (the
+    checkpoint's), else the registry's."""
+    vision = getattr(config, "vision_config", None)
+    return cfg.data.image_size or int(getattr(vision, "image_size", 0) or spec.image_size)
+
+
+def text_conventions(cfg, spec, config, tokenizer, trained_here: bool):
+    """The tokenizer made to follow the backbone's conventions, checked against the backbone's
+    config (the checkpoint's, not the registry's) before anything is built: BLIP's [DEC]/[ENC]
+    (``backbones/blip.py``), then the vocabulary. Returns BLIP's ``SpecialTokens`` (None for
+    other interfaces)."""
+    from ..backbones import text_vocab_size
+    from ..backbones import blip
+
+    where = (f"backbone.checkpoint={cfg.backbone.checkpoint} (config.json)" if cfg.backbone.checkpoint
+             else f"the {cfg.backbone.name} config")
+    special = None
+    if spec.interface == "blip":
+        special = blip.special_tokens(config, tokenizer, cfg.backbone.blip_special_tokens, where, strict=not trained_here)
+    vocab = text_vocab_size(spec, config)
+    if len(tokenizer) > vocab:
+        source = tokenizer_source(cfg)
+        raise ValueError(f"the tokenizer ({'='.join(source) if source else 'trained on the captions'}) has "
+                         f"{len(tokenizer)} tokens, more than the vocabulary of {where}: {vocab}")
+    return special
 
 
 def build_train_data(cfg, image_size: int, tokenizer):
