@@ -204,3 +204,9 @@ def salesforce_checkpoints(tmp_path_factory):
     """Salesforce-layout checkpoints: ``retrieval`` and ``vqa``."""
     base = tmp_path_factory.mktemp("salesforce")
     return {kind: salesforce_checkpoint(base / kind, kind) for kind in ("retrieval", "vqa")}
+
+
+@pytest.fixture(scope="session")
+def make_salesforce_checkpoint():
+    """``salesforce_checkpoint`` itself, for tests that need their own variant."""
+    return salesforce_checkpoint

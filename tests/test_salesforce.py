@@ -184,3 +184,31 @@ def test_recipe_trains_and_evaluates_from_a_salesforce_checkpoint(salesforce_che
     assert code == 0, log[-4000:]
     again = json.loads((tmp_path / "eval" / "eval" / "step_000000.json").read_text())
     assert again.keys() == metrics.keys()
+
+
+def test_preprocessing_comes_from_the_checkpoint(tmp_path, make_salesforce_checkpoint):
+    """A checkpoint declaring its own mean/std/size/resample is fed exactly those; a recipe's size
+    that differs is said in the log."""
+    from aurora_ds.data import media
+    from aurora_ds.engine.data import loader_config, media_size, preprocessing
+
+    ckpt = make_salesforce_checkpoint(tmp_path / "ckpt", "retrieval", image_size=16, mean=(0.5, 0.25, 0.0), std=(0.5, 0.5, 0.25))
+    cfg = build_config("", {"backbone.name": "blip-base-retrieval", "backbone.checkpoint": str(ckpt),
+                            "data.source": "synthetic"})
+    assert preprocessing(cfg) == {"mean": (0.5, 0.25, 0.0), "std": (0.5, 0.5, 0.25), "size": 16, "resample": "bicubic"}
+    spec, config = get_spec("blip-base-retrieval"), backbone_config("blip-base-retrieval", ckpt)
+    said = []
+    assert media_size(cfg, spec, config, said.append) == 16 and not said  # not the registry's 384
+    lc = loader_config(cfg, 16, train=False)
+    assert (lc.mean, lc.std, lc.resample) == ((0.5, 0.25, 0.0), (0.5, 0.5, 0.25), "bicubic")
+    gray = torch.full((3, 20, 20), 128, dtype=torch.uint8)
+    out = media.build_transform(16, False, lc.mean, lc.std, lc.resample)(gray)
+    expected = (128 / 255 - torch.tensor(lc.mean)) / torch.tensor(lc.std)
+    assert out.shape == (3, 16, 16) and torch.allclose(out[:, 0, 0], expected, atol=1e-5)
+    recipe = build_config("", {"backbone.name": "blip-base-retrieval", "backbone.checkpoint": str(ckpt),
+                               "data.source": "synthetic", "data.image_size": 32})
+    assert media_size(recipe, spec, config, said.append) == 32
+    assert len(said) == 1 and "data.image_size=32" in said[0] and "16 px" in said[0]
+    # no preprocessor_config.json: BLIP's constants
+    (ckpt / "preprocessor_config.json").unlink()
+    assert preprocessing(cfg)["mean"] == media.BLIP_MEAN

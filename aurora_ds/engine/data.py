@@ -11,10 +11,21 @@ from ..dist import barrier, world
 from .rundir import RunDir
 
 
+def preprocessing(cfg) -> dict:
+    """The image preprocessing of the run: the checkpoint's ``preprocessor_config.json`` (mean,
+    std, resample) when it has one, else BLIP's constants."""
+    from ..data.media import BLIP_MEAN, BLIP_STD, read_preprocessing
+
+    found = read_preprocessing(cfg.backbone.checkpoint or None)
+    return found or {"mean": BLIP_MEAN, "std": BLIP_STD, "size": None, "resample": "bicubic"}
+
+
 def loader_config(cfg, image_size: int, train: bool):
     from ..data import LoaderConfig
 
+    prep = preprocessing(cfg)
     return LoaderConfig(
+        mean=tuple(prep["mean"]), std=tuple(prep["std"]), resample=prep["resample"],
         task=cfg.objective.task, media=cfg.data.media, image_size=image_size, num_frames=cfg.data.num_frames,
         frame_sampling=cfg.data.frame_sampling, batch_size=cfg.optim.batch_size if train else cfg.eval.batch_size,
         num_workers=cfg.data.num_workers, seed=cfg.engine.seed, train_num_samples=cfg.data.train_num_samples or None,
@@ -76,11 +87,16 @@ def resolve_tokenizer(cfg, vocab_size: int):
     return load_tokenizer(path)
 
 
-def media_size(cfg, spec, config) -> int:
-    """The image side the run feeds: ``data.image_size``, else the backbone config's (the
-    checkpoint's), else the registry's."""
+def media_size(cfg, spec, config, log=None) -> int:
+    """The image side the run feeds: ``data.image_size`` (a recipe's or an override), else the
+    checkpoint's preprocessor size, else its vision config's, else the registry's. A configured
+    size that differs from the checkpoint's is said in the log (``log``: a print-like callable)."""
     vision = getattr(config, "vision_config", None)
-    return cfg.data.image_size or int(getattr(vision, "image_size", 0) or spec.image_size)
+    own = preprocessing(cfg)["size"] or int(getattr(vision, "image_size", 0) or 0)
+    if cfg.data.image_size and cfg.backbone.checkpoint and own and cfg.data.image_size != own and log is not None:
+        log(f"[aurora] data.image_size={cfg.data.image_size} (recipe {cfg.recipe or 'none'} or --set) overrides the "
+            f"checkpoint's {own} px ({cfg.backbone.checkpoint}/preprocessor_config.json or config.json)")
+    return cfg.data.image_size or own or spec.image_size
 
 
 def text_conventions(cfg, spec, config, tokenizer, trained_here: bool):

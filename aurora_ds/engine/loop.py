@@ -22,6 +22,10 @@ from .logging import RunLogger, peak_memory_mb
 from .rundir import RunDir
 from ..backbones.tokenizer import has_tokenizer
 
+def _stderr(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
 def setup_distributed(cfg) -> tuple[int, int]:
     """DeepSpeed picks gloo on CPU and nccl on GPU by itself; the plain path is one process."""
     if cfg.engine.deepspeed:
@@ -134,7 +138,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     config = backbone_config(cfg.backbone.name, cfg.backbone.checkpoint or None)
     from .data import media_size
 
-    image_size = media_size(cfg, spec, config)
+    image_size = media_size(cfg, spec, config, _stderr if rank == 0 else None)
     vocab = text_vocab_size(spec, config)
     tokenizer = special = None
     if cfg.data.source == "shards":
@@ -299,7 +303,7 @@ def evaluate(cfg, adapter_dir) -> dict:
     answers = None if cfg.eval.answer_list or source is None or not source.answer_list.is_file() else source.answer_list
     from .data import media_size
 
-    evaluator = build_evaluator(cfg, media_size(cfg, spec, config), tokenizer, RunDir(cfg.output.dir), answers)
+    evaluator = build_evaluator(cfg, media_size(cfg, spec, config, _stderr if rank == 0 else None), tokenizer, RunDir(cfg.output.dir), answers)
     metrics = evaluator(backend.forward, handle, 0)
     if rank == 0:
         print(json.dumps(metrics, indent=2))
