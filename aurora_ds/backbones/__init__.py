@@ -83,6 +83,9 @@ def backbone_config(name: str, checkpoint: str | Path | None = None):
     if checkpoint is None:
         return cls(**spec.shape)
     path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"backbone.checkpoint: checkpoint directory {path} for backbone {name!r} does not "
+                                "exist (nothing is downloaded: save the model there with save_pretrained first)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"backbone.checkpoint={path}: no config.json there (a save_pretrained directory "
                                 f"of {spec.extra['model_class']} is expected; nothing is downloaded)")
