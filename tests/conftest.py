@@ -146,3 +146,67 @@ def word_tokenizer():
     from aurora_ds.data.text import HashTokenizer
 
     return HashTokenizer()
+
+
+# ---- a Salesforce-layout BLIP checkpoint, built offline ------------------------------------------
+
+BERT_SPECIALS = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def salesforce_checkpoint(out, kind="retrieval", image_size=32, mean=CLIP_MEAN, std=CLIP_STD, seed=0):
+    """A directory laid out as ``Salesforce/blip-itm-base-coco`` / ``blip-vqa-base`` on the hub,
+    with a tiny random model: BLIP's text ``vocab_size`` 30524 and ``bos_token_id`` 30522 ([DEC]),
+    a BERT WordPiece ``vocab.txt`` of 30522 lines with BERT's special ids, a hub-style
+    ``tokenizer_config.json`` with no bos and no [DEC]/[ENC], and a ``preprocessor_config.json``
+    written by ``BlipImageProcessor``. Returns the path."""
+    import json
+    import string
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    words = ["a", "an", "the", "photo", "number", "caption", "video", "person", "is", "doing", "thing", "what",
+             "in", "picture", "part", "cat", "dog", "yes", "no", "how", "many", "color", "of", "on", "there"]
+    pieces = list(string.ascii_lowercase) + list(string.digits) + list("!?,.:;'\"-()")
+    pieces += ["##" + c for c in string.ascii_lowercase + string.digits]
+    vocab = [BERT_SPECIALS.get(i, f"[unused{i - 1}]") for i in range(104)]
+    vocab += [w for w in dict.fromkeys(pieces + words) if w not in vocab]
+    vocab += [f"[unused{i}]" for i in range(len(vocab), 30522)]
+    assert len(vocab) == 30522
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512, "cls_token": "[CLS]",
+        "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}))
+    (out / "special_tokens_map.json").write_text(json.dumps({
+        "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}))
+    config = transformers.BlipConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "max_position_embeddings": 64, "vocab_size": 30524, "bos_token_id": 30522, "pad_token_id": 0,
+                     "sep_token_id": 102, "eos_token_id": 2},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": image_size, "patch_size": 8, "initializer_range": 0.02},
+        image_text_hidden_size=16)
+    torch.manual_seed(seed)
+    cls = transformers.BlipForImageTextRetrieval if kind == "retrieval" else transformers.BlipForQuestionAnswering
+    cls(config).save_pretrained(out)
+    transformers.BlipImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(mean),
+                                    image_std=list(std), resample=3).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def salesforce_checkpoints(tmp_path_factory):
+    """Salesforce-layout checkpoints: ``retrieval`` and ``vqa``."""
+    base = tmp_path_factory.mktemp("salesforce")
+    return {kind: salesforce_checkpoint(base / kind, kind) for kind in ("retrieval", "vqa")}
+
+
+@pytest.fixture(scope="session")
+def make_salesforce_checkpoint():
+    """``salesforce_checkpoint`` itself, for tests that need their own variant."""
+    return salesforce_checkpoint

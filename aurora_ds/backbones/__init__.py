@@ -70,6 +70,38 @@ def get_spec(name: str) -> BackboneSpec:
     return _REGISTRY[name]
 
 
+def backbone_config(name: str, checkpoint: str | Path | None = None):
+    """The transformers config a backbone will be built from, without building it: the
+    checkpoint's ``config.json`` (what every check against the loaded model uses), else the
+    registry shape. An error names the path when the checkpoint has no readable config."""
+    import transformers
+
+    spec = get_spec(name)
+    if "config_class" not in spec.extra:
+        raise ValueError(f"backbone {name!r} has no transformers config")
+    cls = getattr(transformers, spec.extra["config_class"])
+    if checkpoint is None:
+        return cls(**spec.shape)
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"backbone.checkpoint: checkpoint directory {path} for backbone {name!r} does not "
+                                "exist (nothing is downloaded: save the model there with save_pretrained first)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"backbone.checkpoint={path}: no config.json there (a save_pretrained directory "
+                                f"of {spec.extra['model_class']} is expected; nothing is downloaded)")
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"backbone.checkpoint={path}: config.json is not a {spec.extra['config_class']}: {e}") from None
+
+
+def text_vocab_size(spec: BackboneSpec, config) -> int:
+    """The vocabulary a tokenizer must fit, read from the (loaded) config: the section holding
+    the text model the task tokenizes for."""
+    section = getattr(config, spec.extra.get("text_key", "text_config"), None)
+    return int(getattr(section, "vocab_size", None) or spec.vocab_size)
+
+
 def build_backbone(name: str, checkpoint: str | Path | None = None, dtype: torch.dtype = torch.float32,
                    zero3: dict | None = None):
     """The backbone ``name`` with random weights, or loaded from the local ``checkpoint`` dir.

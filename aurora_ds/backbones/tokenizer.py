@@ -31,10 +31,22 @@ def train_tokenizer(texts, vocab_size: int = 1024, out_dir: str | Path | None = 
     return fast
 
 
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
+def has_tokenizer(path) -> bool:
+    """Whether ``path`` holds a tokenizer: a ``tokenizer.json``, or a WordPiece ``vocab.txt``
+    (the Salesforce BLIP checkpoints ship a BertTokenizer)."""
+    return bool(path) and any(Path(path, f).is_file() for f in ("tokenizer.json", "vocab.txt"))
+
+
+def load_tokenizer(path: str | Path, key: str = "backbone.tokenizer"):
+    """The tokenizer saved in ``path``; a ``vocab.txt`` alone (no tokenizer config) is read as
+    BERT's lower-casing WordPiece tokenizer. Errors name ``key`` and the path."""
+    from transformers import AutoTokenizer, BertTokenizer
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+        raise FileNotFoundError(f"{key}={path}: tokenizer directory does not exist")
+    if not has_tokenizer(path):
+        raise FileNotFoundError(f"{key}={path}: no tokenizer.json or vocab.txt there")
+    if not any(Path(path, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return BertTokenizer(vocab=str(path / "vocab.txt"), do_lower_case=True)
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -45,6 +45,8 @@ class ShardError(RuntimeError):
 class DataShortfallError(RuntimeError):
     """An epoch delivered fewer samples than the manifest lists, beyond ``missing_tolerance``."""
 
+_BLIP_MEAN, _BLIP_STD = media.BLIP_MEAN, media.BLIP_STD
+
 
 @dataclasses.dataclass
 class LoaderConfig:
@@ -74,6 +76,9 @@ class LoaderConfig:
     max_shard_retries: int = 2
     worker_timeout: float = 60.0
     augment: bool = True
+    mean: tuple = _BLIP_MEAN  # normalisation and interpolation: the checkpoint's
+    std: tuple = _BLIP_STD  # (preprocessor_config.json), BLIP's by default
+    resample: str = "bicubic"
 
     def __post_init__(self):
         def check(ok, msg):
@@ -375,7 +380,7 @@ class ShardStream(IterableDataset):
         else:
             urls = self.shards[worker::num_workers]
         augment = self.train and cfg.augment
-        transform = media.build_transform(cfg.image_size, train=augment)
+        transform = media.build_transform(cfg.image_size, augment, cfg.mean, cfg.std, cfg.resample)
         sampling = cfg.frame_sampling if augment else "uniform"
 
         stream = read_shards(urls, cfg.max_shard_retries, ledger)

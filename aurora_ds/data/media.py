@@ -1,6 +1,8 @@
 """Decoding images (PIL) and videos (decord) from shard bytes, frame sampling, BLIP transforms."""
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,22 +13,42 @@ from torchvision.transforms import v2
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FRAME_SAMPLINGS = ("uniform", "random", "headtail")
+# PIL's resample codes, as preprocessor_config.json writes them.
+RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
-def build_transform(image_size, train):
-    """BLIP's transforms, for a uint8 image (3,H,W) or video (T,3,H,W).
+def read_preprocessing(checkpoint) -> dict | None:
+    """``{"mean", "std", "size", "resample"}`` from a checkpoint's ``preprocessor_config.json``
+    (BlipImageProcessor's keys), or None when it has none."""
+    path = Path(checkpoint) / "preprocessor_config.json" if checkpoint else None
+    if path is None or not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    size = raw.get("size") or {}
+    side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
+    resample = raw.get("resample", 3)
+    if resample not in RESAMPLE:
+        raise ValueError(f"{path}: resample={resample!r} is not one of {sorted(RESAMPLE)} ({RESAMPLE})")
+    return {"mean": tuple(float(m) for m in raw.get("image_mean", BLIP_MEAN)),
+            "std": tuple(float(s) for s in raw.get("image_std", BLIP_STD)),
+            "size": int(side) if side else None, "resample": RESAMPLE[resample]}
+
+
+def build_transform(image_size, train, mean=BLIP_MEAN, std=BLIP_STD, resample="bicubic"):
+    """BLIP's transforms, for a uint8 image (3,H,W) or video (T,3,H,W); normalisation and
+    interpolation are the checkpoint's (``read_preprocessing``), BLIP's by default.
 
     torchvision's v2 transforms draw one set of random parameters per call, so every frame
     of a video gets the same crop, flip and augmentation.
     """
-    bicubic = v2.InterpolationMode.BICUBIC
+    mode = getattr(v2.InterpolationMode, resample.upper())
     if train:
-        steps = [v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bicubic, antialias=True),
+        steps = [v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=mode, antialias=True),
                  v2.RandomHorizontalFlip(),
                  v2.RandAugment(num_ops=2, magnitude=5)]
     else:
-        steps = [v2.Resize((image_size, image_size), interpolation=bicubic, antialias=True)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(BLIP_MEAN, BLIP_STD)]
+        steps = [v2.Resize((image_size, image_size), interpolation=mode, antialias=True)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)
 
 

@@ -56,6 +56,10 @@ class BackboneSection:
     checkpoint: str = ""  # local backbone directory; empty = random init from the named config
     tokenizer: str = ""  # tokenizer directory; empty = the checkpoint's, or trained on the captions
     train_heads: bool = True  # also train the backbone's small task heads (ITM, projections)
+    # BLIP's own token conventions (the Salesforce checkpoints were trained with them): [DEC]/[ENC]
+    # added to a tokenizer lacking them, [ENC] at position 0 of matching and the VQA question
+    # encoder. false: [CLS] there, as transformers' BLIP classes do. BLIP-2 keeps its own.
+    blip_special_tokens: bool = True
 
 
 @dataclass

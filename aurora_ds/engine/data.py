@@ -6,15 +6,26 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from ..backbones.tokenizer import load_tokenizer, train_tokenizer
+from ..backbones.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 from ..dist import barrier, world
 from .rundir import RunDir
+
+
+def preprocessing(cfg) -> dict:
+    """The image preprocessing of the run: the checkpoint's ``preprocessor_config.json`` (mean,
+    std, resample) when it has one, else BLIP's constants."""
+    from ..data.media import BLIP_MEAN, BLIP_STD, read_preprocessing
+
+    found = read_preprocessing(cfg.backbone.checkpoint or None)
+    return found or {"mean": BLIP_MEAN, "std": BLIP_STD, "size": None, "resample": "bicubic"}
 
 
 def loader_config(cfg, image_size: int, train: bool):
     from ..data import LoaderConfig
 
+    prep = preprocessing(cfg)
     return LoaderConfig(
+        mean=tuple(prep["mean"]), std=tuple(prep["std"]), resample=prep["resample"],
         task=cfg.objective.task, media=cfg.data.media, image_size=image_size, num_frames=cfg.data.num_frames,
         frame_sampling=cfg.data.frame_sampling, batch_size=cfg.optim.batch_size if train else cfg.eval.batch_size,
         num_workers=cfg.data.num_workers, seed=cfg.engine.seed, train_num_samples=cfg.data.train_num_samples or None,
@@ -51,20 +62,62 @@ def answer_list(cfg, size: int = 3128, path=None) -> list[str]:
     return [answer for answer, _ in counts.most_common(size)]
 
 
+def tokenizer_source(cfg) -> tuple[str, str] | None:
+    """(config key, directory) of the tokenizer a run uses, when one is given or shipped with
+    the checkpoint; None when one is to be trained on the captions."""
+    if cfg.backbone.tokenizer:
+        return "backbone.tokenizer", cfg.backbone.tokenizer
+    if cfg.backbone.checkpoint and has_tokenizer(cfg.backbone.checkpoint):
+        return "backbone.checkpoint", cfg.backbone.checkpoint
+    return None
+
+
 def resolve_tokenizer(cfg, vocab_size: int):
     """The configured tokenizer, else the checkpoint's, else one trained on the training text.
 
     Training happens on rank 0 into the run's tokenizer folder; the other ranks wait and load it.
     """
-    if cfg.backbone.tokenizer:
-        return load_tokenizer(cfg.backbone.tokenizer)
-    if cfg.backbone.checkpoint and any(Path(cfg.backbone.checkpoint, f).exists() for f in ("tokenizer.json", "vocab.txt")):
-        return load_tokenizer(cfg.backbone.checkpoint)
+    source = tokenizer_source(cfg)
+    if source is not None:
+        return load_tokenizer(source[1], source[0])
     path = RunDir(cfg.output.dir).tokenizer
     if world()[0] == 0 and not (path / "tokenizer.json").exists():
         train_tokenizer(_shard_texts(cfg.data.train_shards), vocab_size, path)
     barrier()
     return load_tokenizer(path)
+
+
+def media_size(cfg, spec, config, log=None) -> int:
+    """The image side the run feeds: ``data.image_size`` (a recipe's or an override), else the
+    checkpoint's preprocessor size, else its vision config's, else the registry's. A configured
+    size that differs from the checkpoint's is said in the log (``log``: a print-like callable)."""
+    vision = getattr(config, "vision_config", None)
+    own = preprocessing(cfg)["size"] or int(getattr(vision, "image_size", 0) or 0)
+    if cfg.data.image_size and cfg.backbone.checkpoint and own and cfg.data.image_size != own and log is not None:
+        log(f"[aurora] data.image_size={cfg.data.image_size} (recipe {cfg.recipe or 'none'} or --set) overrides the "
+            f"checkpoint's {own} px ({cfg.backbone.checkpoint}/preprocessor_config.json or config.json)")
+    return cfg.data.image_size or own or spec.image_size
+
+
+def text_conventions(cfg, spec, config, tokenizer, trained_here: bool):
+    """The tokenizer made to follow the backbone's conventions, checked against the backbone's
+    config (the checkpoint's, not the registry's) before anything is built: BLIP's [DEC]/[ENC]
+    (``backbones/blip.py``), then the vocabulary. Returns BLIP's ``SpecialTokens`` (None for
+    other interfaces)."""
+    from ..backbones import text_vocab_size
+    from ..backbones import blip
+
+    where = (f"backbone.checkpoint={cfg.backbone.checkpoint} (config.json)" if cfg.backbone.checkpoint
+             else f"the {cfg.backbone.name} config")
+    special = None
+    if spec.interface == "blip":
+        special = blip.special_tokens(config, tokenizer, cfg.backbone.blip_special_tokens, where, strict=not trained_here)
+    vocab = text_vocab_size(spec, config)
+    if len(tokenizer) > vocab:
+        source = tokenizer_source(cfg)
+        raise ValueError(f"the tokenizer ({'='.join(source) if source else 'trained on the captions'}) has "
+                         f"{len(tokenizer)} tokens, more than the vocabulary of {where}: {vocab}")
+    return special
 
 
 def build_train_data(cfg, image_size: int, tokenizer):

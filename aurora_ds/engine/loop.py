@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..aurora import inject_aurora
-from ..backbones import build_backbone, get_spec
+from ..backbones import backbone_config, build_backbone, get_spec, text_vocab_size
 from ..dist import barrier, free_port, gather_objects, mean_over_ranks, min_over_ranks, process_rank, set_compute_device, shutdown, world
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
 from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
@@ -20,6 +20,11 @@ from .dsconfig import build_ds_config, zero_stage
 from .ema import EMA
 from .logging import RunLogger, peak_memory_mb
 from .rundir import RunDir
+from ..backbones.tokenizer import has_tokenizer
+
+def _stderr(message: str):
+    print(message, file=sys.stderr, flush=True)
+
 
 def setup_distributed(cfg) -> tuple[int, int]:
     """DeepSpeed picks gloo on CPU and nccl on GPU by itself; the plain path is one process."""
@@ -127,23 +132,28 @@ def train(cfg, data=None, evaluator=None) -> dict:
     ds_config = build_ds_config(cfg.engine.ds_config, cfg, size) if cfg.engine.deepspeed else None
     run = RunDir(cfg.output.dir)
     checkpoint = find_checkpoint(run, cfg.output.resume) if cfg.output.resume else None
-    spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
-    image_size = cfg.data.image_size or spec.image_size
-    vocab = spec.vocab_size
-    tokenizer = None
+    # Everything that can be checked is checked before the backbone is built: the checkpoint's
+    # config, the tokenizer against it, the data.
+    spec = get_spec(cfg.backbone.name)
+    config = backbone_config(cfg.backbone.name, cfg.backbone.checkpoint or None)
+    from .data import media_size
+
+    image_size = media_size(cfg, spec, config, _stderr if rank == 0 else None)
+    vocab = text_vocab_size(spec, config)
+    tokenizer = special = None
     if cfg.data.source == "shards":
-        from .data import build_evaluator, build_train_data, resolve_tokenizer
+        from .data import build_evaluator, build_train_data, resolve_tokenizer, text_conventions, tokenizer_source
 
         tokenizer = resolve_tokenizer(cfg, vocab)
-        if len(tokenizer) > vocab:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the backbone's vocabulary {vocab}")
+        special = text_conventions(cfg, spec, config, tokenizer, trained_here=tokenizer_source(cfg) is None)
         data = data if data is not None else build_train_data(cfg, image_size, tokenizer)
-        if evaluator is None and cfg.data.eval_shards:
-            evaluator = build_evaluator(cfg, image_size, tokenizer, run)
     elif data is None:
         from .synthetic import SyntheticBatches
 
         data = SyntheticBatches(cfg, image_size, vocab, rank, size)
+    spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
+    if cfg.data.source == "shards" and evaluator is None and cfg.data.eval_shards:
+        evaluator = build_evaluator(cfg, image_size, tokenizer, run)
 
     steps_per_epoch = None
     try:
@@ -157,6 +167,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
                          "sample, or fewer batches than grad_accum): set max_steps, or resampled mode")
     objective = make_objective(cfg, model)
     objective.tokenizer = tokenizer
+    if special is not None:
+        objective.special = special
     if cfg.engine.deepspeed:
         backend = DeepSpeedBackend(objective, cfg, total_steps, ds_config)
     else:
@@ -237,14 +249,24 @@ def train(cfg, data=None, evaluator=None) -> dict:
 
 
 
+def _trained_here(cfg, tokenizer_dir: Path) -> bool:
+    """A tokenizer some run trained on its captions (``train_tokenizer`` writes tokenizer.json
+    alone): its [DEC]/[ENC] ids are its own, not a checkpoint's, so they are not held to the
+    checkpoint's config. The checkpoint's own tokenizer, or any WordPiece vocab.txt, is."""
+    same = cfg.backbone.checkpoint and tokenizer_dir.resolve() == Path(cfg.backbone.checkpoint).resolve()
+    return not same and not (tokenizer_dir / "vocab.txt").is_file()
+
+
 def eval_tokenizer(cfg, adapter_dir) -> Path:
     """The tokenizer to evaluate an adapter with: the configured one, the backbone checkpoint's,
     one shipped inside the adapter directory, or the one trained in the adapter's run."""
     source = RunDir.of_adapter(adapter_dir)
     candidates = [cfg.backbone.tokenizer, cfg.backbone.checkpoint, Path(adapter_dir) / "tokenizer", source and source.tokenizer]
-    found = [Path(c) for c in candidates if c and Path(c, "tokenizer.json").exists()]
+    found = [Path(c) for c in candidates if has_tokenizer(c)]
     if not found:
-        raise FileNotFoundError(f"no tokenizer found for adapter {adapter_dir}: set tokenizer=DIR")
+        raise FileNotFoundError(f"no tokenizer found for adapter {adapter_dir} (looked in backbone.tokenizer, "
+                                f"backbone.checkpoint, {Path(adapter_dir) / 'tokenizer'} and the adapter's run): "
+                                "--set backbone.tokenizer=DIR")
     return found[0]
 
 
@@ -261,17 +283,27 @@ def evaluate(cfg, adapter_dir) -> dict:
               "matches the training run's if built the same way (same seed, same ZeRO stage)", file=sys.stderr)
     torch.manual_seed(cfg.engine.seed)
     ds_config = build_ds_config(cfg.engine.ds_config, cfg, size) if cfg.engine.deepspeed else None
+    spec = get_spec(cfg.backbone.name)
+    config = backbone_config(cfg.backbone.name, cfg.backbone.checkpoint or None)
+    tokenizer_dir = eval_tokenizer(cfg, adapter_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    from .data import text_conventions
+
+    special = text_conventions(cfg, spec, config, tokenizer, _trained_here(cfg, tokenizer_dir))
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)
-    tokenizer = load_tokenizer(eval_tokenizer(cfg, adapter_dir))
     objective = make_objective(cfg, model)
     objective.tokenizer = tokenizer
+    if special is not None:
+        objective.special = special
     backend = DeepSpeedBackend(objective, cfg, 1, ds_config) if cfg.engine.deepspeed else PlainBackend(objective, cfg, 1)
     load_adapter_values(backend, handle, adapter_dir)
     objective.eval()
     # Rank inference ranks the answers the adapter's run ranked, unless a list is configured.
     source = RunDir.of_adapter(adapter_dir)
     answers = None if cfg.eval.answer_list or source is None or not source.answer_list.is_file() else source.answer_list
-    evaluator = build_evaluator(cfg, cfg.data.image_size or spec.image_size, tokenizer, RunDir(cfg.output.dir), answers)
+    from .data import media_size
+
+    evaluator = build_evaluator(cfg, media_size(cfg, spec, config, _stderr if rank == 0 else None), tokenizer, RunDir(cfg.output.dir), answers)
     metrics = evaluator(backend.forward, handle, 0)
     if rank == 0:
         print(json.dumps(metrics, indent=2))

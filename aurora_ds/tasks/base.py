@@ -23,6 +23,7 @@ class Objective(nn.Module):
         self.backbone, self.cfg = backbone, cfg
         self.ema = None  # set by the engine once the parameters are wrapped
         self.tokenizer = None  # set by the engine: objectives that tokenise or decode text need it
+        self.special = None  # BLIP's token conventions (backbones/blip.py SpecialTokens); BLIP-2 keeps its own
 
     def forward(self, batch: dict, step: int, mode: str, extra=None):
         raise NotImplementedError

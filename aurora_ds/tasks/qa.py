@@ -30,20 +30,28 @@ class Candidates(NamedTuple):
     attention_mask: torch.Tensor
 
 
-def tokenize_answers(tokenizer, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_answers(tokenizer, answers: list[str], bos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BLIP's answer tokens ``[DEC] answer [SEP]``: the tokenizer's leading [CLS] becomes the
-    decoder's bos, so the first predicted token is the answer's first word."""
-    if getattr(tokenizer, "bos_token_id", None) is None:
-        raise ValueError("answers need a tokenizer whose bos token is the decoder's [DEC] (set objective.tokenizer)")
+    decoder's bos ``bos_id`` (the objective passes the model config's, the id generation starts
+    from; default: the tokenizer's bos), so the first predicted token is the answer's first word."""
+    bos_id = bos_id if bos_id is not None else getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        raise ValueError("answer tokens need the decoder's bos id ([DEC]): pass the model config's "
+                         "text_config.bos_token_id (the QA objective does)")
     out = tokenizer(list(answers), padding="longest", truncation=True, max_length=MAX_ANSWER_TOKENS,
                     return_tensors="pt")
     ids = out["input_ids"].long().clone()
-    ids[:, 0] = tokenizer.bos_token_id
+    ids[:, 0] = bos_id
     return ids, out["attention_mask"].long()
 
 
-def answer_candidates(tokenizer, answers: list[str]) -> Candidates:
-    return Candidates(list(answers), *tokenize_answers(tokenizer, answers))
+def answer_candidates(tokenizer, answers: list[str], bos_id: int | None = None) -> Candidates:
+    """The answer list tokenised once. Its position 0 is a placeholder where the tokenizer has no
+    bos: the objective ranking them writes its own answer bos there."""
+    if bos_id is None:
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        bos_id = bos_id if bos_id is not None else tokenizer.cls_token_id
+    return Candidates(list(answers), *tokenize_answers(tokenizer, answers, bos_id))
 
 
 @contextlib.contextmanager
@@ -64,8 +72,14 @@ class QAObjective(Objective):
     As :class:`RetrievalObjective`, all backbone work happens in ``forward`` so that DeepSpeed's
     engine forward wraps every use of the partitioned parameters; the inference modes are
     forward modes for the same reason. ``tokenizer`` must be set before training or
-    generating: the objective tokenises answers and decodes generations itself.
+    generating: the objective tokenises answers and decodes generations itself. ``special``
+    holds BLIP's token conventions ([ENC] for the question encoder, the answer bos), read from
+    the backbone's config; the engine replaces it with the ids checked against its tokenizer.
     """
+
+    def __init__(self, backbone, cfg):
+        super().__init__(backbone, cfg)
+        self.special = blip.special_tokens(backbone.config, None, cfg.backbone.blip_special_tokens)
 
     def forward(self, batch: dict, step: int, mode: str, extra=None):
         """``train``: {"answer", "loss"}; ``generate``: answer strings; ``rank``: the best
@@ -82,7 +96,8 @@ class QAObjective(Objective):
 
     def _encode_questions(self, batch: dict):
         """Question tokens attended over the media tokens: the decoder's cross-attention memory."""
-        return blip.encode_questions(self.backbone, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        return blip.encode_questions(self.backbone, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                     self.special.enc)
 
     def _train(self, batch: dict) -> dict[str, torch.Tensor]:
         """BLIP: each question repeated for each of its answers; loss = Σ weight · NLL / questions."""
@@ -90,7 +105,7 @@ class QAObjective(Objective):
         counts = torch.tensor([len(a) for a in batch["answers"]], device=states.device)
         answers = [a for group in batch["answers"] for a in group]
         weights = torch.tensor([w for group in batch["answer_weights"] for w in group], device=states.device)
-        ids, answer_mask = (t.to(states.device) for t in tokenize_answers(self.tokenizer, answers))
+        ids, answer_mask = (t.to(states.device) for t in tokenize_answers(self.tokenizer, answers, self.special.dec))
         nll = blip.answer_nll(self.backbone, ids, answer_mask, states.repeat_interleave(counts, 0),
                               mask.repeat_interleave(counts, 0))
         loss = (weights * nll.float()).sum() / len(counts)
@@ -108,6 +123,8 @@ class QAObjective(Objective):
             raise ValueError("rank inference needs the answer list: pass answer_candidates(tokenizer, answers)")
         model = self.backbone
         ids, answer_mask = candidates.input_ids.to(states.device), candidates.attention_mask.to(states.device)
+        ids = ids.clone()
+        ids[:, 0] = self.special.dec  # the bos training used and generation starts from
         b, k = states.shape[0], min(self.cfg.eval.k_test, len(candidates.answers))
         start = blip.first_answer_logits(model, ids[:1, :1].expand(b, 1), states, mask)
         first = start.float().softmax(-1).index_select(1, ids[:, 1])

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.blip import encode_media, encode_text, match_logits
+from ..backbones.blip import encode_media, encode_text, match_logits, special_tokens
 from ..dist import gather, gather_with_grad, row_offset, world
 from .base import Objective
 
@@ -129,6 +129,9 @@ class RetrievalObjective(Objective):
 
     def __init__(self, backbone, cfg):
         super().__init__(backbone, cfg)
+        # BLIP's [ENC] for every matching pass (train and eval), from the backbone's config; the
+        # engine replaces it with the ids checked against its tokenizer.
+        self.special = special_tokens(backbone.config, None, cfg.backbone.blip_special_tokens)
         self.queue = FeatureQueue(cfg.objective.queue_size, backbone.config.image_text_hidden_size, cfg.engine.seed)
         self.frame_weights = None  # (pairs, frames) while a frame-aware matching forward runs
         if cfg.objective.frame_aware_attention and cfg.data.media == "video":
@@ -166,7 +169,7 @@ class RetrievalObjective(Objective):
             cls = encode_text(model, ids, mask)[:, 0]
             return F.normalize(model.text_proj(cls), dim=-1), cls
         if mode == "match":
-            logits = match_logits(model, ids, mask, batch["media_tokens"], batch["text_cls"])
+            logits = match_logits(model, ids, mask, batch["media_tokens"], batch["text_cls"], self.special.enc)
             return logits.float().softmax(-1)[:, 1]
         if mode == "momentum":
             _, media_cls = encode_media(model, batch["pixel_values"])
@@ -208,7 +211,8 @@ class RetrievalObjective(Objective):
         if self.cfg.objective.frame_aware_attention and self.cfg.data.media == "video":
             self.frame_weights = self._frame_scores(model, pairs.media_tokens, pairs.text_feat)
         try:
-            logits = match_logits(model, pairs.input_ids, pairs.attention_mask, pairs.media_tokens, pairs.context)
+            logits = match_logits(model, pairs.input_ids, pairs.attention_mask, pairs.media_tokens, pairs.context,
+                                  self.special.enc)
         finally:
             self.frame_weights = None
         return matching_loss(logits)
