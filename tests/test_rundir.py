@@ -45,6 +45,6 @@ def test_aurora_eval_finds_the_runs_tokenizer(tmp_path):
     assert eval_tokenizer(cfg, run.adapter_latest) == run.tokenizer.resolve()
     assert eval_tokenizer(cfg, run.checkpoint(2) / "adapter") == run.tokenizer.resolve()
     # an adapter copied out of its run no longer has one: say so rather than guess
-    with pytest.raises(FileNotFoundError, match="set tokenizer=DIR"):
+    with pytest.raises(FileNotFoundError, match="--set backbone.tokenizer=DIR"):
         eval_tokenizer(cfg, tmp_path / "elsewhere" / "adapter_copy")
     assert eval_tokenizer(SimpleNamespace(backbone=SimpleNamespace(tokenizer=str(run.tokenizer), checkpoint="")), tmp_path / "x") == run.tokenizer
