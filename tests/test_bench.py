@@ -52,7 +52,7 @@ def test_step_isolated_process_reports_memory():
 
 def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
     """The reporting half of ``zero`` on stand-in run summaries (the real runs are the slow test)."""
-    def fake_launch(processes, ds_config, out, args):
+    def fake_launch(processes, ds_config, out, args, nodes=1):
         assert json.loads(ds_config.read_text())["zero_optimization"]["stage3_param_persistence_threshold"] == 0
         return {"history": [{"time_s": 1.0, "loss": 2.0}, {"time_s": 0.1 * processes, "loss": 1.9}],
                 "local_parameter_bytes": 1000 // processes,

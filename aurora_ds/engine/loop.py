@@ -16,7 +16,7 @@ from ..dist import barrier, free_port, gather_objects, mean_over_ranks, min_over
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
 from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
 from .config import PRECISIONS
-from .dsconfig import build_ds_config, zero_stage
+from .dsconfig import build_ds_config, gpus_per_node, zero_stage
 from .ema import EMA
 from .logging import RunLogger, peak_memory_mb
 from .rundir import RunDir
@@ -124,7 +124,13 @@ def train(cfg, data=None, evaluator=None) -> dict:
     check_backbone(cfg)
     rank, size = setup_distributed(cfg)
     torch.manual_seed(cfg.engine.seed)  # identical on every rank: identical Aurora init
-    ds_config = build_ds_config(cfg.engine.ds_config, cfg, size) if cfg.engine.deepspeed else None
+    layout, layout_note = cfg.engine.ds_config, ""
+    if cfg.engine.deepspeed and layout == "auto":
+        from ..plan import choose_layout
+
+        choice = choose_layout(cfg, size, gpus_per_node(size))
+        layout, layout_note = choice["ds_config"], f"[aurora] --ds-config auto: {choice['ds_config']} ({choice['reason']})"
+    ds_config = build_ds_config(layout, cfg, size) if cfg.engine.deepspeed else None
     run = RunDir(cfg.output.dir)
     checkpoint = find_checkpoint(run, cfg.output.resume) if cfg.output.resume else None
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
@@ -166,6 +172,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
 
     log = RunLogger(run.tensorboard, rank == 0, total_steps, 0, cfg.output.progress, cfg.output.log_every)
     log.message(f"[aurora] {handle.format_parameter_report()}")
+    if layout_note:
+        log.message(layout_note)
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
     step, epoch = 0, 0
     if checkpoint is not None:
@@ -223,7 +231,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
             save_checkpoint(run, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints)
             save_adapter(backend, handle, run.adapter_latest, {"step": step})
 
-    summary = {"steps": step, "world_size": size, "parameters": handle.parameter_report(), "skipped": skipped,
+    summary = {"steps": step, "world_size": size, "ds_config": layout if cfg.engine.deepspeed else None, "parameters": handle.parameter_report(), "skipped": skipped,
                "best": best, "history": history, "peak_memory_mb": peak_memory_mb(),
                "local_parameter_bytes": local_parameter_bytes(objective)}
     if rank == 0:
@@ -260,7 +268,13 @@ def evaluate(cfg, adapter_dir) -> dict:
         print("[aurora] warning: no backbone checkpoint: evaluating on a random-init backbone, which only "
               "matches the training run's if built the same way (same seed, same ZeRO stage)", file=sys.stderr)
     torch.manual_seed(cfg.engine.seed)
-    ds_config = build_ds_config(cfg.engine.ds_config, cfg, size) if cfg.engine.deepspeed else None
+    layout, layout_note = cfg.engine.ds_config, ""
+    if cfg.engine.deepspeed and layout == "auto":
+        from ..plan import choose_layout
+
+        choice = choose_layout(cfg, size, gpus_per_node(size))
+        layout, layout_note = choice["ds_config"], f"[aurora] --ds-config auto: {choice['ds_config']} ({choice['reason']})"
+    ds_config = build_ds_config(layout, cfg, size) if cfg.engine.deepspeed else None
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)
     tokenizer = load_tokenizer(eval_tokenizer(cfg, adapter_dir))
     objective = make_objective(cfg, model)
