@@ -62,7 +62,8 @@ def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
     assert main(["zero", "--out", str(tmp_path), "--steps", "2"]) == 0
     results = _outputs(tmp_path, "zero")
     assert [r["processes"] for r in results["runs"]] == [1, 2, 2]
-    assert results["ratios"]["2 ranks"] == {"parameter_bytes": 0.5, "step_s": 2.0}
+    assert results["ratios"]["2 ranks"] == {"parameter_bytes": 0.5, "step_s": 2.0, "samples_per_s": 1.0, "peak_memory": 1.0}
+    assert "zero3_hpz_quant" in results["not_measured"] and "gather_model" not in results
     from aurora_ds.plan import count_parameters
 
     total = count_parameters("blip-tiny-retrieval", 4, 0)["total"]
