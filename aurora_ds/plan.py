@@ -45,6 +45,40 @@ ACTIVATIONS_NOTE = (
 )
 
 
+# ---- layouts: which parallel layout, and how fast ------------------------------------------------
+#
+# A frozen backbone with ~0.1 M trained parameters: ZeRO-3 buys memory for the frozen weights only,
+# and pays for it with all-gathers of the backbone every step. Five layouts, each a shipped config:
+
+LAYOUTS = {
+    "replicated": "the whole frozen backbone on every GPU (ZeRO stage 2 for the Aurora states): no parameter gathers",
+    "zero3": "backbone partitioned over all GPUs, all-gathered layer by layer in forward and backward",
+    "zero3_offload": "ZeRO-3 with the partitions in CPU memory, copied to the GPU for every gather",
+    "zero3_hpz": "ZeRO++ hierarchical partitioning: a second copy partitioned inside each node, so the "
+                 "backward gathers stay on the node's links",
+    "zero3_hpz_quant": "hpZ with the frozen weights held and gathered as int8 (CUDA kernels only)",
+}
+# Prefer the earlier layout when estimates tie (simpler, fewer moving parts).
+PREFERENCE = ("replicated", "zero3_hpz", "zero3_hpz_quant", "zero3", "zero3_offload")
+
+# Bandwidths in GB/s per GPU: effective all-gather bus bandwidth (what one GPU receives per second).
+INTRA_BW = {"nvlink": 300.0, "pcie": 20.0}
+# Network links in Gb/s per GPU (one NIC per GPU); effective 80 % of line rate.
+NETWORK_EFFICIENCY = 0.8
+HOST_BW = 20.0  # PCIe host <-> GPU, GB/s, for parameter offload
+LATENCY_S = 30e-6  # per collective call
+TFLOPS = 200.0  # effective dense bf16/fp16 TFLOPS per GPU (about 30-60 % of an A100/H100 peak)
+RUNTIME_RESERVE = 1.5 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
+TEXT_TOKENS = 35
+QUERY_TOKENS = 32
+# Retrieval trains ITC (one pass of each tower) and ITM (the fusion encoder on the positive pair
+# and two hard negatives): the text side runs about three times per sample.
+TEXT_PASSES = 3
+# Bytes kept for backward per linear input/output element: the frozen layer's input is kept for
+# Aurora's down-projection gradient, plus norms, GELU and attention temporaries.
+ACTIVATION_FACTOR = 1.5
+
+
 @functools.lru_cache(maxsize=None)
 def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int = PERSISTENCE_THRESHOLD) -> dict:
     """Parameter counts of ``backbone`` with Aurora at ``rank``, split the way ZeRO-3 stores them.
@@ -54,7 +88,7 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
     module's direct parameters: what ZeRO-3 gathers at once.
     """
     from aurora_ds import AuroraConfig, inject_aurora
-    from aurora_ds.backbones import build_backbone
+    from aurora_ds.backbones import build_backbone, get_spec
 
     with torch.device("meta"):
         model = build_backbone(backbone)
@@ -66,6 +100,10 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
         if p.numel() <= persistence_threshold:
             persistent["aurora" if id(p) in aurora_ids else "backbone"] += p.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    # ZeRO-3 gathers one module's partitioned direct parameters with one all-gather.
+    gathered_modules = sum(1 for m in model.modules()
+                           if any(p.numel() > persistence_threshold and id(p) not in aurora_ids
+                                  for p in m.parameters(recurse=False)))
     return {
         "total": report["total"],
         "backbone": report["backbone"],
@@ -73,7 +111,37 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
         "backbone_persistent": persistent["backbone"],
         "aurora_persistent": persistent["aurora"],
         "largest_layer": largest,
+        "gathered_modules": gathered_modules,
+        **linear_shapes(model, get_spec(backbone)),
     }
+
+
+def linear_shapes(model, spec) -> dict:
+    """Multiply-accumulates and input widths of the linear layers per token, split by what they
+    see: image tokens (vision tower, cross-attention keys/values), Q-Former queries, or text;
+    and the patch size (the first strided convolution). Inputs of the activation and compute
+    estimates."""
+    out = {"image_macs": 0, "query_macs": 0, "text_macs": 0, "image_width": 0, "query_width": 0, "text_width": 0}
+    patch = 16
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.stride[0] > 1:
+            patch = m.stride[0]
+            break
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        lower = name.lower()
+        if spec.family == "timm" or "vision" in lower or "visual" in lower or (
+                "crossattention" in lower and ("key" in lower or "value" in lower)):
+            kind = "image"
+        elif "qformer" in lower:
+            kind = "query"
+        else:
+            kind = "text"
+        out[f"{kind}_macs"] += m.in_features * m.out_features
+        out[f"{kind}_width"] += m.in_features + m.out_features
+    out["patch_size"] = patch
+    return out
 
 
 def deepspeed_estimate(total_params: int, largest_layer_params: int, gpus: int, nodes: int, offload: bool) -> dict:
@@ -125,9 +193,14 @@ def aurora_estimate(counts: dict, gpus: int, nodes: int, offload: bool, precisio
 
 
 def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precision: str = "bf16",
-         rank: int = 32, persistence_threshold: int = PERSISTENCE_THRESHOLD) -> list[dict]:
-    """One dict per GPU count in ``gpus_list`` (total GPUs over ``nodes`` nodes): parameter
-    counts, DeepSpeed's full-training estimate and Aurora's estimate, all in bytes."""
+         rank: int = 32, persistence_threshold: int = PERSISTENCE_THRESHOLD, gpu_memory_gib: float = 80.0,
+         batch: int = 8, image_size: int = 0, frames: int = 1, checkpointing: bool = False,
+         intra_bw: float = INTRA_BW["nvlink"], inter_gbit: float = 200.0, tflops: float = TFLOPS,
+         cuda: bool = True, gpus_per_node: int = 0) -> list[dict]:
+    """One dict per GPU count in ``gpus_list`` (total GPUs over ``nodes`` nodes, or with
+    ``gpus_per_node`` as many nodes as needed): parameter counts, DeepSpeed's full-training
+    estimate, Aurora's ZeRO-3 estimate, and every layout's memory, traffic and step time with the
+    recommended one (``layouts``, ``recommended``, ``reason``); all sizes in bytes."""
     from aurora_ds import AuroraConfig
     from aurora_ds.backbones import get_spec
 
@@ -141,26 +214,58 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
     for gpus in gpus_list:
         if gpus <= 0:
             raise ValueError(f"gpus must be positive, got {gpus}")
-        if gpus % nodes:
+        if gpus_per_node and gpus > gpus_per_node and gpus % gpus_per_node:
+            raise ValueError(f"{gpus} GPUs are not whole nodes of {gpus_per_node}")
+        if not gpus_per_node and gpus % nodes:
             raise ValueError(f"{gpus} GPUs cannot be split evenly over {nodes} nodes")
+    if batch <= 0 or frames <= 0:
+        raise ValueError(f"batch and frames must be positive, got {batch} and {frames}")
     counts = count_parameters(backbone, rank, persistence_threshold)
-    return [
-        {
+    image_size = image_size or get_spec(backbone).image_size
+    rows = []
+    for gpus in gpus_list:
+        n = max(1, gpus // gpus_per_node) if gpus_per_node else nodes
+        per_node = gpus // n
+        layouts = layout_estimates(counts, gpus, per_node, precision, batch, image_size, frames, checkpointing,
+                                   intra_bw, network(inter_gbit), tflops=tflops)
+        best, why = recommend(layouts, gpu_memory_gib * GIB, per_node, n, cuda)
+        rows.append({
             "backbone": backbone,
             "gpus": gpus,
-            "nodes": nodes,
-            "gpus_per_node": gpus // nodes,
+            "nodes": n,
+            "gpus_per_node": per_node,
             "offload": offload,
             "precision": precision,
             "rank": rank,
             "params": dict(counts),
             "deepspeed_full_training": deepspeed_estimate(
-                counts["total"], counts["largest_layer"], gpus, nodes, offload),
-            "aurora": aurora_estimate(counts, gpus, nodes, offload, precision),
+                counts["total"], counts["largest_layer"], gpus, n, offload),
+            "aurora": aurora_estimate(counts, gpus, n, offload, precision),
             "activations_included": False,
-        }
-        for gpus in gpus_list
-    ]
+            "layout_inputs": {"gpu_memory_gib": gpu_memory_gib, "batch": batch, "image_size": image_size,
+                              "frames": frames, "activation_checkpointing": checkpointing, "intra_gbyte_s": intra_bw,
+                              "inter_gbit_s": inter_gbit, "tflops": tflops, "cuda": cuda},
+            "layouts": layouts,
+            "recommended": best,
+            "reason": why,
+        })
+    return rows
+
+
+def choose_layout(cfg, world_size: int, per_node: int) -> dict:
+    """``--ds-config auto``: the recommendation for this run (its backbone, precision, micro-batch,
+    image size, frames, world size, GPUs per node, and this GPU's memory when there is one)."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    else:  # CPU ranks share the host's memory
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB / max(1, per_node)
+    per_node = per_node if world_size % max(1, per_node) == 0 else world_size
+    row = plan(cfg.backbone.name, [world_size], precision=cfg.engine.precision, rank=cfg.aurora.rank,
+               gpu_memory_gib=memory, batch=cfg.optim.batch_size, image_size=cfg.data.image_size,
+               frames=cfg.data.num_frames if cfg.data.media == "video" else 1,
+               checkpointing=cfg.engine.activation_checkpointing, cuda=cuda, gpus_per_node=per_node)[0]
+    return {"ds_config": row["recommended"], "reason": row["reason"], "row": row}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -193,7 +298,66 @@ def format_table(rows: list[dict]) -> str:
         "Aurora: its weights, fp32 master copy, Adam moments and gradients.",
         *textwrap.wrap(ACTIVATIONS_NOTE, 100, break_on_hyphens=False),
     ]
+    if "layouts" in first:
+        lines += ["", format_layouts(rows)]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def format_layouts(rows: list[dict]) -> str:
+    """Per GPU count: every layout's memory, traffic and estimated step time; * marks the
+    recommended one, followed by the reason."""
+    i = rows[0]["layout_inputs"]
+    lines = [f"Layouts: micro-batch {i['batch']}, {i['image_size']} px x {i['frames']} frame(s), "
+             f"{i['gpu_memory_gib']:.0f} GiB per GPU, links {i['intra_gbyte_s']:g} GB/s in a node, "
+             f"{i['inter_gbit_s']:g} Gb/s per GPU between nodes, {i['tflops']:g} TFLOPS effective"]
+    head = ("states GiB", "activ. GiB", "intra GB", "inter GB", "step ms", "samples/s/GPU")
+    for r in rows:
+        lines += ["", f"{r['gpus']} GPUs = {r['nodes']} node(s) x {r['gpus_per_node']}:",
+                  f"  {'layout':<17}" + " ".join(f"{h:>13}" for h in head)]
+        for name, e in r["layouts"].items():
+            mark = "*" if name == r["recommended"] else " "
+            cells = [e["model_states_bytes"] / GIB, e["activation_bytes"] / GIB, e["intra_node_bytes"] / 1e9,
+                     e["inter_node_bytes"] / 1e9, e["step_s"] * 1e3, e["samples_per_s_per_gpu"]]
+            note = f"  ({e['unavailable']})" if "unavailable" in e else ""
+            lines.append(f"{mark} {name:<17}" + " ".join(f"{c:>13.2f}" for c in cells) + note)
+        lines.append(f"  recommended: {r['recommended']}: {r['reason']}")
+    lines += ["", "intra/inter GB: bytes one GPU receives per step from its node / from other nodes; step ms:",
+              "compute estimate + communication at the given bandwidths, no overlap (an upper bound)."]
+    return "\n".join(lines)
+
+
+SCALING_GPUS = (8, 16, 32, 64, 128, 256, 512, 1024)
+SCALING_BACKBONES = ("blip-base-retrieval", "blip2-g-retrieval", "vit-giant")
+
+
+def plot_scaling(path: str, backbones=SCALING_BACKBONES, gpus=SCALING_GPUS, per_node: int = 8, **kwargs) -> dict:
+    """Samples/s per GPU against GPUs, one line per layout, one panel per backbone; returns the
+    plotted numbers (and the recommended layout at each point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = {}
+    fig, axes = plt.subplots(1, len(backbones), figsize=(4.2 * len(backbones), 3.8), squeeze=False)
+    for ax, backbone in zip(axes[0], backbones):
+        rows = plan(backbone, list(gpus), gpus_per_node=per_node, **kwargs)
+        data[backbone] = {name: [r["layouts"][name]["samples_per_s_per_gpu"] for r in rows] for name in LAYOUTS}
+        data[backbone]["recommended"] = [r["recommended"] for r in rows]
+        for name in LAYOUTS:
+            fits = [r["layouts"][name]["gpu_bytes"] <= r["layout_inputs"]["gpu_memory_gib"] * GIB - RUNTIME_RESERVE
+                    for r in rows]
+            ax.plot(list(gpus), data[backbone][name], marker="o", markersize=3, label=name,
+                    linestyle="-" if all(fits) else ":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("GPUs")
+        ax.set_title(f"{backbone} ({rows[0]['params']['total'] / 1e6:,.0f}M)", fontsize=10)
+    axes[0][0].set_ylabel("samples/s per GPU (model)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return data
 
 
 def _gpu_counts(text: str) -> list[int]:
@@ -223,13 +387,176 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=sorted(BYTES_PER_PARAM), default="bf16")
     parser.add_argument("--rank", type=int, default=32, help="Aurora rank R")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    layout = parser.add_argument_group("layout recommendation")
+    layout.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    layout.add_argument("--batch", type=int, default=8, help="micro-batch per GPU")
+    layout.add_argument("--image-size", type=int, default=0, help="input resolution (0 = the backbone's)")
+    layout.add_argument("--frames", type=int, default=1, help="video frames per sample")
+    layout.add_argument("--activation-checkpointing", action="store_true")
+    layout.add_argument("--intra", default="nvlink",
+                        help=f"GPU links inside a node: {' | '.join(INTRA_BW)} or GB/s (default nvlink = {INTRA_BW['nvlink']:g})")
+    layout.add_argument("--inter", type=float, default=200.0, help="network Gb/s per GPU between nodes: 100, 200, 400")
+    layout.add_argument("--tflops", type=float, default=TFLOPS, help="effective TFLOPS per GPU")
+    layout.add_argument("--plot", metavar="FILE.png",
+                        help="draw modelled samples/s per GPU against 8..1024 GPUs, one line per layout")
+    layout.add_argument("--plot-backbones", default=",".join(SCALING_BACKBONES),
+                        help="backbones of the --plot panels (comma-separated)")
     args = parser.parse_args(argv)
     try:
-        rows = plan(args.backbone, args.gpus, args.nodes, args.offload, args.precision, args.rank)
+        intra = INTRA_BW[args.intra] if args.intra in INTRA_BW else float(args.intra)
+    except ValueError:
+        parser.error(f"--intra must be one of {sorted(INTRA_BW)} or a number of GB/s, got {args.intra!r}")
+    options = dict(precision=args.precision, rank=args.rank, gpu_memory_gib=args.gpu_memory, batch=args.batch,
+                   image_size=args.image_size, frames=args.frames, checkpointing=args.activation_checkpointing,
+                   intra_bw=intra, inter_gbit=args.inter, tflops=args.tflops)
+    try:
+        rows = plan(args.backbone, args.gpus, args.nodes, args.offload, **options)
+        if args.plot:
+            plot_scaling(args.plot, args.plot_backbones.split(","), per_node=rows[0]["gpus_per_node"],
+                         **{k: v for k, v in options.items() if k != "image_size"})
     except ValueError as e:
         parser.error(str(e))
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    if args.plot:
+        print(f"wrote {args.plot}", file=__import__("sys").stderr)
     return 0
+
+
+
+def network(gbit: float) -> float:
+    """GB/s per GPU for a NIC of ``gbit`` Gb/s."""
+    return gbit / 8 * NETWORK_EFFICIENCY
+
+
+def tokens(counts: dict, image_size: int, frames: int = 1) -> dict:
+    side = image_size // counts["patch_size"]
+    return {"image": (side * side + 1) * frames, "query": QUERY_TOKENS + TEXT_TOKENS, "text": TEXT_TOKENS * TEXT_PASSES}
+
+
+def activation_bytes(counts: dict, batch: int, image_size: int, frames: int, precision: str,
+                     checkpointing: bool = False) -> int:
+    """A rough activation estimate: every linear layer's input and output, per token, times a
+    factor for what else autograd keeps. Checkpointing keeps about a tenth (one block at a time)."""
+    tok = tokens(counts, image_size, frames)
+    elements = sum(tok[k] * counts[f"{k}_width"] for k in ("image", "query", "text"))
+    total = ACTIVATION_FACTOR * BYTES_PER_PARAM[precision] * batch * elements
+    return int(total / 10 if checkpointing else total)
+
+
+def compute_seconds(counts: dict, batch: int, image_size: int, frames: int, tflops: float) -> float:
+    """Forward + backward of a frozen backbone: 2 FLOPs per MAC forward, as many again for the
+    input gradients (no weight gradients), per token."""
+    tok = tokens(counts, image_size, frames)
+    macs = sum(tok[k] * counts[f"{k}_macs"] for k in ("image", "query", "text"))
+    return 4 * macs * batch / (tflops * 1e12)
+
+
+def _split(nbytes: float, gpus: int, per_node: int) -> tuple[float, float]:
+    """Bytes one GPU receives in an all-gather of ``nbytes`` over ``gpus`` GPUs: from its own
+    node, and from other nodes."""
+    return nbytes * (per_node - 1) / gpus, nbytes * (gpus - per_node) / gpus
+
+
+def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "bf16", batch: int = 8,
+                     image_size: int = 224, frames: int = 1, checkpointing: bool = False,
+                     intra_bw: float = INTRA_BW["nvlink"], inter_bw: float = network(200), host_bw: float = HOST_BW,
+                     latency: float = LATENCY_S, tflops: float = TFLOPS,
+                     max_live: int = MAX_LIVE_PARAMETERS) -> dict:
+    """Per layout: per-GPU memory (model states + activations), bytes received per step per GPU
+    (intra-node, inter-node, host), and the step time = compute + communication (no overlap:
+    an upper bound; DeepSpeed overlaps prefetch with compute when it can). Bandwidths in GB/s."""
+    nbytes = BYTES_PER_PARAM[precision]
+    nodes = gpus // per_node
+    split = counts["backbone"] - counts["backbone_persistent"]
+    persistent = counts["backbone_persistent"]
+    aurora = counts["aurora"]
+    acts = activation_bytes(counts, batch, image_size, frames, precision, checkpointing)
+    compute = compute_seconds(counts, batch, image_size, frames, tflops)
+    # ZeRO-3 keeps up to max_live parameters gathered into the backward pass: the last layers of
+    # the forward are not gathered again.
+    bwd_split = max(0, split - max_live)
+    n_fwd = counts["gathered_modules"]
+    n_bwd = n_fwd * bwd_split / split if split else 0
+    working = nbytes * min(max(max_live, PREFETCH_FACTOR * counts["largest_layer"]), split)
+    aurora_states = nbytes * aurora + TRAIN_STATE_BYTES * aurora / gpus
+    # Aurora's gradients: reduce-scatter (ZeRO-2/3) or all-reduce, ~2x their bytes over the ring.
+    grad_intra, grad_inter = _split(2 * nbytes * aurora, gpus, per_node)
+    out = {}
+    for name in LAYOUTS:
+        if name == "replicated":
+            states = nbytes * counts["backbone"] + aurora_states
+            intra, inter, host, calls = grad_intra, grad_inter, 0.0, 2
+        else:
+            w = 1 if name == "zero3_hpz_quant" else nbytes  # int8 frozen weights
+            fwd_i, fwd_o = _split(w * split, gpus, per_node)
+            if name.startswith("zero3_hpz"):
+                # backward gathers from the node's secondary partition: intra-node only
+                bwd_i, bwd_o = w * bwd_split * (per_node - 1) / per_node, 0.0
+                secondary = w * split / per_node
+            else:
+                bwd_i, bwd_o = _split(nbytes * bwd_split, gpus, per_node)
+                secondary = 0
+            intra, inter = fwd_i + bwd_i + grad_intra, fwd_o + bwd_o + grad_inter
+            calls = n_fwd + n_bwd + 2
+            offload = name == "zero3_offload"
+            host = (w * split / gpus) * (1 + bwd_split / split if split else 1) if offload else 0.0
+            states = (w * persistent + (0 if offload else w * split / gpus) + secondary + working + aurora_states)
+        if gpus == 1:
+            intra = inter = 0.0
+            calls = 0 if name == "replicated" else calls
+        comm = intra / (intra_bw * 1e9) + inter / (inter_bw * 1e9) + host / (host_bw * 1e9) + latency * calls
+        out[name] = {
+            "ds_config": name,
+            "description": LAYOUTS[name],
+            "model_states_bytes": int(states),
+            "activation_bytes": acts,
+            "gpu_bytes": int(states + acts),
+            "cpu_bytes_per_node": int(nbytes * split / nodes) if name == "zero3_offload" else 0,
+            "intra_node_bytes": int(intra),
+            "inter_node_bytes": int(inter),
+            "host_bytes": int(host),
+            "collectives": round(calls),
+            "compute_s": compute,
+            "comm_s": comm,
+            "step_s": compute + comm,
+            "samples_per_s_per_gpu": batch / (compute + comm),
+        }
+    return out
+
+
+def recommend(layouts: dict, gpu_memory: float, per_node: int, nodes: int, cuda: bool = True) -> tuple[str, str]:
+    """The fastest layout that fits ``gpu_memory`` bytes per GPU (less the runtime reserve), and why.
+
+    hpZ is only a layout of its own across nodes with several GPUs each (DeepSpeed turns it off at
+    partition size 1; on one node it is ZeRO-3); quantized weights need CUDA."""
+    budget = gpu_memory - RUNTIME_RESERVE
+    usable = {}
+    for name in PREFERENCE:
+        est = layouts[name]
+        if name.startswith("zero3_hpz") and (nodes < 2 or per_node < 2):
+            est["unavailable"] = "needs 2+ nodes with 2+ GPUs each"
+        elif name == "zero3_hpz_quant" and not cuda:
+            est["unavailable"] = "quantized weights need CUDA"
+        elif est["gpu_bytes"] > budget:
+            est["unavailable"] = f"needs {est['gpu_bytes'] / GIB:.1f} GiB of {budget / GIB:.1f} usable"
+        else:
+            usable[name] = est
+    if not usable:
+        name = "zero3_offload"
+        return name, (f"nothing fits {gpu_memory / GIB:.0f} GiB per GPU with these activations: the smallest is "
+                      f"{name}; turn on activation_checkpointing or lower the micro-batch")
+    fastest = min(usable.values(), key=lambda e: e["step_s"])["step_s"]
+    name = next(n for n in PREFERENCE if n in usable and usable[n]["step_s"] <= fastest * 1.02)
+    est = layouts[name]
+    if name == "replicated":
+        why = (f"the whole backbone fits ({est['gpu_bytes'] / GIB:.1f} of {budget / GIB:.1f} GiB usable per GPU): "
+               "no parameter gathers, only Aurora's gradients are reduced")
+    else:
+        why = (f"fastest layout that fits: {est['step_s'] * 1e3:.0f} ms/step estimated, "
+               f"{est['gpu_bytes'] / GIB:.1f} of {budget / GIB:.1f} GiB usable per GPU"
+               + (f"; replicated does not fit ({layouts['replicated']['unavailable']})"
+                  if "unavailable" in layouts["replicated"] else ""))
+    return name, why
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def test_step_isolated_process_reports_memory():
 
 def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
     """The reporting half of ``zero`` on stand-in run summaries (the real runs are the slow test)."""
-    def fake_launch(processes, ds_config, out, args):
+    def fake_launch(processes, ds_config, out, args, nodes=1):
         assert json.loads(ds_config.read_text())["zero_optimization"]["stage3_param_persistence_threshold"] == 0
         return {"history": [{"time_s": 1.0, "loss": 2.0}, {"time_s": 0.1 * processes, "loss": 1.9}],
                 "local_parameter_bytes": 1000 // processes,
@@ -62,7 +62,8 @@ def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
     assert main(["zero", "--out", str(tmp_path), "--steps", "2"]) == 0
     results = _outputs(tmp_path, "zero")
     assert [r["processes"] for r in results["runs"]] == [1, 2, 2]
-    assert results["ratios"]["2 ranks"] == {"parameter_bytes": 0.5, "step_s": 2.0}
+    assert results["ratios"]["2 ranks"] == {"parameter_bytes": 0.5, "step_s": 2.0, "samples_per_s": 1.0, "peak_memory": 1.0}
+    assert "zero3_hpz_quant" in results["not_measured"] and "gather_model" not in results
     from aurora_ds.plan import count_parameters
 
     total = count_parameters("blip-tiny-retrieval", 4, 0)["total"]

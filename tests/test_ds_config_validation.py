@@ -12,10 +12,12 @@ def _shipped(name="zero3"):
     ds = json.loads(resolve_ds_config(name).read_text())
     ds.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1, train_batch_size=2, gradient_clipping=0.0)
     ds["bf16"]["enabled"] = ds["fp16"]["enabled"] = False
+    if ds["zero_optimization"].get("zero_hpz_partition_size") == "auto":  # GPUs per node, filled at launch
+        ds["zero_optimization"]["zero_hpz_partition_size"] = 8
     return ds
 
 
-@pytest.mark.parametrize("name", ["zero3", "zero3_offload", "zero2"])
+@pytest.mark.parametrize("name", ["zero3", "zero3_offload", "zero2", "replicated", "zero3_hpz", "zero3_hpz_quant"])
 def test_shipped_configs_validate(name):
     validate_ds_config(_shipped(name), name)
 

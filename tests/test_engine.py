@@ -100,7 +100,12 @@ def equivalence_runs(tmp_path_factory, tiny_checkpoint, unpartitioned_small_tens
     local(2, _common(tiny_checkpoint, tmp / "ds2", 4, "optim.batch_size=2", *EQUIV)
           + ["--ds-config", str(unpartitioned_small_tensors_off)], tmp / "ds2.log")
     plain(_common(tiny_checkpoint, tmp / "plain", 4, "optim.batch_size=4", *EQUIV), tmp / "plain.log")
+    (tmp / "backbone").write_text(str(tiny_checkpoint))
     return tmp
+
+
+def _checkpoint_of(equivalence_runs):
+    return (equivalence_runs / "backbone").read_text()
 
 
 def test_two_rank_zero3_matches_single_process_reference(equivalence_runs):
@@ -114,6 +119,39 @@ def test_two_rank_zero3_matches_single_process_reference(equivalence_runs):
     la = [h["loss"] for h in _summary(equivalence_runs / "plain")["history"]]
     lb = [h["loss"] for h in _summary(equivalence_runs / "ds2")["history"]]
     assert la == pytest.approx(lb, abs=1e-5)
+
+
+def _assert_same_adapter(plain_out, ds_out):
+    a = load_file(str(Path(plain_out) / "adapter_latest" / "adapter.safetensors"))
+    b = load_file(str(Path(ds_out) / "adapter_latest" / "adapter.safetensors"))
+    assert set(a) == set(b) and (a["aurora_factors.d32.up.V"] != 0).all()
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() <= 1e-5 * a[name].abs().max().item() + 1e-9, name
+
+
+def test_two_rank_replicated_auto_layout_matches_single_process_reference(equivalence_runs, tmp_path):
+    """``--ds-config auto`` picks the replicated layout for the tiny backbone (it fits whole): the
+    backbone is built unpartitioned (no HfDeepSpeedConfig), ZeRO stage 2 holds the Aurora states;
+    the same SGD run as the ZeRO-3 one ends with the same factors as the plain reference. Its
+    checkpoint at step 2 resumes to the same steps 3-4."""
+    out = tmp_path / "rep2"
+    log = local(2, _common(_checkpoint_of(equivalence_runs), out, 4, "optim.batch_size=2", "output.save_every=2",
+                           "output.keep_checkpoints=5", *EQUIV) + ["--ds-config", "auto"], tmp_path / "rep2.log")
+    assert "--ds-config auto: replicated" in log
+    summary = _summary(out)
+    assert summary["ds_config"] == "replicated"
+    # replicated: every rank holds the whole model
+    assert summary["local_parameter_bytes"] == 4 * summary["parameters"]["total"]
+    _assert_same_adapter(equivalence_runs / "plain", out)
+    la = [h["loss"] for h in _summary(equivalence_runs / "plain")["history"]]
+    assert la == pytest.approx([h["loss"] for h in summary["history"]], abs=1e-5)
+    resumed = tmp_path / "resumed"
+    local(2, _common(_checkpoint_of(equivalence_runs), resumed, 4, "optim.batch_size=2", *EQUIV)
+          + ["--ds-config", "replicated", "--resume", str(out / "checkpoints" / "step_000002")], tmp_path / "resume.log")
+    history = _summary(resumed)["history"]
+    assert [h["step"] for h in history] == [3, 4]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in summary["history"][2:]], abs=1e-6)
+    _assert_same_adapter(out, resumed)
 
 
 def test_blip2_two_rank_zero3_matches_single_process_reference(tmp_path, unpartitioned_small_tensors_off):

@@ -62,7 +62,7 @@ def test_ds_config_by_path_and_unknown_name(tmp_path):
     own = tmp_path / "mine.json"
     own.write_text("{}")
     assert resolve_ds_config(str(own)) == own
-    with pytest.raises(FileNotFoundError, match=r"shipped configs: \['zero2', 'zero3'"):
+    with pytest.raises(FileNotFoundError, match=r"shipped configs: \['replicated', 'zero2', 'zero3'"):
         resolve_ds_config("zero9")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_ds_config(str(tmp_path / "gone.json"))

@@ -140,3 +140,89 @@ def test_plan_errors():
         plan(BLIP, [0])
     with pytest.raises(ValueError, match="evenly"):
         plan(BLIP, [6], nodes=4)
+
+
+# ---- layouts: recommendation, traffic and the communication model ------------------------------
+
+from aurora_ds.plan import GIB, LAYOUTS, choose_layout, layout_estimates, count_parameters  # noqa: E402
+
+
+def test_every_layout_is_estimated_and_replicated_wins_when_it_fits():
+    row = plan(BLIP, [16], nodes=2, batch=8)[0]
+    assert set(row["layouts"]) == set(LAYOUTS)
+    lay = row["layouts"]
+    assert row["recommended"] == "replicated" and "fits" in row["reason"]
+    # no parameter gathers: only Aurora's gradients travel
+    assert lay["replicated"]["inter_node_bytes"] < 1e-3 * lay["zero3"]["inter_node_bytes"]
+    assert lay["replicated"]["step_s"] < lay["zero3"]["step_s"]
+    assert lay["replicated"]["model_states_bytes"] > lay["zero3"]["model_states_bytes"]
+    # hpZ: backward gathers stay on the node; quantized: frozen weights travel as int8
+    assert lay["zero3_hpz"]["inter_node_bytes"] < lay["zero3"]["inter_node_bytes"]
+    assert lay["zero3_hpz"]["model_states_bytes"] > lay["zero3"]["model_states_bytes"]
+    assert lay["zero3_hpz_quant"]["inter_node_bytes"] < 0.51 * lay["zero3_hpz"]["inter_node_bytes"]
+    assert lay["zero3_offload"]["host_bytes"] > 0 == lay["zero3"]["host_bytes"]
+    for e in lay.values():
+        assert e["gpu_bytes"] == e["model_states_bytes"] + e["activation_bytes"]
+        assert e["samples_per_s_per_gpu"] == pytest.approx(8 / e["step_s"])
+
+
+def test_zero3_traffic_by_hand():
+    """Forward gathers every partitioned backbone byte; backward those beyond the live window;
+    a GPU receives (gpus - per_node)/gpus of it from other nodes."""
+    counts = count_parameters(BLIP, 32, 100_000)
+    split = counts["backbone"] - counts["backbone_persistent"]
+    lay = layout_estimates(counts, 16, 8, "bf16", intra_bw=100.0, inter_bw=10.0, latency=0.0, tflops=1e9)["zero3"]
+    gathered = 2 * (split + split - MAX_LIVE_PARAMETERS)
+    grads = 2 * 2 * AURORA
+    assert lay["inter_node_bytes"] == int((gathered + grads) * 8 / 16)
+    assert lay["intra_node_bytes"] == int((gathered + grads) * 7 / 16)
+    assert lay["comm_s"] == pytest.approx(lay["intra_node_bytes"] / 100e9 + lay["inter_node_bytes"] / 10e9, rel=1e-6)
+
+
+def test_small_gpus_take_a_partitioned_layout():
+    rows = plan("blip2-g-retrieval", [64], gpus_per_node=8, gpu_memory_gib=4, batch=1, image_size=224)
+    r = rows[0]
+    assert r["nodes"] == 8 and r["recommended"] != "replicated"
+    assert "replicated does not fit" in r["reason"]
+    assert r["recommended"].startswith("zero3_hpz")
+    cpu = plan("blip2-g-retrieval", [64], gpus_per_node=8, gpu_memory_gib=4, batch=1, image_size=224, cuda=False)[0]
+    assert cpu["recommended"] != "zero3_hpz_quant"
+
+
+def test_recommended_never_slower_than_zero3():
+    for backbone in ("blip-base-retrieval", "vit-giant"):
+        for gpus in (8, 64, 1024):
+            for memory in (8, 24, 80):
+                r = plan(backbone, [gpus], gpus_per_node=8, gpu_memory_gib=memory, batch=4)[0]
+                if "unavailable" not in r["layouts"]["zero3"]:
+                    assert r["layouts"][r["recommended"]]["step_s"] <= r["layouts"]["zero3"]["step_s"] * 1.0001
+
+
+def test_hpz_needs_several_nodes_of_several_gpus():
+    one_node = plan(BLIP, [8], gpu_memory_gib=1.9, batch=1)[0]
+    assert "needs 2+ nodes" in one_node["layouts"]["zero3_hpz"]["unavailable"]
+    assert one_node["recommended"] in ("zero3", "zero3_offload")
+
+
+def test_choose_layout_for_a_run(monkeypatch):
+    from aurora_ds.engine.config import build_config
+    from aurora_ds.engine.dsconfig import build_ds_config
+
+    cfg = build_config("", {"data.source": "synthetic", "optim.batch_size": 2, "engine.ds_config": "auto"})
+    choice = choose_layout(cfg, 2, 2)
+    assert choice["ds_config"] == "replicated" and choice["row"]["backbone"] == "blip-tiny-retrieval"
+    assert build_ds_config("auto", cfg, 2)["zero_optimization"]["stage"] == 2
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    ds = build_ds_config("zero3_hpz", cfg, 4)
+    assert ds["zero_optimization"]["zero_hpz_partition_size"] == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert build_ds_config("zero3_hpz_quant", cfg, 4)["zero_optimization"]["zero_hpz_partition_size"] == 4
+
+
+def test_cli_layouts_and_plot(tmp_path, capsys):
+    png = tmp_path / "scaling.png"
+    assert main(["--backbone", BLIP, "--gpus", "16", "--nodes", "2", "--intra", "pcie", "--inter", "100",
+                 "--plot", str(png), "--plot-backbones", "blip-tiny-retrieval"]) == 0
+    out = capsys.readouterr().out
+    assert "* replicated" in out and "recommended: replicated" in out and "20 GB/s in a node, 100 Gb/s" in out
+    assert png.stat().st_size > 10_000

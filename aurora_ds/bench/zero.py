@@ -13,6 +13,7 @@ no larger tensor, so this benchmark sets ``--persistence-threshold`` (default 0)
 partitioning visible at any size. The micro-batch is per rank: 2 ranks do twice the samples.
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -26,7 +27,16 @@ from ..engine.config import PRECISIONS
 from ..engine.rundir import RunDir
 from .report import bar_chart, cli_config, fmt, machine, ratio, table, write
 
-RUNS = {"1": ("1 rank", 1, "zero3"), "2": ("2 ranks", 2, "zero3"), "2-offload": ("2 ranks, offload", 2, "zero3_offload")}
+# name: (label, ranks, config, nodes). hpZ needs 2+ nodes of 2+ ranks (DeepSpeed turns it off at
+# partition size 1, and on one node it is ZeRO-3): "4-hpz" is 2 "nodes" of 2 ranks on 127.0.0.1,
+# against "4" (ZeRO-3 over the same 2 x 2). Quantized frozen weights need CUDA kernels.
+RUNS = {"1": ("1 rank", 1, "zero3", 1), "2": ("2 ranks", 2, "zero3", 1),
+        "2-offload": ("2 ranks, offload", 2, "zero3_offload", 1),
+        "2-replicated": ("2 ranks, replicated", 2, "replicated", 1),
+        "4": ("2x2 ranks, zero3", 4, "zero3", 2), "4-hpz": ("2x2 ranks, hpZ", 4, "zero3_hpz", 2)}
+NOT_MEASURED = {"zero3_hpz_quant": "quantized frozen weights need CUDA (DeepSpeed's quantizer kernels); "
+                                   "not measured on a CPU machine"}
+MULTINODE_SH = Path(__file__).resolve().parents[2] / "launchers" / "multinode.sh"
 BYTES = {name: dtype.itemsize for name, dtype in PRECISIONS.items()}
 PLAN = (("blip-large-retrieval", (8, 16, 64)), ("vit-giant", (8, 16, 64)))
 LOCAL_SH = Path(__file__).resolve().parents[2] / "launchers" / "local.sh"
@@ -45,6 +55,9 @@ def add_arguments(p):
     p.add_argument("--precision", choices=sorted(BYTES), default="fp32", help="backbone and Aurora precision")
     p.add_argument("--image-size", type=int, default=0, help="input resolution (0 = the backbone's)")
     p.add_argument("--keep-adapters", action="store_true", help="copy each run's adapter_latest into --out")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="time all-gathers on 2 ranks and compare aurora-plan's predicted ZeRO-3 gather time per step "
+                        "with the measured one (2-rank ZeRO-3 step minus 2-rank replicated step)")
     p.add_argument("--runs", default="1,2,2-offload",
                    help=f"comma-separated runs out of {','.join(RUNS)}; ratios are against the first")
 
@@ -54,14 +67,16 @@ def ds_config_copy(name: str, threshold: int, folder: Path) -> Path:
     from aurora_ds.engine.dsconfig import resolve_ds_config
 
     cfg = json.loads(resolve_ds_config(name).read_text())
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+    if cfg["zero_optimization"].get("stage") == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
     path = folder / f"{name}_p{threshold}.json"
     path.write_text(json.dumps(cfg, indent=2))
     return path
 
 
-def launch(processes: int, ds_config: Path, out: Path, args) -> dict:
-    """One training run with ``processes`` local ranks; returns its summary.json."""
+def launch(processes: int, ds_config: Path, out: Path, args, nodes: int = 1) -> dict:
+    """One training run with ``processes`` local ranks (over ``nodes`` launcher "nodes" on
+    127.0.0.1); returns its summary.json."""
     import torch
 
     if not LOCAL_SH.is_file():
@@ -80,8 +95,16 @@ def launch(processes: int, ds_config: Path, out: Path, args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run.log, "w") as log:
-        proc = subprocess.run(["bash", str(LOCAL_SH), str(processes), *train_args], stdout=log,
-                              stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
+        if nodes == 1:
+            proc = subprocess.run(["bash", str(LOCAL_SH), str(processes), *train_args], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
+        else:
+            env["MASTER_ADDR"] = "127.0.0.1"
+            procs = [subprocess.Popen(["bash", str(MULTINODE_SH), "node", str(r), str(nodes), str(processes // nodes),
+                                       *train_args], stdout=log, stderr=subprocess.STDOUT, env=env)
+                     for r in range(nodes)]
+            codes = [p.wait(timeout=args.timeout) for p in procs]
+            proc = subprocess.CompletedProcess(procs[0].args, max(codes, key=abs))
     if proc.returncode != 0:
         raise RuntimeError(f"{processes}-rank run failed; log {run.log}:\n{run.log.read_text()[-3000:]}")
     summary = json.loads(run.summary.read_text())
@@ -108,10 +131,49 @@ def estimate(processes: int, config: str, args) -> dict:
     counts = count_parameters(args.backbone, rank, args.persistence_threshold)
     row = plan(args.backbone, [processes], offload=config == "zero3_offload", precision=args.precision, rank=rank,
                persistence_threshold=args.persistence_threshold)[0]["aurora"]
+    if config == "replicated":
+        return {"unpartitioned_mb": counts["total"] * BYTES[args.precision] / 2**20,
+                "plan_parameter_mb": counts["total"] * BYTES[args.precision] / 2**20,
+                "plan_model_states_mb": (counts["total"] * BYTES[args.precision]
+                                         + 16 * counts["aurora"] / processes) / 2**20, "params": counts["total"]}
     return {"unpartitioned_mb": counts["total"] * BYTES[args.precision] / 2**20,
             "plan_parameter_mb": (row["backbone_gpu_bytes"] + row["cpu_bytes_per_node"] / processes) / 2**20,
             "plan_model_states_mb": (row["gpu_bytes"] + row["cpu_bytes_per_node"] / processes) / 2**20,
             "params": counts["total"]}
+
+
+def measure_gathers(out: Path, args) -> dict:
+    """aurora_ds.bench.gather on 2 local ranks: all-gather latency and bandwidth here."""
+    import sys
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(free_port()), "-m", "aurora_ds.bench.gather", str(out)], env=env, check=True,
+                   timeout=args.timeout, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    return json.loads(out.read_text())
+
+
+def gather_model(zero3: dict, replicated: dict, args) -> dict:
+    """aurora-plan's communication model with this machine's measured all-gather latency and
+    bandwidth: its predicted ZeRO-3 gather time per step against the measured one (the 2-rank
+    ZeRO-3 step minus the 2-rank replicated step: the same compute, no gathers)."""
+    import tempfile
+
+    from aurora_ds.plan import count_parameters, layout_estimates
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fit = measure_gathers(Path(tmp) / "gather.json", args)
+    rank = args.rank or (4 if "tiny" in args.backbone else 32)
+    counts = count_parameters(args.backbone, rank, args.persistence_threshold)
+    est = layout_estimates(counts, 2, 2, args.precision, batch=args.batch, intra_bw=fit["bandwidth_gbyte_s"],
+                           latency=fit["latency_s"], tflops=1e12)
+    predicted = est["zero3"]["comm_s"] - est["replicated"]["comm_s"]
+    measured = zero3["step_s"] - replicated["step_s"]
+    return {"allgather": fit, "gathered_bytes_per_step": est["zero3"]["intra_node_bytes"] - est["replicated"]["intra_node_bytes"],
+            "collectives_per_step": est["zero3"]["collectives"], "predicted_gather_s": predicted,
+            "measured_gather_s": measured, "error": ratio(predicted - measured, measured)}
 
 
 def plan_rows() -> list[dict]:
@@ -147,6 +209,15 @@ def markdown(results: dict) -> str:
             "holds the Python runtime, activations and the data):\n\n"
     text += table(["run", "peak", "one unpartitioned copy", "aurora-plan model states", "parameters held",
                    "aurora-plan parameters"], memory)
+    if results.get("gather_model"):
+        g = results["gather_model"]
+        text += (f"\nGather model: all-gather here {g['allgather']['latency_s'] * 1e3:.2f} ms + "
+                 f"{g['allgather']['bandwidth_gbyte_s']:.2f} GB/s; ZeRO-3 gathers {g['gathered_bytes_per_step'] / 2**20:,.0f} "
+                 f"MiB in {g['collectives_per_step']} collectives per step: predicted {g['predicted_gather_s']:.3f} s, "
+                 f"measured {g['measured_gather_s']:.3f} s (2-rank ZeRO-3 step - replicated step), "
+                 f"error {fmt(g['error'], '+.0%')}.\n")
+    for name, why in results.get("not_measured", {}).items():
+        text += f"\nNot measured: {name}: {why}\n"
     plan_table = [[p["backbone"], p["gpus"], f"{p['params'] / 1e6:,.0f}M", f"{p['aurora_backbone_gpu_gib']:.2f}",
                    f"{p['aurora_gpu_gib']:.2f}", f"{p['full_training_gpu_gib']:.2f}"] for p in results["plan"]]
     text += "\nEstimates (aurora-plan, bf16, no offload, activations excluded), GiB per GPU:\n\n"
@@ -164,9 +235,9 @@ def run(args):
         raise SystemExit(f"unknown runs {unknown}; choose from {list(RUNS)}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="aurora-bench-zero-") as tmp:
-        for label, processes, config in (RUNS[r] for r in args.runs.split(",")):
+        for label, processes, config, nodes in (RUNS[r] for r in args.runs.split(",")):
             path = ds_config_copy(config, args.persistence_threshold, Path(tmp))
-            summary = launch(processes, path, Path(tmp) / f"{processes}_{config}", args)
+            summary = launch(processes, path, Path(tmp) / f"{processes}_{config}", args, nodes)
             if args.keep_adapters:
                 shutil.copytree(RunDir(Path(tmp) / f"{processes}_{config}").adapter_latest,
                                 Path(args.out) / f"adapter_{processes}_{config}", dirs_exist_ok=True)
@@ -177,9 +248,16 @@ def run(args):
     results = {
         "machine": machine(), "config": cli_config(args), "runs": rows,
         "ratios": {r["run"]: {"parameter_bytes": ratio(r["local_parameter_bytes"], one["local_parameter_bytes"]),
-                              "step_s": ratio(r["step_s"], one["step_s"])} for r in rows[1:]},
+                              "step_s": ratio(r["step_s"], one["step_s"]),
+                              "samples_per_s": ratio(r["samples_per_s"], one["samples_per_s"]),
+                              "peak_memory": ratio(r["peak_memory_mb"], one["peak_memory_mb"])} for r in rows[1:]},
+        "not_measured": {**NOT_MEASURED, **({} if any(r["ds_config"] == "zero3_hpz" for r in rows) else {
+            "zero3_hpz": "not in --runs (hpZ needs 2 nodes of 2+ ranks: --runs ...,4,4-hpz)"})},
         "plan": plan_rows(),
     }
+    by_config = {(r["processes"], r["ds_config"]): r for r in rows}
+    if args.calibrate and (2, "zero3") in by_config and (2, "replicated") in by_config:
+        results["gather_model"] = gather_model(by_config[2, "zero3"], by_config[2, "replicated"], args)
     path = os.path.join(args.out, "zero.png")
     bar_chart(path, ["backbone params/rank", "step time"],
               {r["run"]: [ratio(r["local_parameter_bytes"], one["local_parameter_bytes"]), ratio(r["step_s"], one["step_s"])]

@@ -136,7 +136,7 @@ class EvalSection:
 @dataclass
 class EngineSection:
     deepspeed: bool = True
-    ds_config: str = "zero3"  # zero3 | zero3_offload | zero2 | auto | path to a DeepSpeed JSON
+    ds_config: str = "zero3"  # auto (aurora-plan recommends) | replicated | zero3 | zero3_offload | zero3_hpz | zero3_hpz_quant | zero2 | path
     precision: str = "fp32"  # a PRECISIONS name
     activation_checkpointing: bool = False
     seed: int = 42

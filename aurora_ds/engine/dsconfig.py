@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -34,7 +35,19 @@ def resolve_ds_config(name: str):
     return shipped[name]
 
 
+def gpus_per_node(world_size: int) -> int:
+    """Ranks per node as the launcher says: ``LOCAL_WORLD_SIZE`` (torchrun), ``LOCAL_SIZE`` (the
+    deepspeed launcher); one node of ``world_size`` without a launcher."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)
+
+
 def build_ds_config(name: str, cfg, world_size: int) -> dict:
+    """The config ``name`` (a shipped name, a path, or ``auto``: the layout ``aurora-plan``
+    recommends for this run) with every ``"auto"`` field filled from the recipe and the launch."""
+    if name == "auto":
+        from ..plan import choose_layout
+
+        name = choose_layout(cfg, world_size, gpus_per_node(world_size))["ds_config"]
     path = resolve_ds_config(name)
     try:
         raw = json.loads(path.read_text())
@@ -62,6 +75,9 @@ def build_ds_config(name: str, cfg, world_size: int) -> dict:
         ("bf16", "enabled"): cfg.engine.precision == "bf16",
         ("fp16", "enabled"): cfg.engine.precision == "fp16",
     }
+    if "zero_hpz_partition_size" in ds.get("zero_optimization", {}):
+        # ZeRO++ hierarchical partitioning: the secondary copy spans one node's GPUs.
+        wanted[("zero_optimization", "zero_hpz_partition_size")] = gpus_per_node(world_size)
     for keys, value in wanted.items():
         parent = ds
         for key in keys[:-1]:

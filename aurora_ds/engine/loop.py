@@ -16,7 +16,7 @@ from ..dist import barrier, free_port, gather_objects, mean_over_ranks, min_over
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
 from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
 from .config import PRECISIONS
-from .dsconfig import build_ds_config, zero_stage
+from .dsconfig import build_ds_config, gpus_per_node, zero_stage
 from .ema import EMA
 from .logging import RunLogger, peak_memory_mb
 from .rundir import RunDir
@@ -54,6 +54,20 @@ def release_shm_buffer():
                                f"{os.environ.get('MASTER_PORT')}_{process_rank()}")
     barrier()
     path.unlink(missing_ok=True)
+
+
+def deepspeed_config(cfg, size: int) -> tuple[dict | None, str]:
+    """The run's DeepSpeed config (None on the plain path); ``auto`` takes aurora-plan's
+    recommended layout for this backbone and world, and says which and why."""
+    if not cfg.engine.deepspeed:
+        return None, ""
+    layout, note = cfg.engine.ds_config, ""
+    if layout == "auto":
+        from ..plan import choose_layout
+
+        choice = choose_layout(cfg, size, gpus_per_node(size))
+        layout, note = choice["ds_config"], f"[aurora] --ds-config auto: {choice['ds_config']} ({choice['reason']})"
+    return build_ds_config(layout, cfg, size), note
 
 
 def build_model(cfg, ds_config):
@@ -129,7 +143,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     check_backbone(cfg)
     rank, size = setup_distributed(cfg)
     torch.manual_seed(cfg.engine.seed)  # identical on every rank: identical Aurora init
-    ds_config = build_ds_config(cfg.engine.ds_config, cfg, size) if cfg.engine.deepspeed else None
+    ds_config, layout_note = deepspeed_config(cfg, size)
     run = RunDir(cfg.output.dir)
     checkpoint = find_checkpoint(run, cfg.output.resume) if cfg.output.resume else None
     # Everything that can be checked is checked before the backbone is built: the checkpoint's
@@ -178,6 +192,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
 
     log = RunLogger(run.tensorboard, rank == 0, total_steps, 0, cfg.output.progress, cfg.output.log_every)
     log.message(f"[aurora] {handle.format_parameter_report()}")
+    if layout_note:
+        log.message(layout_note)
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
     step, epoch = 0, 0
     if checkpoint is not None:
@@ -235,7 +251,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
             save_checkpoint(run, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints)
             save_adapter(backend, handle, run.adapter_latest, {"step": step})
 
-    summary = {"steps": step, "world_size": size, "parameters": handle.parameter_report(), "skipped": skipped,
+    summary = {"steps": step, "world_size": size, "ds_config": layout if cfg.engine.deepspeed else None, "parameters": handle.parameter_report(), "skipped": skipped,
                "best": best, "history": history, "peak_memory_mb": peak_memory_mb(),
                "local_parameter_bytes": local_parameter_bytes(objective)}
     if rank == 0:
@@ -282,7 +298,7 @@ def evaluate(cfg, adapter_dir) -> dict:
         print("[aurora] warning: no backbone checkpoint: evaluating on a random-init backbone, which only "
               "matches the training run's if built the same way (same seed, same ZeRO stage)", file=sys.stderr)
     torch.manual_seed(cfg.engine.seed)
-    ds_config = build_ds_config(cfg.engine.ds_config, cfg, size) if cfg.engine.deepspeed else None
+    ds_config, _ = deepspeed_config(cfg, size)
     spec = get_spec(cfg.backbone.name)
     config = backbone_config(cfg.backbone.name, cfg.backbone.checkpoint or None)
     tokenizer_dir = eval_tokenizer(cfg, adapter_dir)
