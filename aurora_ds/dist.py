@@ -139,6 +139,17 @@ class _GatherWithGrad(torch.autograd.Function):
         return total[start:start + ctx.sizes[ctx.process_rank]]
 
 
+def all_gather_flat(shard: torch.Tensor) -> torch.Tensor:
+    """Equal-sized shards of every rank, concatenated flat: the collective ZeRO-3 runs for each
+    partitioned module (``all_gather_into_tensor``); the benchmarks time it."""
+    src = _to_comm(shard.flatten())
+    if world_size() == 1:
+        return src.to(shard.device)
+    out = src.new_empty(src.numel() * world_size())
+    _td.all_gather_into_tensor(out, src)
+    return out.to(shard.device)
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return x if world_size() == 1 else _GatherWithGrad.apply(x)
 

@@ -52,6 +52,9 @@ def test_only_dist_calls_collectives():
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} from torch import distributed")
             elif isinstance(node, ast.Import) and any(a.name.startswith("torch.distributed") for a in node.names):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} import torch.distributed")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+                    name.startswith("deepspeed.comm") for name in [getattr(node, "module", None) or "", *(a.name for a in node.names)]):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} deepspeed.comm (DeepSpeed's collectives)")
             elif isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and _dotted(node).startswith("torch.distributed."):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {_dotted(node)}")
     assert not offenders, "collectives outside aurora_ds/dist.py:\n" + "\n".join(offenders)
@@ -131,6 +134,7 @@ def _worker(rank, size, port, errors):
         (dist.gather_with_grad(y) * torch.arange(3.0).view(3, 1)).sum().backward()
         assert y.grad.tolist() == ([[0.0, 0.0]] if rank == 0 else [[2.0, 2.0], [4.0, 4.0]])  # summed over 2 ranks
         assert dist.sum_over_ranks(torch.ones(2)).tolist() == [2.0, 2.0]
+        assert dist.all_gather_flat(torch.full((2,), float(rank))).tolist() == [0.0, 0.0, 1.0, 1.0]
         assert dist.min_over_ranks(5 + rank) == 5 and dist.any_rank(rank == 1) and not dist.any_rank(False)
         assert dist.mean_over_ranks(torch.tensor(float(rank))) == 0.5
         assert dist.gather_objects({"r": rank}) == [{"r": 0}, {"r": 1}]

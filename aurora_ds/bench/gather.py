@@ -2,7 +2,7 @@
 module), for calibrating aurora-plan's communication model: ``t = latency + bytes / bandwidth``.
 
 Run under a launcher with 2+ ranks: ``python -m torch.distributed.run --nproc_per_node 2 -m
-aurora_ds.bench.gather OUT.json``. Uses DeepSpeed's communication layer, as ZeRO-3 does.
+aurora_ds.bench.gather OUT.json``. The gather is ``all_gather_into_tensor``, as ZeRO-3's.
 """
 
 import json
@@ -12,24 +12,29 @@ import time
 
 import torch
 
+from .. import dist
+
 SIZES = (1_000, 10_000, 100_000, 1_000_000, 4_000_000)  # fp32 elements per rank's shard
 
 
 def measure(repeats: int = 7) -> dict:
     import deepspeed
-    import deepspeed.comm as dist
 
     deepspeed.init_distributed()
-    world = dist.get_world_size()
+    dist.set_compute_device(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+    world = dist.world_size()
     rows = []
     for n in SIZES:
-        shard = torch.randn(n)
-        out = torch.empty(n * world)
+        shard = torch.randn(n, device=dist.comm_device())
         times = []
         for i in range(repeats + 1):
             dist.barrier()
+            if shard.is_cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
-            dist.all_gather_into_tensor(out, shard)
+            dist.all_gather_flat(shard)
+            if shard.is_cuda:
+                torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - t0)
         # bytes one rank receives
@@ -43,9 +48,7 @@ def measure(repeats: int = 7) -> dict:
 
 if __name__ == "__main__":
     result = measure()
-    import deepspeed.comm as dist
-
-    if dist.get_rank() == 0:
+    if dist.process_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(result, f, indent=2)
-    torch.distributed.destroy_process_group()
+    dist.shutdown()
