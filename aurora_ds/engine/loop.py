@@ -56,18 +56,18 @@ def release_shm_buffer():
     path.unlink(missing_ok=True)
 
 
-def deepspeed_config(cfg, size: int) -> tuple[dict | None, str]:
-    """The run's DeepSpeed config (None on the plain path); ``auto`` takes aurora-plan's
-    recommended layout for this backbone and world, and says which and why."""
+def deepspeed_config(cfg, size: int) -> tuple[dict | None, str | None, str]:
+    """The run's DeepSpeed config and its layout name (None, None on the plain path); ``auto``
+    takes aurora-plan's recommended layout for this backbone and world, and says which and why."""
     if not cfg.engine.deepspeed:
-        return None, ""
+        return None, None, ""
     layout, note = cfg.engine.ds_config, ""
     if layout == "auto":
         from ..plan import choose_layout
 
         choice = choose_layout(cfg, size, gpus_per_node(size))
         layout, note = choice["ds_config"], f"[aurora] --ds-config auto: {choice['ds_config']} ({choice['reason']})"
-    return build_ds_config(layout, cfg, size), note
+    return build_ds_config(layout, cfg, size), layout, note
 
 
 def build_model(cfg, ds_config):
@@ -143,7 +143,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     check_backbone(cfg)
     rank, size = setup_distributed(cfg)
     torch.manual_seed(cfg.engine.seed)  # identical on every rank: identical Aurora init
-    ds_config, layout_note = deepspeed_config(cfg, size)
+    ds_config, layout, layout_note = deepspeed_config(cfg, size)
     run = RunDir(cfg.output.dir)
     checkpoint = find_checkpoint(run, cfg.output.resume) if cfg.output.resume else None
     # Everything that can be checked is checked before the backbone is built: the checkpoint's
@@ -251,7 +251,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
             save_checkpoint(run, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints)
             save_adapter(backend, handle, run.adapter_latest, {"step": step})
 
-    summary = {"steps": step, "world_size": size, "ds_config": layout if cfg.engine.deepspeed else None, "parameters": handle.parameter_report(), "skipped": skipped,
+    summary = {"steps": step, "world_size": size, "ds_config": layout, "parameters": handle.parameter_report(), "skipped": skipped,
                "best": best, "history": history, "peak_memory_mb": peak_memory_mb(),
                "local_parameter_bytes": local_parameter_bytes(objective)}
     if rank == 0:
@@ -298,7 +298,7 @@ def evaluate(cfg, adapter_dir) -> dict:
         print("[aurora] warning: no backbone checkpoint: evaluating on a random-init backbone, which only "
               "matches the training run's if built the same way (same seed, same ZeRO stage)", file=sys.stderr)
     torch.manual_seed(cfg.engine.seed)
-    ds_config, _ = deepspeed_config(cfg, size)
+    ds_config, _, _ = deepspeed_config(cfg, size)
     spec = get_spec(cfg.backbone.name)
     config = backbone_config(cfg.backbone.name, cfg.backbone.checkpoint or None)
     tokenizer_dir = eval_tokenizer(cfg, adapter_dir)
