@@ -1,5 +1,5 @@
 """VQA: the official accuracy and normalisation, the submission file, and the BLIP VQA objective
-(training, rank and generate inference) on the tiny random-init backbone."""
+(training, candidate and generate inference) on the tiny random-init backbone."""
 
 import json
 
@@ -153,10 +153,10 @@ def test_training_lowers_loss_and_rank_picks_trained_answer(tokenizer, tmp_path,
     assert losses[-1] < losses[0] - 0.3
 
     candidates = answer_candidates(tokenizer, ANSWER_LIST)
-    ranked = objective(batch, 0, "rank", candidates)
+    ranked = objective(batch, 0, "candidates", candidates)
     assert ranked == ["three"] * 4
     assert objective.training  # inference modes restore the caller's mode
-    assert objective(batch, 0, "rank", candidates) == ranked
+    assert objective(batch, 0, "candidates", candidates) == ranked
 
     # VQA's human answers are stored normalised ("3"); the prediction "three" is normalised to "3"
     eval_batch = dict(batch, answers=[["3", "red"]] * 4, answer_weights=[[0.7, 0.3]] * 4,

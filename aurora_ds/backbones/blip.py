@@ -141,7 +141,7 @@ def answer_nll(model, ids, mask, question_states, question_mask) -> torch.Tensor
 
 
 def first_answer_logits(model, bos_ids, question_states, question_mask):
-    """The decoder's logits for the first answer token after bos (rank inference's shortlist)."""
+    """The decoder's logits for the first answer token after bos (candidate inference's shortlist)."""
     return model.text_decoder(input_ids=bos_ids, encoder_hidden_states=question_states,
                               encoder_attention_mask=question_mask).logits[:, 0]
 

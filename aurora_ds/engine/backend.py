@@ -180,9 +180,9 @@ def _set_zero3_master(param, value):
     """
     opt = param._z3_optimizer
     part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=None)
-    n, rank = part.numel(), opt._get_param_partition_rank(param)
+    n, owner = part.numel(), opt._get_param_partition_rank(param)
     flat = value.detach().flatten().float().to(part.device)
-    chunk = flat[rank * n:(rank + 1) * n]
+    chunk = flat[owner * n:(owner + 1) * n]
     part.data.zero_()
     part.data[: chunk.numel()].copy_(chunk)
 

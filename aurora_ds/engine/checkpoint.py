@@ -50,22 +50,22 @@ def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict,
     root = run.checkpoints
     path = run.checkpoint(step)
     tag = path.name
-    rank, size = world()
-    if rank == 0 and path.exists():
+    me, size = world()
+    if me == 0 and path.exists():
         shutil.rmtree(path)
     barrier()
     save_adapter(backend, handle, path / CHECKPOINT_ADAPTER, {"step": step})
     if backend.distributed:
         backend.engine.save_checkpoint(str(path / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-    elif rank == 0:
+    elif me == 0:
         torch.save(backend.state_dict(), path / "plain_state.pt")
     # The main process draws randomness from torch only (dropout); loader workers seed themselves.
-    torch.save({"rng": torch.get_rng_state(), "data": data_state}, path / f"rank_{rank:05d}.pt")
-    if rank == 0:
+    torch.save({"rng": torch.get_rng_state(), "data": data_state}, path / f"rank_{me:05d}.pt")
+    if me == 0:
         torch.save(client_state, path / "client_state.pt")
         (path / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": size, "config": cfg.to_dict()}, indent=2))
     barrier()
-    if rank == 0:
+    if me == 0:
         (path / COMPLETE).write_text(tag)
         complete = sorted(p for p in root.iterdir() if (p / COMPLETE).exists())
         for old in complete[:-keep] if keep > 0 else []:
@@ -94,7 +94,7 @@ def load_checkpoint(path: Path, backend, handle, log) -> tuple[int, dict, dict |
     On a different number of ranks DeepSpeed cannot re-partition optimizer state: the run
     restarts from the checkpoint's adapter with a fresh optimizer, and says so.
     """
-    rank, size = world()
+    me, size = world()
     meta = json.loads((path / "trainer_state.json").read_text())
     client = torch.load(path / "client_state.pt", weights_only=True)
     if meta["world_size"] != size:
@@ -110,6 +110,6 @@ def load_checkpoint(path: Path, backend, handle, log) -> tuple[int, dict, dict |
     else:
         load_adapter_values(backend, handle, path / CHECKPOINT_ADAPTER)
         backend.load_state_dict(torch.load(path / "plain_state.pt", weights_only=True))
-    mine = torch.load(path / f"rank_{rank:05d}.pt", weights_only=True)
+    mine = torch.load(path / f"rank_{me:05d}.pt", weights_only=True)
     torch.set_rng_state(mine["rng"])
     return meta["step"], client, mine["data"]

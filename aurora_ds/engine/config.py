@@ -124,12 +124,12 @@ class OptimSection:
 class EvalSection:
     batch_size: int = 32
     k_test: int = 128  # retrieval: candidates re-ranked by ITM per query
-    inference: str = "rank"  # QA: rank (over the answer list) | generate
+    inference: str = "candidates"  # QA: candidates (BLIP's ranking over the answer list) | generate
     answer_list: str = ""  # QA: JSON list of answers; empty = the most frequent training answers
     every: int = 0  # evaluate every N steps (0 = at the end only)
 
     def __post_init__(self):
-        _choice("eval", "inference", self.inference, ("rank", "generate"))
+        _choice("eval", "inference", self.inference, ("candidates", "generate"))
         _positive("eval", self, "batch_size")
 
 

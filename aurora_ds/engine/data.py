@@ -129,13 +129,13 @@ def build_train_data(cfg, image_size: int, tokenizer):
 def build_evaluator(cfg, image_size: int, tokenizer, run: RunDir, answer_file=None):
     """``evaluator(forward, handle, step) -> metrics``, also written into ``run``'s eval folder.
 
-    QA rank inference writes the answer list it ranks into the run (``aurora-eval`` reads it
+    QA candidate inference writes the answer list it ranks into the run (``aurora-eval`` reads it
     back from the adapter's run: the same answers, not ones counted from the evaluation shards).
     """
     from ..data import build_loader
 
     loader = build_loader(cfg.data.eval_shards, loader_config(cfg, image_size, False), tokenizer, mode="eval")
-    answers = answer_list(cfg, path=answer_file) if cfg.objective.task == "qa" and cfg.eval.inference == "rank" else None
+    answers = answer_list(cfg, path=answer_file) if cfg.objective.task == "qa" and cfg.eval.inference == "candidates" else None
     if answers is not None and world()[0] == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         run.answer_list.write_text(json.dumps(answers))

@@ -314,7 +314,7 @@ def evaluate(cfg, adapter_dir) -> dict:
     backend = DeepSpeedBackend(objective, cfg, 1, ds_config) if cfg.engine.deepspeed else PlainBackend(objective, cfg, 1)
     load_adapter_values(backend, handle, adapter_dir)
     objective.eval()
-    # Rank inference ranks the answers the adapter's run ranked, unless a list is configured.
+    # Candidate inference ranks the answers the adapter's run ranked, unless a list is configured.
     source = RunDir.of_adapter(adapter_dir)
     answers = None if cfg.eval.answer_list or source is None or not source.answer_list.is_file() else source.answer_list
     from .data import media_size

@@ -9,7 +9,7 @@ came from with :meth:`RunDir.of_adapter` (for its tokenizer and answer list)::
         eval/step_000100.json              metrics per evaluation
         eval/results_step_000100.json      QA answers per evaluation
         tokenizer/                         the tokenizer trained on the run's text, if any
-        answer_list.json                   the answers QA rank inference ranked
+        answer_list.json                   the answers QA candidate inference ranked
         summary.json                       the run's summary (steps, losses, best, memory)
         train.log                          console output, where a launcher captures it
 """

@@ -11,9 +11,9 @@ import torch
 
 
 class SyntheticBatches:
-    def __init__(self, cfg, image_size: int, vocab_size: int, rank: int, world: int, seq_len: int = 12):
+    def __init__(self, cfg, image_size: int, vocab_size: int, process: int, world: int, seq_len: int = 12):
         self.cfg, self.image_size, self.vocab, self.seq_len = cfg, image_size, vocab_size, seq_len
-        self.rank, self.world = rank, world
+        self.process, self.world = process, world
         self.position = 0
 
     def __iter__(self):
@@ -32,7 +32,7 @@ class SyntheticBatches:
         mask = torch.ones_like(ids)
         mask[:, self.seq_len // 2:] = (torch.rand(n, 1, generator=g) > 0.5).long()
         media = [f"synthetic-{self.position}-{i}" for i in range(n)]
-        rows = slice(self.rank * b, (self.rank + 1) * b)
+        rows = slice(self.process * b, (self.process + 1) * b)
         self.position += 1
         return {"pixel_values": pixels[rows], "input_ids": ids[rows], "attention_mask": mask[rows],
                 "media_id": media[rows], "caption": [""] * b, "skipped": {}}

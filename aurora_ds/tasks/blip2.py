@@ -103,13 +103,13 @@ class Blip2QAObjective(Objective):
         of ``extra`` (a :class:`~aurora_ds.tasks.qa.Candidates`) per question."""
         if mode == "train":
             return self._train(batch)
-        if mode not in ("generate", "rank"):
+        if mode not in ("generate", "candidates"):
             raise ValueError(f"unknown QA forward mode {mode!r}")
         with inference(self):
             prefix, prompt, prompt_mask = self._prompt(batch)
             if mode == "generate":
                 return self._generate(prefix, prompt, prompt_mask)
-            return self._rank(prefix, prompt, prompt_mask, extra)
+            return self._pick_candidate(prefix, prompt, prompt_mask, extra)
 
     @property
     def _eos(self) -> int:
@@ -169,11 +169,11 @@ class Blip2QAObjective(Objective):
                                                     do_sample=False, num_beams=1)
         return [a.strip() for a in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def _rank(self, prefix, prompt, prompt_mask, candidates: Candidates) -> list[str]:
-        """As BLIP's rank inference: the first answer token's probability shortlists ``k_test``
+    def _pick_candidate(self, prefix, prompt, prompt_mask, candidates: Candidates) -> list[str]:
+        """As BLIP's candidate ranking: the first answer token's probability shortlists ``k_test``
         candidates per question, their full likelihood picks the answer."""
         if not isinstance(candidates, Candidates):
-            raise ValueError("rank inference needs the answer list: pass answer_candidates(tokenizer, answers)")
+            raise ValueError("candidate inference needs the answer list: pass answer_candidates(tokenizer, answers)")
         answer, answer_mask = (t.to(prefix.device) for t in self._tokenized(tuple(candidates.answers)))
         embeds, mask = self._embed(prefix, prompt, prompt_mask)
         first = self.backbone.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].float()

@@ -23,7 +23,7 @@ MAX_NEW_TOKENS = 10
 
 
 class Candidates(NamedTuple):
-    """A tokenised answer list for rank inference (tokenised once per evaluation)."""
+    """A tokenised answer list for candidate inference (tokenised once per evaluation)."""
 
     answers: list[str]
     input_ids: torch.Tensor
@@ -86,13 +86,13 @@ class QAObjective(Objective):
         answer of ``extra`` (a :class:`Candidates`) per question."""
         if mode == "train":
             return self._train(batch)
-        if mode not in ("generate", "rank"):
+        if mode not in ("generate", "candidates"):
             raise ValueError(f"unknown QA forward mode {mode!r}")
         with inference(self):
             states, mask = self._encode_questions(batch)
             if mode == "generate":
                 return self._generate(states, mask)
-            return self._rank(states, mask, extra)
+            return self._pick_candidate(states, mask, extra)
 
     def _encode_questions(self, batch: dict):
         """Question tokens attended over the media tokens: the decoder's cross-attention memory."""
@@ -116,11 +116,11 @@ class QAObjective(Objective):
         out = blip.generate_answers(self.backbone, states, mask, MAX_NEW_TOKENS)
         return [a.strip() for a in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def _rank(self, states, mask, candidates: Candidates) -> list[str]:
-        """BLIP's rank inference: the first answer token's probability shortlists ``k_test``
+    def _pick_candidate(self, states, mask, candidates: Candidates) -> list[str]:
+        """BLIP's candidate ranking: the first answer token's probability shortlists ``k_test``
         candidates per question, their full log-likelihood picks the answer."""
         if not isinstance(candidates, Candidates):
-            raise ValueError("rank inference needs the answer list: pass answer_candidates(tokenizer, answers)")
+            raise ValueError("candidate inference needs the answer list: pass answer_candidates(tokenizer, answers)")
         model = self.backbone
         ids, answer_mask = candidates.input_ids.to(states.device), candidates.attention_mask.to(states.device)
         ids = ids.clone()

@@ -41,7 +41,7 @@ def retrieval_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, media2txt: l
 @torch.no_grad()
 def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict:
     """Metrics of the model behind ``forward`` on the eval ``loader`` (one entry per media)."""
-    rank, size = world()
+    me, size = world()
 
     # 1. Media embeddings of this rank's shards; every rank steps until all are done (a rank
     #    with no shards left runs a dummy batch whose result is dropped). Features and tokens
@@ -86,7 +86,7 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
     text_feat = text_cls = None
     chunks = [range(s, min(s + bs, n_text)) for s in range(0, n_text, bs)]
     for c in range(math.ceil(len(chunks) / size)):
-        index = c * size + rank
+        index = c * size + me
         rows = chunks[index] if index < len(chunks) else chunks[0]
         sel = torch.tensor(list(rows))
         f, cls = forward({"input_ids": enc["input_ids"][sel], "attention_mask": enc["attention_mask"][sel]}, 0, "embed_text")
@@ -108,7 +108,7 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
     k_i2t, k_t2i = min(cfg.eval.k_test, n_text), min(cfg.eval.k_test, n_media)
     for direction, n_rows, k in (("i2t", n_media, k_i2t), ("t2i", n_text, k_t2i)):
         for c in range(math.ceil(n_rows / size)):
-            row = c * size + rank
+            row = c * size + me
             real = row < n_rows
             row = row if real else 0
             if direction == "i2t":

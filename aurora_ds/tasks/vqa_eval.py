@@ -129,16 +129,16 @@ def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=
     """Answer every question of ``loader`` with ``cfg.eval.inference`` and score the answers.
 
     ``forward`` is the engine's (or the objective's) forward; ``answer_list`` (strings, or a
-    JSON file of them) is needed for rank inference. Predictions are gathered from all ranks,
+    JSON file of them) is needed for candidate inference. Predictions are gathered from all ranks,
     a question seen twice counts once, and with ``results_path``
     rank 0 writes the submission file. Questions without answers (test splits) are predicted
     but not scored. VideoQA (``cfg.data.media == "video"``) scores exact match against the
     most-given answer.
     """
     extra = None
-    if cfg.eval.inference == "rank":
+    if cfg.eval.inference == "candidates":
         if answer_list is None:
-            raise ValueError("rank inference needs an answer list (set answer_list)")
+            raise ValueError("candidate inference needs an answer list (set eval.answer_list)")
         if isinstance(answer_list, (str, Path)):
             answer_list = json.loads(Path(answer_list).read_text())
         extra = answer_candidates(tokenizer, answer_list)
