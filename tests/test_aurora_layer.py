@@ -1,0 +1,127 @@
+"""The adapted linear against today's reference math in fp64: same outputs and gradients with
+dropout on (same mask) and off; U · x shared between layers reading one input; torch.compile."""
+
+import pytest
+import torch
+from torch import nn
+
+from aurora_ds.aurora import layer as layer_mod
+from aurora_ds.aurora.layer import AuroraFactors, AuroraLinear
+
+
+def reference(layer: AuroraLinear, x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    """The layer as first written: two einsums, dropout on u, a separate scaled add."""
+    U, up = layer.source.down.U, layer.target.up
+    a, b, rank = layer.a, layer.b, layer.target.rank
+    u = x.unflatten(-1, (a, U.shape[1])) @ U.t()
+    if mask is not None:
+        u = u * mask.view(u.shape) / (1 - p)
+    m = torch.einsum("pqt,tk->kpq", up.core, layer.coeffs).reshape(b, a, rank, rank)
+    delta = (torch.einsum("...ip,jipq->...jq", u, m) @ up.V.t()).flatten(-2)
+    return layer.base_layer(x) + layer.scale * delta
+
+
+def _layer(d_in, d_out, a, b, rank=3, dropout=0.0, scale=1.0, seed=0):
+    torch.manual_seed(seed)
+    kw = {"dtype": torch.float64}
+    source = AuroraFactors(d_in, rank, dropout, **kw)
+    target = source if d_in == d_out else AuroraFactors(d_out, rank, dropout, **kw)
+    layer = AuroraLinear(nn.Linear(a * d_in, b * d_out, **kw).requires_grad_(False), source, target, scale)
+    with torch.no_grad():
+        for p in (source.down.U, target.up.V, target.up.core, layer.coeffs):
+            p.copy_(torch.randn_like(p))
+    return layer
+
+
+def _grads(layer, out, x):
+    params = [x, layer.source.down.U, layer.target.up.V, layer.target.up.core, layer.coeffs]
+    return torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum(), params)
+
+
+BLOCKS = [(6, 6, 1, 1), (6, 6, 1, 3), (6, 6, 4, 1), (6, 6, 1, 4), (5, 7, 1, 1)]
+
+
+@pytest.mark.parametrize("d_in,d_out,a,b", BLOCKS)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_matches_reference_in_fp64(monkeypatch, d_in, d_out, a, b, dropout):
+    layer = _layer(d_in, d_out, a, b, dropout=dropout, scale=0.7).train()
+    masks = []
+    apply = layer_mod.ModeUpdate.apply
+
+    def record(y, u, m, V, mask, alpha):
+        masks.append(mask)
+        return apply(y, u, m, V, mask, alpha)
+
+    monkeypatch.setattr(layer_mod.ModeUpdate, "apply", record)
+    x = torch.randn(2, 5, a * d_in, dtype=torch.float64, requires_grad=True)
+    got = layer(x)
+    (mask,) = masks
+    assert (mask is None) == (dropout == 0) and (mask is None or mask.dtype == torch.bool)
+    want = reference(layer, x, mask, dropout)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(_grads(layer, got, x), _grads(layer, want, x)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_eval_mode_has_no_dropout_and_merge_agrees():
+    layer = _layer(6, 6, 1, 3, dropout=0.5).eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+        torch.testing.assert_close(out, reference(layer, x, None, 0.0))
+        layer.merge()
+        torch.testing.assert_close(layer(x), out)
+
+
+def test_u_x_is_computed_once_per_input():
+    """q, k and v read one input: one U · x, the same outputs and gradients as three."""
+    torch.manual_seed(0)
+    source = AuroraFactors(6, 3, 0.0, dtype=torch.float64)
+    with torch.no_grad():
+        source.up.V.normal_()
+    layers = [AuroraLinear(nn.Linear(6, 6, dtype=torch.float64).requires_grad_(False), source, source)
+              for _ in range(3)]
+    calls = []
+    source.down.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    params = [x, source.down.U, source.up.V, source.up.core]
+
+    def run(share: bool):
+        calls.clear()
+        outs = []
+        for layer in layers:
+            if not share:
+                source.down.shared.clear()
+            outs.append(layer(x))
+        loss = sum((o ** 2).sum() for o in outs)
+        return outs, torch.autograd.grad(loss, params), len(calls)
+
+    shared, shared_grads, n_shared = run(True)
+    alone, alone_grads, n_alone = run(False)
+    assert (n_shared, n_alone) == (1, 3)
+    for g, w in zip(shared + list(shared_grads), alone + list(alone_grads)):
+        torch.testing.assert_close(g, w)
+
+
+def test_shared_modes_never_serve_a_changed_input():
+    cache = layer_mod.SharedModes()
+    U = torch.randn(3, 6, requires_grad=True)
+    x = torch.randn(4, 6)
+    cache.put(x, U, torch.zeros(4, 3))
+    assert cache.get(x, U) is not None
+    assert cache.get(x[:2], U) is None  # another view
+    with torch.no_grad():
+        assert cache.get(x, U) is None  # another grad mode
+        U.add_(1)
+    assert cache.get(x, U) is None  # U changed in place
+    cache.put(x, U, torch.zeros(4, 3))
+    x.mul_(2)
+    assert cache.get(x, U) is None  # x changed in place
+    y = torch.randn(4, 6)
+    cache.put(y, U, torch.zeros(4, 3))
+    del x, y
+    assert all(ref() is None for ref, _ in cache.entries.values())
+    assert cache.get(torch.randn(4, 6), U) is None  # freed: even a reused address misses
+    import copy
+
+    assert copy.deepcopy(cache).entries == {}
