@@ -125,3 +125,42 @@ def test_shared_modes_never_serve_a_changed_input():
     import copy
 
     assert copy.deepcopy(cache).entries == {}
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_in_one_graph():
+    """A whole adapted BLIP step under torch.compile: one graph (no breaks, so no per-layer
+    frames to recompile for each block shape), the same loss and gradients as eager."""
+    from torch._dynamo.utils import counters
+
+    from aurora_ds import AuroraConfig, build_backbone, inject_aurora
+    from aurora_ds.backbones import example_batch, forward_features, get_spec
+
+    name = "blip-tiny-retrieval"
+    spec = get_spec(name)
+    torch.manual_seed(0)
+    model = build_backbone(name)
+    handle = inject_aurora(model, AuroraConfig(rank=4, backbone=name, dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in handle.named_aurora_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.train()
+    batch = example_batch(spec, 2)
+    params = [p for _, p in handle.named_trainable_parameters()]
+
+    def loss_fn():
+        return sum(o.float().pow(2).mean() for o in forward_features(model, spec, batch).values())
+
+    want = loss_fn()
+    want_grads = torch.autograd.grad(want, params)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(loss_fn)
+    for _ in range(2):
+        got = compiled()
+        got_grads = torch.autograd.grad(got, params)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])

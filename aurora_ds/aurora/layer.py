@@ -137,10 +137,12 @@ class ModeUpdate(torch.autograd.Function):
         rank = V.shape[1]
         ud = u.reshape(-1, ar) if mask is None else u.reshape(-1, ar) * mask.reshape(-1, ar)
         z = ud @ m
-        y.view(-1, V.shape[0]).addmm_(z.view(-1, rank), V.t(), alpha=alpha)
-        ctx.mark_dirty(y)
         ctx.save_for_backward(u, m, V, mask)
         ctx.alpha = alpha
+        if torch.compiler.is_compiling():  # inductor fuses the add itself; traced in-place writes break its backward
+            return torch.addmm(y.view(-1, V.shape[0]), z.view(-1, rank), V.t(), alpha=alpha).view(y.shape)
+        y.view(-1, V.shape[0]).addmm_(z.view(-1, rank), V.t(), alpha=alpha)
+        ctx.mark_dirty(y)
         return y
 
     @staticmethod
