@@ -164,3 +164,58 @@ def test_torch_compile_matches_eager_in_one_graph():
         for a, b in zip(got_grads, want_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_x_is_rebuilt_from_layer_norm_and_gelu_saves():
+    """U's gradient from x rebuilt out of its producer's saved tensors equals the one from x kept."""
+    torch.manual_seed(0)
+    source = AuroraFactors(6, 3, 0.0, dtype=torch.float64)
+    with torch.no_grad():
+        source.up.V.normal_()
+    norm = nn.LayerNorm(6, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    norm.requires_grad_(False)
+    fc1 = AuroraLinear(nn.Linear(6, 24, dtype=torch.float64).requires_grad_(False), source, source)
+    fc2 = AuroraLinear(nn.Linear(24, 6, dtype=torch.float64).requires_grad_(False), source, source)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    params = [x, source.down.U, source.up.V, source.up.core, fc1.coeffs, fc2.coeffs]
+
+    def grads():
+        source.down.shared.clear()
+        out = fc2(torch.nn.functional.gelu(fc1(norm(x))))
+        return torch.autograd.grad((out ** 2).sum(), params)
+
+    recipes = []
+    recipe = layer_mod.rebuild_recipe
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layer_mod, "rebuild_recipe", lambda t: recipes.append(recipe(t)) or recipes[-1])
+        rebuilt = grads()
+        assert [r[0] is None for r in recipes] == [False, False]
+        mp.setattr(layer_mod, "rebuild_recipe", lambda t: (None,))
+        kept = grads()
+    for a, b in zip(rebuilt, kept):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n in __import__("aurora_ds").list_backbones() if "tiny" in n])
+def test_rebuild_coverage_per_backbone_family(name):
+    """Every family rebuilds most adapted inputs (LayerNorm and GELU outputs) rather than keeping them."""
+    from aurora_ds import AuroraConfig, build_backbone, inject_aurora
+    from aurora_ds.backbones import example_batch, forward_features, get_spec
+
+    spec = get_spec(name)
+    torch.manual_seed(0)
+    model = build_backbone(name)
+    inject_aurora(model, AuroraConfig(rank=4, backbone=name))
+    model.train()
+    recipes = []
+    recipe = layer_mod.rebuild_recipe
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layer_mod, "rebuild_recipe", lambda t: recipes.append(recipe(t)) or recipes[-1])
+        out = forward_features(model, spec, example_batch(spec, 2))
+    rebuilt = sum(r[0] is not None for r in recipes)
+    print(f"{name}: x rebuilt for {rebuilt} of {len(recipes)} U·x")
+    assert rebuilt >= len(recipes) // 3, (rebuilt, len(recipes))
+    sum(o.float().pow(2).sum() for o in out.values()).backward()

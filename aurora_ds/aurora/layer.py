@@ -46,7 +46,66 @@ class ModeDown(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., a*d) -> (..., a*R), in x's dtype (the factors are cast, never the activations)."""
-        return (x.unflatten(-1, (-1, self.U.shape[1])) @ self.U.to(x.dtype).t()).flatten(-2)
+        return ModeDownProjection.apply(x, self.U.to(x.dtype), *rebuild_recipe(x))
+
+
+def _layer_norm(x, weight, bias, mean, rstd):
+    x = (x - mean) * rstd
+    x = x if weight is None else x * weight
+    return x if bias is None else x + bias
+
+
+def _gelu(approximate: str):
+    return lambda t: torch.nn.functional.gelu(t, approximate=approximate)
+
+
+def rebuild_recipe(x: torch.Tensor) -> tuple:
+    """(fn, *tensors) with fn(*tensors) == x from tensors x's own producer keeps for its backward
+    anyway (a LayerNorm's input and statistics, a GELU's input), or (None,) to keep x itself.
+
+    U's gradient needs x, which the frozen linear never keeps; rebuilding it costs one
+    elementwise pass in backward instead of a stored activation per layer. Not for parameters
+    ZeRO-3 partitions (they may be released when this node's backward runs) or while compiling.
+    """
+    node = x.grad_fn
+    if node is None or x.output_nr != 0 or torch.compiler.is_compiling():
+        return (None,)
+    kind = type(node).__name__
+    if kind == "GeluBackward0":
+        fn, sources = _gelu(node._saved_approximate), (node._saved_self,)
+    elif kind == "NativeLayerNormBackward0":
+        fn = _layer_norm
+        sources = (node._saved_input, node._saved_weight, node._saved_bias, node._saved_result1, node._saved_result2)
+        if any(hasattr(t, "ds_id") for t in sources):
+            return (None,)
+    else:
+        return (None,)
+    # Detached: the same storage, but no graph edge to x's producer's inputs.
+    return (fn, *(None if t is None else t.detach() for t in sources))
+
+
+class ModeDownProjection(torch.autograd.Function):
+    """u = U · x per input block, keeping x or a recipe to rebuild it (:func:`rebuild_recipe`)."""
+
+    @staticmethod
+    def forward(ctx, x, U, rebuild, *sources):
+        rank, width = U.shape
+        ctx.rebuild, ctx.sources = rebuild, len(sources)
+        ctx.save_for_backward(U, *((x,) if rebuild is None else sources))
+        return (x.reshape(-1, width) @ U.t()).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, gu):
+        U, *kept = ctx.saved_tensors
+        rank, width = U.shape
+        gu2 = gu.reshape(-1, rank)
+        dx = dU = None
+        if ctx.needs_input_grad[0]:
+            dx = (gu2 @ U).view(*gu.shape[:-1], -1)
+        if ctx.needs_input_grad[1]:
+            x = kept[0] if ctx.rebuild is None else ctx.rebuild(*kept)
+            dU = gu2.t() @ x.reshape(-1, width)
+        return (dx, dU, None) + (None,) * ctx.sources
 
 
 class SharedModes:
