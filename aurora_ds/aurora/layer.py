@@ -178,7 +178,7 @@ class ModeUp(nn.Module):
         m = self.mode_matrices(coeffs, a, b).permute(1, 2, 0, 3).reshape(a * rank, b * rank).to(y.dtype)
         mask = None
         if dropout > 0:
-            mask = torch.empty(u.shape, dtype=torch.bool, device=u.device).bernoulli_(1.0 - dropout)
+            mask = torch.rand(u.shape, device=u.device) >= dropout  # rank-space sized: the draw is cheap
         return ModeUpdate.apply(y, u.to(y.dtype), m, self.V.to(y.dtype), mask, scale / (1.0 - dropout))
 
 

@@ -2,8 +2,8 @@
 
 * floor: the frozen backbone, forward + backward to the inputs (pixels and text embeddings), no
   optimizer; what any method that backpropagates through the backbone pays;
-* floor-nopix: the same without the gradient to the pixels (what an adapter needs: nothing
-  below the first adapted layer);
+* floor-nopix: the same without the patch convolution's gradient to the pixels (what an
+  adapter needs: nothing below the first adapted layer);
 * aurora: the paper's targets (R=4 tiny, R=32 base) with its defaults (GQT, ICE), AdamW step;
 * aurora-plain: the same adapted linears without GQT and ICE;
 * lora / lora-nodrop: peft LoRA on exactly the Aurora-adapted linears, rank chosen so its
@@ -114,6 +114,9 @@ def prepare(method: str, backbone: str, rank: int, dtype, device):
         model.requires_grad_(False)
         if hasattr(model, "text_encoder"):
             model.text_encoder.embeddings.word_embeddings.register_forward_hook(_embeddings_need_grad)
+        if method == "floor-nopix" and hasattr(model, "vision_model"):
+            # Backward through the whole vision tower still, but not the patch convolution's to the pixels.
+            model.vision_model.embeddings.patch_embedding.register_forward_hook(_embeddings_need_grad)
     elif method in ("aurora", "aurora-plain"):
         plain = {"gated_query": False, "context_enhancement": False} if method == "aurora-plain" else {}
         inject_aurora(model, AuroraConfig(rank=rank, backbone=backbone, **plain))
