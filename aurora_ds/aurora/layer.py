@@ -67,8 +67,10 @@ def rebuild_recipe(x: torch.Tensor) -> tuple:
     elementwise pass in backward instead of a stored activation per layer. Not for parameters
     ZeRO-3 partitions (they may be released when this node's backward runs) or while compiling.
     """
+    if torch.compiler.is_compiling():  # reading grad_fn would break the graph
+        return (None,)
     node = x.grad_fn
-    if node is None or x.output_nr != 0 or torch.compiler.is_compiling():
+    if node is None or x.output_nr != 0:
         return (None,)
     kind = type(node).__name__
     if kind == "GeluBackward0":
