@@ -152,7 +152,7 @@ def test_gradients_reach_only_aurora_and_loss_falls(name):
     handle.config.dropout = 0.0
     for f in handle.factors.values():
         if f.down is not None:
-            f.down.dropout.p = 0.0
+            f.down.dropout = 0.0
     batch = example_batch(spec, 2)
     # Targets from the same model with some other adapter: reachable, so the loss must fall.
     start = {n: p.detach().clone() for n, p in handle.named_aurora_parameters()}

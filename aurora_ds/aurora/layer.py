@@ -23,23 +23,135 @@ in its ``up`` part; a width that only ever feeds (or only receives) such layers 
 from __future__ import annotations
 
 import math
+import weakref
+from collections import OrderedDict
 
 import torch
 from torch import nn
 
 
 class ModeDown(nn.Module):
-    """u_i = dropout(U · x_i): the input blocks of width d into the rank-R mode space."""
+    """u_i = U · x_i: the input blocks of width d into the rank-R mode space.
+
+    ``dropout`` is the rate applied to u on each layer's rank-R path (by :class:`ModeUp`, so
+    that layers sharing one u still draw their own masks).
+    """
 
     def __init__(self, width: int, rank: int, dropout: float, **kw):
         super().__init__()
         self.U = nn.Parameter(torch.empty(rank, width, **kw))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
+        self.shared = SharedModes()
         nn.init.kaiming_uniform_(self.U, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor, a: int) -> torch.Tensor:
-        # .to(): a set may serve towers kept in different precisions (BLIP-2's fp32 Q-Former).
-        return self.dropout(x.unflatten(-1, (a, self.U.shape[1])).to(self.U.dtype) @ self.U.t())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., a*d) -> (..., a*R), in x's dtype (the factors are cast, never the activations)."""
+        return ModeDownProjection.apply(x, self.U.to(x.dtype), *rebuild_recipe(x))
+
+
+def _layer_norm(x, weight, bias, mean, rstd):
+    x = (x - mean) * rstd
+    x = x if weight is None else x * weight
+    return x if bias is None else x + bias
+
+
+def _gelu(approximate: str):
+    return lambda t: torch.nn.functional.gelu(t, approximate=approximate)
+
+
+def rebuild_recipe(x: torch.Tensor) -> tuple:
+    """(fn, *tensors) with fn(*tensors) == x from tensors x's own producer keeps for its backward
+    anyway (a LayerNorm's input and statistics, a GELU's input), or (None,) to keep x itself.
+
+    U's gradient needs x, which the frozen linear never keeps; rebuilding it costs one
+    elementwise pass in backward instead of a stored activation per layer. Not for parameters
+    ZeRO-3 partitions (they may be released when this node's backward runs) or while compiling.
+    """
+    if torch.compiler.is_compiling():  # reading grad_fn would break the graph
+        return (None,)
+    node = x.grad_fn
+    if node is None or x.output_nr != 0:
+        return (None,)
+    kind = type(node).__name__
+    if kind == "GeluBackward0":
+        fn, sources = _gelu(node._saved_approximate), (node._saved_self,)
+    elif kind == "NativeLayerNormBackward0":
+        fn = _layer_norm
+        sources = (node._saved_input, node._saved_weight, node._saved_bias, node._saved_result1, node._saved_result2)
+        if any(hasattr(t, "ds_id") for t in sources):
+            return (None,)
+    else:
+        return (None,)
+    # Detached: the same storage, but no graph edge to x's producer's inputs.
+    return (fn, *(None if t is None else t.detach() for t in sources))
+
+
+class ModeDownProjection(torch.autograd.Function):
+    """u = U · x per input block, keeping x or a recipe to rebuild it (:func:`rebuild_recipe`)."""
+
+    @staticmethod
+    def forward(ctx, x, U, rebuild, *sources):
+        rank, width = U.shape
+        ctx.rebuild, ctx.sources = rebuild, len(sources)
+        ctx.save_for_backward(U, *((x,) if rebuild is None else sources))
+        return (x.reshape(-1, width) @ U.t()).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, gu):
+        U, *kept = ctx.saved_tensors
+        rank, width = U.shape
+        gu2 = gu.reshape(-1, rank)
+        dx = dU = None
+        if ctx.needs_input_grad[0]:
+            dx = (gu2 @ U).view(*gu.shape[:-1], -1)
+        if ctx.needs_input_grad[1]:
+            x = kept[0] if ctx.rebuild is None else ctx.rebuild(*kept)
+            dU = gu2.t() @ x.reshape(-1, width)
+        return (dx, dU, None) + (None,) * ctx.sources
+
+
+class SharedModes:
+    """U · x once per input: q, k and v read one tensor; BLIP's cross-attention keys and values
+    all read the image tokens.
+
+    Keyed by where x lives and its version (and U's), and valid only while x's storage is alive
+    (a weak reference), so a freed and reused address never hits. Holds a few entries; sharing
+    is an optimisation only, so it is off while torch.compile traces (it would break the graph).
+    """
+
+    size = 8
+
+    def __init__(self):
+        self.entries: OrderedDict = OrderedDict()
+
+    def __getstate__(self):  # copies and pickles of the model start empty (weak references do not copy)
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    @staticmethod
+    def _key(x: torch.Tensor, U: torch.Tensor):
+        return (x.data_ptr(), x.storage_offset(), x.shape, x.stride(), x.dtype, x.device, x._version,
+                U._version, torch.is_grad_enabled())
+
+    def get(self, x: torch.Tensor, U: torch.Tensor) -> torch.Tensor | None:
+        if torch.compiler.is_compiling():
+            return None
+        entry = self.entries.get(self._key(x, U))
+        if entry is None or entry[0]() is None:
+            return None
+        return entry[1]
+
+    def put(self, x: torch.Tensor, U: torch.Tensor, u: torch.Tensor):
+        if torch.compiler.is_compiling():
+            return
+        self.entries[self._key(x, U)] = (weakref.ref(x.untyped_storage()), u)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+    def clear(self):
+        self.entries.clear()
 
 
 class ModeUp(nn.Module):
@@ -58,11 +170,61 @@ class ModeUp(nn.Module):
     def mode_matrices(self, coeffs: torch.Tensor, a: int, b: int) -> torch.Tensor:
         """M[j, i] = Σ_t C[:, :, t] · Λ[t, j*a + i], shape (b, a, R, R)."""
         rank = self.core.shape[0]
-        return torch.einsum("pqt,tk->kpq", self.core, coeffs).reshape(b, a, rank, rank)
+        return torch.einsum("pqt,tk->kpq", self.core, coeffs.to(self.core.dtype)).reshape(b, a, rank, rank)
 
-    def forward(self, u: torch.Tensor, coeffs: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        z = torch.einsum("...ip,jipq->...jq", u.to(self.V.dtype), self.mode_matrices(coeffs.to(self.V.dtype), a, b))
-        return (z @ self.V.t()).flatten(-2)
+    def forward(self, y: torch.Tensor, u: torch.Tensor, coeffs: torch.Tensor, a: int, b: int,
+                scale: float, dropout: float) -> torch.Tensor:
+        """y + scale · Δ, written into y (the frozen layer's fresh output)."""
+        rank = self.core.shape[0]
+        # All blocks at once: row (i, p), column (j, q) of one (a*R) x (b*R) matrix, once per call.
+        m = self.mode_matrices(coeffs, a, b).permute(1, 2, 0, 3).reshape(a * rank, b * rank).to(y.dtype)
+        mask = None
+        if dropout > 0:
+            mask = torch.rand(u.shape, device=u.device) >= dropout  # rank-space sized: the draw is cheap
+        return ModeUpdate.apply(y, u.to(y.dtype), m, self.V.to(y.dtype), mask, scale / (1.0 - dropout))
+
+
+class ModeUpdate(torch.autograd.Function):
+    """y += alpha · ((u ⊙ mask) · M) · Vᵀ as one node, in place, in y's dtype.
+
+    alpha = s / keep folds the scale and the dropout rescaling into the V GEMM, so no
+    full-width tensor is made besides y itself. Only rank-space tensors are kept (u, a boolean
+    mask); (u ⊙ mask) · M is recomputed in backward, which is cheaper than keeping it.
+    """
+
+    @staticmethod
+    def forward(ctx, y, u, m, V, mask, alpha):
+        ar, br = m.shape
+        rank = V.shape[1]
+        ud = u.reshape(-1, ar) if mask is None else u.reshape(-1, ar) * mask.reshape(-1, ar)
+        z = ud @ m
+        ctx.save_for_backward(u, m, V, mask)
+        ctx.alpha = alpha
+        if torch.compiler.is_compiling():  # inductor fuses the add itself; traced in-place writes break its backward
+            return torch.addmm(y.view(-1, V.shape[0]), z.view(-1, rank), V.t(), alpha=alpha).view(y.shape)
+        y.view(-1, V.shape[0]).addmm_(z.view(-1, rank), V.t(), alpha=alpha)
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        u, m, V, mask = ctx.saved_tensors
+        ar, br = m.shape
+        rank = V.shape[1]
+        ud = u.reshape(-1, ar) if mask is None else u.reshape(-1, ar) * mask.reshape(-1, ar)
+        g2 = g.reshape(-1, V.shape[0])
+        gz = (g2 @ V).mul_(ctx.alpha).view(-1, br)
+        du = dm = dV = None
+        if ctx.needs_input_grad[1]:
+            du = gz @ m.t()
+            if mask is not None:
+                du.mul_(mask.reshape(-1, ar))
+            du = du.view(u.shape)
+        if ctx.needs_input_grad[2]:
+            dm = ud.t() @ gz
+        if ctx.needs_input_grad[3]:
+            dV = (g2.t() @ (ud @ m).view(-1, rank)).mul_(ctx.alpha)
+        return g, du, dm, dV, None, None
 
 
 class AuroraFactors(nn.Module):
@@ -97,6 +259,11 @@ class AuroraLinear(nn.Module):
     ``source`` is the factor set of the input width, ``target`` that of the output width (the
     same set for a layer made of square blocks). The layer sits at the original attribute
     path, so the backbone's own code calls it unchanged.
+
+    Three nodes per call: the frozen linear (its own module, so ZeRO-3 gathers W there), U · x
+    (shared by layers reading the same x) and the rest of the update accumulated into the
+    frozen output in place (:class:`ModeUpdate`). The frozen linear keeps no input; U · x
+    keeps x once per input, for U's gradient.
     """
 
     def __init__(self, base: nn.Linear, source: AuroraFactors, target: AuroraFactors, scale: float = 1.0):
@@ -138,8 +305,13 @@ class AuroraLinear(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
-        delta = self.target.up(self.source.down(x, self.a), self.coeffs, self.a, self.b)
-        return y + self.scale * delta.to(y.dtype)
+        down = self.source.down
+        u = down.shared.get(x, down.U)
+        if u is None:
+            u = down(x)
+            down.shared.put(x, down.U, u)
+        dropout = down.dropout if self.training else 0.0
+        return self.target.up(y, u, self.coeffs, self.a, self.b, self.scale, dropout)
 
     def delta_weight(self) -> torch.Tensor:
         """The full update ``(b*d_out) x (a*d_in)``, ΔW_ji = V · M_ijᵀ · U, for merging."""

@@ -2,15 +2,25 @@
 
 * floor: the frozen backbone, forward + backward to the inputs (pixels and text embeddings), no
   optimizer; what any method that backpropagates through the backbone pays;
+* floor-nopix: the same without the patch convolution's gradient to the pixels (what an
+  adapter needs: nothing below the first adapted layer);
 * aurora: the paper's targets (R=4 tiny, R=32 base) with its defaults (GQT, ICE), AdamW step;
-* lora: peft LoRA on exactly the Aurora-adapted linears, rank chosen so its trainable count is
-  closest to Aurora's (rank r on an out x in linear costs r * (in + out)), AdamW step;
+* aurora-plain: the same adapted linears without GQT and ICE;
+* lora / lora-nodrop: peft LoRA on exactly the Aurora-adapted linears, rank chosen so its
+  trainable count is closest to Aurora's (rank r on an out x in linear costs r * (in + out)),
+  with the usual lora_dropout=0.1 (peft drops out the full-width input) and with 0;
+* vera: peft VeRA on the same linears (rank 256, its paper's default);
 * full: every parameter trained, AdamW step.
 
-Loss = sum of squared features of ``forward_features``. Each configuration runs in its own fresh
-process, so peak memory is its own: on CPU the growth of peak RSS (ru_maxrss) over the RSS right
-after building the model and batch; on a GPU ``max_memory_allocated`` over what was allocated
-then. Figures are reported as ratios measured side by side in one run.
+Loss = sum of squared features of ``forward_features``. Time: every configuration is built once
+in one process and timed interleaved round by round (A B C, C B A, ...) on the same inputs with
+the thread count pinned, so a neighbour's load hits all of them alike; the report gives the
+median of per-round ratios and their spread, for CPU time (time.process_time) beside wall
+time: on shared cores a neighbour's load moves wall time far more than CPU time. Memory: on CPU
+each configuration runs again in its own fresh process (peak RSS only grows, so one process
+cannot measure several): the peak RSS of its steps (VmHWM, reset after the build, whose
+transients are larger than a step's) over the RSS right after building the model and batch; on a GPU ``max_memory_allocated`` over what was allocated before that configuration's
+step, in the timing process itself.
 """
 
 import json
@@ -22,23 +32,26 @@ import time
 
 from .report import bar_chart, cli_config, fmt, machine, ratio, table, write
 
-METHODS = ("floor", "aurora", "lora", "full")
+METHODS = ("floor", "floor-nopix", "aurora", "aurora-plain", "lora", "lora-nodrop", "vera", "full")
 SIZES = {"tiny": ("blip-tiny-retrieval", 4), "base": ("blip-base-retrieval", 32)}
+VERA_RANK = 256
 
 
 def add_arguments(p):
     p.add_argument("--out", required=True, help="folder for step.json, step.md and step_*.png")
     p.add_argument("--sizes", default="tiny,base", help=f"comma-separated, from {sorted(SIZES)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (every configuration once per round)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the timed process (CPU)")
     p.add_argument("--image-size", type=int, default=0, help="cap on the image size; 0 = the backbone's (384 for base: slow on CPU)")
     p.add_argument("--seq-len", type=int, default=12)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
-                   help="all configurations in this process: faster, but no CPU memory figures (peak RSS "
-                        "never goes down, so only the first would be right); GPU figures stay valid")
+                   help="no fresh processes: faster, but no CPU memory figures (peak RSS never goes down); "
+                        "GPU memory figures stay valid")
 
 
 def aurora_targets(backbone: str, rank: int):
@@ -60,15 +73,27 @@ def matched_lora_rank(target_count: int, width: int) -> int:
     return min((low, low + 1), key=lambda r: abs(r * width - target_count))
 
 
+def _peft():
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError("the LoRA and VeRA baselines need peft, an optional extra: pip install 'aurora_ds[bench]' "
+                          f"(or pip install peft) [{e}]") from None
+    return peft
+
+
 def inject_lora(model, names: list[str], rank: int, dropout: float = 0.1):
     """peft LoRA on exactly ``names``; only the LoRA matrices stay trainable."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as e:
-        raise ImportError("the LoRA baseline needs peft, an optional extra: pip install 'aurora_ds[bench]' "
-                          f"(or pip install peft) [{e}]") from None
+    peft = _peft()
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=names)
+    return peft.inject_adapter_in_model(config, model)
 
-    return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=names), model)
+
+def inject_vera(model, names: list[str], rank: int = VERA_RANK):
+    """peft VeRA on exactly ``names`` (shared frozen random A, B; trained scaling vectors). Returns
+    peft's wrapper, which owns the shared A and B (it hands attribute look-ups to the model)."""
+    peft = _peft()
+    return peft.get_peft_model(model, peft.VeraConfig(r=rank, target_modules=names))
 
 
 def _embeddings_need_grad(module, inputs, output):
@@ -85,88 +110,158 @@ def prepare(method: str, backbone: str, rank: int, dtype, device):
     torch.manual_seed(0)
     model = build_backbone(backbone, dtype=dtype).to(device)
     info = {}
-    if method == "floor":
+    if method in ("floor", "floor-nopix"):
         model.requires_grad_(False)
         if hasattr(model, "text_encoder"):
             model.text_encoder.embeddings.word_embeddings.register_forward_hook(_embeddings_need_grad)
-    elif method == "aurora":
-        inject_aurora(model, AuroraConfig(rank=rank, backbone=backbone))
-    elif method == "lora":
+        if method == "floor-nopix" and hasattr(model, "vision_model"):
+            # Backward through the whole vision tower still, but not the patch convolution's to the pixels.
+            model.vision_model.embeddings.patch_embedding.register_forward_hook(_embeddings_need_grad)
+    elif method in ("aurora", "aurora-plain"):
+        plain = {"gated_query": False, "context_enhancement": False} if method == "aurora-plain" else {}
+        inject_aurora(model, AuroraConfig(rank=rank, backbone=backbone, **plain))
+    elif method in ("lora", "lora-nodrop"):
         names, width, aurora_count = aurora_targets(backbone, rank)
         info["lora_rank"] = matched_lora_rank(aurora_count, width)
-        inject_lora(model, names, info["lora_rank"])
+        inject_lora(model, names, info["lora_rank"], 0.1 if method == "lora" else 0.0)
+    elif method == "vera":
+        names, _, _ = aurora_targets(backbone, rank)
+        model = inject_vera(model, names)
+        info["vera_rank"] = VERA_RANK
     elif method != "full":
         raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
     model.train()
     return model, info
 
 
-def measure(job: dict) -> dict:
-    """One configuration in this (fresh) process: step times and peak memory growth."""
+class Config:
+    """One configuration, built and ready to step on the shared batch."""
+
+    def __init__(self, job: dict, method: str, batch: dict, spec):
+        import torch
+
+        from aurora_ds.engine.config import PRECISIONS
+
+        self.method, self.spec, self.batch = method, spec, batch
+        self.model, self.info = prepare(method, job["backbone"], job["rank"], PRECISIONS[job["precision"]],
+                                        torch.device(job["device"]))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5) if self.params else None
+
+    def step(self):
+        from aurora_ds.backbones import forward_features
+
+        pixels = self.batch["pixel_values"].detach().requires_grad_(self.method == "floor")
+        feats = forward_features(self.model, self.spec, {**self.batch, "pixel_values": pixels})
+        sum(f.float().pow(2).sum() for f in feats.values()).backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def row(self, job: dict) -> dict:
+        return {**{k: job[k] for k in ("size", "backbone")}, "method": self.method,
+                "trainable": sum(p.numel() for p in self.params),
+                "total": sum(p.numel() for p in self.model.parameters()), **self.info}
+
+
+def _setup(job: dict):
     import dataclasses
 
     import torch
 
-    from aurora_ds.backbones import example_batch, forward_features, get_spec
+    from aurora_ds.backbones import example_batch, get_spec
 
-    from aurora_ds.engine.config import PRECISIONS
-
-    from .report import current_rss_mb, peak_rss_mb
-
-    device = torch.device(job["device"])
-    dtype = PRECISIONS[job["precision"]]
+    if job["device"] == "cpu":
+        torch.set_num_threads(job["threads"])
     spec = get_spec(job["backbone"])
     if job["image_size"]:  # a cap: smaller images use the first position embeddings; larger would not fit
         spec = dataclasses.replace(spec, image_size=min(job["image_size"], spec.image_size))
-    model, info = prepare(job["method"], job["backbone"], job["rank"], dtype, device)
-    batch = {k: v.to(device) for k, v in example_batch(spec, job["batch"], job["seq_len"]).items()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
-    cuda = device.type == "cuda"
+    torch.manual_seed(1)
+    batch = {k: v.to(job["device"]) for k, v in example_batch(spec, job["batch"], job["seq_len"]).items()}
+    return spec, batch
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
 
-    def step():
-        pixels = batch["pixel_values"].detach().requires_grad_(job["method"] == "floor")
-        feats = forward_features(model, spec, {**batch, "pixel_values": pixels})
-        sum(f.float().pow(2).sum() for f in feats.values()).backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    rss_after_build, peak_after_build = current_rss_mb(), peak_rss_mb()
-    for _ in range(job["warmup"]):
-        step()
-    times = []
-    for _ in range(job["steps"]):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**20 - base
-    else:
-        peak = peak_rss_mb() - rss_after_build if job["isolated"] else None
-    median = statistics.median(times)
-    return {
-        **{k: job[k] for k in ("size", "backbone", "method")},
-        "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters()),
-        "step_s": median, "step_times_s": times, "samples_per_s": job["batch"] / median,
-        "peak_memory_mb": peak, "memory_measure": "cuda max_memory_allocated - after build" if cuda
-        else "ru_maxrss - RSS after build", "rss_after_build_mb": rss_after_build,
-        "peak_rss_after_build_mb": peak_after_build, **info,
-    }
+
+def measure_interleaved(job: dict, methods: list[str]) -> list[dict]:
+    """Every configuration in this process, timed round by round in alternating order."""
+    import torch
+
+    spec, batch = _setup(job)
+    cuda = job["device"] == "cuda"
+    configs, rows = [], []
+    for method in methods:
+        try:
+            configs.append(Config(job, method, batch, spec))
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot run here is reported, not fatal
+            if method in ("floor", "aurora"):
+                raise
+            rows.append({"size": job["size"], "backbone": job["backbone"], "method": method,
+                         "skipped": f"{type(e).__name__}: {e}"[:300]})
+            print(f"[step] {job['size']} {method}: skipped ({rows[-1]['skipped']})", flush=True)
+    wall = {c.method: [] for c in configs}
+    cpu = {c.method: [] for c in configs}
+    peak = {c.method: 0.0 for c in configs}
+    for r in range(job["warmup"] + job["steps"]):
+        for c in configs if r % 2 == 0 else configs[::-1]:
+            if cuda:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            t0, c0 = time.perf_counter(), time.process_time()
+            c.step()
+            if cuda:
+                torch.cuda.synchronize()
+                peak[c.method] = max(peak[c.method], (torch.cuda.max_memory_allocated() - base) / 2**20)
+            if r >= job["warmup"]:
+                wall[c.method].append(time.perf_counter() - t0)
+                cpu[c.method].append(time.process_time() - c0)
+    for c in configs:
+        w = wall[c.method]
+        rows.append({**c.row(job), "step_s": statistics.median(w), "step_times_s": w,
+                     "cpu_s": statistics.median(cpu[c.method]), "cpu_times_s": cpu[c.method], "samples_per_s": job["batch"] / statistics.median(w),
+                     "peak_memory_mb": peak[c.method] if cuda else None,
+                     "memory_measure": "cuda max_memory_allocated - before the step" if cuda else None})
+    order = {m: i for i, m in enumerate(methods)}
+    return sorted(rows, key=lambda row: order[row["method"]])
+
+
+def _reset_peak_rss() -> bool:
+    """Start the kernel's peak-RSS record (VmHWM) afresh, where Linux allows it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def measure_memory(job: dict) -> dict:
+    """Peak memory growth of one configuration's steps, in this (fresh) process: the peak RSS
+    record is reset after building, so a transient of the build does not count."""
+    from .report import current_rss_mb, peak_rss_mb
+
+    spec, batch = _setup(job)
+    config = Config(job, job["method"], batch, spec)
+    rss_after_build = current_rss_mb()
+    reset = _reset_peak_rss()
+    for _ in range(max(1, job["warmup"]) + 1):
+        config.step()
+    peak = _vm_hwm_mb() if reset else peak_rss_mb()
+    return {"method": job["method"], "peak_memory_mb": peak - rss_after_build,
+            "memory_measure": ("VmHWM (reset after build)" if reset else "ru_maxrss") + " - RSS after build",
+            "rss_after_build_mb": rss_after_build}
 
 
 def run_isolated(job: dict) -> dict:
-    """``measure(job)`` in a fresh interpreter; its result is the last line it prints."""
+    """``measure_memory(job)`` in a fresh interpreter; its result is the last line it prints."""
     env = dict(os.environ)
     # Return freed buffers to the OS, so RSS after build is what the model really holds.
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
@@ -179,37 +274,57 @@ def run_isolated(job: dict) -> dict:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Aurora's time and memory over each competitor's, per size."""
+    """Per size, each configuration over the floor and Aurora over each competitor: the median of
+    per-round time ratios with their min and max, CPU-time and memory ratios."""
     out = {}
     for size in dict.fromkeys(r["size"] for r in rows):
-        by = {r["method"]: r for r in rows if r["size"] == size}
-        out[size] = {key: {f"aurora/{m}": ratio(by["aurora"][key], by[m][key]) for m in METHODS if m != "aurora"}
-                     for key in ("step_s", "peak_memory_mb")}
-        out[size]["trainable"] = {m: by[m]["trainable"] for m in METHODS}
+        by = {r["method"]: r for r in rows if r["size"] == size and "skipped" not in r}
+        pairs = [(m, "floor") for m in by if m != "floor"] + [("aurora", m) for m in by if m not in ("aurora", "floor")]
+        out[size] = {}
+        for a, b in pairs:
+            out[size][f"{a}/{b}"] = {
+                key: _spread([x / y for x, y in zip(by[a][f"{times}_times_s"], by[b][f"{times}_times_s"])])
+                for key, times in (("time", "step"), ("cpu_time", "cpu"))}
+            out[size][f"{a}/{b}"]["memory"] = ratio(by[a]["peak_memory_mb"], by[b]["peak_memory_mb"])
+        out[size]["trainable"] = {m: r["trainable"] for m, r in by.items()}
     return out
 
 
+def _label(r: dict) -> str:
+    extra = [f"r={r[k]}" for k in ("lora_rank", "vera_rank") if k in r]
+    return r["method"] + (f" ({', '.join(extra)})" if extra else "")
+
+
 def markdown(results: dict) -> str:
-    rows = [[r["size"], r["method"] + (f" (r={r['lora_rank']})" if "lora_rank" in r else ""),
-             f"{r['trainable']:,}", f"{r['step_s']:.3f}", f"{r['samples_per_s']:.2f}", fmt(r["peak_memory_mb"], ".0f")]
+    rows = [[r["size"], _label(r), "skipped: " + r["skipped"], "", "", "", ""] if "skipped" in r else
+            [r["size"], _label(r), f"{r['trainable']:,}", f"{r['step_s']:.3f}", f"{r['cpu_s']:.3f}",
+             f"{r['samples_per_s']:.2f}", fmt(r["peak_memory_mb"], ".0f")]
             for r in results["runs"]]
-    text = table(["size", "method", "trainable", "step s (median)", "samples/s", "peak memory MB"], rows)
-    ratio_rows = [[size, key, *(fmt(v, ".2f", "x") for v in r[key].values())]
-                  for size, r in results["ratios"].items() for key in ("step_s", "peak_memory_mb")]
-    text += "\n" + table(["size", "measure", "Aurora/floor", "Aurora/LoRA", "Aurora/full"], ratio_rows)
-    m = results["machine"]
+    text = table(["size", "method", "trainable", "step s (median)", "CPU s (median)", "samples/s", "peak memory MB"], rows)
+    def spread(v):
+        return f"{v['median']:.3f} ({v['min']:.3f}–{v['max']:.3f})"
+
+    ratio_rows = [[size, pair, spread(v["time"]), spread(v["cpu_time"]), fmt(v["memory"], ".3f")]
+                  for size, r in results["ratios"].items() for pair, v in r.items() if pair != "trainable"]
+    text += "\n" + table(["size", "ratio", "wall time: median of rounds (min–max)", "CPU time: the same",
+                          "peak memory"], ratio_rows)
+    m, c = results["machine"], results["config"]
     return text + f"\nMachine: {m['cpus_usable']} usable CPUs, torch {m['torch']}, device {m['device']}, " \
-                  f"{results['config']['precision']}.\n"
+                  f"{c['precision']}, batch {c['batch']}, {c['steps']} interleaved rounds, " \
+                  f"{c['threads'] if c['device'] == 'cpu' else 'n/a'} threads.\n"
 
 
 def plot(results: dict, out: str) -> list[str]:
-    """Time and memory of each method relative to the floor, one bar group per size."""
+    """Time and memory of each configuration relative to the floor, one bar group per size."""
     sizes = list(results["ratios"])
-    by = {(r["size"], r["method"]): r for r in results["runs"]}
+    methods = list(dict.fromkeys(r["method"] for r in results["runs"] if "skipped" not in r and r["method"] != "floor"))
     paths = []
-    for key, label in (("step_s", "step time"), ("peak_memory_mb", "peak memory")):
-        series = {m: [ratio(by[s, m][key], by[s, "floor"][key]) for s in sizes] for m in METHODS}
-        path = os.path.join(out, f"step_{'time' if key == 'step_s' else 'memory'}.png")
+    for key, label in (("time", "step time"), ("memory", "peak memory")):
+        series = {}
+        for m in methods:
+            values = [results["ratios"][s].get(f"{m}/floor", {}).get(key) for s in sizes]
+            series[m] = [v["median"] if isinstance(v, dict) else v for v in values]
+        path = os.path.join(out, f"step_{key}.png")
         bar_chart(path, sizes, series, f"{label} / floor", f"{label} relative to the frozen-backbone floor")
         paths.append(path)
     return paths
@@ -225,16 +340,23 @@ def run(args):
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         raise SystemExit(f"unknown sizes {unknown}; known: {sorted(SIZES)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not {"floor", "aurora"} <= set(methods) or set(methods) - set(METHODS):
+        raise SystemExit(f"--methods must include floor and aurora, from {list(METHODS)}")
     rows = []
     for size in sizes:
         backbone, rank = SIZES[size]
-        for method in METHODS:
-            job = {"size": size, "backbone": backbone, "rank": rank, "method": method, "device": device,
-                   "precision": args.precision, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-                   "image_size": args.image_size, "seq_len": args.seq_len, "isolated": args.isolate}
-            rows.append(run_isolated(job) if args.isolate else measure(job))
-            print(f"[step] {size} {method}: {rows[-1]['step_s']:.3f} s/step, "
-                  f"{fmt(rows[-1]['peak_memory_mb'], '.0f', ' MB')}, {rows[-1]['trainable']:,} trainable", flush=True)
+        job = {"size": size, "backbone": backbone, "rank": rank, "device": device, "precision": args.precision,
+               "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+               "image_size": args.image_size, "seq_len": args.seq_len}
+        timed = measure_interleaved(job, methods)
+        for row in timed:
+            if args.isolate and device == "cpu" and "skipped" not in row:
+                row.update(run_isolated({**job, "method": row["method"]}))
+            if "skipped" not in row:
+                print(f"[step] {size} {row['method']}: {row['step_s']:.3f} s/step (CPU {row['cpu_s']:.3f} s), "
+                      f"{fmt(row['peak_memory_mb'], '.0f', ' MB')}, {row['trainable']:,} trainable", flush=True)
+        rows += timed
     results = {"machine": machine(), "config": {**cli_config(args), "device": device}, "runs": rows,
                "ratios": summarise(rows)}
     os.makedirs(args.out, exist_ok=True)
@@ -245,4 +367,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(json.loads(sys.argv[1]))))
+    print(json.dumps(measure_memory(json.loads(sys.argv[1]))))
