@@ -299,10 +299,10 @@ def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shar
     """The engine's answer list and tokenizer corpus come from shard_format's one reader."""
     from types import SimpleNamespace
 
-    from aurora_ds.engine.data import _shard_texts, answer_list
+    from aurora_ds.engine.data import shard_texts, answer_list
 
     samples = shard_factory.vqa(5)
     spec = shard_factory.write(samples, str(tmp_path), "vqa", per_shard=2, kind="image_qa")
     assert answer_list(SimpleNamespace(eval=SimpleNamespace(answer_list=""), data=SimpleNamespace(train_shards=spec))) == ["cat", "dog"]
     want = [t for s in samples for q in s["json"]["questions"] for t in [q["question"], *q["answers"]]]
-    assert list(_shard_texts(spec)) == want
+    assert list(shard_texts(spec)) == want

@@ -33,7 +33,7 @@ def loader_config(cfg, image_size: int, train: bool):
     )
 
 
-def _shard_texts(spec: str):
+def shard_texts(spec: str):
     """Every caption, question and answer in the shards: what a local tokenizer is trained on.
 
     The text lives only in the samples' json (a manifest holds counts and checksums), so this
@@ -82,7 +82,7 @@ def resolve_tokenizer(cfg, vocab_size: int):
         return load_tokenizer(source[1], source[0])
     path = RunDir(cfg.output.dir).tokenizer
     if world()[0] == 0 and not (path / "tokenizer.json").exists():
-        train_tokenizer(_shard_texts(cfg.data.train_shards), vocab_size, path)
+        train_tokenizer(shard_texts(cfg.data.train_shards), vocab_size, path)
     barrier()
     return load_tokenizer(path)
 

@@ -89,7 +89,8 @@ def build_model(cfg, ds_config):
     if cfg.backbone.train_heads and spec.trained_heads:
         handle.train_modules(list(spec.trained_heads))
     if cfg.engine.activation_checkpointing:
-        # Only non-reentrant checkpointing works with factors shared across modules (FIELD-NOTES).
+        # Only non-reentrant checkpointing works with factors shared across modules: reentrant checkpointing
+        # trips ZeRO-3 (duplicate parameter ids in a gradient bucket).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.disable_input_require_grads()
     return spec, model, handle, keep_alive
