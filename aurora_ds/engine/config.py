@@ -70,6 +70,7 @@ class DataSection:
     frame_sampling: str = "uniform"  # uniform | random | headtail
     max_words: int = 30
     num_workers: int = 2
+    shuffle_buffer: int = 1000  # training items held for shuffling per loader worker (<= 1: none)
 
     def __post_init__(self):
         _choice("data", "source", self.source, ("shards", "synthetic"))
