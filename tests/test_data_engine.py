@@ -129,6 +129,8 @@ def test_killed_run_on_real_shards_resumes_exactly(tiny_checkpoint, shard_factor
     resumed_from = int(complete[-1].name.split("_")[1])
     assert resumed_from < total
 
+    (out / "checkpoints" / "step_000001").mkdir()  # a half-written checkpoint: ignored, then pruned
+    (out / "checkpoints" / "step_000001" / "client_state.pt").write_bytes(b"partial")
     log = _run(2, _args(tiny_checkpoint, shards, out, *extra) + ["--resume", "auto"], tmp_path / "resume.log",
                trace=tmp_path / "trace_resumed")
     assert f"at step {resumed_from}" in log
@@ -136,6 +138,7 @@ def test_killed_run_on_real_shards_resumes_exactly(tiny_checkpoint, shard_factor
     assert [h["step"] for h in resumed] == list(range(1, total + 1))  # the summary covers the whole run
     for got, want in zip(resumed, expected):
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), (got, want)
+    assert not (out / "checkpoints" / "step_000001").exists()
     seen = _trace(tmp_path / "trace_killed", upto=resumed_from) + _trace(tmp_path / "trace_resumed")
     assert seen == full_trace
 
