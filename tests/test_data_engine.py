@@ -155,11 +155,11 @@ def test_one_shard_two_ranks_trains_without_max_steps(tiny_checkpoint, shard_fac
 
 @pytest.mark.timeout(400)
 def test_all_samples_skipped_stops_within_seconds(tiny_checkpoint, shard_factory, tmp_path):
-    """Shards whose samples all lack their json: no hang, no spinning through empty epochs, but an
+    """Shards whose samples all fail to decode: no hang, no spinning through empty epochs, but an
     error naming the rank, its shards and the remedy (with --max-steps, and without: no manifest)."""
     samples = shard_factory.coco(8, prefix="bad")
     for s in samples:
-        del s["json"]
+        s["jpg"] = b"not a jpeg"
     shards = shard_factory.write(samples, str(tmp_path / "shards"), "bad", per_shard=4, manifest=False)
     t0 = time.time()
     log = _run(2, _args(tiny_checkpoint, shards, tmp_path / "run", "optim.max_steps=50"), tmp_path / "run.log",

@@ -347,13 +347,13 @@ def test_one_shard_two_ranks_both_get_data(tmp_path, shard_factory, word_tokeniz
 def test_all_samples_skipped_is_an_error_not_an_empty_epoch(tmp_path, shard_factory, word_tokenizer, monkeypatch):
     samples = shard_factory.coco(6)
     for s in samples:
-        del s["json"]
+        s["jpg"] = b"not a jpeg"
     spec = shard_factory.write(samples, str(tmp_path), "skip", per_shard=3, manifest=False)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     loader = build_loader(spec, cfg(num_workers=2), word_tokenizer)
     with pytest.raises(EmptyEpochError, match=r"epoch 0 gave no training batch on rank 1: rank 1 of 2 reads 2 of 2 "
-                                              r"shard.*skip-0000.*missing_field.*Remedy"):
+                                              r"shard.*skip-0000.*decode_image.*Remedy"):
         list(loader)
 
 
@@ -364,3 +364,53 @@ def test_shard_named_twice(coco, word_tokenizer, caplog):
         build_loader(twice, cfg(), None, mode="eval")
     build_loader(twice, cfg(), word_tokenizer)
     assert "training spec names 1 shard(s) more than once" in caplog.text
+
+
+def write_img2dataset(samples, folder, per_shard, extra=None):
+    """Shards as img2dataset writes them: {key}.jpg + {key}.txt + {key}.json, {shard}_stats.json, sizes.json."""
+    import webdataset as wds
+
+    os.makedirs(folder, exist_ok=True)
+    sizes = {}
+    for n, i in enumerate(range(0, len(samples), per_shard)):
+        name = "%05d.tar" % n
+        with wds.TarWriter(os.path.join(folder, name), encoder=False) as writer:
+            for j, s in enumerate(samples[i:i + per_shard]):
+                key = "%05d%04d" % (n, j)
+                member = {"__key__": key, "jpg": s["jpg"], "txt": s["json"]["captions"][0].encode(),
+                          "json": json.dumps({"key": key, "caption": s["json"]["captions"][0], "status": "success",
+                                              "url": "http://example/%s.jpg" % key}).encode()}
+                member.update(extra or {})
+                writer.write(member)
+        with open(os.path.join(folder, "%05d_stats.json" % n), "w") as f:
+            json.dump({"count": per_shard, "successes": len(samples[i:i + per_shard])}, f)
+        sizes[name] = len(samples[i:i + per_shard])
+    with open(os.path.join(folder, "sizes.json"), "w") as f:
+        json.dump(sizes, f)
+    return "%s/{00000..%05d}.tar" % (folder, len(sizes) - 1)
+
+
+@pytest.mark.timeout(120)
+def test_img2dataset_layout_trains_and_evaluates(tmp_path, shard_factory, word_tokenizer):
+    samples = shard_factory.coco(10)
+    spec = write_img2dataset(samples, str(tmp_path / "i2d"), per_shard=4)
+    loader = build_loader(spec, cfg(num_workers=2, batch_size=3), word_tokenizer)
+    assert len(loader) == 4  # from sizes.json: 4+4+2 samples over 2 workers
+    pairs = sorted((m, c) for b in loader for m, c in zip(b["media_id"], b["caption"]))
+    assert len(pairs) == 10 and loader.faults() == {}
+    assert ("000000000", pre_caption(samples[0]["json"]["captions"][0])) in pairs
+    ev = [c for b in build_loader(spec, cfg(num_workers=0), None, mode="eval") for c in b["captions"]]
+    assert ev == [[pre_caption(s["json"]["captions"][0])] for s in samples]
+
+
+@pytest.mark.timeout(120)
+def test_unsupported_layout_fails_on_the_first_sample(tmp_path, shard_factory, word_tokenizer):
+    import webdataset as wds
+
+    os.makedirs(tmp_path / "odd")
+    with wds.TarWriter(str(tmp_path / "odd" / "x-0.tar"), encoder=False) as writer:
+        for i, s in enumerate(shard_factory.coco(3)):
+            writer.write({"__key__": "k%d" % i, "jpg": s["jpg"], "cls": b"3"})
+    with pytest.raises(ShardError, match=r"x-0\.tar is in a layout the loader cannot read: first sample 'k0' "
+                                         r"holds \['cls', 'jpg'\]; expected .*json with 'captions'.*txt"):
+        list(build_loader(str(tmp_path / "odd" / "x-0.tar"), cfg(num_workers=1), word_tokenizer))

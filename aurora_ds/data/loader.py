@@ -240,12 +240,20 @@ def sample_items(sample, cfg, train, rng):
     if ext is None:
         exts = shard_format.IMAGE_EXTS if cfg.media == "image" else shard_format.VIDEO_EXTS
         raise SampleError("missing_field", "no %s member" % "/".join(exts))
-    if shard_format.JSON not in sample:
+    if sample.get("__layout__") == shard_format.IMG2DATASET:
+        if shard_format.TXT not in sample:
+            raise SampleError("missing_field", "no txt member")
+        try:
+            meta = shard_format.img2dataset_meta(sample)
+        except UnicodeDecodeError as exn:
+            raise SampleError("bad_text", str(exn))
+    elif shard_format.JSON not in sample:
         raise SampleError("missing_field", "no json member")
-    try:
-        meta = json.loads(sample[shard_format.JSON])
-    except ValueError as exn:
-        raise SampleError("bad_json", str(exn))
+    else:
+        try:
+            meta = json.loads(sample[shard_format.JSON])
+        except ValueError as exn:
+            raise SampleError("bad_json", str(exn))
     key = sample[shard_format.KEY]
     base = {"__shard__": sample["__shard__"], "__key__": key, "media": sample[ext],
             "media_id": str(meta.get("id", key))}
@@ -278,8 +286,16 @@ def sample_items(sample, cfg, train, rng):
 def expand_items(samples, cfg, train, epoch, ledger):
     """Items with their own seed: the random choices made for an item (caption, crop, frames)
     depend on the seed, the epoch and the item, never on which worker or when it is read."""
+    layouts = {}
     for sample in samples:
-        seed = derive_seed(cfg.seed, epoch, sample["__shard__"], sample.get(shard_format.KEY))
+        shard = sample["__shard__"]
+        if shard not in layouts:  # a shard's layout is judged on its first sample
+            try:
+                layouts[shard] = shard_format.detect_layout(sample, cfg.media, cfg.task)
+            except ValueError as exn:
+                raise ShardError("shard %s is in a layout the loader cannot read: %s" % (shard, exn)) from None
+        sample["__layout__"] = layouts[shard]
+        seed = derive_seed(cfg.seed, epoch, shard, sample.get(shard_format.KEY))
         try:
             items = sample_items(sample, cfg, train, random.Random(seed))
         except SampleError as exn:
