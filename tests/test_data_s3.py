@@ -134,3 +134,26 @@ def test_stopped_endpoint_fails_naming_shard(fault_server):
     assert rc == 3, out
     assert re.search(r"ERROR ShardError cannot read shard s3://aurora-faults/f/f-\d{6}\.tar", out), out
     assert seconds < 60, (seconds, out)
+
+
+@pytest.mark.timeout(120)
+def test_s3_errors_name_url_bucket_and_endpoint(s3_server, monkeypatch):
+    storage.write_bytes(f"s3://{s3_server.bucket}/err/x.tar", b"data")
+    with pytest.raises(storage.S3Error, match=r"s3://no-such-bucket/x\.tar: bucket 'no-such-bucket' does not exist at http"):
+        storage.read_bytes("s3://no-such-bucket/x.tar")
+    with pytest.raises(FileNotFoundError, match=r"s3://%s/err/missing\.tar: no such object in bucket" % s3_server.bucket):
+        storage.read_bytes(f"s3://{s3_server.bucket}/err/missing.tar")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(storage.S3Error, match=r"s3://%s/err/x\.tar: access to bucket '%s' at .* is forbidden"
+                       % (s3_server.bucket, s3_server.bucket)):
+        storage.read_bytes(f"s3://{s3_server.bucket}/err/x.tar")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    with pytest.raises(storage.S3Error, match=r"s3://%s/err/x\.tar: cannot reach the S3 endpoint http://127\.0\.0\.1:%d"
+                       % (s3_server.bucket, port)):
+        storage.read_bytes(f"s3://{s3_server.bucket}/err/x.tar")
