@@ -55,6 +55,7 @@ def test_aurora_section_is_the_adapter_config_and_ranks_are_mappings():
     (["output.save_every=-1"], "output.save_every must be >= 0"),
     (["output.log_every=0"], "output.log_every must be > 0, got 0"),
     (["data.num_workers=-1"], "data.num_workers must be >= 0"),
+    (["engine.collective_timeout_s=0"], "engine.collective_timeout_s must be > 0"),
 ])
 def test_errors_name_the_key_and_list_the_known_ones(overrides, message):
     with pytest.raises(ValueError) as e:

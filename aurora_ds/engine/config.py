@@ -146,9 +146,11 @@ class EngineSection:
     precision: str = "fp32"  # a PRECISIONS name
     activation_checkpointing: bool = False
     seed: int = 42
+    collective_timeout_s: int = 600  # a rank waiting longer than this in one collective fails
 
     def __post_init__(self):
         _choice("engine", "precision", self.precision, PRECISIONS)
+        _positive("engine", self, "collective_timeout_s")
 
 
 @dataclass

@@ -30,7 +30,10 @@ def setup_distributed(cfg) -> tuple[int, int]:
         if "RANK" not in os.environ:  # started without a launcher: a 1-rank group on this host
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        deepspeed.init_distributed()
+        from datetime import timedelta
+
+        # Bounds every wait across ranks: a rank that died or hangs cannot hold the others forever.
+        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.engine.collective_timeout_s))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         else:
