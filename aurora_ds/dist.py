@@ -185,6 +185,21 @@ def any_rank(flag: bool) -> bool:
     return bool(_reduce_int(int(flag), _td.ReduceOp.MAX if is_distributed() else None))
 
 
+def stop_if_any_rank_failed(error: BaseException | None, what: str) -> None:
+    """Every rank says whether ``what`` failed on it (one small all-reduce); if any did, every
+    rank stops: the failing ones with their own error, the others with an error naming the
+    failing ranks and their messages. Ranks never wait in a model collective for a rank that has
+    already given up (which, under ZeRO-3, would be a wait without end)."""
+    if not any_rank(error is not None):
+        return
+    reports = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(reports) if m]
+    raise RuntimeError(f"stopping because {what} failed on rank(s) {[r for r, _ in failed]}: "
+                       + "; ".join(f"rank {r}: {m}" for r, m in failed))
+
+
 def gather_objects(obj) -> list:
     """Every rank's picklable ``obj``, in rank order (the same list on every rank).
 

@@ -68,7 +68,10 @@ def read_text(path):
 
 
 def load_json(path):
-    return json.loads(read_text(path))
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as exn:
+        raise ValueError(f"annotation file {path} is not valid JSON: {exn}") from None
 
 
 def clean_text(text, faults, ann, source_id):
@@ -111,7 +114,10 @@ class Collector:
     def add_captions(self, record, captions, ann):
         for caption in captions:
             text = clean_text(caption, self.faults, ann, record.id)
-            if text is not None:
+            if text is not None and text in record.captions:  # the same entry twice: it would train twice
+                self.faults.add("duplicate_entry", {"annotation": os.path.basename(ann), "id": record.id,
+                                                    "file": record.file, "caption": text})
+            elif text is not None:
                 record.captions.append(text)
 
 

@@ -70,9 +70,26 @@ def build_parser():
     return parser
 
 
+def _user_errors():
+    """Errors that come from the input or the storage, not from a bug."""
+    errors = [OSError, ValueError, KeyError, TypeError, RuntimeError, UnicodeError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as exn:  # one line, not a traceback: these are input and storage problems
+        detail = str(exn).strip().splitlines()[0] if str(exn).strip() else ""
+        print(f"aurora-shard {args.command}: error: {type(exn).__name__}: {detail}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,21 @@
 """Counting input faults: every dropped entry is counted and the first few are kept for the report."""
 
 import json
+import re
+
+# Object reprs carry addresses ("<_io.BytesIO object at 0x7f...>") that differ on every run.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _reproducible(detail):
+    """The detail without memory addresses, so manifest.json is the same on every run."""
+    if isinstance(detail, str):
+        return _ADDRESS.sub("", detail)
+    if isinstance(detail, dict):
+        return {k: _reproducible(v) for k, v in detail.items()}
+    if isinstance(detail, (list, tuple)):
+        return [_reproducible(v) for v in detail]
+    return detail
 
 EXAMPLES_PER_REASON = 5
 
@@ -10,6 +25,7 @@ REASONS = {
     "unreadable_media": "image/video file cannot be read or decoded",
     "unknown_media": "caption/question/answer refers to an image/video the annotation does not list",
     "duplicate_id": "id (or sample key) seen twice; later copies dropped",
+    "duplicate_entry": "same image/video and same caption listed twice; later copies dropped",
     "empty_text": "empty caption/question; dropped",
     "non_utf8_text": "caption/question is not valid UTF-8; dropped",
     "no_text": "image/video left without any caption/question; sample dropped",
@@ -29,7 +45,7 @@ class Faults:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         shown = self.examples.setdefault(reason, [])
         if len(shown) < EXAMPLES_PER_REASON:
-            shown.append(detail)
+            shown.append(_reproducible(detail))
 
     def __bool__(self):
         return bool(self.counts)

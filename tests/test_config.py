@@ -47,6 +47,15 @@ def test_aurora_section_is_the_adapter_config_and_ranks_are_mappings():
     (["engine.precision=fp8"], "engine.precision must be one of ('fp32', 'bf16', 'fp16'), got 'fp8'"),
     (["objective.alpha=2"], "objective.alpha must be in [0, 1]"),
     (["data.source=shards"], "data.train_shards is empty"),
+    (["optim.clip_grad=-1"], "optim.clip_grad must be >= 0, got -1.0"),
+    (["optim.warmup_steps=-5"], "optim.warmup_steps must be >= 0, got -5"),
+    (["optim.max_steps=-1"], "optim.max_steps must be >= 0"),
+    (["eval.every=-2"], "eval.every must be >= 0, got -2"),
+    (["output.keep_checkpoints=-1"], "output.keep_checkpoints must be >= 0, got -1"),
+    (["output.save_every=-1"], "output.save_every must be >= 0"),
+    (["output.log_every=0"], "output.log_every must be > 0, got 0"),
+    (["data.num_workers=-1"], "data.num_workers must be >= 0"),
+    (["engine.collective_timeout_s=0"], "engine.collective_timeout_s must be > 0"),
 ])
 def test_errors_name_the_key_and_list_the_known_ones(overrides, message):
     with pytest.raises(ValueError) as e:

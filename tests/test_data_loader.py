@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from aurora_ds.data import (DataShortfallError, LoaderConfig, ShardError, build_loader, expand_urls,
+from aurora_ds.data import (DataShortfallError, EmptyEpochError, LoaderConfig, ShardError, build_loader, expand_urls,
                             pre_caption, pre_question, read_manifest)
 from aurora_ds.data.media import frame_indices
 from aurora_ds.data.shard_format import MANIFEST
@@ -132,26 +132,44 @@ def test_resampled_epoch_length(coco, word_tokenizer):
     assert len(from_manifest) == 6 and len(list(from_manifest)) == 6
 
 
-def test_resume_skips_consumed_shards(coco, word_tokenizer):
-    spec, samples = coco
-    c = cfg(caption_per_sample="all", num_workers=1, shuffle_buffer=1, batch_size=3)
-    first = build_loader(spec, c, word_tokenizer)
-    seen = Counter()
-    it = iter(first)
-    while len(first.state_dict()["consumed_shards"]) < 2:
-        batch = next(it)
-        seen.update(zip(batch["media_id"], batch["caption"]))
-    state = first.state_dict()
-    del it
-    assert state["epoch"] == 0 and len(state["consumed_shards"]) == 2
-    resumed = build_loader(spec, c, word_tokenizer)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    rest = Counter(p for b in resumed for p in zip(b["media_id"], b["caption"]))
-    consumed = {int(u[-10:-4]) for u in state["consumed_shards"]}
-    consumed_ids = {s["json"]["id"] for i, s in enumerate(samples) if i // 6 in consumed}
-    assert not consumed_ids & {mid for mid, _ in rest}
-    assert set(rest) | set(seen) == set(all_pairs(samples))
-    assert resumed.state_dict() == {"epoch": 1, "consumed_shards": [], "batches": 0, "seed": 1}
+def _stream(loader, stop=None):
+    """(media_id, caption, pixel checksum) per batch, up to ``stop`` batches."""
+    out = []
+    for batch in loader:
+        out.append([(m, c, round(float(p.double().sum()), 4))
+                    for m, c, p in zip(batch["media_id"], batch["caption"], batch["pixel_values"])])
+        if stop is not None and len(out) == stop:
+            break
+    return out
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world,workers,buffer,per_shard", [(2, 2, 20, 6), (1, 2, 1000, 5), (2, 2, 7, 24)])
+def test_resume_mid_epoch_is_exact(coco, shard_factory, tmp_path, word_tokenizer, monkeypatch, world, workers,
+                                   buffer, per_shard):
+    """Stopped after any batch, a fresh loader given the state continues with the very same
+    batches (ids, captions, augmented pixels): nothing repeated or skipped within the epoch. Uneven
+    workers (5 shards over 2 workers) and one shard for 2 ranks x 2 workers (sample-level splitting)."""
+    samples = coco[1]
+    spec = shard_factory.write(samples, str(tmp_path), "r", per_shard=per_shard)
+    c = cfg(num_workers=workers, shuffle_buffer=buffer, batch_size=3)
+    union = Counter()
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        full = _stream(build_loader(spec, c, word_tokenizer))
+        assert full, "every rank gets data"
+        union.update(m for b in full for m, _, _ in b)
+        for stop in sorted({1, 2, len(full) // 2, len(full) - 1, len(full)}):
+            first = build_loader(spec, c, word_tokenizer)
+            head = _stream(first, stop)
+            state = json.loads(json.dumps(first.state_dict()))
+            resumed = build_loader(spec, c, word_tokenizer)
+            resumed.load_state_dict(state)
+            tail = _stream(resumed)
+            assert head + tail == full, (rank, stop)
+            assert resumed.state_dict()["epoch"] == 1
+    assert union == Counter(s["json"]["id"] for s in samples)  # every sample once over the ranks
 
 
 def test_qa_batches(tmp_path, shard_factory, word_tokenizer):
@@ -306,3 +324,93 @@ def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shar
     assert answer_list(SimpleNamespace(eval=SimpleNamespace(answer_list=""), data=SimpleNamespace(train_shards=spec))) == ["cat", "dog"]
     want = [t for s in samples for q in s["json"]["questions"] for t in [q["question"], *q["answers"]]]
     assert list(shard_texts(spec)) == want
+
+
+@pytest.mark.timeout(120)
+def test_one_shard_two_ranks_both_get_data(tmp_path, shard_factory, word_tokenizer, monkeypatch, caplog):
+    samples = shard_factory.coco(10)
+    spec = shard_factory.write(samples, str(tmp_path), "one", per_shard=10)
+    seen = Counter()
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        loader = build_loader(spec, cfg(num_workers=2, batch_size=2), word_tokenizer)
+        assert len(loader) >= 2
+        ids = [m for b in loader for m in b["media_id"]]
+        assert ids
+        seen.update(ids)
+    assert "splitting by sample" in caplog.text
+    assert seen == Counter(s["json"]["id"] for s in samples)
+
+
+@pytest.mark.timeout(120)
+def test_all_samples_skipped_is_an_error_not_an_empty_epoch(tmp_path, shard_factory, word_tokenizer, monkeypatch):
+    samples = shard_factory.coco(6)
+    for s in samples:
+        s["jpg"] = b"not a jpeg"
+    spec = shard_factory.write(samples, str(tmp_path), "skip", per_shard=3, manifest=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    loader = build_loader(spec, cfg(num_workers=2), word_tokenizer)
+    with pytest.raises(EmptyEpochError, match=r"epoch 0 gave no training batch on rank 1: rank 1 of 2 reads 2 of 2 "
+                                              r"shard.*skip-0000.*decode_image.*Remedy"):
+        list(loader)
+
+
+def test_shard_named_twice(coco, word_tokenizer, caplog):
+    spec = coco[0]
+    twice = spec + "::" + expand_urls(spec)[0]
+    with pytest.raises(ValueError, match=r"evaluation spec names 1 shard\(s\) more than once .*coco-train-000000"):
+        build_loader(twice, cfg(), None, mode="eval")
+    build_loader(twice, cfg(), word_tokenizer)
+    assert "training spec names 1 shard(s) more than once" in caplog.text
+
+
+def write_img2dataset(samples, folder, per_shard, extra=None):
+    """Shards as img2dataset writes them: {key}.jpg + {key}.txt + {key}.json, {shard}_stats.json, sizes.json."""
+    import webdataset as wds
+
+    os.makedirs(folder, exist_ok=True)
+    sizes = {}
+    for n, i in enumerate(range(0, len(samples), per_shard)):
+        name = "%05d.tar" % n
+        with wds.TarWriter(os.path.join(folder, name), encoder=False) as writer:
+            for j, s in enumerate(samples[i:i + per_shard]):
+                key = "%05d%04d" % (n, j)
+                member = {"__key__": key, "jpg": s["jpg"], "txt": s["json"]["captions"][0].encode(),
+                          "json": json.dumps({"key": key, "caption": s["json"]["captions"][0], "status": "success",
+                                              "url": "http://example/%s.jpg" % key}).encode()}
+                member.update(extra or {})
+                writer.write(member)
+        with open(os.path.join(folder, "%05d_stats.json" % n), "w") as f:
+            json.dump({"count": per_shard, "successes": len(samples[i:i + per_shard])}, f)
+        sizes[name] = len(samples[i:i + per_shard])
+    with open(os.path.join(folder, "sizes.json"), "w") as f:
+        json.dump(sizes, f)
+    return "%s/{00000..%05d}.tar" % (folder, len(sizes) - 1)
+
+
+@pytest.mark.timeout(120)
+def test_img2dataset_layout_trains_and_evaluates(tmp_path, shard_factory, word_tokenizer):
+    samples = shard_factory.coco(10)
+    spec = write_img2dataset(samples, str(tmp_path / "i2d"), per_shard=4)
+    loader = build_loader(spec, cfg(num_workers=2, batch_size=3), word_tokenizer)
+    assert len(loader) == 4  # from sizes.json: 4+4+2 samples over 2 workers
+    pairs = sorted((m, c) for b in loader for m, c in zip(b["media_id"], b["caption"]))
+    assert len(pairs) == 10 and loader.faults() == {}
+    assert ("000000000", pre_caption(samples[0]["json"]["captions"][0])) in pairs
+    ev = [c for b in build_loader(spec, cfg(num_workers=0), None, mode="eval") for c in b["captions"]]
+    assert ev == [[pre_caption(s["json"]["captions"][0])] for s in samples]
+
+
+@pytest.mark.timeout(120)
+def test_unsupported_layout_fails_on_the_first_sample(tmp_path, shard_factory, word_tokenizer):
+    import webdataset as wds
+
+    os.makedirs(tmp_path / "odd")
+    with wds.TarWriter(str(tmp_path / "odd" / "x-0.tar"), encoder=False) as writer:
+        for i, s in enumerate(shard_factory.coco(3)):
+            writer.write({"__key__": "k%d" % i, "jpg": s["jpg"], "cls": b"3"})
+    with pytest.raises(ShardError, match=r"x-0\.tar is in a layout the loader cannot read: first sample 'k0' "
+                                         r"holds \['cls', 'jpg'\]; expected .*json with 'captions'.*txt"):
+        list(build_loader(str(tmp_path / "odd" / "x-0.tar"), cfg(num_workers=1), word_tokenizer))

@@ -134,3 +134,61 @@ def test_stopped_endpoint_fails_naming_shard(fault_server):
     assert rc == 3, out
     assert re.search(r"ERROR ShardError cannot read shard s3://aurora-faults/f/f-\d{6}\.tar", out), out
     assert seconds < 60, (seconds, out)
+
+
+@pytest.mark.timeout(120)
+def test_s3_errors_name_url_bucket_and_endpoint(s3_server, monkeypatch):
+    storage.write_bytes(f"s3://{s3_server.bucket}/err/x.tar", b"data")
+    with pytest.raises(storage.S3Error, match=r"s3://no-such-bucket/x\.tar: bucket 'no-such-bucket' does not exist at http"):
+        storage.read_bytes("s3://no-such-bucket/x.tar")
+    with pytest.raises(FileNotFoundError, match=r"s3://%s/err/missing\.tar: no such object in bucket" % s3_server.bucket):
+        storage.read_bytes(f"s3://{s3_server.bucket}/err/missing.tar")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(storage.S3Error, match=r"s3://%s/err/x\.tar: access to bucket '%s' at .* is forbidden"
+                       % (s3_server.bucket, s3_server.bucket)):
+        storage.read_bytes(f"s3://{s3_server.bucket}/err/x.tar")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    with pytest.raises(storage.S3Error, match=r"s3://%s/err/x\.tar: cannot reach the S3 endpoint http://127\.0\.0\.1:%d"
+                       % (s3_server.bucket, port)):
+        storage.read_bytes(f"s3://{s3_server.bucket}/err/x.tar")
+
+
+@pytest.mark.timeout(300)
+def test_resume_mid_epoch_is_exact_from_s3(s3_server, shard_factory, monkeypatch):
+    """2 ranks x 2 workers reading shards from S3: stopped after any batch and resumed from the
+    state, each rank continues with exactly the batches (ids, captions, pixels) it would have had."""
+    from aurora_ds.data import LoaderConfig, build_loader
+    from aurora_ds.data.text import HashTokenizer
+
+    samples = shard_factory.coco(22, prefix="res")
+    spec = shard_factory.write(samples, "s3://%s/resume" % s3_server.bucket, "res", per_shard=4)
+    cfg = LoaderConfig(image_size=32, batch_size=3, num_workers=2, shuffle_buffer=5, seed=4)
+
+    def stream(loader, stop=None):
+        out = []
+        for b in loader:
+            out.append([(m, c, round(float(p.double().sum()), 4))
+                        for m, c, p in zip(b["media_id"], b["caption"], b["pixel_values"])])
+            if stop is not None and len(out) == stop:
+                break
+        return out
+
+    seen = Counter()
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        full = stream(build_loader(spec, cfg, HashTokenizer()))
+        seen.update(m for b in full for m, _, _ in b)
+        for stop in (1, len(full) // 2 + 1):
+            first = build_loader(spec, cfg, HashTokenizer())
+            head = stream(first, stop)
+            resumed = build_loader(spec, cfg, HashTokenizer())
+            resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+            assert head + stream(resumed) == full, (rank, stop)
+    assert seen == Counter(s["json"]["id"] for s in samples)

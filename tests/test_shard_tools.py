@@ -442,3 +442,33 @@ def test_bmp_and_gif_are_reencoded_and_train(tmp_path, capsys):
     assert convert("flickr", [str(ann)], str(tmp_path / "raw"), "test", tmp_path / "tiff") == 0
     err = capsys.readouterr().err
     assert "fault unreadable_media: 1" in err and "d.tiff" in err and "unsupported media extension 'tiff'" in err
+
+
+def test_duplicate_entries_dropped_counted_and_manifest_reproducible(tmp_path, data, capsys):
+    d = data["coco"]
+    good = load(os.path.join(d, "annotations", "coco_karpathy_val.json"))
+    write_bytes(os.path.join(d, "val2014", "COCO_val2014_000000888888.jpg"), b"not an image")
+    one_per_caption = [{"image": good[0]["image"], "caption": "The same words."},
+                       {"image": good[0]["image"], "caption": "The same words."},
+                       {"image": good[0]["image"], "caption": "Other words."},
+                       {"image": "val2014/COCO_val2014_000000888888.jpg", "caption": "Broken."}]
+    ann = str(tmp_path / "train.json")
+    write_bytes(ann, json.dumps(one_per_caption).encode())
+    manifests = []
+    for name in ("a", "b"):
+        assert convert("coco", [ann], d, "val", tmp_path / name) == 0
+        manifests.append((tmp_path / name / MANIFEST).read_text())
+    assert "fault duplicate_entry: 1" in capsys.readouterr().err
+    manifest = json.loads(manifests[0])
+    assert manifest["faults"]["duplicate_entry"] == 1
+    assert " at 0x" not in manifests[0] and manifests[0] == manifests[1]
+    _, samples = read_samples(str(tmp_path / "a"))
+    assert [s["meta"]["captions"] for s in samples] == [["The same words.", "Other words."]]
+
+
+def test_cli_failures_are_one_line(tmp_path, data, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert convert("coco", [str(bad)], data["coco"], "val", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "bad.json is not valid JSON" in err

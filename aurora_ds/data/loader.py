@@ -5,10 +5,19 @@ Each DataLoader worker runs one straight pipeline of generators (``ShardStream._
     its shards -> tar samples -> items (one per caption/question) -> shuffle buffer
       -> decode + transform -> batches (tokenised)
 
-and keeps a small ledger (``Ledger``) that every batch carries back to the main process: the
-samples it skipped and why, how many media it delivered and which shards it finished. The main
-process (``Loader``) sums these into fault totals, the resume position (shards consumed) and the
-end-of-epoch check against the manifest.
+Splitting: each epoch has one shard order (shuffled by seed and epoch in training). With at least
+as many shards as ranks x workers ("slots"), each slot reads whole shards; with fewer, every slot
+reads all shards and keeps every n-th sample (sample-level splitting), so no rank is left without
+data. A training epoch that yields no batch on a rank is an error naming the rank, its shards, the
+skipped samples and the remedy: an epoch loop never spins on empty epochs.
+
+Exact resume: the stream of a slot is a function of (seed, epoch, rank, worker) alone. Every
+random choice is seeded per item (caption choice, crop, flip, RandAugment, frame sampling) and
+the shuffle buffer by the slot, and the main process takes batches from the workers in a fixed
+round-robin order (not DataLoader's arrival order). The resume position of a rank is therefore
+the number of items each worker had handed out up to its last consumed batch, plus where the
+round-robin stood: a resumed worker re-reads its shards from the start of the epoch, drops that
+many items before decoding anything, and continues with the very same batches.
 
 Sample faults (undecodable media, missing fields) are skipped and counted. Shard faults
 (missing, truncated, unreachable, frozen endpoint) are retried ``max_shard_retries`` times, then
@@ -24,7 +33,7 @@ import math
 import os
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from itertools import islice
 from typing import Optional
 
@@ -134,52 +143,38 @@ class RateLimitedWarnings:
                         reason, self.count[reason], detail)
 
 
-class Ledger:
-    """Per-worker bookkeeping, handed to the main process with each batch (deltas since the last)."""
+class EmptyEpochError(RuntimeError):
+    """A rank's training epoch yielded no batch (no shards, or every sample skipped)."""
 
-    def __init__(self):
-        self.pending = Counter()
-        self.finished = set()
+
+class Ledger:
+    """Per-worker bookkeeping, handed to the main process with each batch.
+
+    ``skipped`` and ``retries`` are deltas since the last batch; ``position`` (items taken from
+    the shuffle buffer, delivered or skipped while decoding) and ``media`` (media delivered) are
+    cumulative over the epoch: they are this worker's resume position.
+    """
+
+    def __init__(self, position=0, media=0):
         self.skipped = Counter()
         self.retries = 0
-        self.media = 0
-        self.done = []
+        self.position = position
+        self.media = media
         self.warnings = RateLimitedWarnings()
-
-    def read(self, shard, n=1):
-        self.pending[shard] += n
-
-    def release(self, shard):
-        self.pending[shard] -= 1
-        self._settle(shard)
-
-    def shard_finished(self, shard):
-        self.finished.add(shard)
-        self._settle(shard)
-
-    def _settle(self, shard):
-        if shard in self.finished and self.pending[shard] == 0:
-            self.finished.discard(shard)
-            del self.pending[shard]
-            self.done.append(shard)
 
     def skip(self, item, reason, detail):
         self.skipped[reason] += 1
         self.warnings.warn(reason, "%s in %s: %s" % (item.get("__key__"), item["__shard__"], detail))
-        self.release(item["__shard__"])
 
     def deliver(self, item):
         self.media += int(item.get("__first__", False))
-        self.release(item["__shard__"])
 
-    def has_news(self):
-        return bool(self.skipped or self.retries or self.media or self.done)
-
-    def take(self):
-        """(skipped, info) since the previous call."""
+    def take(self, worker, end=False):
+        """(skipped, info) for the batch being sent."""
         skipped = dict(self.skipped)
-        info = {"media": self.media, "done_shards": self.done, "shard_retries": self.retries}
-        self.skipped, self.media, self.done, self.retries = Counter(), 0, [], 0
+        info = {"worker": worker, "position": self.position, "media": self.media,
+                "shard_retries": self.retries, "end": end}
+        self.skipped, self.retries = Counter(), 0
         return skipped, info
 
 
@@ -228,10 +223,14 @@ def read_shard(url, max_retries, ledger):
 
 def read_shards(urls, max_retries, ledger):
     for url in urls:
-        for sample in read_shard(url, max_retries, ledger):
-            ledger.read(url)
+        yield from read_shard(url, max_retries, ledger)
+
+
+def every_nth(samples, stride, offset):
+    """Sample-level splitting: the samples whose index in the epoch's stream is offset mod stride."""
+    for i, sample in enumerate(samples):
+        if i % stride == offset:
             yield sample
-        ledger.shard_finished(url)
 
 
 def resampled_urls(urls, rng):
@@ -246,12 +245,20 @@ def sample_items(sample, cfg, train, rng):
     if ext is None:
         exts = shard_format.IMAGE_EXTS if cfg.media == "image" else shard_format.VIDEO_EXTS
         raise SampleError("missing_field", "no %s member" % "/".join(exts))
-    if shard_format.JSON not in sample:
+    if sample.get("__layout__") == shard_format.IMG2DATASET:
+        if shard_format.TXT not in sample:
+            raise SampleError("missing_field", "no txt member")
+        try:
+            meta = shard_format.img2dataset_meta(sample)
+        except UnicodeDecodeError as exn:
+            raise SampleError("bad_text", str(exn))
+    elif shard_format.JSON not in sample:
         raise SampleError("missing_field", "no json member")
-    try:
-        meta = json.loads(sample[shard_format.JSON])
-    except ValueError as exn:
-        raise SampleError("bad_json", str(exn))
+    else:
+        try:
+            meta = json.loads(sample[shard_format.JSON])
+        except ValueError as exn:
+            raise SampleError("bad_json", str(exn))
     key = sample[shard_format.KEY]
     base = {"__shard__": sample["__shard__"], "__key__": key, "media": sample[ext],
             "media_id": str(meta.get("id", key))}
@@ -281,15 +288,35 @@ def sample_items(sample, cfg, train, rng):
     return items
 
 
-def expand_items(samples, cfg, train, rng, ledger):
+def expand_items(samples, cfg, train, epoch, ledger):
+    """Items with their own seed: the random choices made for an item (caption, crop, frames)
+    depend on the seed, the epoch and the item, never on which worker or when it is read."""
+    layouts = {}
     for sample in samples:
+        shard = sample["__shard__"]
+        if shard not in layouts:  # a shard's layout is judged on its first sample
+            try:
+                layouts[shard] = shard_format.detect_layout(sample, cfg.media, cfg.task)
+            except ValueError as exn:
+                raise ShardError("shard %s is in a layout the loader cannot read: %s" % (shard, exn)) from None
+        sample["__layout__"] = layouts[shard]
+        seed = derive_seed(cfg.seed, epoch, shard, sample.get(shard_format.KEY))
         try:
-            items = sample_items(sample, cfg, train, rng)
+            items = sample_items(sample, cfg, train, random.Random(seed))
         except SampleError as exn:
             ledger.skip(sample, exn.reason, exn)
             continue
-        ledger.read(sample["__shard__"], len(items) - 1)
+        for i, item in enumerate(items):
+            item["__seed__"] = derive_seed(seed, i)
         yield from items
+
+
+def skip_items(items, n, ledger):
+    """Drop the first ``n`` items (already delivered before a resume) and count every item taken."""
+    for i, item in enumerate(items):
+        ledger.position = max(ledger.position, i + 1)
+        if i >= n:
+            yield item
 
 
 def shuffle(items, bufsize, rng, initial=100):
@@ -311,22 +338,25 @@ def shuffle(items, bufsize, rng, initial=100):
         yield buf.pop()
 
 
-def decode_items(items, cfg, transform, sampling, rng, ledger):
+def decode_items(items, cfg, transform, sampling, ledger):
     for item in items:
         try:
             data = item.pop("media")
+            rng = random.Random(item["__seed__"])
             if cfg.media == "image":
                 pixels = media.decode_image(data)
             else:
                 pixels = media.decode_video(data, cfg.num_frames, sampling, rng)
-            item["pixel_values"] = transform(pixels).as_subclass(torch.Tensor)
+            with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from torch
+                torch.manual_seed(item["__seed__"])
+                item["pixel_values"] = transform(pixels).as_subclass(torch.Tensor)
         except Exception as exn:  # any decoder error means this sample's bytes are bad
             ledger.skip(item, "decode_" + cfg.media, "%s: %s" % (type(exn).__name__, exn))
             continue
         yield item
 
 
-def collate(items, cfg, tokenizer, train, ledger):
+def collate(items, cfg, tokenizer, train, ledger, worker):
     batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
              "media_id": [it["media_id"] for it in items]}
     if cfg.task == "retrieval" and train:
@@ -340,61 +370,109 @@ def collate(items, cfg, tokenizer, train, ledger):
         batch.update(tokenize(tokenizer, batch["question"], cfg.max_tokens))
     for it in items:
         ledger.deliver(it)
-    batch["skipped"], batch["__info__"] = ledger.take()
+    batch["skipped"], batch["__info__"] = ledger.take(worker)
     return batch
 
 
-def batches(items, cfg, tokenizer, train, ledger):
+def batches(items, cfg, tokenizer, train, ledger, worker):
     chunk = []
     for item in items:
         chunk.append(item)
         if len(chunk) == cfg.batch_size:
-            yield collate(chunk, cfg, tokenizer, train, ledger)
+            yield collate(chunk, cfg, tokenizer, train, ledger, worker)
             chunk = []
     if chunk:
-        yield collate(chunk, cfg, tokenizer, train, ledger)
+        yield collate(chunk, cfg, tokenizer, train, ledger, worker)
+
+
+@dataclasses.dataclass
+class EpochPlan:
+    """Which data each slot (rank, worker) of this epoch reads.
+
+    ``shards`` is the rank's list (whole-shard splitting: the worker takes ``shards[w::workers]``)
+    or, with sample-level splitting (``stride`` > 1 and fewer shards than slots), every shard of
+    the epoch, of which slot ``rank * workers + w`` keeps every ``stride``-th sample.
+    """
+
+    shards: list
+    workers: int
+    stride: int = 1
+    rank: int = 0
+
+    @property
+    def sample_level(self):
+        return self.stride > 1
+
+    def worker_shards(self, worker):
+        return list(self.shards) if self.sample_level else self.shards[worker::self.workers]
+
+    def offset(self, worker):
+        return self.rank * self.workers + worker
+
+
+def epoch_plan(urls, seed, epoch, train, rank, world, workers):
+    order = list(urls)
+    if train:
+        random.Random(derive_seed(seed, epoch)).shuffle(order)
+    slots = world * workers
+    if len(order) >= slots or slots == 1:
+        return EpochPlan(order[rank::world], workers)
+    return EpochPlan(order, workers, stride=slots, rank=rank)
 
 
 class ShardStream(IterableDataset):
     """What one DataLoader worker runs. Picklable: plain attributes, module-level stages."""
 
-    def __init__(self, cfg, tokenizer, train, rank, shards, all_shards, epoch, worker_batches, resume_tag):
+    def __init__(self, cfg, tokenizer, train, rank, plan, all_shards, epoch, worker_batches, resume_tag,
+                 positions):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.train = train
         self.rank = rank
-        self.shards = shards
+        self.plan = plan
         self.all_shards = all_shards
         self.epoch = epoch
         self.worker_batches = worker_batches
         self.resume_tag = resume_tag
+        self.positions = positions  # per worker: [items taken, media delivered, ended]
 
     def __iter__(self):
         cfg = self.cfg
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = random.Random(derive_seed(cfg.seed, self.epoch, self.rank, worker, self.resume_tag))
-        ledger = Ledger()
+        worker = info.id if info is not None else 0
+        position, media_count, ended = self.positions[worker]
+        ledger = Ledger(position, media_count)
+        if ended:
+            skipped, news = ledger.take(worker, end=True)
+            yield {"skipped": skipped, "__info__": news}
+            return
+        shuffle_rng = random.Random(derive_seed(cfg.seed, self.epoch, self.rank, worker, "shuffle"))
         if cfg.resampled:
-            urls = resampled_urls(self.all_shards, rng)
+            rng = random.Random(derive_seed(cfg.seed, self.epoch, self.rank, worker, self.resume_tag))
+            stream = read_shards(resampled_urls(self.all_shards, rng), cfg.max_shard_retries, ledger)
         else:
-            urls = self.shards[worker::num_workers]
+            stream = read_shards(self.plan.worker_shards(worker), cfg.max_shard_retries, ledger)
+            if self.plan.sample_level:
+                stream = every_nth(stream, self.plan.stride, self.plan.offset(worker))
         augment = self.train and cfg.augment
         transform = media.build_transform(cfg.image_size, augment, cfg.mean, cfg.std, cfg.resample)
         sampling = cfg.frame_sampling if augment else "uniform"
 
-        stream = read_shards(urls, cfg.max_shard_retries, ledger)
-        stream = expand_items(stream, cfg, self.train, rng, ledger)
+        stream = expand_items(stream, cfg, self.train, self.epoch, ledger)
         if self.train and cfg.shuffle_buffer > 1:
-            stream = shuffle(stream, cfg.shuffle_buffer, rng)
-        stream = decode_items(stream, cfg, transform, sampling, rng, ledger)
-        stream = batches(stream, cfg, self.tokenizer, self.train, ledger)
+            stream = shuffle(stream, cfg.shuffle_buffer, shuffle_rng)
+        stream = skip_items(stream, 0 if cfg.resampled else position, ledger)
+        stream = decode_items(stream, cfg, transform, sampling, ledger)
+        stream = batches(stream, cfg, self.tokenizer, self.train, ledger, worker)
         if self.worker_batches is not None:
             stream = islice(stream, self.worker_batches)
         yield from stream
-        if ledger.has_news():  # what happened after the last batch still reaches the main process
-            skipped, news = ledger.take()
-            yield {"skipped": skipped, "__info__": news}
+        skipped, news = ledger.take(worker, end=True)  # also what happened after the last batch
+        yield {"skipped": skipped, "__info__": news}
+
+
+def _duplicates(urls):
+    return sorted(u for u, n in Counter(urls).items() if n > 1)
 
 
 class Loader:
@@ -405,12 +483,20 @@ class Loader:
         self.tokenizer = tokenizer
         self.train = train
         self.urls = expand_urls(urls)
+        twice = _duplicates(self.urls)
+        if twice and not train:
+            raise ValueError("the evaluation spec names %d shard(s) more than once (%s): their media would be "
+                             "counted twice; list each shard once" % (len(twice), ", ".join(twice[:3])))
+        if twice:
+            log.warning("the training spec names %d shard(s) more than once (%s): their samples are read "
+                        "that many times per epoch", len(twice), ", ".join(twice[:3]))
         self.rank, self.world = rank_world()
+        self.workers = max(1, cfg.num_workers)
         self.manifest = read_manifest(self.urls)
         self.epoch = 0
-        self._consumed = set()
         self._batches = 0
         self._faults = Counter()
+        self._reset_position()
         self.num_samples = None
         if cfg.resampled:
             if not train:
@@ -422,34 +508,60 @@ class Loader:
         elif self.manifest is None:
             log.warning("no %s/%s for %s...: sample count unknown, epochs are not checked for "
                         "missing samples", shard_format.MANIFEST, shard_format.SIZES, self.urls[0])
-        workers = max(1, cfg.num_workers)
-        if not cfg.resampled and len(self.urls) % (self.world * workers):
+        slots = self.world * self.workers
+        if not cfg.resampled and len(self.urls) < slots:
+            log.warning("%d shard(s) for %d rank(s) x %d worker(s): splitting by sample (every slot reads every "
+                        "shard and keeps every %d-th sample); more shards read faster",
+                        len(self.urls), self.world, self.workers, slots)
+        elif not cfg.resampled and len(self.urls) % slots:
             log.warning("%d shards do not divide evenly over %d rank(s) x %d worker(s): ranks get "
-                        "unequal sample counts", len(self.urls), self.world, workers)
+                        "unequal sample counts", len(self.urls), self.world, self.workers)
 
-    def _epoch_shards(self):
-        """This rank's shards for the current epoch, without those consumed before a resume."""
-        order = list(self.urls)
-        if self.train:
-            random.Random(derive_seed(self.cfg.seed, self.epoch)).shuffle(order)
-        order = [u for u in order if u not in self._consumed]
-        return order[self.rank::self.world] if self.world > 1 else order
+    def _reset_position(self):
+        self._positions = [[0, 0, False] for _ in range(self.workers)]
+        self._next_worker = 0
+
+    def plan(self):
+        """This rank's share of the current epoch (an ``EpochPlan``)."""
+        return epoch_plan(self.urls, self.cfg.seed, self.epoch, self.train, self.rank, self.world, self.workers)
+
+    def _worker_samples(self, plan, worker):
+        """Samples the manifest lists for one worker's share of the epoch."""
+        counts = self.manifest["counts"]
+        if not plan.sample_level:
+            return sum(counts[u] for u in plan.worker_shards(worker))
+        total = sum(counts[u] for u in plan.shards)
+        offset = plan.offset(worker)
+        return max(0, (total - offset + plan.stride - 1) // plan.stride)
+
+    def describe(self):
+        """This rank's data in words (for errors): its shards and what the manifest says of them."""
+        plan = self.plan()
+        shards = plan.shards
+        text = "rank %d of %d reads %d of %d shard(s)%s" % (
+            self.rank, self.world, len(shards), len(self.urls),
+            " (%s%s)" % (", ".join(shards[:3]), ", ..." if len(shards) > 3 else "") if shards else "")
+        if plan.sample_level:
+            text += ", keeping every %d-th sample per worker" % plan.stride
+        if self.manifest is not None and not self.cfg.resampled:
+            text += ", %d sample(s) by the manifest" % sum(self._worker_samples(plan, w) for w in range(self.workers))
+        return text
 
     def _epoch_batches(self):
         """Resampled mode: (batches per rank per epoch, per worker)."""
-        workers = max(1, self.cfg.num_workers)
         per_rank = math.ceil(self.num_samples / (self.cfg.batch_size * self.world))
-        per_worker = math.ceil(per_rank / workers)
-        return per_worker * workers, per_worker
+        per_worker = math.ceil(per_rank / self.workers)
+        return per_worker * self.workers, per_worker
 
     def expected_samples(self):
-        """Media this rank should deliver in the current (remaining) epoch, or None if unknown."""
+        """Media this rank should deliver in the whole current epoch, or None if unknown."""
         if self.cfg.resampled or self.manifest is None:
             return None
-        return sum(self.manifest["counts"][u] for u in self._epoch_shards())
+        plan = self.plan()
+        return sum(self._worker_samples(plan, w) for w in range(self.workers))
 
     def __len__(self):
-        """Batches the next iteration yields; TypeError when not known (items per media vary)."""
+        """Batches of a whole epoch; TypeError when not known (items per media vary)."""
         if self.cfg.resampled:
             return self._epoch_batches()[0] - self._batches
         one_item_per_media = self.cfg.task == "retrieval" and (
@@ -457,71 +569,86 @@ class Loader:
         if self.manifest is None or not one_item_per_media:
             raise TypeError("length unknown: no manifest, or several items per sample "
                             "(use resampled mode with train_num_samples for a fixed length)")
-        shards = self._epoch_shards()
-        workers = max(1, self.cfg.num_workers)
-        return sum(math.ceil(sum(self.manifest["counts"][u] for u in shards[w::workers]) / self.cfg.batch_size)
-                   for w in range(workers))
+        plan = self.plan()
+        return sum(math.ceil(self._worker_samples(plan, w) / self.cfg.batch_size) for w in range(self.workers))
 
     def set_epoch(self, epoch):
         if epoch != self.epoch:
             self.epoch = epoch
-            self._consumed = set()
             self._batches = 0
+            self._reset_position()
 
     def faults(self):
         """Totals since construction: skipped samples per reason, and ``shard_retries``."""
         return dict(self._faults)
 
     def state_dict(self):
-        """The resume position of this rank: epoch, shards fully delivered this epoch, batches
-        this epoch. The engine merges every rank's consumed shards before saving, so any rank's
-        saved state resumes the whole job."""
-        return {"epoch": self.epoch, "consumed_shards": sorted(self._consumed), "batches": self._batches,
-                "seed": self.cfg.seed}
+        """The resume position of this rank: epoch, batches this epoch, per worker the items it
+        had handed out and the media it had delivered up to its last consumed batch (and whether
+        it had ended), and the worker the next batch comes from."""
+        return {"epoch": self.epoch, "batches": self._batches, "seed": self.cfg.seed, "rank": self.rank,
+                "world_size": self.world, "workers": self.workers,
+                "positions": [list(p) for p in self._positions], "next_worker": self._next_worker}
 
     def load_state_dict(self, state):
         if state.get("seed", self.cfg.seed) != self.cfg.seed:
             log.warning("resuming with seed %s, the state was saved with seed %s: shard order differs",
                         self.cfg.seed, state["seed"])
         self.epoch = int(state["epoch"])
-        self._consumed = set(state["consumed_shards"])
+        self._reset_position()
+        layout = (state.get("rank"), state.get("world_size"), state.get("workers"))
+        if "positions" not in state or layout != (self.rank, self.world, self.workers):
+            log.warning("the saved data position is for rank %s of %s with %s worker(s), this is rank %d of %d "
+                        "with %d: epoch %d restarts from its beginning", *layout, self.rank, self.world,
+                        self.workers, self.epoch)
+            self._batches = 0
+            return
         self._batches = int(state["batches"])
+        self._positions = [[int(p[0]), int(p[1]), bool(p[2])] for p in state["positions"]]
+        self._next_worker = int(state["next_worker"])
 
     def __iter__(self):
         cfg = self.cfg
-        workers = cfg.num_workers
         limit = worker_batches = None
         if cfg.resampled:
             limit = self._epoch_batches()[0] - self._batches
-            worker_batches = math.ceil(limit / max(1, workers))
+            worker_batches = math.ceil(limit / self.workers)
         expected = self.expected_samples()
-        shards = self._epoch_shards()
-        dataset = ShardStream(cfg, self.tokenizer, self.train, self.rank, shards, self.urls,
-                              self.epoch, worker_batches, self._batches)
-        if workers > 0 and "TOKENIZERS_PARALLELISM" not in os.environ:
+        plan = self.plan()
+        dataset = ShardStream(cfg, self.tokenizer, self.train, self.rank, plan, self.urls,
+                              self.epoch, worker_batches, self._batches, [list(p) for p in self._positions])
+        if cfg.num_workers > 0 and "TOKENIZERS_PARALLELISM" not in os.environ:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # tokenizers' threads and fork do not mix
         loader = DataLoader(
-            dataset, batch_size=None, num_workers=workers,
-            timeout=cfg.worker_timeout if workers > 0 else 0,
-            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, self.epoch, self.rank, self._batches)),
+            dataset, batch_size=None, num_workers=cfg.num_workers,
+            timeout=cfg.worker_timeout if cfg.num_workers > 0 else 0,
+            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, self.epoch, self.rank)),
             persistent_workers=False)
-        delivered = yielded = 0
-        for batch in _reraise_worker_errors(loader, shards or self.urls):
+        yielded = 0
+        arrivals = _reraise_worker_errors(loader, plan.shards or self.urls)
+        for batch in _round_robin(arrivals, self.workers, self._positions, self._next_worker):
             info = batch.pop("__info__")
-            delivered += info["media"]
-            if not cfg.resampled:  # shards drawn with replacement have no position to resume
-                self._consumed.update(info["done_shards"])
+            w = info["worker"]
             self._faults.update(batch["skipped"])
             if info["shard_retries"]:
                 self._faults["shard_retries"] += info["shard_retries"]
+            self._positions[w] = [info["position"], info["media"], info["end"]]
             if "pixel_values" not in batch:
                 continue
             self._batches += 1
+            self._next_worker = (w + 1) % self.workers
             yielded += 1
             yield batch
             if limit is not None and yielded >= limit:
                 break
-        self._check(expected, delivered, len(shards))
+        delivered = sum(p[1] for p in self._positions)
+        if self.train and self._batches == 0 and not cfg.resampled:
+            raise EmptyEpochError(
+                "epoch %d gave no training batch on rank %d: %s; skipped: %s. Remedy: give at least one "
+                "readable sample per rank (use more shards than ranks x data.num_workers, or fewer "
+                "ranks), and check that the shards are in the expected layout" % (
+                    self.epoch, self.rank, self.describe(), self.faults() or "none"))
+        self._check(expected, delivered, len(plan.shards))
         self.set_epoch(self.epoch + 1)
 
     def _check(self, expected, delivered, num_shards):
@@ -538,6 +665,35 @@ class Loader:
         if missing < 0:
             log.warning("epoch %d, rank %d: delivered %d samples, more than the manifest's %d: "
                         "is the manifest stale?", self.epoch, self.rank, delivered, expected)
+
+
+def _round_robin(arrivals, workers, positions, next_worker):
+    """The workers' batches in a fixed order: worker ``next_worker``, then the next, ... skipping
+    workers that have ended, whatever order DataLoader delivers them in. End markers (and any
+    news they carry) pass through as info-only batches."""
+    queues = [deque() for _ in range(workers)]
+    active = [not p[2] for p in positions]
+    w = next_worker % workers
+    while any(active):
+        if not active[w]:
+            w = (w + 1) % workers
+            continue
+        while not queues[w]:
+            batch = next(arrivals, None)
+            if batch is None:  # DataLoader is done: every worker has ended
+                return
+            queues[batch["__info__"]["worker"]].append(batch)
+        batch = queues[w].popleft()
+        if batch["__info__"]["end"]:
+            active[w] = False
+            yield batch
+            continue
+        yield batch
+        w = (w + 1) % workers
+    for q in queues:  # end markers of workers that had ended before a resume
+        yield from q
+    for batch in arrivals:
+        yield batch
 
 
 def _reraise_worker_errors(loader, urls):

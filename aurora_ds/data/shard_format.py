@@ -113,6 +113,51 @@ def questions(meta):
             for q in meta["questions"]]
 
 
+# ---- layouts the loader reads ----------------------------------------------------------------
+
+AURORA = "aurora"  # this contract: media + {key}.json with captions or questions
+IMG2DATASET = "img2dataset"  # img2dataset / video2dataset: media + {key}.txt [+ {key}.json, _stats.json]
+TXT = "txt"
+
+
+def detect_layout(sample, media, task):
+    """The layout of a shard, judged on its first sample: AURORA or IMG2DATASET.
+
+    Raises ValueError saying what the sample holds and what was expected: a shard in a layout the
+    loader cannot read fails on its first sample, instead of every sample being skipped."""
+    exts = IMAGE_EXTS if media == "image" else VIDEO_EXTS
+    members = sorted(k for k in sample if not k.startswith("__"))
+    has_media = any(e in sample for e in exts)
+    meta = None
+    if JSON in sample:
+        try:
+            meta = json.loads(sample[JSON])
+        except ValueError:
+            meta = None
+    field = "captions" if task == "retrieval" else "questions"
+    if has_media and isinstance(meta, dict) and field in meta:
+        return AURORA
+    if has_media and task == "retrieval" and TXT in sample:
+        return IMG2DATASET
+    expected = ("{key}.%s + {key}.json with %r (aurora-shard)" % ("|".join(exts), field)
+                + (", or {key}.%s + {key}.txt (img2dataset/video2dataset)" % "|".join(exts)
+                   if task == "retrieval" else ""))
+    raise ValueError("first sample %r holds %s; expected %s" % (sample.get(KEY), members or "nothing", expected))
+
+
+def img2dataset_meta(sample):
+    """An img2dataset sample's text and id in this contract's json form (``captions``, ``id``)."""
+    caption = sample[TXT].decode("utf-8") if isinstance(sample[TXT], bytes) else str(sample[TXT])
+    meta = {}
+    if JSON in sample:
+        try:
+            meta = json.loads(sample[JSON]) or {}
+        except ValueError:
+            meta = {}
+    key = meta.get("key") if isinstance(meta, dict) else None
+    return {"id": str(key or sample[KEY]), "captions": [caption]}
+
+
 def has_text(meta):
     """Whether the sample carries something to train on."""
     return bool(meta.get("captions") or meta.get("questions"))

@@ -90,10 +90,16 @@ def open_url(url, mode="rb"):
     """
     assert mode in ("rb", "wb"), mode
     if is_s3(url):
-        if mode == "rb":
-            return s3_filesystem().open(_s3_path(url), "rb", block_size=S3_BLOCK_SIZE,
-                                        cache_type="readahead")
-        return s3_filesystem().open(_s3_path(url), "wb", block_size=UPLOAD_CHUNK)
+        try:
+            if mode == "rb":
+                stream = s3_filesystem().open(_s3_path(url), "rb", block_size=S3_BLOCK_SIZE,
+                                              cache_type="readahead")
+                if stream.size == 0 and not s3_filesystem().exists(_s3_path(url)):
+                    raise FileNotFoundError(url)
+                return stream
+            return s3_filesystem().open(_s3_path(url), "wb", block_size=UPLOAD_CHUNK)
+        except Exception as exn:
+            raise s3_error(url, exn) from exn
     scheme = urlparse(url).scheme
     if scheme in ("http", "https"):
         if mode != "rb":
@@ -106,6 +112,42 @@ def open_url(url, mode="rb"):
     if mode == "wb":
         os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
     return open(url, mode)
+
+
+class S3Error(OSError):
+    """An S3 request failed; the message names the URL, the bucket and the endpoint."""
+
+
+class S3NotFound(S3Error, FileNotFoundError):
+    """No such object (or bucket): still a FileNotFoundError for callers that expect one."""
+
+
+class S3Forbidden(S3Error, PermissionError):
+    pass
+
+
+def s3_error(url, exn):
+    """``exn`` as an S3Error saying which URL, bucket and endpoint, and what most likely is wrong."""
+    if isinstance(exn, S3Error):
+        return exn
+    bucket = _s3_path(url).split("/", 1)[0]
+    endpoint = s3_settings()["endpoint_url"] or "the default AWS endpoint"
+    text = "%s: %s" % (type(exn).__name__, exn)
+    low = text.lower()
+    cls = S3Error
+    if "nosuchbucket" in low or "bucket does not exist" in low:
+        cls, why = S3NotFound, "bucket %r does not exist at %s" % (bucket, endpoint)
+    elif isinstance(exn, PermissionError) or "forbidden" in low or "accessdenied" in low or "403" in low:
+        cls, why = S3Forbidden, ("access to bucket %r at %s is forbidden: check AWS_ACCESS_KEY_ID / "
+                                 "AWS_SECRET_ACCESS_KEY" % (bucket, endpoint))
+    elif isinstance(exn, FileNotFoundError) or "nosuchkey" in low or "not found" in low:
+        cls, why = S3NotFound, "no such object in bucket %r at %s" % (bucket, endpoint)
+    elif "connect" in low or "connection" in low or isinstance(exn, (ConnectionError, TimeoutError)):
+        why = "cannot reach the S3 endpoint %s (bucket %r): is it running, and is AWS_ENDPOINT_URL right?" % (
+            endpoint, bucket)
+    else:
+        why = "bucket %r at %s" % (bucket, endpoint)
+    return cls("%s: %s (%s)" % (url, why, text))
 
 
 def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
@@ -154,7 +196,12 @@ def exists(url):
 def size(url):
     """Size in bytes of a local file or S3 object (FileNotFoundError if missing)."""
     if is_s3(url):
-        return s3_filesystem().info(_s3_path(url), refresh=True)["size"]
+        try:
+            return s3_filesystem().info(_s3_path(url), refresh=True)["size"]
+        except FileNotFoundError:
+            raise
+        except Exception as exn:
+            raise s3_error(url, exn) from exn
     return os.path.getsize(url)
 
 

@@ -70,6 +70,10 @@ def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict,
         complete = sorted(p for p in root.iterdir() if (p / COMPLETE).exists())
         for old in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
+        # Folders a killed run left half-written can never be resumed from: remove them.
+        for partial in root.glob("step_*"):
+            if partial.is_dir() and not (partial / COMPLETE).exists():
+                shutil.rmtree(partial, ignore_errors=True)
     barrier()
     return path
 

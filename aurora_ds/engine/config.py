@@ -44,6 +44,12 @@ def _choice(section: str, key: str, value, allowed):
         raise ValueError(f"{section}.{key} must be one of {tuple(allowed)}, got {value!r}")
 
 
+def _not_negative(section: str, obj, *keys):
+    for key in keys:
+        if getattr(obj, key) < 0:
+            raise ValueError(f"{section}.{key} must be >= 0, got {getattr(obj, key)!r}")
+
+
 def _positive(section: str, obj, *keys):
     for key in keys:
         if getattr(obj, key) <= 0:
@@ -74,12 +80,14 @@ class DataSection:
     frame_sampling: str = "uniform"  # uniform | random | headtail
     max_words: int = 30
     num_workers: int = 2
+    shuffle_buffer: int = 1000  # training items held for shuffling per loader worker (<= 1: none)
 
     def __post_init__(self):
         _choice("data", "source", self.source, ("shards", "synthetic"))
         _choice("data", "media", self.media, ("image", "video"))
         _choice("data", "frame_sampling", self.frame_sampling, ("uniform", "random", "headtail"))
         _positive("data", self, "num_frames", "max_words")
+        _not_negative("data", self, "train_num_samples", "num_workers", "shuffle_buffer")
 
 
 @dataclass
@@ -118,6 +126,7 @@ class OptimSection:
     def __post_init__(self):
         _choice("optim", "optimizer", self.optimizer, ("adamw", "sgd"))
         _positive("optim", self, "batch_size", "grad_accum", "epochs", "lr")
+        _not_negative("optim", self, "weight_decay", "warmup_steps", "max_steps", "clip_grad")
 
 
 @dataclass
@@ -130,7 +139,8 @@ class EvalSection:
 
     def __post_init__(self):
         _choice("eval", "inference", self.inference, ("candidates", "generate"))
-        _positive("eval", self, "batch_size")
+        _positive("eval", self, "batch_size", "k_test")
+        _not_negative("eval", self, "every")
 
 
 @dataclass
@@ -140,9 +150,11 @@ class EngineSection:
     precision: str = "fp32"  # a PRECISIONS name
     activation_checkpointing: bool = False
     seed: int = 42
+    collective_timeout_s: int = 600  # a rank waiting longer than this in one collective fails
 
     def __post_init__(self):
         _choice("engine", "precision", self.precision, PRECISIONS)
+        _positive("engine", self, "collective_timeout_s")
 
 
 @dataclass
@@ -151,8 +163,12 @@ class OutputSection:
     resume: str = ""  # "" | auto | a checkpoint directory
     save_every: int = 0
     log_every: int = 10
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0 = keep all
     progress: bool = True
+
+    def __post_init__(self):
+        _not_negative("output", self, "save_every", "keep_checkpoints")
+        _positive("output", self, "log_every")
 
 
 SECTIONS = {

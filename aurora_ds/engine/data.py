@@ -29,7 +29,7 @@ def loader_config(cfg, image_size: int, train: bool):
         task=cfg.objective.task, media=cfg.data.media, image_size=image_size, num_frames=cfg.data.num_frames,
         frame_sampling=cfg.data.frame_sampling, batch_size=cfg.optim.batch_size if train else cfg.eval.batch_size,
         num_workers=cfg.data.num_workers, seed=cfg.engine.seed, train_num_samples=cfg.data.train_num_samples or None,
-        max_words=cfg.data.max_words,
+        max_words=cfg.data.max_words, shuffle_buffer=max(0, cfg.data.shuffle_buffer),
     )
 
 

@@ -12,7 +12,8 @@ import torch
 
 from ..aurora import inject_aurora
 from ..backbones import backbone_config, build_backbone, get_spec, text_vocab_size
-from ..dist import barrier, free_port, gather_objects, mean_over_ranks, min_over_ranks, process_rank, set_compute_device, shutdown, world
+from ..dist import (barrier, free_port, gather_objects, mean_over_ranks, process_rank, set_compute_device,
+                    shutdown, stop_if_any_rank_failed, world)
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
 from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
 from .config import PRECISIONS
@@ -34,7 +35,10 @@ def setup_distributed(cfg) -> tuple[int, int]:
         if "RANK" not in os.environ:  # started without a launcher: a 1-rank group on this host
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        deepspeed.init_distributed()
+        from datetime import timedelta
+
+        # Bounds every wait across ranks: a rank that died or hangs cannot hold the others forever.
+        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.engine.collective_timeout_s))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         else:
@@ -114,14 +118,44 @@ def make_objective(cfg, model):
     return from_table(get_spec(cfg.backbone.name).interface, cfg.objective.task, model, cfg)
 
 
-def merged_data_state(data) -> dict:
-    """The loader's resume position with every rank's consumed shards merged (collective)."""
-    if not hasattr(data, "state_dict"):
-        return {}
-    state = data.state_dict()
-    if "consumed_shards" in state:
-        state["consumed_shards"] = sorted(set().union(*map(set, gather_objects(state["consumed_shards"]))))
-    return state
+def loader_state(data) -> dict:
+    """This rank's loader position (each rank saves its own: the positions differ per rank)."""
+    return data.state_dict() if hasattr(data, "state_dict") else {}
+
+
+def steps_per_epoch(data, grad_accum: int) -> int | None:
+    """Optimizer steps per epoch, the same on every rank (the smallest rank's epoch sets it), or
+    None when the length is unknown. A rank without a batch is an error naming it (collective)."""
+    try:
+        n = len(data)
+    except TypeError:
+        n = None
+    describe = getattr(data, "describe", None)
+    reports = gather_objects((n, describe() if describe and n == 0 else ""))
+    lengths = [length for length, _ in reports]
+    if any(length is None for length in lengths):
+        return None
+    empty = [(r, text) for r, (length, text) in enumerate(reports) if length == 0]
+    if empty:
+        raise ValueError("no training batch per epoch on rank(s) %s: %s. Remedy: more shards than ranks x "
+                         "data.num_workers (or fewer ranks), and a manifest that lists the shards' samples"
+                         % ([r for r, _ in empty], "; ".join(text or f"rank {r}" for r, text in empty)))
+    if min(lengths) < grad_accum:
+        raise ValueError(f"an epoch has {min(lengths)} batch(es) on the smallest rank, fewer than "
+                         f"optim.grad_accum={grad_accum}: lower optim.grad_accum or optim.batch_size, or add data")
+    return min(lengths) // grad_accum
+
+
+def trace_batch(step: int, epoch: int, batch: dict) -> None:
+    """``AURORA_TRACE_SAMPLES=DIR``: each rank appends what every micro-batch held (diagnostics,
+    and how the tests check that a resumed run sees exactly the samples of an uninterrupted one)."""
+    folder = os.environ.get("AURORA_TRACE_SAMPLES")
+    if not folder:
+        return
+    record = {"step": step, "epoch": epoch, "media_id": list(batch.get("media_id", [])),
+              "caption": list(batch.get("caption", batch.get("question", [])))}
+    with open(Path(folder) / f"rank_{process_rank():05d}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def batches(source, start_epoch: int):
@@ -130,8 +164,13 @@ def batches(source, start_epoch: int):
     while True:
         if hasattr(source, "set_epoch"):
             source.set_epoch(epoch)
+        empty = True
         for batch in source:
+            empty = False
             yield epoch, batch
+        if empty and start_epoch != epoch:  # (a resumed epoch may have nothing left)
+            raise RuntimeError(f"the training data gave no batch in epoch {epoch}: stopping instead of "
+                               "cycling through empty epochs")
         epoch += 1
 
 
@@ -170,16 +209,13 @@ def train(cfg, data=None, evaluator=None) -> dict:
     if cfg.data.source == "shards" and evaluator is None and cfg.data.eval_shards:
         evaluator = build_evaluator(cfg, image_size, tokenizer, run)
 
-    steps_per_epoch = None
-    try:
-        # Every rank must take the same number of steps: the smallest rank's epoch sets it.
-        steps_per_epoch = min_over_ranks(len(data)) // cfg.optim.grad_accum
-    except TypeError:
-        pass
-    total_steps = cfg.optim.max_steps or (steps_per_epoch * cfg.optim.epochs if steps_per_epoch else 0)
+    per_epoch = steps_per_epoch(data, cfg.optim.grad_accum)
+    total_steps = cfg.optim.max_steps or (per_epoch * cfg.optim.epochs if per_epoch else 0)
     if total_steps <= 0:
-        raise ValueError("the training data has no known length per epoch (no manifest, several items per "
-                         "sample, or fewer batches than grad_accum): set max_steps, or resampled mode")
+        raise ValueError("the training data has no known length per epoch (no manifest.json/sizes.json next to "
+                         "the shards, or several items per sample: caption_per_sample=all or QA): write the "
+                         "manifest (aurora-shard writes one with the shards), or set optim.max_steps; each "
+                         "rank then reads its shards epoch after epoch until that many steps")
     objective = make_objective(cfg, model)
     objective.tokenizer = tokenizer
     if special is not None:
@@ -197,11 +233,17 @@ def train(cfg, data=None, evaluator=None) -> dict:
         log.message(layout_note)
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
     step, epoch = 0, 0
+    skipped: dict[str, int] = {}
+    history: list[dict] = []
+    best = None
     if checkpoint is not None:
         step, client, data_state = load_checkpoint(checkpoint, backend, handle, log.message)
         objective.ema.load_state_dict(client["ema"])
         objective.load_objective_state(client["objective"])
         epoch = int(client["epoch"])
+        # The summary covers the whole run, not only the steps after the resume.
+        history, skipped = list(client.get("history", [])), dict(client.get("skipped", {}))
+        best = client.get("best")
         if data_state is not None:
             data.load_state_dict(data_state)
         log.message(f"[aurora] resumed from {checkpoint} at step {step}")
@@ -209,15 +251,19 @@ def train(cfg, data=None, evaluator=None) -> dict:
         log.message(f"[aurora] no complete checkpoint in {run.checkpoints}: starting fresh")
 
     stream = batches(data, epoch)
-    skipped: dict[str, int] = {}
-    history, best = [], None
     while step < total_steps:
         t0 = time.perf_counter()
         waited, samples, terms = 0.0, 0, {}
         for _ in range(cfg.optim.grad_accum):
             t_data = time.perf_counter()
-            epoch, batch = next(stream)
+            try:
+                epoch, batch = next(stream)
+                problem = None
+            except Exception as exn:  # noqa: BLE001 - every rank must learn of it, then all stop
+                problem = exn
+            stop_if_any_rank_failed(problem, "reading the training data")
             waited += time.perf_counter() - t_data
+            trace_batch(step + 1, epoch, batch)
             for reason, n in batch.get("skipped", {}).items():
                 skipped[reason] = skipped.get(reason, 0) + n
             losses = objective.losses(backend.forward, batch, step)
@@ -247,8 +293,9 @@ def train(cfg, data=None, evaluator=None) -> dict:
                 save_adapter(backend, handle, run.adapter_best, {"step": step, "metrics": metrics})
         if (cfg.output.save_every and step % cfg.output.save_every == 0) or last:
             client = {"ema": objective.ema.state_dict(), "objective": objective.objective_state(),
-                      "epoch": epoch, "step": step}
-            data_state = merged_data_state(data)
+                      "epoch": epoch, "step": step, "history": history, "skipped": skipped,
+                      "best": best}
+            data_state = loader_state(data)
             save_checkpoint(run, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints)
             save_adapter(backend, handle, run.adapter_latest, {"step": step})
 
