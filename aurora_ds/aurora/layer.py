@@ -23,8 +23,6 @@ in its ``up`` part; a width that only ever feeds (or only receives) such layers 
 from __future__ import annotations
 
 import math
-import weakref
-from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -41,7 +39,6 @@ class ModeDown(nn.Module):
         super().__init__()
         self.U = nn.Parameter(torch.empty(rank, width, **kw))
         self.dropout = dropout
-        self.shared = SharedModes()
         nn.init.kaiming_uniform_(self.U, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,50 +105,6 @@ class ModeDownProjection(torch.autograd.Function):
             x = kept[0] if ctx.rebuild is None else ctx.rebuild(*kept)
             dU = gu2.t() @ x.reshape(-1, width)
         return (dx, dU, None) + (None,) * ctx.sources
-
-
-class SharedModes:
-    """U · x once per input: q, k and v read one tensor; BLIP's cross-attention keys and values
-    all read the image tokens.
-
-    Keyed by where x lives and its version (and U's), and valid only while x's storage is alive
-    (a weak reference), so a freed and reused address never hits. Holds a few entries; sharing
-    is an optimisation only, so it is off while torch.compile traces (it would break the graph).
-    """
-
-    size = 8
-
-    def __init__(self):
-        self.entries: OrderedDict = OrderedDict()
-
-    def __getstate__(self):  # copies and pickles of the model start empty (weak references do not copy)
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
-
-    @staticmethod
-    def _key(x: torch.Tensor, U: torch.Tensor):
-        return (x.data_ptr(), x.storage_offset(), x.shape, x.stride(), x.dtype, x.device, x._version,
-                U._version, torch.is_grad_enabled())
-
-    def get(self, x: torch.Tensor, U: torch.Tensor) -> torch.Tensor | None:
-        if torch.compiler.is_compiling():
-            return None
-        entry = self.entries.get(self._key(x, U))
-        if entry is None or entry[0]() is None:
-            return None
-        return entry[1]
-
-    def put(self, x: torch.Tensor, U: torch.Tensor, u: torch.Tensor):
-        if torch.compiler.is_compiling():
-            return
-        self.entries[self._key(x, U)] = (weakref.ref(x.untyped_storage()), u)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-
-    def clear(self):
-        self.entries.clear()
 
 
 class ModeUp(nn.Module):
@@ -261,8 +214,7 @@ class AuroraLinear(nn.Module):
     path, so the backbone's own code calls it unchanged.
 
     Three nodes per call: the frozen linear (its own module, so ZeRO-3 gathers W there), U · x
-    (shared by layers reading the same x) and the rest of the update accumulated into the
-    frozen output in place (:class:`ModeUpdate`). The frozen linear keeps no input; U · x
+    and the rest of the update accumulated into the frozen output in place (:class:`ModeUpdate`). The frozen linear keeps no input; U · x
     keeps x once per input, for U's gradient.
     """
 
@@ -306,10 +258,7 @@ class AuroraLinear(nn.Module):
         if self.merged:
             return y
         down = self.source.down
-        u = down.shared.get(x, down.U)
-        if u is None:
-            u = down(x)
-            down.shared.put(x, down.U, u)
+        u = down(x)
         dropout = down.dropout if self.training else 0.0
         return self.target.up(y, u, self.coeffs, self.a, self.b, self.scale, dropout)
 

@@ -7,20 +7,38 @@ trained locally with the ``tokenizers`` package. Its special-token ids match the
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
 
 
+def wordpiece_vocab(texts, size: int, tok) -> dict[str, int]:
+    """Specials, every character (alone and as a ``##`` continuation, so any word splits into
+    known pieces), then whole words by frequency, ties in alphabetical order, up to ``size``.
+
+    Built here rather than by the ``tokenizers`` trainer, which breaks ties in hash order: the
+    same captions gave different vocabularies, hence different losses, from run to run.
+    """
+    counts = Counter()
+    for text in texts:
+        counts.update(word for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    pieces = list(dict.fromkeys(SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]))
+    pieces += words[: max(0, size - len(pieces))]
+    return {piece: i for i, piece in enumerate(pieces)}
+
+
 def train_tokenizer(texts, vocab_size: int = 1024, out_dir: str | Path | None = None):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    tok.model = models.WordPiece(wordpiece_vocab(texts, vocab_size, tok), unk_token="[UNK]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     fast = PreTrainedTokenizerFast(
