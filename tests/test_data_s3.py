@@ -192,3 +192,28 @@ def test_resume_mid_epoch_is_exact_from_s3(s3_server, shard_factory, monkeypatch
             resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
             assert head + stream(resumed) == full, (rank, stop)
     assert seen == Counter(s["json"]["id"] for s in samples)
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_without_secrets_in_its_environment_reads_with_the_credentials_file(s3_server, shard_factory, tmp_path):
+    """What a rank on another node sees: launchers forward no secrets, so it has no AWS_* keys in
+    its environment (nor on its command line) and reads with the shared credentials file."""
+    images = shard_factory.coco(4, prefix="cred")
+    spec = shard_factory.write(images, "s3://%s/cred" % s3_server.bucket, "coco-train", per_shard=2)
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n"
+                     % (s3_server.access_key, s3_server.secret_key))
+    creds.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(creds), AWS_CONFIG_FILE=str(tmp_path / "none"), OMP_NUM_THREADS="1")
+    proc = run_reader([[spec, "image", "all"]], env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert s3_server.secret_key not in out and s3_server.secret_key not in " ".join(proc.args)
+    delivered = [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
+    assert len(delivered) == 1 and {mid for mid, _ in delivered[0]} == {s["json"]["id"] for s in images}
+    # And explicitly anonymous access is refused by a server that wants credentials, naming the bucket.
+    env["AURORA_S3_ANONYMOUS"] = "1"
+    proc = run_reader([[spec, "image", "all"]], env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and s3_server.bucket in out

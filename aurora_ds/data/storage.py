@@ -35,6 +35,7 @@ def s3_settings():
         endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
         key=os.environ.get("AWS_ACCESS_KEY_ID"),
         secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        anonymous=os.environ.get("AURORA_S3_ANONYMOUS", "0") == "1",
         region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         connect_timeout=_env_float("AURORA_S3_CONNECT_TIMEOUT", 3),
         read_timeout=_env_float("AURORA_S3_READ_TIMEOUT", 10),
@@ -59,7 +60,10 @@ def s3_filesystem():
     fs = _filesystems.get(key)
     if fs is None:
         fs = s3fs.S3FileSystem(
-            key=s["key"], secret=s["secret"], anon=not s["key"],
+            # Without keys in the environment, botocore's own chain: the shared credentials file
+            # (~/.aws/credentials, AWS_PROFILE), then an instance role. That is how ranks on other
+            # nodes get credentials: launchers forward no secrets, and none goes on a command line.
+            key=s["key"], secret=s["secret"], anon=s["anonymous"],
             endpoint_url=s["endpoint_url"], skip_instance_cache=True,
             client_kwargs={"region_name": s["region"]},
             config_kwargs={"connect_timeout": s["connect_timeout"], "read_timeout": s["read_timeout"],
@@ -139,7 +143,7 @@ def s3_error(url, exn):
         cls, why = S3NotFound, "bucket %r does not exist at %s" % (bucket, endpoint)
     elif isinstance(exn, PermissionError) or "forbidden" in low or "accessdenied" in low or "403" in low:
         cls, why = S3Forbidden, ("access to bucket %r at %s is forbidden: check AWS_ACCESS_KEY_ID / "
-                                 "AWS_SECRET_ACCESS_KEY" % (bucket, endpoint))
+                                 "AWS_SECRET_ACCESS_KEY or the shared credentials file" % (bucket, endpoint))
     elif isinstance(exn, FileNotFoundError) or "nosuchkey" in low or "not found" in low:
         cls, why = S3NotFound, "no such object in bucket %r at %s" % (bucket, endpoint)
     elif "connect" in low or "connection" in low or isinstance(exn, (ConnectionError, TimeoutError)):
