@@ -9,7 +9,9 @@ Where they go in a run is :class:`~aurora_ds.engine.rundir.RunDir`'s; inside one
         client_state.pt                      step, EMA, feature queue (same on all ranks)
         rank_00000.pt ...                    per-rank RNG and data position
         trainer_state.json                   world size, step, config
-        COMPLETE                             written last: only complete checkpoints resume
+        COMPLETE                             written last: only complete checkpoints resume; it
+                                             records the size and SHA-256 of every file, checked
+                                             on resume (a damaged file is refused, named)
 
 Only tensors and plain containers go into the ``.pt`` files, read back with
 ``torch.load(weights_only=True)``. DeepSpeed's own files are its format (trusted: your run).
@@ -22,8 +24,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from ..aurora.io import read_adapter, write_adapter
-from ..dist import barrier, world
+from ..aurora.io import check_digest, file_digest, read_adapter, write_adapter
+from ..dist import barrier, gather_objects, world
 from .rundir import CHECKPOINT_ADAPTER, RunDir
 
 COMPLETE = "COMPLETE"
@@ -65,8 +67,12 @@ def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict,
         torch.save(client_state, path / "client_state.pt")
         (path / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": size, "config": cfg.to_dict()}, indent=2))
     barrier()
+    # Every rank digests the files it sees (on storage not shared between nodes, its own).
+    digests = {}
+    for part in gather_objects(_digests(path)):
+        digests.update(part)
     if me == 0:
-        (path / COMPLETE).write_text(tag)
+        (path / COMPLETE).write_text(json.dumps({"tag": tag, "files": digests}, indent=1, sort_keys=True))
         complete = sorted(p for p in root.iterdir() if (p / COMPLETE).exists())
         for old in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
@@ -76,6 +82,29 @@ def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict,
                 shutil.rmtree(partial, ignore_errors=True)
     barrier()
     return path
+
+
+def _digests(path: Path) -> dict:
+    return {str(f.relative_to(path)): file_digest(f) for f in sorted(path.rglob("*")) if f.is_file() and f.name != COMPLETE}
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint with a damaged file (size or SHA-256 differs from what was recorded
+    when it was written), naming the file; files another node wrote may be absent here."""
+    try:
+        recorded = json.loads((path / COMPLETE).read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return  # written before digests were recorded
+    for name, digest in recorded.items():
+        if (path / name).exists():
+            check_digest(path / name, digest, path / COMPLETE)
+
+
+def _load(path: Path):
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exn:  # noqa: BLE001 - any failure to read is this file's
+        raise ValueError(f"checkpoint file {path} cannot be read: {exn}") from None
 
 
 def find_checkpoint(run: RunDir, resume: str) -> Path | None:
@@ -99,8 +128,9 @@ def load_checkpoint(path: Path, backend, handle, log) -> tuple[int, dict, dict |
     restarts from the checkpoint's adapter with a fresh optimizer, and says so.
     """
     me, size = world()
+    verify_checkpoint(path)
     meta = json.loads((path / "trainer_state.json").read_text())
-    client = torch.load(path / "client_state.pt", weights_only=True)
+    client = _load(path / "client_state.pt")
     if meta["world_size"] != size:
         log(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {size}: "
             f"optimizer state cannot be re-partitioned, so training restarts from its adapter with a "
@@ -113,7 +143,7 @@ def load_checkpoint(path: Path, backend, handle, log) -> tuple[int, dict, dict |
         backend.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
     else:
         load_adapter_values(backend, handle, path / CHECKPOINT_ADAPTER)
-        backend.load_state_dict(torch.load(path / "plain_state.pt", weights_only=True))
-    mine = torch.load(path / f"rank_{me:05d}.pt", weights_only=True)
+        backend.load_state_dict(_load(path / "plain_state.pt"))
+    mine = _load(path / f"rank_{me:05d}.pt")
     torch.set_rng_state(mine["rng"])
     return meta["step"], client, mine["data"]
