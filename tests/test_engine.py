@@ -148,9 +148,9 @@ def test_two_rank_replicated_auto_layout_matches_single_process_reference(equiva
     resumed = tmp_path / "resumed"
     local(2, _common(_checkpoint_of(equivalence_runs), resumed, 4, "optim.batch_size=2", *EQUIV)
           + ["--ds-config", "replicated", "--resume", str(out / "checkpoints" / "step_000002")], tmp_path / "resume.log")
-    history = _summary(resumed)["history"]
-    assert [h["step"] for h in history] == [3, 4]
-    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in summary["history"][2:]], abs=1e-6)
+    history = _summary(resumed)["history"]  # the whole run: steps 1-2 from the checkpoint, 3-4 resumed
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in summary["history"]], abs=1e-6)
     _assert_same_adapter(out, resumed)
 
 

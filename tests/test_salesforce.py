@@ -126,7 +126,7 @@ def test_vqa_enc_for_questions_and_one_answer_bos(salesforce_checkpoints):
         assert all((ids == ENC).all() for ids in probe.fused) and len(probe.fused) == 1
         assert len(probe.decoder) == 1 and (probe.decoder[0] == DEC).all()  # training's answer bos
         probe.fused.clear(), probe.decoder.clear()
-        ranked = objective(batch, 0, "rank", answer_candidates(tokenizer, ["cat", "dog", "no"]))
+        ranked = objective(batch, 0, "candidates", answer_candidates(tokenizer, ["cat", "dog", "no"]))
         assert len(ranked) == 2
         assert probe.decoder and all((ids == DEC).all() for ids in probe.decoder)  # ranking's
         probe.decoder.clear()
