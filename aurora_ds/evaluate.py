@@ -1,4 +1,5 @@
-"""``aurora-eval``: evaluate a saved adapter on evaluation shards (argument parsing only).
+"""``aurora-eval``: evaluate a saved adapter, or the frozen checkpoint (``--zero-shot``), on
+evaluation shards (argument parsing only).
 
 Its own keys are the options below (``EvalRunConfig``); everything else comes from the run
 configuration recorded next to the adapter (else ``--recipe``), and ``--set`` on top.
@@ -14,7 +15,10 @@ from .engine.config import PRECISIONS, EvalRunConfig, list_recipes
 
 def parse_args(argv=None) -> EvalRunConfig:
     p = argparse.ArgumentParser(prog="aurora-eval", description="Evaluate an Aurora adapter.")
-    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter.safetensors)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--adapter", help="adapter directory (adapter_config.json + adapter.safetensors)")
+    what.add_argument("--zero-shot", action="store_true",
+                      help="evaluate the frozen checkpoint of --recipe (Aurora's update is exactly zero before training)")
     p.add_argument("--shards", required=True, help="URL spec of the evaluation shards")
     p.add_argument("--out", default="runs/eval", help="where metrics (and QA result files) are written")
     p.add_argument("--batch-size", type=int, default=0, help="evaluation batch size (default: the run's eval.batch_size)")
@@ -28,7 +32,7 @@ def parse_args(argv=None) -> EvalRunConfig:
                    help="override a run configuration value (repeatable), e.g. --set backbone.checkpoint=DIR")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    return EvalRunConfig(adapter=args.adapter, shards=args.shards, out=args.out, batch_size=args.batch_size,
+    return EvalRunConfig(adapter=args.adapter or "", shards=args.shards, out=args.out, batch_size=args.batch_size,
                          k_test=args.k_test, precision=args.precision, deepspeed=not args.no_deepspeed,
                          ds_config=args.ds_config, recipe=args.recipe, overrides=args.overrides)
 
@@ -39,7 +43,7 @@ def main(argv=None):
         cfg = eval_cfg.run_config()
         from .engine.loop import evaluate
 
-        evaluate(cfg, eval_cfg.adapter)
+        evaluate(cfg, eval_cfg.adapter or None)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"aurora-eval: {e}")
 

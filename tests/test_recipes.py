@@ -121,3 +121,24 @@ def test_evaluation_is_invariant_to_ranks_and_shard_order(world, recipe):
     assert one.keys() == two.keys()
     for key in one:
         assert one[key] == pytest.approx(two[key], abs=1e-6), key
+
+
+def test_zero_shot_evaluates_the_frozen_checkpoint_and_qa_needs_the_training_answers(world, tmp_path):
+    """``aurora-eval --zero-shot``: no adapter, the recipe's frozen checkpoint. Candidate QA
+    inference without the training run's answer list is refused, never built from the eval shards."""
+    base, data, checkpoints = world
+    tokenizer = tmp_path / "tok"
+    from aurora_ds.backbones.tokenizer import train_tokenizer
+
+    train_tokenizer(["a photo of a cat", "what is it", "yes", "no"], 1024, tokenizer)
+    common = ["--zero-shot", "--no-deepspeed", "--set", f"backbone.tokenizer={tokenizer}", *sum((["--set", s] for s in SMALL), [])]
+    _run([sys.executable, "-m", "aurora_ds.evaluate", "--recipe", "coco_retrieval", "--shards", data["coco"]["test"],
+          "--out", str(tmp_path / "zs"), "--set", "backbone.name=blip-tiny-retrieval",
+          "--set", f"backbone.checkpoint={checkpoints['blip-tiny-retrieval']}", *common], tmp_path / "zs.log")
+    metrics = json.loads((tmp_path / "zs" / "eval" / "step_000000.json").read_text())
+    assert metrics["num_media"] == data["coco"]["num_test"] and 0 <= metrics["txt_r1"] <= 100
+    proc = subprocess.run([sys.executable, "-m", "aurora_ds.evaluate", "--recipe", "vqa", "--shards", data["vqa"]["test"],
+                           "--out", str(tmp_path / "zsq"), "--set", "backbone.name=blip-tiny-vqa",
+                           "--set", f"backbone.checkpoint={checkpoints['blip-tiny-vqa']}", *common],
+                          capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=400)
+    assert proc.returncode != 0 and "needs the answer list the model was trained with" in proc.stderr, proc.stderr[-2000:]

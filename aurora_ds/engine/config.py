@@ -391,8 +391,8 @@ def recorded_run_config(adapter_dir) -> dict | None:
 class EvalRunConfig:
     """What ``aurora-eval`` needs beyond the adapter's own run configuration."""
 
-    adapter: str  # adapter directory (adapter_config.json + adapter.safetensors)
-    shards: str  # URL spec of the evaluation shards
+    adapter: str = ""  # adapter directory (adapter_config.json + adapter.safetensors); "" = zero-shot
+    shards: str = ""  # URL spec of the evaluation shards
     out: str = "runs/eval"  # metrics (and QA result files) go to out/eval/
     batch_size: int = 0  # 0 = the run's eval.batch_size
     k_test: int = 0  # 0 = the run's eval.k_test
@@ -407,13 +407,17 @@ class EvalRunConfig:
         ``aurora`` section and backbone, the ``--set`` overrides, then this config's values."""
         from ..aurora.io import read_adapter_config
 
-        aurora = dict(read_adapter_config(self.adapter)["aurora"])
-        backbone = aurora.pop("backbone", None)
+        if not self.adapter and not self.recipe:
+            raise ValueError("--zero-shot evaluates the frozen checkpoint of a recipe: give --recipe (and "
+                             "--set backbone.checkpoint=DIR)")
         base = None if self.recipe else recorded_run_config(self.adapter)
         sources = [("the recorded run configuration", base or {})]
         if self.recipe:
             sources.append((f"recipe {self.recipe!r}", load_recipe(self.recipe)))
-        sources.append((f"adapter {self.adapter}", {"aurora": aurora, **({"backbone.name": backbone} if backbone else {})}))
+        if self.adapter:
+            aurora = dict(read_adapter_config(self.adapter)["aurora"])
+            backbone = aurora.pop("backbone", None)
+            sources.append((f"adapter {self.adapter}", {"aurora": aurora, **({"backbone.name": backbone} if backbone else {})}))
         sources.append(("--set", _pairs(self.overrides)))
         values = {"data.eval_shards": self.shards, "data.train_shards": self.shards, "data.source": "shards",
                   "output.dir": self.out, "output.resume": "", "engine.deepspeed": self.deepspeed}

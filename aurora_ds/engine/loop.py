@@ -324,18 +324,21 @@ def _trained_here(cfg, tokenizer_dir: Path) -> bool:
 def eval_tokenizer(cfg, adapter_dir) -> Path:
     """The tokenizer to evaluate an adapter with: the configured one, the backbone checkpoint's,
     one shipped inside the adapter directory, or the one trained in the adapter's run."""
-    source = RunDir.of_adapter(adapter_dir)
-    candidates = [cfg.backbone.tokenizer, cfg.backbone.checkpoint, Path(adapter_dir) / "tokenizer", source and source.tokenizer]
+    source = RunDir.of_adapter(adapter_dir) if adapter_dir else None
+    candidates = [cfg.backbone.tokenizer, cfg.backbone.checkpoint,
+                  adapter_dir and Path(adapter_dir) / "tokenizer", source and source.tokenizer]
     found = [Path(c) for c in candidates if has_tokenizer(c)]
     if not found:
-        raise FileNotFoundError(f"no tokenizer found for adapter {adapter_dir} (looked in backbone.tokenizer, "
-                                f"backbone.checkpoint, {Path(adapter_dir) / 'tokenizer'} and the adapter's run): "
-                                "--set backbone.tokenizer=DIR")
+        where = f"adapter {adapter_dir}" if adapter_dir else "the frozen checkpoint"
+        raise FileNotFoundError(f"no tokenizer found for {where} (looked in backbone.tokenizer, backbone.checkpoint"
+                                + (f", {Path(adapter_dir) / 'tokenizer'} and the adapter's run" if adapter_dir else "")
+                                + "): --set backbone.tokenizer=DIR")
     return found[0]
 
 
-def evaluate(cfg, adapter_dir) -> dict:
-    """Evaluate a saved adapter on cfg.data.eval_shards (``aurora-eval``); any number of ranks."""
+def evaluate(cfg, adapter_dir=None) -> dict:
+    """Evaluate a saved adapter on cfg.data.eval_shards (``aurora-eval``); any number of ranks.
+    Without an adapter, the frozen checkpoint: Aurora is injected with V = 0, an exact no-op."""
     from .checkpoint import load_adapter_values
     from .data import build_evaluator
     from ..backbones.tokenizer import load_tokenizer
@@ -360,11 +363,16 @@ def evaluate(cfg, adapter_dir) -> dict:
     if special is not None:
         objective.special = special
     backend = DeepSpeedBackend(objective, cfg, 1, ds_config) if cfg.engine.deepspeed else PlainBackend(objective, cfg, 1)
-    load_adapter_values(backend, handle, adapter_dir)
+    if adapter_dir:
+        load_adapter_values(backend, handle, adapter_dir)
     objective.eval()
-    # Candidate inference ranks the answers the adapter's run ranked, unless a list is configured.
-    source = RunDir.of_adapter(adapter_dir)
+    # Candidate inference ranks the answers the adapter's run ranked, unless a list is configured;
+    # never answers counted from the evaluation shards (that would leak the labels).
+    source = RunDir.of_adapter(adapter_dir) if adapter_dir else None
     answers = None if cfg.eval.answer_list or source is None or not source.answer_list.is_file() else source.answer_list
+    if cfg.objective.task == "qa" and cfg.eval.inference == "candidates" and not (answers or cfg.eval.answer_list):
+        raise ValueError("candidate inference needs the answer list the model was trained with: set "
+                         "eval.answer_list=FILE.json (aurora-eval never counts answers from the evaluation shards)")
     from .data import media_size
 
     evaluator = build_evaluator(cfg, media_size(cfg, spec, config, _stderr if rank == 0 else None), tokenizer, RunDir(cfg.output.dir), answers)
