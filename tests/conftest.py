@@ -210,3 +210,16 @@ def salesforce_checkpoints(tmp_path_factory):
 def make_salesforce_checkpoint():
     """``salesforce_checkpoint`` itself, for tests that need their own variant."""
     return salesforce_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random-init tiny BLIP retrieval backbone saved once (``save_pretrained`` layout)."""
+    import torch
+
+    from aurora_ds import build_backbone
+
+    path = tmp_path_factory.mktemp("backbone") / "blip-tiny"
+    torch.manual_seed(0)
+    build_backbone("blip-tiny-retrieval").save_pretrained(path)
+    return path

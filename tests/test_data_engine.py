@@ -7,7 +7,6 @@ written by the ShardFactory. Every run that could hang has a timeout that fails 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,26 +14,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
-from aurora_ds import build_backbone
+from aurora_ds.dist import free_port as _port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("backbone") / "blip-tiny"
-    torch.manual_seed(0)
-    build_backbone("blip-tiny-retrieval").save_pretrained(path)
-    return path
 
 
 def _env(trace=None):

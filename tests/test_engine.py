@@ -8,7 +8,6 @@ of ranks (engine/synthetic.py).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,26 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from aurora_ds import build_backbone
+from aurora_ds.dist import free_port as _port
 from aurora_ds.engine.config import build_config
 from aurora_ds.engine.dsconfig import build_ds_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 pytestmark = pytest.mark.distributed
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("backbone") / "blip-tiny"
-    torch.manual_seed(0)
-    build_backbone("blip-tiny-retrieval").save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ every run and every evaluation sees the same frozen weights.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from aurora_ds import build_backbone
+from aurora_ds.dist import free_port as _port
 from aurora_ds.recipes import SMOKE as RECIPES
 from shard_tools.quickstart import sample_shards
 
@@ -24,12 +24,6 @@ pytestmark = pytest.mark.distributed
 
 SMALL = ["aurora.rank=4", "optim.batch_size=4", "eval.batch_size=8", "data.image_size=32", "data.num_frames=4", "objective.queue_size=32",
          "data.num_workers=1", "eval.k_test=16", "output.progress=false"]
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .. import dist
+from ..dist import all_gather_flat, barrier, comm_device, process_rank, set_compute_device, shutdown, world_size
 
 SIZES = (1_000, 10_000, 100_000, 1_000_000, 4_000_000)  # fp32 elements per rank's shard
 
@@ -21,18 +21,18 @@ def measure(repeats: int = 7) -> dict:
     import deepspeed
 
     deepspeed.init_distributed()
-    dist.set_compute_device(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
-    world = dist.world_size()
+    set_compute_device(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+    world = world_size()
     rows = []
     for n in SIZES:
-        shard = torch.randn(n, device=dist.comm_device())
+        shard = torch.randn(n, device=comm_device())
         times = []
         for i in range(repeats + 1):
-            dist.barrier()
+            barrier()
             if shard.is_cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            dist.all_gather_flat(shard)
+            all_gather_flat(shard)
             if shard.is_cuda:
                 torch.cuda.synchronize()
             if i:
@@ -48,7 +48,7 @@ def measure(repeats: int = 7) -> dict:
 
 if __name__ == "__main__":
     result = measure()
-    if dist.process_rank() == 0:
+    if process_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(result, f, indent=2)
-    dist.shutdown()
+    shutdown()
