@@ -1,4 +1,5 @@
-"""Annotation + media -> WebDataset tar shards, sizes.json and manifest.json, locally or on S3.
+"""Annotation + media -> WebDataset tar shards, sizes.json and manifest.json (and, for QA, the
+answer counts answers.json), locally or on S3.
 
 The shard layout (keys, json fields, stored formats, manifest files) is ``aurora_ds.data.shard_format``'s;
 images in a format the loader does not read (BMP, GIF) are re-encoded as PNG and counted in the
@@ -122,8 +123,9 @@ class ShardSink:
         self.tmp = tempfile.TemporaryDirectory(prefix="aurora-shard-")
         self.writer = None
 
-    def write(self, sample, size, index, faults):
-        """Add a sample; `index` is its record position, recorded as where a shard ends."""
+    def write(self, sample, size, texts, index, faults):
+        """Add a sample (``texts``: its ``shard_format.text_counts``); `index` is its record
+        position, recorded as where a shard ends."""
         if self.writer and (self.count >= self.maxcount or self.size + size > self.maxsize):
             self.finish(index, faults)
         if self.writer is None:
@@ -132,9 +134,11 @@ class ShardSink:
             self.stream = open(self.path, "wb")
             self.writer = wds.TarWriter(self.stream, encoder=False, mtime=0)
             self.count = self.size = 0
+            self.texts = Counter()
         self.writer.write(sample)
         self.count += 1
         self.size += size
+        self.texts.update(texts)
 
     def finish(self, end, faults):
         """Close the open shard, publish it and record it (with the fault state) for resuming."""
@@ -143,7 +147,7 @@ class ShardSink:
         self.writer.close()
         self.stream.close()
         self.writer = None
-        entry = {"name": self.name, "count": self.count, "bytes": os.path.getsize(self.path),
+        entry = {"name": self.name, "count": self.count, **self.texts, "bytes": os.path.getsize(self.path),
                  "sha256": sha256_file(self.path), "end": end, "faults": faults.state(),
                  "reencoded": dict(self.reencoded)}
         storage.put_file(self.path, join(self.out, self.name))
@@ -154,6 +158,15 @@ class ShardSink:
 
     def close(self):
         self.tmp.cleanup()
+
+
+def answer_counts(records, dataset, split):
+    """{answer: count} over every human answer of the split's annotations (what the VQA answer
+    list is built from; a test split without answers gives none)."""
+    counts = Counter()
+    for record in records:
+        counts.update(shard_format.answer_counts(sample_meta(record, dataset, split)))
+    return counts
 
 
 def check_all_media(records, media_root, resize, workers, faults):
@@ -197,14 +210,15 @@ def convert(dataset, anns, media_root, split, out, workers=1, maxcount=10000, ma
             source_ext = shard_format.file_ext(record.file)
             if ext != source_ext:
                 sink.reencoded[source_ext] += 1
-            sample = shard_format.encode_sample(sample_key(dataset, record.id), ext, data,
-                                                sample_meta(record, dataset, split))
-            sink.write(sample, len(data) + len(sample[shard_format.JSON]), index, faults)
+            meta = sample_meta(record, dataset, split)
+            sample = shard_format.encode_sample(sample_key(dataset, record.id), ext, data, meta)
+            sink.write(sample, len(data) + len(sample[shard_format.JSON]), shard_format.text_counts(meta), index, faults)
         sink.finish(len(records), faults)
     finally:
         sink.close()
 
-    shards = {e["name"]: {"count": e["count"], "bytes": e["bytes"], "sha256": e["sha256"]} for e in sink.done}
+    shards = {e["name"]: {k: e[k] for k in ("count", *shard_format.TEXT_FIELDS, "bytes", "sha256") if k in e}
+              for e in sink.done}
     manifest = {
         "format": 1,
         "dataset": dataset,
@@ -219,6 +233,8 @@ def convert(dataset, anns, media_root, split, out, workers=1, maxcount=10000, ma
         "reencoded": dict(sink.reencoded),
     }
     shard_format.write_manifest(out, manifest)
+    if KINDS[dataset].endswith("_qa"):
+        shard_format.write_answers(out, answer_counts(records, dataset, split))
     remove(join(out, PARTIAL))
     for line in faults.report():
         print(line, file=log)

@@ -353,8 +353,10 @@ def make_didemo(out_dir, n, seed=0):
 
 
 def make_vqa(out_dir, n, seed=0, subtypes=("train2014", "val2014")):
-    """VQAv2: COCO images under {subtype}/COCO_{subtype}_{id:012d}.jpg with
-    v2_OpenEnded_mscoco_{subtype}_questions.json and v2_mscoco_{subtype}_annotations.json."""
+    """VQAv2: COCO images under {folder}/COCO_{folder}_{id:012d}.jpg with
+    v2_OpenEnded_mscoco_{subtype}_questions.json and v2_mscoco_{subtype}_annotations.json. A test
+    subtype (``test-dev2015``, ``test2015``) has questions only, as released, and its images in
+    ``test2015``."""
     rng = random.Random(seed)
     ids = rng.sample(range(1, 600000), n)
     per_split = {s: [] for s in subtypes}
@@ -362,9 +364,10 @@ def make_vqa(out_dir, n, seed=0, subtypes=("train2014", "val2014")):
         per_split[subtypes[i % len(subtypes)]].append(image_id)
     for subtype, image_ids in per_split.items():
         questions, annotations = [], []
+        folder = subtype.replace("test-dev", "test")
         for image_id in image_ids:
             scene = random_scene(rng)
-            path = os.path.join(out_dir, subtype, f"COCO_{subtype}_{image_id:012d}.jpg")
+            path = os.path.join(out_dir, folder, f"COCO_{folder}_{image_id:012d}.jpg")
             _write(path, encode_jpeg(draw_scene(scene)))
             for k, (question, answer) in enumerate(scene_questions(scene, rng)):
                 qid = image_id * 1000 + k
@@ -382,8 +385,9 @@ def make_vqa(out_dir, n, seed=0, subtypes=("train2014", "val2014")):
         common = {"info": {"description": "synthetic VQAv2-format sample"}, "license": {}, "data_subtype": subtype}
         _write_json(os.path.join(out_dir, f"v2_OpenEnded_mscoco_{subtype}_questions.json"),
                     {**common, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions})
-        _write_json(os.path.join(out_dir, f"v2_mscoco_{subtype}_annotations.json"),
-                    {**common, "data_type": "mscoco", "annotations": annotations})
+        if not subtype.startswith("test"):
+            _write_json(os.path.join(out_dir, f"v2_mscoco_{subtype}_annotations.json"),
+                        {**common, "data_type": "mscoco", "annotations": annotations})
     return out_dir
 
 

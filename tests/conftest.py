@@ -108,10 +108,14 @@ class ShardFactory:
                 for i in range(n)]
 
     @staticmethod
-    def write(samples, out_dir, name, per_shard, kind="image", manifest=True):
-        """Shards ``{name}-{i:06d}.tar`` in ``out_dir`` (local dir or s3://bucket/prefix); returns the spec."""
+    def write(samples, out_dir, name, per_shard, kind="image", manifest=True, texts=True):
+        """Shards ``{name}-{i:06d}.tar`` in ``out_dir`` (local dir or s3://bucket/prefix); returns the spec.
+
+        As ``aurora-shard convert`` writes them: the manifest counts each shard's captions or
+        questions (``texts=False``: a manifest from before it did) and QA kinds get answers.json."""
         import hashlib
         import tempfile
+        from collections import Counter
 
         import webdataset as wds
 
@@ -131,9 +135,23 @@ class ShardFactory:
                     data = f.read()
                 storage.put_file(local, shard_format.join(out_dir, shard))
                 entries[shard] = {"count": len(chunk), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                if texts:
+                    for meta in _metas(chunk):
+                        for field, n in shard_format.text_counts(meta).items():
+                            entries[shard][field] = entries[shard].get(field, 0) + n
             if manifest:
                 shard_format.write_manifest(out_dir, {"kind": kind, "num_samples": len(samples), "shards": entries})
+                if kind.endswith("_qa"):
+                    answers = Counter()
+                    for meta in _metas(samples):
+                        answers.update(shard_format.answer_counts(meta))
+                    shard_format.write_answers(out_dir, answers)
         return "%s/%s-{%06d..%06d}.tar" % (out_dir.rstrip("/"), name, 0, len(chunks) - 1)
+
+
+def _metas(samples):
+    """The json dicts of samples (tests damage some: those are not counted)."""
+    return [s["json"] for s in samples if isinstance(s.get("json"), dict)]
 
 
 @pytest.fixture(scope="session")

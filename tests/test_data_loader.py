@@ -132,6 +132,46 @@ def test_resampled_epoch_length(coco, word_tokenizer):
     assert len(from_manifest) == 6 and len(list(from_manifest)) == 6
 
 
+@pytest.mark.parametrize("world,per_shard", [(1, 5), (2, 3), (2, 24)])
+def test_epoch_length_counts_captions_and_questions(shard_factory, tmp_path, word_tokenizer, monkeypatch, world,
+                                                    per_shard):
+    """``len`` (what steps per epoch are counted from) equals the batches an epoch gives: one per
+    image with a random caption, one per caption (BLIP's epoch), one per question, from the
+    manifest's per-shard counts. With one shard for every slot (sample-level splitting) the
+    captions are shared in proportion to the samples: within a batch per worker."""
+    images = shard_factory.coco(24)
+    spec = shard_factory.write(images, str(tmp_path / "coco"), "c", per_shard=per_shard)
+    qa = shard_factory.write(shard_factory.vqa(12), str(tmp_path / "vqa"), "q", per_shard=per_shard // 2 or 1,
+                             kind="image_qa")
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        for shards, c in [(spec, cfg(batch_size=3)), (spec, cfg(batch_size=3, caption_per_sample="all")),
+                          (qa, cfg(batch_size=3, task="qa"))]:
+            loader = build_loader(shards, c, word_tokenizer)
+            want = len(loader)
+            got = len(list(loader))
+            assert abs(want - got) <= (2 if per_shard == 24 else 0), (c.caption_per_sample, c.task, want, got)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert len(build_loader(spec, cfg(batch_size=1, num_workers=1, caption_per_sample="all"), word_tokenizer)) \
+        == sum(len(s["json"]["captions"]) for s in images) == 72
+    assert len(build_loader(spec, cfg(batch_size=1, num_workers=1), word_tokenizer)) == 24
+    assert len(build_loader(spec, cfg(batch_size=1, caption_per_sample="all", train_num_samples=10), word_tokenizer)) == 10
+
+
+def test_old_manifest_without_caption_counts(shard_factory, tmp_path, word_tokenizer):
+    """A manifest from before per-shard caption counts: one pair per image still has a length;
+    one per caption is an error saying what to do, and the epoch itself still reads every pair."""
+    images = shard_factory.coco(6)
+    spec = shard_factory.write(images, str(tmp_path), "old", per_shard=3, texts=False)
+    assert len(build_loader(spec, cfg(num_workers=1, batch_size=2), word_tokenizer)) == 3
+    loader = build_loader(spec, cfg(num_workers=1, batch_size=2, caption_per_sample="all"), word_tokenizer)
+    with pytest.raises(TypeError, match=r"no per-shard 'captions' counts .* re-run aurora-shard convert"):
+        len(loader)
+    assert sum(len(b["caption"]) for b in loader) == sum(len(s["json"]["captions"]) for s in images)
+
+
 def _stream(loader, stop=None):
     """(media_id, caption, pixel checksum) per batch, up to ``stop`` batches."""
     out = []
@@ -144,15 +184,18 @@ def _stream(loader, stop=None):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("world,workers,buffer,per_shard", [(2, 2, 20, 6), (1, 2, 1000, 5), (2, 2, 7, 24)])
+@pytest.mark.parametrize("world,workers,buffer,per_shard,captions", [
+    (2, 2, 20, 6, "random"), (1, 2, 1000, 5, "random"), (2, 2, 7, 24, "random"), (2, 2, 20, 6, "all"),
+    (2, 2, 7, 24, "all")])
 def test_resume_mid_epoch_is_exact(coco, shard_factory, tmp_path, word_tokenizer, monkeypatch, world, workers,
-                                   buffer, per_shard):
+                                   buffer, per_shard, captions):
     """Stopped after any batch, a fresh loader given the state continues with the very same
     batches (ids, captions, augmented pixels): nothing repeated or skipped within the epoch. Uneven
-    workers (5 shards over 2 workers) and one shard for 2 ranks x 2 workers (sample-level splitting)."""
+    workers (5 shards over 2 workers), one shard for 2 ranks x 2 workers (sample-level splitting),
+    and one pair per caption (several items per sample: a resume can fall between them)."""
     samples = coco[1]
     spec = shard_factory.write(samples, str(tmp_path), "r", per_shard=per_shard)
-    c = cfg(num_workers=workers, shuffle_buffer=buffer, batch_size=3)
+    c = cfg(num_workers=workers, shuffle_buffer=buffer, batch_size=3, caption_per_sample=captions)
     union = Counter()
     for rank in range(world):
         monkeypatch.setenv("RANK", str(rank))
@@ -169,7 +212,8 @@ def test_resume_mid_epoch_is_exact(coco, shard_factory, tmp_path, word_tokenizer
             tail = _stream(resumed)
             assert head + tail == full, (rank, stop)
             assert resumed.state_dict()["epoch"] == 1
-    assert union == Counter(s["json"]["id"] for s in samples)  # every sample once over the ranks
+    per_sample = {s["json"]["id"]: len(s["json"]["captions"]) if captions == "all" else 1 for s in samples}
+    assert union == Counter(per_sample)  # every sample (or caption) once over the ranks
 
 
 def test_qa_batches(tmp_path, shard_factory, word_tokenizer):
@@ -300,7 +344,7 @@ def test_no_manifest_reads_without_check(tmp_path, shard_factory, word_tokenizer
     spec = shard_factory.write(shard_factory.coco(5), str(tmp_path), "bare", per_shard=5, manifest=False)
     loader = build_loader(spec, cfg(num_workers=0), word_tokenizer)
     assert "sample count unknown" in caplog.text
-    with pytest.raises(TypeError, match="length unknown"):
+    with pytest.raises(TypeError, match="no manifest.json/sizes.json next to the shards"):
         len(loader)
     assert sorted(i for b in loader for i in b["media_id"]) == ["coco_%06d" % i for i in range(5)]
     with pytest.raises(ValueError, match="resampled mode needs train_num_samples"):
@@ -314,16 +358,34 @@ def test_stalled_worker_times_out(coco, word_tokenizer):
 
 
 def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shard_factory):
-    """The engine's answer list and tokenizer corpus come from shard_format's one reader."""
-    from types import SimpleNamespace
-
-    from aurora_ds.engine.data import shard_texts, answer_list
+    """The answer list comes from the answers.json written beside the training shards (the shards
+    are not read: they may be gone), once, into the run; the tokenizer corpus from shard_format's
+    one reader. eval.answer_list wins; a missing source names the key and the path."""
+    from aurora_ds.data.shard_format import ANSWERS, question
+    from aurora_ds.engine.config import build_config
+    from aurora_ds.engine.data import answer_list, shard_texts
+    from aurora_ds.engine.rundir import RunDir
 
     samples = shard_factory.vqa(5)
-    spec = shard_factory.write(samples, str(tmp_path), "vqa", per_shard=2, kind="image_qa")
-    assert answer_list(SimpleNamespace(eval=SimpleNamespace(answer_list=""), data=SimpleNamespace(train_shards=spec))) == ["cat", "dog"]
+    samples[0]["json"]["questions"].append(question(99, "What else?", ["dog"] * 7 + ["bird"]))
+    spec = shard_factory.write(samples, str(tmp_path / "vqa"), "vqa", per_shard=2, kind="image_qa")
     want = [t for s in samples for q in s["json"]["questions"] for t in [q["question"], *q["answers"]]]
     assert list(shard_texts(spec)) == want
+    for url in expand_urls(spec):
+        os.remove(url)
+    cfg = build_config("", {"objective.task": "qa", "data.train_shards": spec})
+    run = RunDir(tmp_path / "run")
+    assert answer_list(cfg, run) == ["cat", "dog", "bird"]  # 21 cats, 7 + 7 dogs, 1 bird
+    assert json.loads(run.answer_list.read_text()) == ["cat", "dog", "bird"]
+    assert answer_list(cfg, run, size=2) == ["cat", "dog"]
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(["yes", "no"]))
+    assert answer_list(build_config("", {"data.train_shards": spec, "eval.answer_list": str(mine)}), run) == ["yes", "no"]
+    os.remove(tmp_path / "vqa" / ANSWERS)
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*no answers.json at .*vqa/answers.json"):
+        answer_list(cfg, RunDir(tmp_path / "run2"))
+    with pytest.raises(FileNotFoundError, match=r"eval.answer_list=.*gone.json"):
+        answer_list(build_config("", {"data.train_shards": spec, "eval.answer_list": str(tmp_path / "gone.json")}), run)
 
 
 @pytest.mark.timeout(120)

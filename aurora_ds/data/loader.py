@@ -61,8 +61,11 @@ _BLIP_MEAN, _BLIP_STD = media.BLIP_MEAN, media.BLIP_STD
 class LoaderConfig:
     """Everything the loader needs besides the URLs and the tokenizer.
 
-    ``train_num_samples`` counts training items (caption pairs or questions) per epoch over all
-    ranks; in resampled mode it defaults to the manifest's sample count. ``frame_sampling``
+    ``caption_per_sample`` is "random" (one pair per image or video per epoch, a random caption)
+    or "all" (one pair per caption: BLIP's epoch). ``train_num_samples`` counts training items
+    (caption pairs or questions) per epoch over all ranks: in resampled mode the epoch (default:
+    the manifest's sample count); otherwise, when given, the length in place of the manifest's
+    counts. ``frame_sampling``
     applies in training; evaluation always samples uniformly. ``worker_timeout`` bounds the wait
     for one batch from a worker (0 disables); shard reads have their own, shorter timeouts.
     """
@@ -277,11 +280,13 @@ def sample_items(sample, cfg, train, rng):
             items = []
             for question_id, question, counts in shard_format.questions(meta):
                 total = sum(counts.values())
+                if train and not total:  # a test split's question: nothing to learn from
+                    continue
                 items.append(dict(base, question=pre_question(question, cfg.max_words),
                                   question_id=question_id, answers=list(counts),
                                   answer_weights=[n / total for n in counts.values()]))
             if not items:
-                raise SampleError("missing_field", "no questions")
+                raise SampleError("missing_field", "no questions" + (" with answers" if train else ""))
     except (KeyError, TypeError, AttributeError) as exn:  # absent or wrongly typed field
         raise SampleError("missing_field", "json field: %s: %s" % (type(exn).__name__, exn))
     items[0]["__first__"] = True
@@ -511,8 +516,10 @@ class Loader:
         slots = self.world * self.workers
         if not cfg.resampled and len(self.urls) < slots:
             log.warning("%d shard(s) for %d rank(s) x %d worker(s): splitting by sample (every slot reads every "
-                        "shard and keeps every %d-th sample); more shards read faster",
-                        len(self.urls), self.world, self.workers, slots)
+                        "shard and keeps every %d-th sample); more shards read faster%s",
+                        len(self.urls), self.world, self.workers, slots,
+                        "; the %s per epoch are estimated in proportion to each slot's samples" % self._pair_field()
+                        if train and self._pair_field() else "")
         elif not cfg.resampled and len(self.urls) % slots:
             log.warning("%d shards do not divide evenly over %d rank(s) x %d worker(s): ranks get "
                         "unequal sample counts", len(self.urls), self.world, self.workers)
@@ -525,14 +532,39 @@ class Loader:
         """This rank's share of the current epoch (an ``EpochPlan``)."""
         return epoch_plan(self.urls, self.cfg.seed, self.epoch, self.train, self.rank, self.world, self.workers)
 
-    def _worker_samples(self, plan, worker):
-        """Samples the manifest lists for one worker's share of the epoch."""
-        counts = self.manifest["counts"]
+    def _worker_samples(self, plan, worker, counts=None):
+        """What the manifest lists for one worker's share of the epoch: samples, or with
+        ``counts`` ({url: n} per shard) that many items. With sample-level splitting the items are
+        shared in proportion to the samples the worker keeps: an estimate, as the manifest does
+        not say which samples hold how many captions or questions."""
+        media = self.manifest["counts"]
         if not plan.sample_level:
-            return sum(counts[u] for u in plan.worker_shards(worker))
-        total = sum(counts[u] for u in plan.shards)
-        offset = plan.offset(worker)
-        return max(0, (total - offset + plan.stride - 1) // plan.stride)
+            return sum((counts or media)[u] for u in plan.worker_shards(worker))
+        total = sum(media[u] for u in plan.shards)
+        kept = max(0, (total - plan.offset(worker) + plan.stride - 1) // plan.stride)
+        if counts is None:
+            return kept
+        return sum(counts[u] for u in plan.shards) * kept // max(1, total)
+
+    def _pair_field(self):
+        """The manifest's per-shard count of this loader's items: None for one item per sample
+        (evaluation of retrieval, one random caption per sample), else "captions" or "questions"."""
+        if self.cfg.task == "qa":
+            return "questions"
+        return "captions" if self.train and self.cfg.caption_per_sample == "all" else None
+
+    def _item_counts(self):
+        """{url: items this loader makes of the shard} from the manifest; TypeError saying why
+        when the manifest does not tell."""
+        if self.manifest is None:
+            raise TypeError("no %s/%s next to the shards of %r" % (shard_format.MANIFEST, shard_format.SIZES,
+                                                                   self.urls[0]))
+        field = self._pair_field()
+        if field is not None and self.manifest[field] is None:
+            raise TypeError("the %s next to the shards of %r has no per-shard %r counts (a sizes.json, or a "
+                            "manifest from an older aurora-shard): re-run aurora-shard convert to write them"
+                            % (shard_format.MANIFEST, self.urls[0], field))
+        return self.manifest["counts"] if field is None else self.manifest[field]
 
     def describe(self):
         """This rank's data in words (for errors): its shards and what the manifest says of them."""
@@ -561,16 +593,16 @@ class Loader:
         return sum(self._worker_samples(plan, w) for w in range(self.workers))
 
     def __len__(self):
-        """Batches of a whole epoch; TypeError when not known (items per media vary)."""
+        """Batches of a whole epoch on this rank, counted from the manifest: samples, captions
+        (``caption_per_sample="all"``) or questions; from ``train_num_samples`` when given.
+        TypeError saying why when not known."""
         if self.cfg.resampled:
             return self._epoch_batches()[0] - self._batches
-        one_item_per_media = self.cfg.task == "retrieval" and (
-            not self.train or self.cfg.caption_per_sample == "random")
-        if self.manifest is None or not one_item_per_media:
-            raise TypeError("length unknown: no manifest, or several items per sample "
-                            "(use resampled mode with train_num_samples for a fixed length)")
+        if self.train and self.cfg.train_num_samples:
+            return math.ceil(self.cfg.train_num_samples / (self.cfg.batch_size * self.world))
+        counts = self._item_counts()
         plan = self.plan()
-        return sum(math.ceil(self._worker_samples(plan, w) / self.cfg.batch_size) for w in range(self.workers))
+        return sum(math.ceil(self._worker_samples(plan, w, counts) / self.cfg.batch_size) for w in range(self.workers))
 
     def set_epoch(self, epoch):
         if epoch != self.epoch:

@@ -14,8 +14,12 @@ name up to the first dot of its base name, webdataset's rule):
   also keeps its ``sentences``) or ``questions`` (QA; see ``question``).
 
 Next to the shards: ``sizes.json`` (``{shard name: sample count}``, what OpenCLIP-style tools read)
-and ``manifest.json`` (per shard ``count``, ``bytes``, ``sha256``; ``kind``, ``num_samples``,
-source, settings and input faults), both written by ``write_manifest``.
+and ``manifest.json`` (per shard ``count``, ``bytes``, ``sha256`` and the number of its
+``captions`` or ``questions`` (``text_counts``: what steps per epoch are counted from); ``kind``,
+``num_samples``, source, settings and input faults), both written by ``write_manifest``. QA splits
+also get ``answers.json``: ``{answer: count}`` over the human answers of the split's annotations,
+most frequent first (``write_answers``): the VQA answer list is built from it, never by streaming
+the shards.
 
 Depends on ``storage`` only (no torch), so shard tools and tests can use it alone.
 """
@@ -44,6 +48,9 @@ PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 SIZES = "sizes.json"
 MANIFEST = "manifest.json"
+ANSWERS = "answers.json"
+# Per-shard manifest fields counting training pairs (``text_counts``).
+TEXT_FIELDS = ("captions", "questions")
 
 # webdataset's reader skips members named like __meta__ and so do we.
 _META_NAME = re.compile(r"__[^/]*__($|/)")
@@ -158,6 +165,13 @@ def img2dataset_meta(sample):
     return {"id": str(key or sample[KEY]), "captions": [caption]}
 
 
+def text_counts(meta):
+    """``{"captions": n}`` or ``{"questions": n}``: a sample's training pairs for its shard's
+    manifest entry (BLIP counts an epoch in captions, or questions, not in images)."""
+    field = "questions" if "questions" in meta else "captions"
+    return {field: len(meta.get(field) or [])}
+
+
 def has_text(meta):
     """Whether the sample carries something to train on."""
     return bool(meta.get("captions") or meta.get("questions"))
@@ -269,13 +283,14 @@ def read_sizes_file(folder):
     return read_json(join(folder, SIZES))
 
 
-def folder_counts(folder):
-    """(kind, {shard name: count}) from manifest.json, else (None, sizes.json), else None."""
+def folder_entries(folder):
+    """(kind, {shard name: manifest entry}) from manifest.json, else (None, {name: {"count"}})
+    from sizes.json, else None."""
     manifest = read_manifest_file(folder)
     if manifest is not None:
-        return manifest.get("kind"), sizes_of(manifest)
+        return manifest.get("kind"), manifest["shards"]
     sizes = read_sizes_file(folder)
-    return None if sizes is None else (None, sizes)
+    return None if sizes is None else (None, {name: {"count": n} for name, n in sizes.items()})
 
 
 def _dirname(url):
@@ -283,28 +298,59 @@ def _dirname(url):
 
 
 def read_manifest(spec):
-    """Per-shard sample counts for the shards of ``spec``, from ``manifest.json`` or ``sizes.json``.
+    """Per-shard counts for the shards of ``spec``, from ``manifest.json`` or ``sizes.json``.
 
     Returns ``{"kind", "num_samples", "counts": {url: n}}`` summed over the shards of the spec
-    (not the whole folder), or None when some shard has no count (``pipe:`` URLs, no manifest
-    next to the shards, a shard missing from it). ``kind`` is None when only sizes.json was found.
+    (not the whole folder), plus ``"captions"`` and ``"questions"``: ``{url: n}`` when every shard's
+    entry has that count, else None (sizes.json, or a manifest written before they were recorded).
+    None when some shard has no count (``pipe:`` URLs, no manifest next to the shards, a shard
+    missing from it). ``kind`` is None when only sizes.json was found.
     """
     counts, kinds, cache = {}, set(), {}
+    texts = {field: {} for field in TEXT_FIELDS}
     for url in expand_urls(spec):
         if url.startswith("pipe:"):
             return None
         folder = _dirname(url)
         if folder not in cache:
-            cache[folder] = folder_counts(folder)
+            cache[folder] = folder_entries(folder)
             if cache[folder] is not None:
                 kinds.add(cache[folder][0])
         found = cache[folder]
         name = posixpath.basename(url)
         if found is None or name not in found[1]:
             return None
-        counts[url] = int(found[1][name])
+        entry = found[1][name]
+        counts[url] = int(entry["count"])
+        for field in TEXT_FIELDS:
+            if texts[field] is not None and field in entry:
+                texts[field][url] = int(entry[field])
+            else:
+                texts[field] = None
     kinds.discard(None)
     if len(kinds) > 1:
         raise ValueError("spec %r mixes shard kinds %s" % (spec, sorted(kinds)))
     return {"kind": kinds.pop() if kinds else None, "num_samples": sum(counts.values()),
-            "counts": counts}
+            "counts": counts, **texts}
+
+
+# ---- answers.json: the answer counts of a QA split --------------------------------------------
+
+def write_answers(folder, counts):
+    """``answers.json`` next to a QA split's shards: ``{answer: count}``, most frequent first
+    (ties by answer), so the answer list is the first N keys."""
+    ordered = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    storage.write_bytes(join(folder, ANSWERS), (json.dumps(ordered, ensure_ascii=False, indent=0) + "\n").encode("utf-8"))
+
+
+def read_answers(spec):
+    """The answer counts of the folders holding the shards of ``spec`` (summed over folders, in
+    spec order). FileNotFoundError naming the missing ``answers.json``."""
+    counts = Counter()
+    for folder in dict.fromkeys(_dirname(url) for url in expand_urls(spec)):
+        url = join(folder, ANSWERS)
+        found = read_json(url)
+        if found is None:
+            raise FileNotFoundError(url)
+        counts.update(found)
+    return counts

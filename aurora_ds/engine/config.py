@@ -74,6 +74,12 @@ class DataSection:
     media: str = "image"  # image | video
     train_shards: str = ""
     eval_shards: str = ""
+    # BLIP counts an epoch in captions: "all" = one training pair per caption per epoch (the
+    # paper's recipes); "random" = one pair per image/video, a random caption (OpenCLIP's).
+    caption_per_sample: str = "random"
+    resampled: bool = False  # draw shards with replacement (OpenCLIP's --dataset-resampled)
+    # training pairs per epoch over all ranks: required with resampled; otherwise, when > 0, the
+    # epoch length in place of the manifest's counts (0 = the manifest's)
     train_num_samples: int = 0
     image_size: int = 0  # 0 = the backbone's
     num_frames: int = 8
@@ -86,8 +92,12 @@ class DataSection:
         _choice("data", "source", self.source, ("shards", "synthetic"))
         _choice("data", "media", self.media, ("image", "video"))
         _choice("data", "frame_sampling", self.frame_sampling, ("uniform", "random", "headtail"))
+        _choice("data", "caption_per_sample", self.caption_per_sample, ("random", "all"))
         _positive("data", self, "num_frames", "max_words")
         _not_negative("data", self, "train_num_samples", "num_workers", "shuffle_buffer")
+        if self.resampled and not self.train_num_samples:
+            raise ValueError("data.resampled=true needs data.train_num_samples: shards drawn with replacement have "
+                             "no end, so an epoch is that many training pairs (over all ranks)")
 
 
 @dataclass

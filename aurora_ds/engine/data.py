@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 from ..backbones.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
-from ..dist import barrier, world
+from ..dist import barrier, stop_if_any_rank_failed, world
 from .rundir import RunDir
 
 
@@ -29,6 +28,7 @@ def loader_config(cfg, image_size: int, train: bool):
         task=cfg.objective.task, media=cfg.data.media, image_size=image_size, num_frames=cfg.data.num_frames,
         frame_sampling=cfg.data.frame_sampling, batch_size=cfg.optim.batch_size if train else cfg.eval.batch_size,
         num_workers=cfg.data.num_workers, seed=cfg.engine.seed, train_num_samples=cfg.data.train_num_samples or None,
+        caption_per_sample=cfg.data.caption_per_sample, resampled=cfg.data.resampled and train,
         max_words=cfg.data.max_words, shuffle_buffer=max(0, cfg.data.shuffle_buffer),
     )
 
@@ -45,20 +45,58 @@ def shard_texts(spec: str):
         yield from shard_format.sample_texts(meta)
 
 
-def answer_list(cfg, size: int = 3128, path=None) -> list[str]:
-    """The answer list file ``path`` (default: the configured one), else the most frequent
-    training answers (BLIP ships 3,128)."""
-    path = path or cfg.eval.answer_list
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"answer list {path} does not exist")
-        return json.loads(path.read_text())
+def answer_list(cfg, run: RunDir, path=None, size: int = 3128) -> list[str]:
+    """The answers QA candidate inference ranks, built once by rank 0 into ``run.answer_list``
+    and read from there by every rank: the answer list file ``path`` (default: ``eval.answer_list``),
+    else the ``size`` most frequent answers of the training annotations (BLIP ships 3,128), from
+    the ``answers.json`` that ``aurora-shard convert`` writes next to the training shards. The
+    shards themselves are never streamed for it. A missing source is an error naming the key."""
+    problem = None
+    if world()[0] == 0:
+        try:
+            if path:
+                answers = _read_answer_list(path, "answer list")
+            elif cfg.eval.answer_list:
+                answers = _read_answer_list(cfg.eval.answer_list, "eval.answer_list")
+            else:
+                answers = _training_answers(cfg.data.train_shards, size)
+            run.root.mkdir(parents=True, exist_ok=True)
+            tmp = run.answer_list.with_name(run.answer_list.name + ".tmp")
+            tmp.write_text(json.dumps(answers))
+            tmp.replace(run.answer_list)
+        except (OSError, ValueError) as exn:
+            problem = exn
+    stop_if_any_rank_failed(problem, "building the VQA answer list")
+    return json.loads(run.answer_list.read_text())
+
+
+def _read_answer_list(path, key: str) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key} {path} does not exist" if key == "answer list" else
+                                f"{key}={path}: the answer list file does not exist")
+    try:
+        answers = json.loads(path.read_text())
+    except ValueError as exn:
+        raise ValueError(f"{key} {path} is not valid JSON: {exn}") from None
+    if not answers or not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{key}={path}: expected a non-empty JSON list of answer strings")
+    return answers
+
+
+def _training_answers(spec: str, size: int) -> list[str]:
     from ..data import shard_format
 
-    counts = Counter()
-    for meta in shard_format.iter_metas(cfg.data.train_shards):
-        counts.update(shard_format.answer_counts(meta))
+    try:
+        counts = shard_format.read_answers(spec)
+    except FileNotFoundError as exn:
+        raise FileNotFoundError(
+            f"data.train_shards={spec}: no {shard_format.ANSWERS} at {exn.args[0] if exn.args else exn} to build the "
+            f"VQA answer list from (aurora-shard convert writes it next to a QA split's shards): convert the training "
+            f"annotations again, or set eval.answer_list=FILE.json") from None
+    if not counts:
+        raise ValueError(f"data.train_shards={spec}: its {shard_format.ANSWERS} lists no answers (a split without "
+                         "annotations, such as test-dev?): train on a split with answers, or set eval.answer_list=FILE.json")
     return [answer for answer, _ in counts.most_common(size)]
 
 
@@ -129,16 +167,14 @@ def build_train_data(cfg, image_size: int, tokenizer):
 def build_evaluator(cfg, image_size: int, tokenizer, run: RunDir, answer_file=None):
     """``evaluator(forward, handle, step) -> metrics``, also written into ``run``'s eval folder.
 
-    QA candidate inference writes the answer list it ranks into the run (``aurora-eval`` reads it
-    back from the adapter's run: the same answers, not ones counted from the evaluation shards).
+    QA candidate inference ranks ``answer_list``'s answers (``answer_file``, else the configured
+    list, else the training annotations' answers), saved in the run; ``aurora-eval`` passes the
+    adapter's run's list: the same answers, never ones counted from the evaluation shards.
     """
     from ..data import build_loader
 
     loader = build_loader(cfg.data.eval_shards, loader_config(cfg, image_size, False), tokenizer, mode="eval")
-    answers = answer_list(cfg, path=answer_file) if cfg.objective.task == "qa" and cfg.eval.inference == "candidates" else None
-    if answers is not None and world()[0] == 0:
-        run.root.mkdir(parents=True, exist_ok=True)
-        run.answer_list.write_text(json.dumps(answers))
+    answers = answer_list(cfg, run, answer_file) if cfg.objective.task == "qa" and cfg.eval.inference == "candidates" else None
 
     def evaluator(forward, handle, step):
         if cfg.objective.task == "retrieval":

@@ -146,6 +146,15 @@ def steps_per_epoch(data, grad_accum: int) -> int | None:
     return min(lengths) // grad_accum
 
 
+def length_unknown(data) -> str:
+    """Why ``len(data)`` is unknown, in the loader's words."""
+    try:
+        len(data)
+    except TypeError as exn:
+        return str(exn)
+    return "an empty epoch"
+
+
 def trace_batch(step: int, epoch: int, batch: dict) -> None:
     """``AURORA_TRACE_SAMPLES=DIR``: each rank appends what every micro-batch held (diagnostics,
     and how the tests check that a resumed run sees exactly the samples of an uninterrupted one)."""
@@ -201,21 +210,20 @@ def train(cfg, data=None, evaluator=None) -> dict:
         tokenizer = resolve_tokenizer(cfg, vocab)
         special = text_conventions(cfg, spec, config, tokenizer, trained_here=tokenizer_source(cfg) is None)
         data = data if data is not None else build_train_data(cfg, image_size, tokenizer)
+        if evaluator is None and cfg.data.eval_shards:
+            evaluator = build_evaluator(cfg, image_size, tokenizer, run)
     elif data is None:
         from .synthetic import SyntheticBatches
 
         data = SyntheticBatches(cfg, image_size, vocab, rank, size)
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
-    if cfg.data.source == "shards" and evaluator is None and cfg.data.eval_shards:
-        evaluator = build_evaluator(cfg, image_size, tokenizer, run)
 
     per_epoch = steps_per_epoch(data, cfg.optim.grad_accum)
     total_steps = cfg.optim.max_steps or (per_epoch * cfg.optim.epochs if per_epoch else 0)
     if total_steps <= 0:
-        raise ValueError("the training data has no known length per epoch (no manifest.json/sizes.json next to "
-                         "the shards, or several items per sample: caption_per_sample=all or QA): write the "
-                         "manifest (aurora-shard writes one with the shards), or set optim.max_steps; each "
-                         "rank then reads its shards epoch after epoch until that many steps")
+        raise ValueError(f"the training data has no known length per epoch ({length_unknown(data)}): set "
+                         "optim.max_steps (each rank then reads its shards epoch after epoch until that many "
+                         "steps) or data.train_num_samples (training pairs per epoch)")
     objective = make_objective(cfg, model)
     objective.tokenizer = tokenizer
     if special is not None:
@@ -288,7 +296,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
             objective.train()
             log.scalars(step, metrics, prefix="eval")
             log.message(f"[aurora] step {step} eval: {json.dumps(metrics)}")
-            if best is None or metrics["select"] > best["select"]:
+            # an evaluation set without labels (VQAv2 test-dev) has nothing to select on
+            if metrics.get("select") is not None and (best is None or metrics["select"] > best["select"]):
                 best = {"step": step, **metrics}
                 save_adapter(backend, handle, run.adapter_best, {"step": step, "metrics": metrics})
         if (cfg.output.save_every and step % cfg.output.save_every == 0) or last:

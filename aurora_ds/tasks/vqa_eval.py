@@ -132,7 +132,8 @@ def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=
     JSON file of them) is needed for candidate inference. Predictions are gathered from all ranks,
     a question seen twice counts once, and with ``results_path``
     rank 0 writes the submission file. Questions without answers (test splits) are predicted
-    but not scored. VideoQA (``cfg.data.media == "video"``) scores exact match against the
+    but not scored: without any labelled question the metrics have no accuracy (and no
+    ``select``), only the counts. VideoQA (``cfg.data.media == "video"``) scores exact match against the
     most-given answer.
     """
     extra = None
@@ -168,8 +169,10 @@ def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=
         scores = [exact_match(r["answer"], max(zip(r["weights"], r["gt"]))[1]) for r in scored]
     else:
         scores = [question_accuracy(r["answer"], human_answers(r["gt"], r["weights"])) for r in scored]
-    metrics = summarize(scores, [r["answer_type"] for r in scored])
-    metrics.update(select=metrics["accuracy"], num_questions=len(records))
+    metrics = {"num_questions": len(records), "num_scored": len(scored)}
+    if scored:  # unlabeled questions (test-dev) get a prediction in the results file, no score
+        metrics.update(summarize(scores, [r["answer_type"] for r in scored]))
+        metrics["select"] = metrics["accuracy"]
     if results_path is not None and world()[0] == 0:
         write_submission(results_path, records)
     return metrics
