@@ -7,6 +7,7 @@ Shards are read with the loader's own reader and checked against the shard contr
 import hashlib
 import json
 import tarfile
+from collections import Counter
 
 from braceexpand import braceexpand
 
@@ -68,19 +69,29 @@ class Report:
         self.problems.append(line)
 
 
+def text_counts(fields):
+    """The sample's captions/questions count (``shard_format.text_counts``); none for broken json."""
+    try:
+        return shard_format.text_counts(json.loads(fields[JSON].decode("utf-8")))
+    except (KeyError, ValueError, AttributeError, TypeError):
+        return {}
+
+
 def read_shard(url, report):
-    """Decode every sample of one shard; returns (count, bytes, sha256) or None if unreadable."""
-    count = 0
+    """Decode every sample of one shard; returns (count, bytes, sha256, {"captions"|"questions": n})
+    or None if unreadable."""
+    count, texts = 0, Counter()
     with storage.open_url(url, "rb") as f:
         reader = HashingReader(f)
         try:
             for fields in shard_format.iter_tar_samples(reader):
+                texts.update(text_counts(fields))
                 count += check_and_count(url, fields.pop(KEY), fields, report)
             reader.drain()
         except (tarfile.TarError, EOFError, OSError) as exn:
             report.problem(f"TRUNCATED {url}: {type(exn).__name__}: {exn} (after {count} complete samples)")
             return None
-    return count, reader.bytes, reader.digest.hexdigest()
+    return count, reader.bytes, reader.digest.hexdigest(), texts
 
 
 def check_and_count(url, key, fields, report):
@@ -141,7 +152,7 @@ def verify(spec):
         report.shards += 1
         if found is None:
             continue
-        count, size, digest = found
+        count, size, digest, texts = found
         report.samples += count
         manifest = manifests[folder]
         if manifest is None:
@@ -152,6 +163,9 @@ def verify(spec):
             continue
         if count != entry["count"]:
             report.problem(f"COUNT {url}: {count} samples, manifest says {entry['count']}")
+        for field in shard_format.TEXT_FIELDS:
+            if field in entry and texts[field] != entry[field]:
+                report.problem(f"COUNT {url}: {texts[field]} {field}, manifest says {entry[field]}")
         if size != entry["bytes"]:
             report.problem(f"SIZE {url}: {size} bytes, manifest says {entry['bytes']}")
         if digest != entry["sha256"]:

@@ -75,10 +75,13 @@ def _history(out):
 
 
 @pytest.mark.timeout(900)
-def test_killed_run_on_real_shards_resumes_exactly(tiny_checkpoint, shard_factory, tmp_path):
+@pytest.mark.parametrize("captions", ["random", "all"])
+def test_killed_run_on_real_shards_resumes_exactly(tiny_checkpoint, shard_factory, tmp_path, captions):
     """10 shards of 50 images over 2 ranks x 2 workers (uneven: workers end at different times),
     2 epochs, SGD. SIGKILL after a mid-epoch checkpoint; the resumed run's losses and the samples
-    each rank sees at each step equal those of the uninterrupted run."""
+    each rank sees at each step equal those of the uninterrupted run. With one pair per caption
+    (``data.caption_per_sample=all``, BLIP's epoch) the epoch is counted in captions from the
+    manifest, and a resume can fall between the captions of one image."""
     samples = shard_factory.coco(50, prefix="kill")
     shards = shard_factory.write(samples, str(tmp_path / "shards"), "kill", per_shard=5)
     # One tokenizer for both runs: training one is not deterministic (tie order in `tokenizers`).
@@ -87,16 +90,26 @@ def test_killed_run_on_real_shards_resumes_exactly(tiny_checkpoint, shard_factor
 
     train_tokenizer([pre_caption(c) for s in samples for c in s["json"]["captions"]], 256, tmp_path / "tok")
     extra = (f"backbone.tokenizer={tmp_path / 'tok'}", "optim.epochs=2", "output.save_every=3", "output.keep_checkpoints=20", "optim.optimizer=sgd",
-             "optim.lr=0.05", "data.shuffle_buffer=7")
+             "optim.lr=0.05", "data.shuffle_buffer=7", f"data.caption_per_sample={captions}")
     full = tmp_path / "full"
     _run(2, _args(tiny_checkpoint, shards, full, *extra), tmp_path / "full.log", trace=tmp_path / "trace_full")
     expected = _history(full)
     total = len(expected)
     assert total >= 8
     full_trace = _trace(tmp_path / "trace_full")
-    # every sample once per epoch over both ranks
-    per_epoch = Counter(m for (_, _, m, _) in full_trace.elements())
-    assert set(per_epoch.values()) == {2} and len(per_epoch) == 50
+    # every sample (or caption) once per epoch over both ranks
+    first_epoch = Counter()
+    for path in (tmp_path / "trace_full").glob("rank_*.jsonl"):
+        for rec in map(json.loads, path.read_text().splitlines()):
+            first_epoch.update(zip(rec["media_id"], rec["caption"]) if rec["epoch"] == 0 else [])
+    if captions == "all":
+        assert first_epoch == Counter((s["json"]["id"], pre_caption(c)) for s in samples for c in s["json"]["captions"])
+        # steps per epoch counted in captions (2 to 4 per image), not in images: ~pairs / (2 ranks x batch 3)
+        assert total >= 2 * (sum(first_epoch.values()) // 6 - 2)
+    else:
+        assert Counter(m for m, _ in first_epoch.elements()) == Counter(s["json"]["id"] for s in samples)
+        per_epoch = Counter(m for (_, _, m, _) in full_trace.elements())
+        assert set(per_epoch.values()) == {2} and len(per_epoch) == 50
 
     out = tmp_path / "killed"
     proc = _launch(2, _args(tiny_checkpoint, shards, out, *extra), tmp_path / "killed.log",

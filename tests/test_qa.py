@@ -2,6 +2,7 @@
 (training, candidate and generate inference) on the tiny random-init backbone."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -201,3 +202,65 @@ def test_blip2_answer_likelihood_ignores_prompt_padding(tokenizer):
         together = objective(dict(batch, answer_weights=[[1.0]] * 4), 0, "train")
         alone = [objective({k: v[i:i + 1] for k, v in batch.items()}, 0, "train")["loss"] for i in range(4)]
     assert together["loss"].item() == pytest.approx(sum(a.item() for a in alone) / 4, rel=1e-4)
+
+
+def _run(cmd, log, cwd):
+    import os
+    import subprocess
+
+    from aurora_ds.dist import free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aurora_ds/torch_extensions"))
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, timeout=400).returncode
+    assert code == 0, log.read_text()[-4000:]
+    return log.read_text()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_test_dev_shards_give_the_submission_file(tmp_path):
+    """VQAv2 test-dev (questions, no annotations) -> aurora-shard -> the evaluation set of a 2-rank
+    training run and of aurora-eval: both write the submission file (every question once,
+    ``{"question_id": int, "answer": str}``) and report no accuracy. The answer list is the
+    training split's answers.json, built once into the run, and aurora-eval ranks the same one."""
+    from pathlib import Path
+
+    from aurora_ds.data.shard_format import ANSWERS
+    from shard_tools.convert import convert
+    from shard_tools.quickstart import shard_spec
+    from shard_tools.sample import make_vqa
+
+    root = Path(__file__).resolve().parents[1]
+    raw = make_vqa(str(tmp_path / "raw"), 12, seed=4, subtypes=("train2014", "test-dev2015"))
+    with open(tmp_path / "convert.log", "w") as log:
+        train = convert("vqa", [f"{raw}/v2_OpenEnded_mscoco_train2014_questions.json",
+                                f"{raw}/v2_mscoco_train2014_annotations.json"], raw, "train", str(tmp_path / "train"),
+                        maxcount=3, log=log)
+        test = convert("vqa", [f"{raw}/v2_OpenEnded_mscoco_test-dev2015_questions.json"], raw, "test-dev",
+                       str(tmp_path / "test-dev"), maxcount=2, log=log)
+    question_ids = sorted(q["question_id"] for q in json.loads(
+        Path(raw, "v2_OpenEnded_mscoco_test-dev2015_questions.json").read_text())["questions"])
+    checkpoint = tmp_path / "blip-tiny-vqa"
+    torch.manual_seed(0)
+    build_backbone("blip-tiny-vqa").save_pretrained(checkpoint)
+    small = ["aurora.rank=4", "optim.batch_size=4", "eval.batch_size=4", "data.image_size=32", "data.num_workers=1",
+             "eval.k_test=4", "output.progress=false", "backbone.name=blip-tiny-vqa", f"backbone.checkpoint={checkpoint}"]
+    out = tmp_path / "run"
+    _run(["bash", "launchers/local.sh", "2", "--recipe", "vqa", "--train-shards", shard_spec(str(tmp_path / "train"), train),
+          "--eval-shards", shard_spec(str(tmp_path / "test-dev"), test), "--out", str(out), "--max-steps", "2",
+          *sum((["--set", s] for s in small), [])], tmp_path / "train.log", root)
+    trained_answers = list(json.loads((tmp_path / "train" / ANSWERS).read_text()))
+    assert json.loads((out / "answer_list.json").read_text()) == trained_answers[:3128]
+    _run([sys.executable, "-m", "aurora_ds.evaluate", "--adapter", str(out / "adapter_latest"), "--no-deepspeed",
+          "--shards", shard_spec(str(tmp_path / "test-dev"), test), "--out", str(tmp_path / "eval"),
+          "--set", f"backbone.checkpoint={checkpoint}"], tmp_path / "eval.log", root)
+    assert json.loads((tmp_path / "eval" / "answer_list.json").read_text()) == trained_answers
+    for folder, step in ((out, 2), (tmp_path / "eval", 0)):
+        metrics = json.loads((folder / "eval" / f"step_{step:06d}.json").read_text())
+        assert metrics == {"num_questions": len(question_ids), "num_scored": 0}
+        rows = json.loads((folder / "eval" / f"results_step_{step:06d}.json").read_text())
+        assert sorted(r["question_id"] for r in rows) == question_ids
+        assert all(set(r) == {"question_id", "answer"} and r["answer"] in trained_answers for r in rows)
+    assert not (out / "adapter_best").exists()  # nothing to select on without labels

@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from aurora_ds.data.shard_format import MANIFEST, SIZES
+from aurora_ds.data.shard_format import ANSWERS, MANIFEST, SIZES
 from shard_tools import convert as convert_mod
 from shard_tools import sample
 from shard_tools.cli import main
@@ -132,6 +132,12 @@ def test_retrieval_roundtrip(tmp_path, data, dataset, capsys):
         assert s[media_ext] == open(os.path.join(media_root, s["meta"]["file"]), "rb").read()
     if dataset == "didemo":
         assert all(s["meta"]["captions"] == [" ".join(s["meta"]["sentences"])] for s in samples)
+    # each shard's captions are counted in the manifest: steps per epoch of one pair per caption
+    per_shard = collections.Counter()
+    for s in samples:
+        per_shard[s["__url__"].rsplit("/", 1)[-1]] += len(s["meta"]["captions"])
+    assert {n: e["captions"] for n, e in manifest["shards"].items()} == per_shard
+    assert not (tmp_path / ANSWERS).exists()
 
 
 def test_coco_key_and_other_formats(tmp_path, data):
@@ -179,6 +185,12 @@ def test_qa_roundtrip(tmp_path, data, capsys):
     assert got == {qid: (f"val2014/COCO_val2014_{q['image_id']:012d}.jpg", q["question"], answers[qid],
                          dict(collections.Counter(answers[qid]))) for qid, q in questions.items()}
     assert all(s["__key__"] == f"vqa_{int(s['meta']['id']):012d}" for s in samples)
+    manifest = load(tmp_path / "vqa" / MANIFEST)
+    assert sum(e["questions"] for e in manifest["shards"].values()) == len(questions)
+    # the answer counts of the annotations, most frequent first: what the VQA answer list is built from
+    counted = load(tmp_path / "vqa" / ANSWERS)
+    assert counted == collections.Counter(a for human in answers.values() for a in human)
+    assert list(counted.values()) == sorted(counted.values(), reverse=True)
 
     d = data["msrvtt_qa"]
     ann = os.path.join(d, "train_qa.json")
@@ -188,6 +200,20 @@ def test_qa_roundtrip(tmp_path, data, capsys):
     got = {q["question_id"]: (s["meta"]["id"], q["question"], q["answers"]) for s in samples for q in s["meta"]["questions"]}
     assert got == {e["id"]: (f"video{e['video_id']}", e["question"], [e["answer"]]) for e in load(ann)}
     assert load(tmp_path / "mq" / MANIFEST)["kind"] == "video_qa"
+
+
+def test_vqa_test_dev_questions_without_annotations(tmp_path):
+    """VQAv2 test-dev is released as a questions file alone (images in test2015): it converts with
+    --strict, verifies, and every question is kept with no answers (and answers.json is empty)."""
+    d = sample.make_vqa(str(tmp_path / "raw"), 6, seed=2, subtypes=("train2014", "test-dev2015"))
+    assert not os.path.exists(os.path.join(d, "v2_mscoco_test-dev2015_annotations.json"))
+    ann = os.path.join(d, "v2_OpenEnded_mscoco_test-dev2015_questions.json")
+    assert convert("vqa", [ann], d, "test-dev", tmp_path / "td", "--strict") == 0
+    assert main(["verify", str(tmp_path / "td")]) == 0
+    _, samples = read_samples(str(tmp_path / "td"))
+    got = {q["question_id"]: (s["meta"]["file"], q["answers"]) for s in samples for q in s["meta"]["questions"]}
+    assert got == {q["question_id"]: (f"test2015/COCO_test2015_{q['image_id']:012d}.jpg", []) for q in load(ann)["questions"]}
+    assert load(tmp_path / "td" / ANSWERS) == {}
 
 
 def test_output_independent_of_workers_and_resize(tmp_path, data):
@@ -257,13 +283,18 @@ def test_verify_catches_damage(tmp_path, data, capsys):
     out = tmp_path / "msrvtt"
     assert convert("msrvtt", [os.path.join(d, "annotations", "MSRVTT_data.json")], os.path.join(d, "videos", "all"),
                    "train", out, "--maxcount", "2") == 0
-    name = sorted(load(out / MANIFEST)["shards"])[-1]
+    manifest = load(out / MANIFEST)
+    first, name = sorted(manifest["shards"])[0], sorted(manifest["shards"])[-1]
     key = rewrite_member(out / name, ".mp4", lambda b: b[:200] + bytes(len(b) - 200))
+    captions = manifest["shards"][first]["captions"]
+    manifest["shards"][first]["captions"] += 1  # a manifest that miscounts the pairs of an epoch
+    write_bytes(out / MANIFEST, json.dumps(manifest).encode())
     capsys.readouterr()
     assert main(["verify", str(out)]) == 1
     report = capsys.readouterr().out
     assert f"CORRUPT {out}/{name} sample {key}: mp4" in report
     assert f"CHECKSUM {out}/{name}" in report
+    assert f"COUNT {out}/{first}: {captions} captions, manifest says {captions + 1}" in report
 
 
 def write_bytes(path, data):
