@@ -56,11 +56,25 @@ def test_aurora_section_is_the_adapter_config_and_ranks_are_mappings():
     (["output.log_every=0"], "output.log_every must be > 0, got 0"),
     (["data.num_workers=-1"], "data.num_workers must be >= 0"),
     (["engine.collective_timeout_s=0"], "engine.collective_timeout_s must be > 0"),
+    (["data.caption_per_sample=each"], "data.caption_per_sample must be one of ('random', 'all'), got 'each'"),
+    (["data.resampled=true"], "data.resampled=true needs data.train_num_samples"),
+    (["data.train_num_samples=-1"], "data.train_num_samples must be >= 0"),
 ])
 def test_errors_name_the_key_and_list_the_known_ones(overrides, message):
     with pytest.raises(ValueError) as e:
         build_config("", ["data.source=synthetic", *overrides] if "train_shards" not in message else overrides)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_recipes_count_epochs_as_the_paper(recipe):
+    """BLIP's retrieval epoch is one pair per caption (its datasets list every caption); QA counts
+    questions whatever the key says. The defaults keep OpenCLIP's one pair per image."""
+    cfg = build_config(recipe, ["data.source=synthetic"])
+    assert cfg.data.caption_per_sample == ("all" if cfg.objective.task == "retrieval" else "random")
+    assert not cfg.data.resampled and cfg.data.train_num_samples == 0
+    data = build_config("", ["data.source=synthetic", "data.resampled=true", "data.train_num_samples=1000"]).data
+    assert data.resampled and data.train_num_samples == 1000 and build_config("", ["data.source=synthetic"]).data.caption_per_sample == "random"
 
 
 def test_dict_overrides_and_recipe_errors(tmp_path):

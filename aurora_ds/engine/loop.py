@@ -216,14 +216,13 @@ def train(cfg, data=None, evaluator=None) -> dict:
         from .synthetic import SyntheticBatches
 
         data = SyntheticBatches(cfg, image_size, vocab, rank, size)
-    spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
-
     per_epoch = steps_per_epoch(data, cfg.optim.grad_accum)
     total_steps = cfg.optim.max_steps or (per_epoch * cfg.optim.epochs if per_epoch else 0)
     if total_steps <= 0:
         raise ValueError(f"the training data has no known length per epoch ({length_unknown(data)}): set "
                          "optim.max_steps (each rank then reads its shards epoch after epoch until that many "
                          "steps) or data.train_num_samples (training pairs per epoch)")
+    spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
     objective = make_objective(cfg, model)
     objective.tokenizer = tokenizer
     if special is not None:
