@@ -1,5 +1,6 @@
 """shard_tools against a real SeaweedFS S3 server: same bytes as local output, verify, resume, multipart."""
 
+import json
 import os
 
 import numpy as np
@@ -98,3 +99,25 @@ def test_s3_multipart_upload_of_a_large_shard(s3_server, tmp_path, monkeypatch):
     etag = storage.s3_filesystem().info(f"{s3_server.bucket}/shards/large/{name}")["ETag"]
     assert etag.strip('"').endswith("-3")  # the ETag of a 3-part multipart upload
     assert main(["verify", prefix]) == 0
+
+
+def test_vqa_answer_list_from_s3(s3_server, tmp_path):
+    """A QA split converted to s3:// carries its answers.json (same bytes as local), and the run's
+    answer list is built from it without reading a shard."""
+    from aurora_ds.engine.config import build_config
+    from aurora_ds.engine.data import answer_list
+    from aurora_ds.engine.rundir import RunDir
+
+    raw = sample.make_vqa(str(tmp_path / "raw"), 6, seed=1, subtypes=("train2014",))
+    anns = ["--ann", f"{raw}/v2_OpenEnded_mscoco_train2014_questions.json", "--ann", f"{raw}/v2_mscoco_train2014_annotations.json"]
+    prefix = f"s3://{s3_server.bucket}/shards/vqa-train"
+    for out in (prefix, str(tmp_path / "local")):
+        assert main(["convert", "vqa", *anns, "--media-root", raw, "--split", "train", "--out", out, "--maxcount", "3"]) == 0
+    assert s3_files(prefix) == local_files(str(tmp_path / "local"))
+    for url in storage.list_urls(prefix):
+        if url.endswith(".tar"):
+            storage.s3_filesystem().rm_file(url[len("s3://"):])
+    cfg = build_config("", {"objective.task": "qa", "data.train_shards": prefix + "/vqa-train-{000000..000001}.tar"})
+    answers = answer_list(cfg, RunDir(tmp_path / "run"))
+    counts = storage.read_bytes(prefix + "/answers.json")
+    assert answers == list(json.loads(counts)) and len(answers) > 1
