@@ -384,7 +384,7 @@ def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shar
     os.remove(tmp_path / "vqa" / ANSWERS)
     with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*no answers.json at .*vqa/answers.json"):
         answer_list(cfg, RunDir(tmp_path / "run2"))
-    with pytest.raises(FileNotFoundError, match=r"eval.answer_list=.*gone.json"):
+    with pytest.raises(FileNotFoundError, match=r"eval.answer_list .*gone.json does not exist"):
         answer_list(build_config("", {"data.train_shards": spec, "eval.answer_list": str(tmp_path / "gone.json")}), run)
 
 

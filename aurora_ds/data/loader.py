@@ -65,9 +65,9 @@ class LoaderConfig:
     or "all" (one pair per caption: BLIP's epoch). ``train_num_samples`` counts training items
     (caption pairs or questions) per epoch over all ranks: in resampled mode the epoch (default:
     the manifest's sample count); otherwise, when given, the length in place of the manifest's
-    counts. ``frame_sampling``
-    applies in training; evaluation always samples uniformly. ``worker_timeout`` bounds the wait
-    for one batch from a worker (0 disables); shard reads have their own, shorter timeouts.
+    counts. ``frame_sampling`` applies in training; evaluation always samples uniformly.
+    ``worker_timeout`` bounds the wait for one batch from a worker (0 disables); shard reads have
+    their own, shorter timeouts.
     """
 
     task: str = "retrieval"

@@ -55,7 +55,7 @@ def answer_list(cfg, run: RunDir, path=None, size: int = 3128) -> list[str]:
     if world()[0] == 0:
         try:
             if path:
-                answers = _read_answer_list(path, "answer list")
+                answers = _read_answer_list(path, "the adapter's answer list")
             elif cfg.eval.answer_list:
                 answers = _read_answer_list(cfg.eval.answer_list, "eval.answer_list")
             else:
@@ -70,17 +70,17 @@ def answer_list(cfg, run: RunDir, path=None, size: int = 3128) -> list[str]:
     return json.loads(run.answer_list.read_text())
 
 
-def _read_answer_list(path, key: str) -> list[str]:
+def _read_answer_list(path, where: str) -> list[str]:
+    """A JSON list of answers; errors name ``where`` it was configured and the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{key} {path} does not exist" if key == "answer list" else
-                                f"{key}={path}: the answer list file does not exist")
+        raise FileNotFoundError(f"{where} {path} does not exist")
     try:
         answers = json.loads(path.read_text())
     except ValueError as exn:
-        raise ValueError(f"{key} {path} is not valid JSON: {exn}") from None
+        raise ValueError(f"{where} {path} is not valid JSON: {exn}") from None
     if not answers or not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{key}={path}: expected a non-empty JSON list of answer strings")
+        raise ValueError(f"{where} {path}: expected a non-empty JSON list of answer strings")
     return answers
 
 
