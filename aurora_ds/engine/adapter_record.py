@@ -38,8 +38,9 @@ class AdapterRecord:
     records (the answer list as it stands at that save)."""
 
     def __init__(self, cfg, image_size: int, prep: dict, tokenizer: tuple[str, str] | None, trained: bool):
-        """``tokenizer``: (source, directory) of the run's tokenizer, None without text (synthetic
-        data); ``trained``: it was trained on the run's text, so the adapter carries it."""
+        """``tokenizer``: (config key, directory) of the run's tokenizer, or (how it was trained,
+        directory) when ``trained`` on the run's text (then the adapter carries it); None without
+        text (synthetic data)."""
         spec = get_spec(cfg.backbone.name)
         self.run = RunDir(cfg.output.dir)
         self.task = cfg.objective.task
@@ -50,8 +51,8 @@ class AdapterRecord:
             "media": cfg.data.media,
             "checkpoint": (checkpoint_identity(cfg.backbone.checkpoint) if cfg.backbone.checkpoint
                            else {"random_init": cfg.backbone.name}),
-            "tokenizer": tokenizer and {"source": tokenizer[0], "sha256": tokenizer_identity(tokenizer[1]),
-                                        "trained": trained},
+            "tokenizer": tokenizer and {"source": tokenizer[0] if trained else "=".join(tokenizer),
+                                        "sha256": tokenizer_identity(tokenizer[1]), "trained": trained},
             "preprocessing": {"mean": list(prep["mean"]), "std": list(prep["std"]), "size": image_size,
                               "resample": prep["resample"]},
             "config": cfg.to_dict(),
@@ -139,6 +140,21 @@ def check_preprocessing(record: dict, prep: dict, adapter_dir, where: str):
     theirs = {k: recorded[k] for k in mine}
     if mine != theirs:
         raise ValueError(f"image preprocessing of {where} is {mine}, but adapter {adapter_dir} was trained with {theirs}")
+
+
+def check_evaluation(record: dict, cfg, adapter_dir, tokenizer: tuple[str, str]):
+    """What an adapter records, held against an evaluation before the backbone is built (its
+    backbone, task and media are checked first, by ``check_fits``): checkpoint identity, the
+    tokenizer about to be used (``tokenizer``: its config key and directory), image
+    preprocessing, the run directory the adapter sits in, if any."""
+    from .data import preprocessing
+
+    check_checkpoint(record, cfg, adapter_dir)
+    check_tokenizer(record, tokenizer, adapter_dir)
+    where = (f"backbone.checkpoint={cfg.backbone.checkpoint} (preprocessor_config.json)" if cfg.backbone.checkpoint
+             else f"the {cfg.backbone.name} defaults")
+    check_preprocessing(record, preprocessing(cfg), adapter_dir, where)
+    check_run_directory(record, adapter_dir)
 
 
 def check_run_directory(record: dict, adapter_dir):

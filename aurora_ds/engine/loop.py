@@ -15,7 +15,7 @@ from ..backbones import backbone_config, build_backbone, get_spec, text_vocab_si
 from ..dist import (barrier, free_port, gather_objects, mean_over_ranks, process_rank, set_compute_device,
                     shutdown, stop_if_any_rank_failed, world)
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
-from .adapter_record import AdapterRecord, check_checkpoint, check_fits, read_record
+from .adapter_record import AdapterRecord, check_checkpoint, check_evaluation, check_fits, read_record
 from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
 from .config import PRECISIONS
 from .dsconfig import build_ds_config, gpus_per_node, zero_stage
@@ -331,22 +331,6 @@ def _trained_here(cfg, tokenizer_dir: Path) -> bool:
     return not same and not (tokenizer_dir / "vocab.txt").is_file()
 
 
-def check_adapter(cfg, adapter_dir, record: dict, tokenizer_dir: tuple[str, str]):
-    """Everything an adapter records, held against this evaluation before the backbone is built:
-    backbone, task and media; checkpoint identity; tokenizer files; image preprocessing; the run
-    directory it sits in, if any."""
-    from .adapter_record import check_preprocessing, check_run_directory, check_tokenizer
-    from .data import preprocessing
-
-    check_fits(record, cfg, adapter_dir, "this evaluation (its --recipe and --set)")
-    check_checkpoint(record, cfg, adapter_dir)
-    check_tokenizer(record, tokenizer_dir, adapter_dir)
-    where = f"backbone.checkpoint={cfg.backbone.checkpoint} (preprocessor_config.json)" if cfg.backbone.checkpoint \
-        else f"the {cfg.backbone.name} defaults"
-    check_preprocessing(record, preprocessing(cfg), adapter_dir, where)
-    check_run_directory(record, adapter_dir)
-
-
 def evaluate(cfg, adapter_dir=None) -> dict:
     """Evaluate a saved adapter on cfg.data.eval_shards (``aurora-eval``); any number of ranks.
     Without an adapter, the frozen checkpoint: Aurora is injected with V = 0, an exact no-op.
@@ -355,14 +339,16 @@ def evaluate(cfg, adapter_dir=None) -> dict:
     from .data import build_evaluator, media_size, text_conventions, tokenizer_source
     from ..backbones.tokenizer import load_tokenizer
 
-    check_backbone(cfg)
     record = read_record(adapter_dir) if adapter_dir else None
+    if record is not None:
+        check_fits(record, cfg, adapter_dir, "this evaluation (its --recipe and --set)")
+    check_backbone(cfg)
     source = tokenizer_source(cfg)
     if source is None:
         raise FileNotFoundError("no tokenizer for " + (f"adapter {adapter_dir}" if adapter_dir else "the frozen checkpoint")
                                 + ": backbone.checkpoint has none and backbone.tokenizer is empty: --set backbone.tokenizer=DIR")
     if record is not None:
-        check_adapter(cfg, adapter_dir, record, source)
+        check_evaluation(record, cfg, adapter_dir, source)
     # Candidate inference ranks the answers the adapter's run ranked (it carries them), or a
     # configured list; never answers counted from the evaluation shards (that would leak the labels).
     if cfg.objective.task == "qa" and cfg.eval.inference == "candidates" and not cfg.eval.answer_list:
