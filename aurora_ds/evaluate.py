@@ -1,8 +1,9 @@
 """``aurora-eval``: evaluate a saved adapter, or the frozen checkpoint (``--zero-shot``), on
 evaluation shards (argument parsing only).
 
-Its own keys are the options below (``EvalRunConfig``); everything else comes from the run
-configuration recorded next to the adapter (else ``--recipe``), and ``--set`` on top.
+Its own keys are the options below (``EvalRunConfig``); everything else comes from the adapter,
+which records its run (an adapter without that record needs ``--recipe``), with ``--recipe`` and
+``--set`` on top.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def parse_args(argv=None) -> EvalRunConfig:
     p.add_argument("--ds-config", default="", help="zero3 | zero3_offload | zero2 | path (default: the run's)")
     p.add_argument("--no-deepspeed", action="store_true", help="evaluate in one process without DeepSpeed")
     p.add_argument("--recipe", default="", help=f"packaged recipe ({', '.join(list_recipes())}) or a YAML path, "
-                   "instead of the run configuration recorded next to the adapter (needed where there is none)")
+                   "on top of the run configuration the adapter records (needed for an adapter without one)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a run configuration value (repeatable), e.g. --set backbone.checkpoint=DIR")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -165,7 +165,7 @@ def main():
     if first is not None and (first / "adapter_latest").exists():
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
                "-m", "aurora_ds.evaluate", "--adapter", str(first / "adapter_latest"), "--shards", data["coco"]["test"],
-               "--out", str(work / "eval_coco")]  # everything else from the adapter and its run
+               "--out", str(work / "eval_coco")]  # everything else from the adapter itself
         result = run("aurora-eval coco_retrieval", cmd, out / "aurora_eval.log", env, args.timeout)
         print(f"[gpu_check] {'ok  ' if result['ok'] else 'FAIL'} aurora-eval ({result['wall_s']} s) {result['error']}", flush=True)
         results.append(result)

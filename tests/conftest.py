@@ -173,21 +173,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def salesforce_checkpoint(out, kind="retrieval", image_size=32, mean=CLIP_MEAN, std=CLIP_STD, seed=0):
-    """A directory laid out as ``Salesforce/blip-itm-base-coco`` / ``blip-vqa-base`` on the hub,
-    with a tiny random model: BLIP's text ``vocab_size`` 30524 and ``bos_token_id`` 30522 ([DEC]),
-    a BERT WordPiece ``vocab.txt`` of 30522 lines with BERT's special ids, a hub-style
-    ``tokenizer_config.json`` with no bos and no [DEC]/[ENC], and a ``preprocessor_config.json``
-    written by ``BlipImageProcessor``. Returns the path."""
-    import json
+def _bert_vocab() -> list[str]:
+    """A WordPiece ``vocab.txt`` of BERT's 30522 lines: BERT's special ids, the pieces and words
+    the sample datasets use, [unused] fillers."""
     import string
-    from pathlib import Path
 
-    import torch
-    import transformers
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     words = ["a", "an", "the", "photo", "number", "caption", "video", "person", "is", "doing", "thing", "what",
              "in", "picture", "part", "cat", "dog", "yes", "no", "how", "many", "color", "of", "on", "there"]
     pieces = list(string.ascii_lowercase) + list(string.digits) + list("!?,.:;'\"-()")
@@ -196,7 +186,24 @@ def salesforce_checkpoint(out, kind="retrieval", image_size=32, mean=CLIP_MEAN, 
     vocab += [w for w in dict.fromkeys(pieces + words) if w not in vocab]
     vocab += [f"[unused{i}]" for i in range(len(vocab), 30522)]
     assert len(vocab) == 30522
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return vocab
+
+
+def salesforce_checkpoint(out, kind="retrieval", image_size=32, mean=CLIP_MEAN, std=CLIP_STD, seed=0):
+    """A directory laid out as ``Salesforce/blip-itm-base-coco`` / ``blip-vqa-base`` on the hub,
+    with a tiny random model: BLIP's text ``vocab_size`` 30524 and ``bos_token_id`` 30522 ([DEC]),
+    a BERT WordPiece ``vocab.txt`` of 30522 lines with BERT's special ids, a hub-style
+    ``tokenizer_config.json`` with no bos and no [DEC]/[ENC], and a ``preprocessor_config.json``
+    written by ``BlipImageProcessor``. Returns the path."""
+    import json
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("\n".join(_bert_vocab()) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512, "cls_token": "[CLS]",
         "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}))
@@ -217,11 +224,51 @@ def salesforce_checkpoint(out, kind="retrieval", image_size=32, mean=CLIP_MEAN, 
     return out
 
 
+def salesforce_blip2_checkpoint(out, image_size=32, seed=0):
+    """A directory laid out as ``Salesforce/blip2-itm-vit-g`` on the hub, with a tiny random
+    ``Blip2ForImageTextRetrieval``: BERT's WordPiece ``vocab.txt`` with bos [DEC] added as id 30522
+    (LAVIS's Q-Former tokenizer, as transformers' conversion script saves it), Q-Former
+    ``vocab_size`` 30523 with text input on, a ``preprocessor_config.json`` (CLIP mean/std,
+    bicubic), and weights sharded behind ``model.safetensors.index.json`` as large checkpoints
+    are. Returns the path."""
+    import json
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("\n".join(_bert_vocab()) + "\n")
+    specials = {"bos_token": "[DEC]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                "unk_token": "[UNK]", "mask_token": "[MASK]"}
+    (out / "added_tokens.json").write_text(json.dumps({"[DEC]": 30522}))
+    (out / "special_tokens_map.json").write_text(json.dumps(specials))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512,
+        "truncation_side": "right", "processor_class": "Blip2Processor", **specials}))
+    transformers.BlipImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(CLIP_MEAN),
+                                    image_std=list(CLIP_STD), resample=3).save_pretrained(out)
+    config = transformers.Blip2Config(
+        vision_config={"hidden_size": 48, "intermediate_size": 208, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": image_size, "patch_size": 8, "initializer_range": 0.02},
+        qformer_config={"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "vocab_size": 30523, "max_position_embeddings": 64, "encoder_hidden_size": 48,
+                        "cross_attention_frequency": 1, "use_qformer_text_input": True},
+        num_query_tokens=4, image_text_hidden_size=16)
+    torch.manual_seed(seed)
+    model = transformers.Blip2ForImageTextRetrieval(config)
+    torch.nn.init.normal_(model.query_tokens, std=0.02)  # trained queries differ from each other
+    model.save_pretrained(out, max_shard_size="3MB")
+    return out
+
+
 @pytest.fixture(scope="session")
 def salesforce_checkpoints(tmp_path_factory):
-    """Salesforce-layout checkpoints: ``retrieval`` and ``vqa``."""
+    """Salesforce-layout checkpoints: ``retrieval`` and ``vqa`` (BLIP), ``blip2`` (BLIP-2 retrieval)."""
     base = tmp_path_factory.mktemp("salesforce")
-    return {kind: salesforce_checkpoint(base / kind, kind) for kind in ("retrieval", "vqa")}
+    made = {kind: salesforce_checkpoint(base / kind, kind) for kind in ("retrieval", "vqa")}
+    return {**made, "blip2": salesforce_blip2_checkpoint(base / "blip2")}
 
 
 @pytest.fixture(scope="session")

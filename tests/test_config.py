@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from aurora_ds.aurora import AuroraConfig
-from aurora_ds.aurora.io import write_adapter
-from aurora_ds.engine.config import (PRECISIONS, SECTIONS, EvalRunConfig, TrainConfig, build_config, known_keys,
+from aurora_ds.engine.config import (PRECISIONS, SECTIONS, TrainConfig, build_config, known_keys,
                                      list_recipes, load_recipe)
 
 
@@ -91,33 +90,6 @@ def test_one_precision_table():
     from aurora_ds.plan import BYTES_PER_PARAM
 
     assert BYTES_PER_PARAM == {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-def _adapter(path, **aurora):
-    write_adapter(path, {"x": torch.zeros(1)}, AuroraConfig(backbone="blip-tiny-retrieval", **aurora), {})
-
-
-def test_eval_config_reads_the_recorded_run_configuration(tmp_path):
-    run = tmp_path / "run"
-    train = build_config("coco_retrieval", ["data.source=synthetic", "backbone.checkpoint=/models/blip",
-                                            "engine.precision=bf16", "eval.k_test=64"])
-    step = run / "checkpoints" / "step_000002"
-    step.mkdir(parents=True)
-    (step / "trainer_state.json").write_text(json.dumps({"step": 2, "config": train.to_dict()}))
-    _adapter(run / "adapter_latest", rank=4, ranks={1408: 8})
-    cfg = EvalRunConfig(adapter=str(run / "adapter_latest"), shards="/s/{0..1}.tar", out=str(tmp_path / "e"),
-                        batch_size=4, overrides=["backbone.tokenizer=/tok"]).run_config()
-    assert cfg.recipe == "coco_retrieval" and cfg.backbone.checkpoint == "/models/blip"
-    assert cfg.backbone.name == "blip-tiny-retrieval" and cfg.backbone.tokenizer == "/tok"
-    assert cfg.aurora.rank == 4 and cfg.aurora.ranks == {1408: 8}  # the adapter's own, not the recipe's
-    assert cfg.engine.precision == "bf16" and cfg.eval.k_test == 64 and cfg.eval.batch_size == 4
-    assert cfg.data.eval_shards == "/s/{0..1}.tar" and cfg.data.source == "shards" and cfg.output.dir == str(tmp_path / "e")
-    # no recorded run: the recipe (or the defaults), still with the adapter's aurora section
-    _adapter(tmp_path / "lone", rank=8)
-    lone = EvalRunConfig(adapter=str(tmp_path / "lone"), shards="/s.tar", recipe="coco_retrieval", k_test=16,
-                         precision="fp32", deepspeed=False).run_config()
-    assert lone.aurora.rank == 8 and lone.eval.k_test == 16 and not lone.engine.deepspeed
-    assert lone.data.image_size == 384 and lone.engine.precision == "fp32"
 
 
 def test_train_cli_shortcuts_map_to_sections():

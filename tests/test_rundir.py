@@ -1,11 +1,6 @@
-"""The run-directory layout (one owner of every output path) and aurora-eval finding the run an
-adapter belongs to."""
+"""The run-directory layout (one owner of every output path) and finding the run an adapter sits
+in (whose record it must agree with: tests/test_adapter_record.py)."""
 
-from types import SimpleNamespace
-
-import pytest
-
-from aurora_ds.engine.loop import eval_tokenizer
 from aurora_ds.engine.rundir import RunDir
 
 
@@ -35,16 +30,3 @@ def test_of_adapter_finds_the_run(tmp_path):
     assert RunDir.of_adapter(run.adapter_best).root == run.root.resolve()
     assert RunDir.of_adapter(run.checkpoint(4) / "adapter").root == run.root.resolve()
     assert RunDir.of_adapter(tmp_path / "shared" / "my_adapter") is None
-
-
-def test_aurora_eval_finds_the_runs_tokenizer(tmp_path):
-    run = RunDir(tmp_path / "run")
-    run.tokenizer.mkdir(parents=True)
-    (run.tokenizer / "tokenizer.json").write_text("{}")
-    cfg = SimpleNamespace(backbone=SimpleNamespace(tokenizer="", checkpoint=""))
-    assert eval_tokenizer(cfg, run.adapter_latest) == run.tokenizer.resolve()
-    assert eval_tokenizer(cfg, run.checkpoint(2) / "adapter") == run.tokenizer.resolve()
-    # an adapter copied out of its run no longer has one: say so rather than guess
-    with pytest.raises(FileNotFoundError, match="--set backbone.tokenizer=DIR"):
-        eval_tokenizer(cfg, tmp_path / "elsewhere" / "adapter_copy")
-    assert eval_tokenizer(SimpleNamespace(backbone=SimpleNamespace(tokenizer=str(run.tokenizer), checkpoint="")), tmp_path / "x") == run.tokenizer

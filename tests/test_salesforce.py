@@ -1,11 +1,13 @@
 """Real Salesforce BLIP checkpoints as they are laid out on the hub (built offline by
 ``conftest.salesforce_checkpoint``): BLIP's token conventions ([DEC]/[ENC] added and checked
 against the checkpoint's config, [ENC] at position 0 of every matching pass and of the VQA
-question encoder, one answer bos in training, ranking and generation), and training plus
-evaluation on 2 ranks from such a checkpoint."""
+question encoder, one answer bos in training, ranking and generation), and training on 2 ranks
+from such a checkpoint (BLIP retrieval, BLIP VQA, BLIP-2 retrieval) with its adapter evaluated
+alone."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -14,10 +16,10 @@ import pytest
 import torch
 
 from aurora_ds import AuroraConfig, inject_aurora
-from aurora_ds.backbones import backbone_config, build_backbone, get_spec
+from aurora_ds.backbones import backbone_config, build_backbone, checkpoint_identity, get_spec
 from aurora_ds.backbones import blip
 from aurora_ds.backbones.tokenizer import load_tokenizer
-from aurora_ds.engine.config import build_config
+from aurora_ds.engine.config import build_config, load_recipe
 from aurora_ds.engine.data import text_conventions
 from aurora_ds.engine.loop import make_objective
 from aurora_ds.tasks.qa import answer_candidates
@@ -159,15 +161,20 @@ SMALL = ["aurora.rank=4", "optim.batch_size=4", "eval.batch_size=8", "data.image
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("recipe, kind, dataset", [("coco_retrieval", "retrieval", "coco"), ("vqa", "vqa", "vqa")])
-def test_recipe_trains_and_evaluates_from_a_salesforce_checkpoint(salesforce_checkpoints, tmp_path, recipe, kind, dataset):
+@pytest.mark.parametrize("recipe, kind, dataset", [("coco_retrieval", "retrieval", "coco"), ("vqa", "vqa", "vqa"),
+                                                   ("coco_retrieval_blip2", "blip2", "coco")])
+def test_recipe_trains_from_a_salesforce_checkpoint_and_its_adapter_evaluates_alone(salesforce_checkpoints, tmp_path,
+                                                                                      recipe, kind, dataset):
+    """The recipe as shipped (its backbone name, the checkpoint's tokenizer and preprocessing) on
+    2 ZeRO-3 ranks; then aurora-eval of adapter_best inside its run, and of a copy with the run
+    directory deleted and the checkpoint moved: the same metrics, from the adapter alone."""
     from shard_tools.quickstart import sample_shards
 
+    checkpoint = salesforce_checkpoints[kind]
     data = sample_shards(dataset, 12, tmp_path / "raw", str(tmp_path / "shards"), seed=1, maxcount=3)
     out = tmp_path / "run"
     cmd = ["bash", "launchers/local.sh", "2", "--recipe", recipe, "--train-shards", data["train"],
-           "--eval-shards", data["test"], "--out", str(out), "--max-steps", "2",
-           "--set", f"backbone.checkpoint={salesforce_checkpoints[kind]}"]
+           "--eval-shards", data["test"], "--out", str(out), "--max-steps", "2", "--set", f"backbone.checkpoint={checkpoint}"]
     for item in SMALL:
         cmd += ["--set", item]
     code, log = _run(cmd, tmp_path / "train.log")
@@ -177,13 +184,25 @@ def test_recipe_trains_and_evaluates_from_a_salesforce_checkpoint(salesforce_che
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
     metrics = json.loads((out / "eval" / "step_000002.json").read_text())
     assert 0.0 <= metrics["select"] <= 100.0
-    # aurora-eval with the vocab.txt tokenizer of the checkpoint, as training used it
-    code, log = _run([str(Path(os.sys.executable)), "-m", "aurora_ds.evaluate", "--no-deepspeed", "--adapter",
-                      str(out / "adapter_latest"), "--shards", data["test"], "--out", str(tmp_path / "eval")],
-                     tmp_path / "eval.log")
-    assert code == 0, log[-4000:]
-    again = json.loads((tmp_path / "eval" / "eval" / "step_000000.json").read_text())
-    assert again.keys() == metrics.keys()
+    record = json.loads((out / "adapter_best" / "adapter_config.json").read_text())["run"]
+    assert record["checkpoint"] == checkpoint_identity(checkpoint)
+    assert record["tokenizer"]["source"] == f"backbone.checkpoint={checkpoint}" and not record["tokenizer"]["trained"]
+    prep = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    assert record["preprocessing"] == {"mean": prep["image_mean"], "std": prep["image_std"], "size": 32, "resample": "bicubic"}
+    assert record["backbone"]["name"] == load_recipe(recipe)["backbone"]["name"]
+
+    def evaluate(adapter, name, *extra):
+        code, log = _run([str(Path(os.sys.executable)), "-m", "aurora_ds.evaluate", "--no-deepspeed", "--adapter",
+                          str(adapter), "--shards", data["test"], "--out", str(tmp_path / name), *extra], tmp_path / f"{name}.log")
+        assert code == 0, log[-4000:]
+        return json.loads((tmp_path / name / "eval" / "step_000000.json").read_text())
+
+    in_run = evaluate(out / "adapter_best", "eval_in_run")
+    assert in_run.keys() == metrics.keys()
+    lone = shutil.copytree(out / "adapter_best", tmp_path / "elsewhere" / "adapter")
+    shutil.rmtree(out)
+    moved = shutil.copytree(checkpoint, tmp_path / "moved")
+    assert evaluate(lone, "eval_alone", "--set", f"backbone.checkpoint={moved}") == in_run
 
 
 def test_preprocessing_comes_from_the_checkpoint(tmp_path, make_salesforce_checkpoint):

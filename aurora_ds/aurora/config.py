@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-FORMAT_VERSION = 2
+# The adapter directory format (aurora/io.py). 3: an adapter may record the run that trained it
+# and carry small files (its tokenizer, answer list); 2 lacked both.
+FORMAT_VERSION = 3
 
 
 @dataclass

@@ -5,6 +5,11 @@ Writes go to a temporary sibling directory that is renamed into place, so a read
 crash) never sees half an adapter. The config records the size and SHA-256 of the tensor file,
 checked on every load: a damaged file (flipped bytes load fine as safetensors, as NaNs) is
 refused with its path, and so is any non-finite value.
+
+A caller may add what it knows about the run that trained the adapter (``run``: plain values,
+recorded as given) and small files to travel inside the adapter (a tokenizer, an answer list),
+digested like the tensor file and checked when read back (:func:`adapter_path`). What those
+mean is the caller's business; this module only writes, reads and checks them.
 """
 
 from __future__ import annotations
@@ -24,9 +29,14 @@ from .config import FORMAT_VERSION, AuroraConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
+# Format 2 has no ``run`` record and no extra files; its tensors and structure read the same.
+READABLE_VERSIONS = (2, FORMAT_VERSION)
 
 
-def write_adapter(directory, tensors: dict[str, torch.Tensor], config: AuroraConfig, structure: dict, extra=None):
+def write_adapter(directory, tensors: dict[str, torch.Tensor], config: AuroraConfig, structure: dict, extra=None,
+                  run: dict | None = None, files: dict | None = None):
+    """Write an adapter directory atomically. ``run``: what the caller records about the run
+    (JSON-safe); ``files``: ``{name inside the adapter: source path}``, copied in and digested."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -37,9 +47,17 @@ def write_adapter(directory, tensors: dict[str, torch.Tensor], config: AuroraCon
         "tensors": {n: list(t.shape) for n, t in tensors.items()},
         "extra": extra or {},
     }
+    if run is not None:
+        meta["run"] = run
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / WEIGHTS_FILE))
     meta["files"] = {WEIGHTS_FILE: file_digest(tmp / WEIGHTS_FILE)}
+    for name, source in sorted((files or {}).items()):
+        if name in (CONFIG_FILE, WEIGHTS_FILE) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"adapter file name {name!r} is not a plain relative name of its own")
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, tmp / name)
+        meta["files"][name] = file_digest(tmp / name)
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     old = None
     if directory.exists():
@@ -95,12 +113,27 @@ def read_adapter_config(directory) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if meta.get("method") != "aurora" or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("method") != "aurora" or meta.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
             f"{path}: unsupported adapter (method {meta.get('method')!r}, format_version "
-            f"{meta.get('format_version')!r}; this version reads aurora format {FORMAT_VERSION})"
+            f"{meta.get('format_version')!r}; this version reads aurora formats {READABLE_VERSIONS})"
         )
     return meta
+
+
+def adapter_path(directory, name: str) -> Path:
+    """A file the adapter carries (``answer_list.json``), or a folder of them (``tokenizer``),
+    after checking every such file against the size and SHA-256 recorded when it was written."""
+    directory = Path(directory)
+    recorded = read_adapter_config(directory).get("files", {})
+    chosen = {f: d for f, d in recorded.items() if f == name or f.startswith(name.rstrip("/") + "/")}
+    if not chosen:
+        raise FileNotFoundError(f"adapter {directory} carries no {name} (its {CONFIG_FILE} records {sorted(recorded)})")
+    for file, digest in chosen.items():
+        if not (directory / file).is_file():
+            raise FileNotFoundError(f"{directory / file} is missing: {directory / CONFIG_FILE} records it")
+        check_digest(directory / file, digest, directory / CONFIG_FILE)
+    return directory / name
 
 
 def read_adapter(directory, handle) -> tuple[dict[str, torch.Tensor], dict]:

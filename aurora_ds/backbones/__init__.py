@@ -8,6 +8,7 @@ timm) happen only when a model is built.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -93,6 +94,28 @@ def backbone_config(name: str, checkpoint: str | Path | None = None):
         return cls.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"backbone.checkpoint={path}: config.json is not a {spec.extra['config_class']}: {e}") from None
+
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def checkpoint_identity(checkpoint) -> dict:
+    """What identifies a checkpoint directory without reading its weights (GBs for BLIP-2):
+    the SHA-256 over its ``config.json``, its weight index (a sharded checkpoint's) and the
+    names and sizes of its weight files. A copy moved elsewhere keeps it; another model, or
+    the same one re-saved in another dtype or sharding, changes it."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"backbone.checkpoint: checkpoint directory {path} does not exist")
+    digest = hashlib.sha256()
+    for name in ("config.json", *WEIGHT_INDEXES):
+        if (path / name).is_file():
+            digest.update(f"{name}\0".encode() + (path / name).read_bytes() + b"\0")
+    weights = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file() and f.suffix in WEIGHT_SUFFIXES}
+    for name, size in weights.items():
+        digest.update(f"{name}\0{size}\0".encode())
+    return {"path": str(path.resolve()), "sha256": digest.hexdigest(), "weights": weights}
 
 
 def text_vocab_size(spec: BackboneSpec, config) -> int:

@@ -7,10 +7,14 @@ trained locally with the ``tokenizers`` package. Its special-token ids match the
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from pathlib import Path
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
+# What a transformers tokenizer is read from (a checkpoint directory holds the model beside them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
 def wordpiece_vocab(texts, size: int, tok) -> dict[str, int]:
@@ -53,6 +57,20 @@ def has_tokenizer(path) -> bool:
     """Whether ``path`` holds a tokenizer: a ``tokenizer.json``, or a WordPiece ``vocab.txt``
     (the Salesforce BLIP checkpoints ship a BertTokenizer)."""
     return bool(path) and any(Path(path, f).is_file() for f in ("tokenizer.json", "vocab.txt"))
+
+
+def tokenizer_files(path) -> list[Path]:
+    """The tokenizer's own files in ``path`` (not the model weights beside them)."""
+    return [Path(path, f) for f in TOKENIZER_FILES if Path(path, f).is_file()]
+
+
+def tokenizer_identity(path) -> str:
+    """SHA-256 over the names and contents of the tokenizer's files: equal for a copy, different
+    for another vocabulary or other special tokens."""
+    digest = hashlib.sha256()
+    for file in tokenizer_files(path):
+        digest.update(f"{file.name}\0".encode() + file.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def load_tokenizer(path: str | Path, key: str = "backbone.tokenizer"):

@@ -31,13 +31,15 @@ from .rundir import CHECKPOINT_ADAPTER, RunDir
 COMPLETE = "COMPLETE"
 
 
-def save_adapter(backend, handle, directory, extra: dict | None = None):
-    """Gather only the trainable tensors (never the backbone) and write them from rank 0."""
+def save_adapter(backend, handle, directory, extra: dict | None = None, record=None):
+    """Gather only the trainable tensors (never the backbone) and write them from rank 0, with
+    what ``record`` (an ``AdapterRecord``) says about the run and the files it carries."""
     named = handle.named_trainable_parameters()
     values = backend.full_values([p for _, p in named])
     if world()[0] == 0:
         tensors = {n: v.to(p.dtype).cpu() for (n, p), v in zip(named, values)}
-        write_adapter(directory, tensors, handle.config, handle.describe(), extra)
+        run, files = record.contents() if record is not None else (None, None)
+        write_adapter(directory, tensors, handle.config, handle.describe(), extra, run, files)
     barrier()
 
 
@@ -48,7 +50,8 @@ def load_adapter_values(backend, handle, directory):
     backend.set_values([p for _, p in named], [tensors[n] for n, _ in named])
 
 
-def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict, data_state: dict, cfg, keep: int):
+def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict, data_state: dict, cfg, keep: int,
+                    record=None):
     root = run.checkpoints
     path = run.checkpoint(step)
     tag = path.name
@@ -56,7 +59,7 @@ def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict,
     if me == 0 and path.exists():
         shutil.rmtree(path)
     barrier()
-    save_adapter(backend, handle, path / CHECKPOINT_ADAPTER, {"step": step})
+    save_adapter(backend, handle, path / CHECKPOINT_ADAPTER, {"step": step}, record)
     if backend.distributed:
         backend.engine.save_checkpoint(str(path / "deepspeed"), tag="state", exclude_frozen_parameters=True)
     elif me == 0:

@@ -17,13 +17,12 @@ known ones. Per-width ranks are mappings end to end: ``aurora: {ranks: {1408: 64
 ``--set 'aurora.ranks={1408: 64, 768: 32}'`` on the command line (a YAML flow mapping).
 
 ``aurora-eval`` has its own small ``EvalRunConfig``; the rest of its run configuration comes
-from the run that wrote the adapter (see ``EvalRunConfig.run_config``).
+from the adapter, which records the run that wrote it (see ``EvalRunConfig.run_config``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -382,21 +381,6 @@ def load_recipe(name: str) -> dict:
 # ---- aurora-eval ----------------------------------------------------------------------------
 
 
-def recorded_run_config(adapter_dir) -> dict | None:
-    """The run configuration recorded by the run that wrote this adapter, if it is there: the
-    ``trainer_state.json`` of its checkpoint (``checkpoints/step_N/adapter``) or of the newest
-    checkpoint of its run directory (``adapter_latest``, ``adapter_best``)."""
-    adapter_dir = Path(adapter_dir)
-    candidates = [adapter_dir.parent / "trainer_state.json",
-                  *sorted((adapter_dir.parent / "checkpoints").glob("step_*/trainer_state.json"), reverse=True)]
-    for path in candidates:
-        if path.is_file():
-            config = json.loads(path.read_text()).get("config")
-            if isinstance(config, dict) and isinstance(config.get("aurora"), dict):  # the nested form
-                return config
-    return None
-
-
 @dataclass
 class EvalRunConfig:
     """What ``aurora-eval`` needs beyond the adapter's own run configuration."""
@@ -413,21 +397,32 @@ class EvalRunConfig:
     overrides: list[str] = field(default_factory=list)  # --set section.key=value, on top
 
     def run_config(self) -> TrainConfig:
-        """The recorded run configuration (else the recipe, else defaults), with the adapter's own
-        ``aurora`` section and backbone, the ``--set`` overrides, then this config's values."""
+        """The run configuration the adapter records (else, for an adapter without a record, the
+        recipe), the recipe on top if one is given, the adapter's own ``aurora`` section and what
+        it carries (tokenizer, answer list, image size), the ``--set`` overrides, then this
+        config's values. Whether the result still fits the adapter is checked by ``evaluate``."""
         from ..aurora.io import read_adapter_config
+        from .adapter_record import carried_values
 
         if not self.adapter and not self.recipe:
             raise ValueError("--zero-shot evaluates the frozen checkpoint of a recipe: give --recipe (and "
                              "--set backbone.checkpoint=DIR)")
-        base = None if self.recipe else recorded_run_config(self.adapter)
-        sources = [("the recorded run configuration", base or {})]
+        meta = read_adapter_config(self.adapter) if self.adapter else {}
+        record = meta.get("run")
+        if self.adapter and record is None and not self.recipe:
+            raise ValueError(f"adapter {self.adapter} does not record the run that trained it (adapter format "
+                             f"{meta['format_version']}, or saved by the Python API): give --recipe and --set "
+                             "backbone.checkpoint=DIR, backbone.tokenizer=DIR (and eval.answer_list=FILE for QA)")
+        sources = [(f"the run configuration recorded in adapter {self.adapter}", record["config"])] if record else []
         if self.recipe:
             sources.append((f"recipe {self.recipe!r}", load_recipe(self.recipe)))
         if self.adapter:
-            aurora = dict(read_adapter_config(self.adapter)["aurora"])
+            aurora = dict(meta["aurora"])
             backbone = aurora.pop("backbone", None)
-            sources.append((f"adapter {self.adapter}", {"aurora": aurora, **({"backbone.name": backbone} if backbone else {})}))
+            own = {"aurora": aurora, **carried_values(self.adapter, record)} if record else {"aurora": aurora}
+            if record is None and backbone:  # an adapter without a record names its backbone only here
+                own["backbone.name"] = backbone
+            sources.append((f"adapter {self.adapter}", own))
         sources.append(("--set", _pairs(self.overrides)))
         values = {"data.eval_shards": self.shards, "data.train_shards": self.shards, "data.source": "shards",
                   "output.dir": self.out, "output.resume": "", "engine.deepspeed": self.deepspeed}
@@ -436,4 +431,4 @@ class EvalRunConfig:
             if value:
                 values[key] = value
         sources.append(("aurora-eval", values))
-        return _build(sources, self.recipe or (base or {}).get("recipe", ""))
+        return _build(sources, self.recipe or (record or {}).get("config", {}).get("recipe", ""))

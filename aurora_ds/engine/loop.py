@@ -15,13 +15,13 @@ from ..backbones import backbone_config, build_backbone, get_spec, text_vocab_si
 from ..dist import (barrier, free_port, gather_objects, mean_over_ranks, process_rank, set_compute_device,
                     shutdown, stop_if_any_rank_failed, world)
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
+from .adapter_record import AdapterRecord, check_checkpoint, check_evaluation, check_fits, read_record
 from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
 from .config import PRECISIONS
 from .dsconfig import build_ds_config, gpus_per_node, zero_stage
 from .ema import EMA
 from .logging import RunLogger, peak_memory_mb
-from .rundir import RunDir
-from ..backbones.tokenizer import has_tokenizer
+from .rundir import CHECKPOINT_ADAPTER, RunDir
 
 def _stderr(message: str):
     print(message, file=sys.stderr, flush=True)
@@ -195,6 +195,10 @@ def train(cfg, data=None, evaluator=None) -> dict:
     ds_config, layout, layout_note = deepspeed_config(cfg, size)
     run = RunDir(cfg.output.dir)
     checkpoint = find_checkpoint(run, cfg.output.resume) if cfg.output.resume else None
+    resumed = read_record(checkpoint / CHECKPOINT_ADAPTER) if checkpoint is not None else None
+    if resumed is not None:  # the same backbone, task, media and checkpoint, or an error naming both
+        check_fits(resumed, cfg, checkpoint / CHECKPOINT_ADAPTER, f"resuming it (output.resume={cfg.output.resume})")
+        check_checkpoint(resumed, cfg, checkpoint / CHECKPOINT_ADAPTER)
     # Everything that can be checked is checked before the backbone is built: the checkpoint's
     # config, the tokenizer against it, the data.
     spec = get_spec(cfg.backbone.name)
@@ -203,12 +207,13 @@ def train(cfg, data=None, evaluator=None) -> dict:
 
     image_size = media_size(cfg, spec, config, _stderr if rank == 0 else None)
     vocab = text_vocab_size(spec, config)
-    tokenizer = special = None
+    tokenizer = special = given = None
     if cfg.data.source == "shards":
         from .data import build_evaluator, build_train_data, resolve_tokenizer, text_conventions, tokenizer_source
 
         tokenizer = resolve_tokenizer(cfg, vocab)
-        special = text_conventions(cfg, spec, config, tokenizer, trained_here=tokenizer_source(cfg) is None)
+        given = tokenizer_source(cfg)
+        special = text_conventions(cfg, spec, config, tokenizer, trained_here=given is None)
         data = data if data is not None else build_train_data(cfg, image_size, tokenizer)
         if evaluator is None and cfg.data.eval_shards:
             evaluator = build_evaluator(cfg, image_size, tokenizer, run)
@@ -216,6 +221,10 @@ def train(cfg, data=None, evaluator=None) -> dict:
         from .synthetic import SyntheticBatches
 
         data = SyntheticBatches(cfg, image_size, vocab, rank, size)
+    from .data import preprocessing
+
+    used = None if tokenizer is None else given or ("trained on data.train_shards", str(run.tokenizer))
+    record = AdapterRecord(cfg, image_size, preprocessing(cfg), used, trained=tokenizer is not None and given is None)
     per_epoch = steps_per_epoch(data, cfg.optim.grad_accum)
     total_steps = cfg.optim.max_steps or (per_epoch * cfg.optim.epochs if per_epoch else 0)
     if total_steps <= 0:
@@ -298,14 +307,14 @@ def train(cfg, data=None, evaluator=None) -> dict:
             # an evaluation set without labels (VQAv2 test-dev) has nothing to select on
             if metrics.get("select") is not None and (best is None or metrics["select"] > best["select"]):
                 best = {"step": step, **metrics}
-                save_adapter(backend, handle, run.adapter_best, {"step": step, "metrics": metrics})
+                save_adapter(backend, handle, run.adapter_best, {"step": step, "metrics": metrics}, record)
         if (cfg.output.save_every and step % cfg.output.save_every == 0) or last:
             client = {"ema": objective.ema.state_dict(), "objective": objective.objective_state(),
                       "epoch": epoch, "step": step, "history": history, "skipped": skipped,
                       "best": best}
             data_state = loader_state(data)
-            save_checkpoint(run, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints)
-            save_adapter(backend, handle, run.adapter_latest, {"step": step})
+            save_checkpoint(run, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints, record)
+            save_adapter(backend, handle, run.adapter_latest, {"step": step}, record)
 
     summary = {"steps": step, "world_size": size, "ds_config": layout, "parameters": handle.parameter_report(), "skipped": skipped,
                "best": best, "history": history, "peak_memory_mb": peak_memory_mb(),
@@ -322,36 +331,37 @@ def train(cfg, data=None, evaluator=None) -> dict:
 
 
 def _trained_here(cfg, tokenizer_dir: Path) -> bool:
-    """A tokenizer some run trained on its captions (``train_tokenizer`` writes tokenizer.json
-    alone): its [DEC]/[ENC] ids are its own, not a checkpoint's, so they are not held to the
-    checkpoint's config. The checkpoint's own tokenizer, or any WordPiece vocab.txt, is."""
+    """For a tokenizer given without an adapter record (``--zero-shot``): one some run trained on
+    its captions (``train_tokenizer`` writes tokenizer.json alone) has [DEC]/[ENC] ids of its own,
+    not held to the checkpoint's config; the checkpoint's own tokenizer, or any WordPiece
+    vocab.txt, is."""
     same = cfg.backbone.checkpoint and tokenizer_dir.resolve() == Path(cfg.backbone.checkpoint).resolve()
     return not same and not (tokenizer_dir / "vocab.txt").is_file()
 
 
-def eval_tokenizer(cfg, adapter_dir) -> Path:
-    """The tokenizer to evaluate an adapter with: the configured one, the backbone checkpoint's,
-    one shipped inside the adapter directory, or the one trained in the adapter's run."""
-    source = RunDir.of_adapter(adapter_dir) if adapter_dir else None
-    candidates = [cfg.backbone.tokenizer, cfg.backbone.checkpoint,
-                  adapter_dir and Path(adapter_dir) / "tokenizer", source and source.tokenizer]
-    found = [Path(c) for c in candidates if has_tokenizer(c)]
-    if not found:
-        where = f"adapter {adapter_dir}" if adapter_dir else "the frozen checkpoint"
-        raise FileNotFoundError(f"no tokenizer found for {where} (looked in backbone.tokenizer, backbone.checkpoint"
-                                + (f", {Path(adapter_dir) / 'tokenizer'} and the adapter's run" if adapter_dir else "")
-                                + "): --set backbone.tokenizer=DIR")
-    return found[0]
-
-
 def evaluate(cfg, adapter_dir=None) -> dict:
     """Evaluate a saved adapter on cfg.data.eval_shards (``aurora-eval``); any number of ranks.
-    Without an adapter, the frozen checkpoint: Aurora is injected with V = 0, an exact no-op."""
+    Without an adapter, the frozen checkpoint: Aurora is injected with V = 0, an exact no-op.
+    An adapter's record (``adapter_record.py``) is checked against ``cfg`` before anything is built."""
     from .checkpoint import load_adapter_values
-    from .data import build_evaluator
+    from .data import build_evaluator, media_size, text_conventions, tokenizer_source
     from ..backbones.tokenizer import load_tokenizer
 
+    record = read_record(adapter_dir) if adapter_dir else None
+    if record is not None:
+        check_fits(record, cfg, adapter_dir, "this evaluation (its --recipe and --set)")
     check_backbone(cfg)
+    source = tokenizer_source(cfg)
+    if source is None:
+        raise FileNotFoundError("no tokenizer for " + (f"adapter {adapter_dir}" if adapter_dir else "the frozen checkpoint")
+                                + ": backbone.checkpoint has none and backbone.tokenizer is empty: --set backbone.tokenizer=DIR")
+    if record is not None:
+        check_evaluation(record, cfg, adapter_dir, source)
+    # Candidate inference ranks the answers the adapter's run ranked (it carries them), or a
+    # configured list; never answers counted from the evaluation shards (that would leak the labels).
+    if cfg.objective.task == "qa" and cfg.eval.inference == "candidates" and not cfg.eval.answer_list:
+        raise ValueError("candidate inference needs the answer list the model was trained with: set "
+                         "eval.answer_list=FILE.json (aurora-eval never counts answers from the evaluation shards)")
     rank, size = setup_distributed(cfg)
     if not cfg.backbone.checkpoint and rank == 0:
         print("[aurora] warning: no backbone checkpoint: evaluating on a random-init backbone, which only "
@@ -360,11 +370,9 @@ def evaluate(cfg, adapter_dir=None) -> dict:
     ds_config, _, _ = deepspeed_config(cfg, size)
     spec = get_spec(cfg.backbone.name)
     config = backbone_config(cfg.backbone.name, cfg.backbone.checkpoint or None)
-    tokenizer_dir = eval_tokenizer(cfg, adapter_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    from .data import text_conventions
-
-    special = text_conventions(cfg, spec, config, tokenizer, _trained_here(cfg, tokenizer_dir))
+    tokenizer = load_tokenizer(source[1], source[0])
+    trained = record["tokenizer"]["trained"] if record and record.get("tokenizer") else _trained_here(cfg, Path(source[1]))
+    special = text_conventions(cfg, spec, config, tokenizer, trained)
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)
     objective = make_objective(cfg, model)
     objective.tokenizer = tokenizer
@@ -374,16 +382,7 @@ def evaluate(cfg, adapter_dir=None) -> dict:
     if adapter_dir:
         load_adapter_values(backend, handle, adapter_dir)
     objective.eval()
-    # Candidate inference ranks the answers the adapter's run ranked, unless a list is configured;
-    # never answers counted from the evaluation shards (that would leak the labels).
-    source = RunDir.of_adapter(adapter_dir) if adapter_dir else None
-    answers = None if cfg.eval.answer_list or source is None or not source.answer_list.is_file() else source.answer_list
-    if cfg.objective.task == "qa" and cfg.eval.inference == "candidates" and not (answers or cfg.eval.answer_list):
-        raise ValueError("candidate inference needs the answer list the model was trained with: set "
-                         "eval.answer_list=FILE.json (aurora-eval never counts answers from the evaluation shards)")
-    from .data import media_size
-
-    evaluator = build_evaluator(cfg, media_size(cfg, spec, config, _stderr if rank == 0 else None), tokenizer, RunDir(cfg.output.dir), answers)
+    evaluator = build_evaluator(cfg, media_size(cfg, spec, config, _stderr if rank == 0 else None), tokenizer, RunDir(cfg.output.dir))
     metrics = evaluator(backend.forward, handle, 0)
     if rank == 0:
         print(json.dumps(metrics, indent=2))

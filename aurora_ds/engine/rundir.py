@@ -1,6 +1,7 @@
 """The output layout of a run, in one place: everything that writes or reads a run's files asks
-this object for the path instead of spelling it out. ``aurora-eval`` finds the run an adapter
-came from with :meth:`RunDir.of_adapter` (for its tokenizer and answer list)::
+this object for the path instead of spelling it out. An adapter records its run and carries its
+tokenizer and answer list (engine/adapter_record.py); ``aurora-eval`` finds the run directory an
+adapter sits in with :meth:`RunDir.of_adapter` only to check that the two agree::
 
     out_dir/
         adapter_latest/, adapter_best/     adapter directories (aurora.io format)
