@@ -32,11 +32,13 @@ COMPLETE = "COMPLETE"
 
 
 def save_adapter(backend, handle, directory, extra: dict | None = None):
-    """Gather only the trainable tensors (never the backbone) and write them from rank 0."""
+    """Gather only the trainable tensors (never the backbone) and write them from rank 0, with
+    Aurora's buffers (never partitioned: the same on every rank)."""
     named = handle.named_trainable_parameters()
     values = backend.full_values([p for _, p in named])
     if world()[0] == 0:
         tensors = {n: v.to(p.dtype).cpu() for (n, p), v in zip(named, values)}
+        tensors.update({n: b.detach().cpu() for n, b in handle.named_aurora_buffers()})
         write_adapter(directory, tensors, handle.config, handle.describe(), extra)
     barrier()
 
@@ -46,6 +48,13 @@ def load_adapter_values(backend, handle, directory):
     tensors, _ = read_adapter(directory, handle)
     named = handle.named_trainable_parameters()
     backend.set_values([p for _, p in named], [tensors[n] for n, _ in named])
+    load_buffers(handle, tensors)
+
+
+@torch.no_grad()
+def load_buffers(handle, tensors: dict):
+    for name, buf in handle.named_aurora_buffers():
+        buf.copy_(tensors[name].to(buf.dtype))
 
 
 def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict, data_state: dict, cfg, keep: int):
@@ -141,6 +150,7 @@ def load_checkpoint(path: Path, backend, handle, log) -> tuple[int, dict, dict |
         return meta["step"], client, None
     if backend.distributed:
         backend.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
+        load_buffers(handle, read_adapter(path / CHECKPOINT_ADAPTER, handle)[0])
     else:
         load_adapter_values(backend, handle, path / CHECKPOINT_ADAPTER)
         backend.load_state_dict(_load(path / "plain_state.pt"))
