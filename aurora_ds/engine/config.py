@@ -73,7 +73,8 @@ class DataSection:
     source: str = "shards"  # shards | synthetic
     media: str = "image"  # image | video
     train_shards: str = ""
-    eval_shards: str = ""
+    eval_shards: str = ""  # validation: periodic evaluation, and the choice of adapter_best
+    test_shards: str = ""  # test: the chosen adapter (adapter_best, else the last) evaluated once at the end
     train_num_samples: int = 0
     image_size: int = 0  # 0 = the backbone's
     num_frames: int = 8

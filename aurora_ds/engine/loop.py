@@ -15,7 +15,7 @@ from ..backbones import backbone_config, build_backbone, get_spec, text_vocab_si
 from ..dist import (barrier, free_port, gather_objects, mean_over_ranks, process_rank, set_compute_device,
                     shutdown, stop_if_any_rank_failed, world)
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
-from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from .checkpoint import find_checkpoint, load_adapter_values, load_checkpoint, save_adapter, save_checkpoint
 from .config import PRECISIONS
 from .dsconfig import build_ds_config, gpus_per_node, zero_stage
 from .ema import EMA
@@ -208,6 +208,9 @@ def train(cfg, data=None, evaluator=None) -> dict:
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
     if cfg.data.source == "shards" and evaluator is None and cfg.data.eval_shards:
         evaluator = build_evaluator(cfg, image_size, tokenizer, run)
+    tester = None
+    if cfg.data.source == "shards" and cfg.data.test_shards:
+        tester = build_evaluator(cfg, image_size, tokenizer, run, split="test")
 
     per_epoch = steps_per_epoch(data, cfg.optim.grad_accum)
     total_steps = cfg.optim.max_steps or (per_epoch * cfg.optim.epochs if per_epoch else 0)
@@ -231,6 +234,9 @@ def train(cfg, data=None, evaluator=None) -> dict:
     log.message(f"[aurora] {handle.format_parameter_report()}")
     if layout_note:
         log.message(layout_note)
+    if cfg.data.test_shards and cfg.data.test_shards == cfg.data.eval_shards:
+        log.message("[aurora] warning: data.eval_shards and data.test_shards are the same shards: adapter_best is "
+                    "chosen on the test set, so its test metrics are not held out")
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
     step, epoch = 0, 0
     skipped: dict[str, int] = {}
@@ -299,8 +305,11 @@ def train(cfg, data=None, evaluator=None) -> dict:
             save_checkpoint(run, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints)
             save_adapter(backend, handle, run.adapter_latest, {"step": step})
 
+    test = None
+    if tester is not None:
+        test = test_chosen_adapter(tester, backend, handle, objective, run, best, step, log)
     summary = {"steps": step, "world_size": size, "ds_config": layout, "parameters": handle.parameter_report(), "skipped": skipped,
-               "best": best, "history": history, "peak_memory_mb": peak_memory_mb(),
+               "best": best, "test": test, "history": history, "peak_memory_mb": peak_memory_mb(),
                "local_parameter_bytes": local_parameter_bytes(objective)}
     if rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -311,6 +320,21 @@ def train(cfg, data=None, evaluator=None) -> dict:
     shutdown()
     return summary
 
+
+
+def test_chosen_adapter(tester, backend, handle, objective, run: RunDir, best: dict | None, step: int, log) -> dict:
+    """Select on validation, report on test: the adapter chosen on ``data.eval_shards``
+    (adapter_best), else (no validation) the last one, evaluated on ``data.test_shards``; the
+    metrics name the adapter and its step (eval/test_step_N.json, TensorBoard ``test/``)."""
+    chosen, at = (run.adapter_best, best["step"]) if best is not None else (run.adapter_latest, step)
+    if at != step:  # the model holds the last step's values
+        load_adapter_values(backend, handle, chosen)
+    about = {"adapter": chosen.name, "step": at}
+    objective.eval()
+    metrics = tester(backend.forward, handle, at, about)
+    log.scalars(at, metrics, prefix="test")
+    log.message(f"[aurora] test ({chosen.name}, step {at}): {json.dumps(metrics)}")
+    return {**about, "metrics": metrics}
 
 
 def _trained_here(cfg, tokenizer_dir: Path) -> bool:
