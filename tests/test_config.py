@@ -86,7 +86,7 @@ def _adapter(path, **aurora):
 def test_eval_config_reads_the_recorded_run_configuration(tmp_path):
     run = tmp_path / "run"
     train = build_config("coco_retrieval", ["data.source=synthetic", "backbone.checkpoint=/models/blip",
-                                            "engine.precision=bf16", "eval.k_test=64"])
+                                            "engine.precision=bf16", "eval.k_test=64", "data.test_shards=/test.tar"])
     step = run / "checkpoints" / "step_000002"
     step.mkdir(parents=True)
     (step / "trainer_state.json").write_text(json.dumps({"step": 2, "config": train.to_dict()}))
@@ -98,6 +98,7 @@ def test_eval_config_reads_the_recorded_run_configuration(tmp_path):
     assert cfg.aurora.rank == 4 and cfg.aurora.ranks == {1408: 8}  # the adapter's own, not the recipe's
     assert cfg.engine.precision == "bf16" and cfg.eval.k_test == 64 and cfg.eval.batch_size == 4
     assert cfg.data.eval_shards == "/s/{0..1}.tar" and cfg.data.source == "shards" and cfg.output.dir == str(tmp_path / "e")
+    assert cfg.data.test_shards == ""  # aurora-eval evaluates --shards, never the run's test shards
     # no recorded run: the recipe (or the defaults), still with the adapter's aurora section
     _adapter(tmp_path / "lone", rank=8)
     lone = EvalRunConfig(adapter=str(tmp_path / "lone"), shards="/s.tar", recipe="coco_retrieval", k_test=16,
@@ -110,7 +111,9 @@ def test_train_cli_shortcuts_map_to_sections():
     from aurora_ds.train import config_from_args, parse_args
 
     cfg = config_from_args(parse_args(["--train-shards", "/t.tar", "--out", "/o", "--max-steps", "3", "--no-deepspeed",
-                                       "--ds-config", "zero2", "--set", "optim.lr=0.5"]))
+                                       "--ds-config", "zero2", "--set", "optim.lr=0.5", "--eval-shards", "/v.tar",
+                                       "--test-shards", "/x.tar"]))
+    assert (cfg.data.eval_shards, cfg.data.test_shards) == ("/v.tar", "/x.tar")
     assert (cfg.data.train_shards, cfg.output.dir, cfg.optim.max_steps, cfg.engine.deepspeed, cfg.engine.ds_config,
             cfg.optim.lr) == ("/t.tar", "/o", 3, False, "zero2", 0.5)
     assert isinstance(cfg, TrainConfig)

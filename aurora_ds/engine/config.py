@@ -420,7 +420,8 @@ class EvalRunConfig:
             backbone = aurora.pop("backbone", None)
             sources.append((f"adapter {self.adapter}", {"aurora": aurora, **({"backbone.name": backbone} if backbone else {})}))
         sources.append(("--set", _pairs(self.overrides)))
-        values = {"data.eval_shards": self.shards, "data.train_shards": self.shards, "data.source": "shards",
+        values = {"data.eval_shards": self.shards, "data.train_shards": self.shards, "data.test_shards": "",
+                  "data.source": "shards",
                   "output.dir": self.out, "output.resume": "", "engine.deepspeed": self.deepspeed}
         for key, value in (("eval.batch_size", self.batch_size), ("eval.k_test", self.k_test),
                            ("engine.precision", self.precision), ("engine.ds_config", self.ds_config)):

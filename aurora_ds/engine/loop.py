@@ -19,6 +19,7 @@ from .checkpoint import find_checkpoint, load_adapter_values, load_checkpoint, s
 from .config import PRECISIONS
 from .dsconfig import build_ds_config, gpus_per_node, zero_stage
 from .ema import EMA
+from .inputs import validate_inputs
 from .logging import RunLogger, peak_memory_mb
 from .rundir import RunDir
 from ..backbones.tokenizer import has_tokenizer
@@ -182,12 +183,13 @@ def train(cfg, data=None, evaluator=None) -> dict:
     """
     check_backbone(cfg)
     rank, size = setup_distributed(cfg)
+    validate_inputs(cfg, size)  # shards, checkpoint, tokenizer, DeepSpeed config, answer list: before any build
     torch.manual_seed(cfg.engine.seed)  # identical on every rank: identical Aurora init
     ds_config, layout, layout_note = deepspeed_config(cfg, size)
     run = RunDir(cfg.output.dir)
     checkpoint = find_checkpoint(run, cfg.output.resume) if cfg.output.resume else None
-    # Everything that can be checked is checked before the backbone is built: the checkpoint's
-    # config, the tokenizer against it, the data.
+    # Everything that can be checked is checked before the backbone is built: the inputs above,
+    # the checkpoint's config, the tokenizer against it, the data.
     spec = get_spec(cfg.backbone.name)
     config = backbone_config(cfg.backbone.name, cfg.backbone.checkpoint or None)
     from .data import media_size
@@ -369,6 +371,7 @@ def evaluate(cfg, adapter_dir=None) -> dict:
 
     check_backbone(cfg)
     rank, size = setup_distributed(cfg)
+    validate_inputs(cfg, size)
     if not cfg.backbone.checkpoint and rank == 0:
         print("[aurora] warning: no backbone checkpoint: evaluating on a random-init backbone, which only "
               "matches the training run's if built the same way (same seed, same ZeRO stage)", file=sys.stderr)
