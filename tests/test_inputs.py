@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from aurora_ds.engine.config import build_config
-from aurora_ds.engine.inputs import validate_inputs
+from aurora_ds.engine.inputs import validate_eval_shards, validate_inputs
 
 
 def _tar(path):
@@ -57,3 +57,9 @@ def test_checkpoint_tokenizer_answer_list_and_ds_config_name_their_key(tmp_path)
         validate_inputs(build_config("", {"data.train_shards": shards, "engine.ds_config": str(tmp_path / "ds.json")}))
     with pytest.raises(FileNotFoundError, match="engine.ds_config: unknown DeepSpeed config 'zero9'"):
         validate_inputs(build_config("", {"data.train_shards": shards, "engine.ds_config": "zero9"}))
+
+
+def test_aurora_eval_checks_its_shards_naming_the_flag(tmp_path):
+    validate_eval_shards(str(_tar(tmp_path / "e-0.tar")))
+    with pytest.raises(FileNotFoundError, match=f"--shards: shard {tmp_path / 'e-1.tar'} does not exist"):
+        validate_eval_shards(str(tmp_path / "e-{0..1}.tar"))

@@ -25,9 +25,18 @@ SHARD_KEYS = ("data.train_shards", "data.eval_shards", "data.test_shards")
 
 def validate_inputs(cfg, world_size: int = 1) -> None:
     """Check every input of ``cfg`` on this rank; collective: every rank stops if one failed."""
+    _on_every_rank(_check, cfg, world_size)
+
+
+def validate_eval_shards(spec: str) -> None:
+    """``aurora-eval --shards``: the one input it reads beyond what it checks as it loads."""
+    _on_every_rank(check_shards, "--shards", spec)
+
+
+def _on_every_rank(check, *args):
     try:
         problem = None
-        _check(cfg, world_size)
+        check(*args)
     except (ValueError, OSError) as exn:
         problem = exn
     stop_if_any_rank_failed(problem, "checking the run's inputs")

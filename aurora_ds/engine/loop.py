@@ -19,7 +19,7 @@ from .checkpoint import find_checkpoint, load_adapter_values, load_checkpoint, s
 from .config import PRECISIONS
 from .dsconfig import build_ds_config, gpus_per_node, zero_stage
 from .ema import EMA
-from .inputs import validate_inputs
+from .inputs import validate_eval_shards, validate_inputs
 from .logging import RunLogger, peak_memory_mb
 from .rundir import RunDir
 from ..backbones.tokenizer import has_tokenizer
@@ -371,7 +371,7 @@ def evaluate(cfg, adapter_dir=None) -> dict:
 
     check_backbone(cfg)
     rank, size = setup_distributed(cfg)
-    validate_inputs(cfg, size)
+    validate_eval_shards(cfg.data.eval_shards)
     if not cfg.backbone.checkpoint and rank == 0:
         print("[aurora] warning: no backbone checkpoint: evaluating on a random-init backbone, which only "
               "matches the training run's if built the same way (same seed, same ZeRO stage)", file=sys.stderr)
