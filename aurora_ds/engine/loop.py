@@ -309,7 +309,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
 
     test = None
     if tester is not None:
-        test = test_chosen_adapter(tester, backend, handle, objective, run, best, step, log)
+        test = report_on_test(tester, backend, handle, objective, run, best, step, log)
     summary = {"steps": step, "world_size": size, "ds_config": layout, "parameters": handle.parameter_report(), "skipped": skipped,
                "best": best, "test": test, "history": history, "peak_memory_mb": peak_memory_mb(),
                "local_parameter_bytes": local_parameter_bytes(objective)}
@@ -324,7 +324,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
 
 
 
-def test_chosen_adapter(tester, backend, handle, objective, run: RunDir, best: dict | None, step: int, log) -> dict:
+def report_on_test(tester, backend, handle, objective, run: RunDir, best: dict | None, step: int, log) -> dict:
     """Select on validation, report on test: the adapter chosen on ``data.eval_shards``
     (adapter_best), else (no validation) the last one, evaluated on ``data.test_shards``; the
     metrics name the adapter and its step (eval/test_step_N.json, TensorBoard ``test/``)."""

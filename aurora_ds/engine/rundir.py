@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ADAPTERS = ("adapter_latest", "adapter_best")
+CHECKPOINT_ADAPTER = "adapter"  # the adapter inside each engine checkpoint
 SPLITS = ("val", "test")  # evaluation sets: validation (periodic, chooses adapter_best) and test
 
 
@@ -28,7 +29,6 @@ def _split_prefix(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"evaluation split must be one of {SPLITS}, got {split!r}")
     return "" if split == "val" else f"{split}_"
-CHECKPOINT_ADAPTER = "adapter"  # the adapter inside each engine checkpoint
 
 
 class RunDir:
