@@ -377,7 +377,7 @@ def test_bf16_with_activation_checkpointing_on_two_ranks(tiny_checkpoint, tmp_pa
     summary = _summary(out)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
     tensors = load_file(str(out / "adapter_latest" / "adapter.safetensors"))
-    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.bfloat16}  # (+ ICE's step count)
     assert (tensors["aurora_factors.d32.up.V"] != 0).any()
 
 
