@@ -29,13 +29,17 @@ def prepare(dataset: str, n: int, out: Path, prefix: str, seed: int, maxcount: i
     from shard_tools.quickstart import sample_shards
 
     specs = sample_shards(dataset, n, out / "data" / dataset, f"{prefix}/{dataset}", seed, maxcount)
-    print(f"    {dataset}: {specs['num_train']} train / {specs['num_test']} test samples -> {specs['train']}, {specs['test']}")
+    val = f" / {specs['num_val']} val" if "val" in specs else ""
+    print(f"    {dataset}: {specs['num_train']} train{val} / {specs['num_test']} test samples -> {specs['train']}, {specs['test']}")
     return specs
 
 
 def train(name: str, recipe: str, specs: dict, checkpoint: Path, out: Path, env: dict, processes: int, extra: list[str]):
+    # Select on validation (adapter_best), report on test; without a validation split (MSRVTT)
+    # the last adapter is tested.
+    val = ["--eval-shards", specs["val"]] if "val" in specs else []
     cmd = ["bash", str(ROOT / "launchers" / "local.sh"), str(processes), "--recipe", recipe,
-           "--train-shards", specs["train"], "--eval-shards", specs["test"], "--out", str(out),
+           "--train-shards", specs["train"], *val, "--test-shards", specs["test"], "--out", str(out),
            "--set", "backbone.name=blip-tiny-retrieval", "--set", f"backbone.checkpoint={checkpoint}", "--set", "output.progress=false"]
     for item in extra:
         cmd += ["--set", item]
@@ -47,10 +51,10 @@ def train(name: str, recipe: str, specs: dict, checkpoint: Path, out: Path, env:
     if code != 0:
         sys.exit(f"training {name} failed (exit {code}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
     summary = json.loads(run.summary.read_text())
-    latest = run.latest_eval_metrics()
-    summary["eval"] = json.loads(latest.read_text()) if latest else {}
+    summary["eval"] = summary["test"]["metrics"]
     print(f"    {name}: {summary['steps']} steps, loss {summary['history'][0]['loss']:.3f} -> "
-          f"{summary['history'][-1]['loss']:.3f}; eval {json.dumps({k: round(v, 1) for k, v in summary['eval'].items() if 'r1' in k or k == 'r_mean'})}")
+          f"{summary['history'][-1]['loss']:.3f}; test ({summary['test']['adapter']}, step {summary['test']['step']}) "
+          f"{json.dumps({k: round(v, 1) for k, v in summary['eval'].items() if 'r1' in k or k == 'r_mean'})}")
     return summary
 
 

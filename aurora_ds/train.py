@@ -15,7 +15,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a recipe value (repeatable), e.g. --set optim.lr=1e-4 --set aurora.rank=16 "
                         "--set 'aurora.ranks={1408: 64}'; unknown keys are refused with the known ones listed")
     p.add_argument("--train-shards", help="URL spec of the training shards (same as --set data.train_shards=...)")
-    p.add_argument("--eval-shards", help="URL spec of the evaluation shards")
+    p.add_argument("--eval-shards", help="URL spec of the validation shards (periodic evaluation, adapter_best)")
+    p.add_argument("--test-shards", help="URL spec of the test shards (the chosen adapter, evaluated after training)")
     p.add_argument("--out", help="output directory (same as --set output.dir=...)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint directory")
@@ -26,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args):
-    extra = {"data.train_shards": args.train_shards, "data.eval_shards": args.eval_shards, "output.dir": args.out,
+    extra = {"data.train_shards": args.train_shards, "data.eval_shards": args.eval_shards,
+             "data.test_shards": args.test_shards, "output.dir": args.out,
              "optim.max_steps": args.max_steps, "output.resume": args.resume, "engine.ds_config": args.ds_config}
     overrides = list(args.overrides) + [f"{k}={v}" for k, v in extra.items() if v is not None]
     if args.no_deepspeed:

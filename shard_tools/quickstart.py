@@ -1,4 +1,5 @@
-"""Sample a dataset in its official layout and shard its train and test splits in one call.
+"""Sample a dataset in its official layout and shard its splits (train, test, and val where the
+dataset has one: Karpathy COCO and Flickr30k) in one call.
 
 Used by the demo, the end-to-end tests and the benchmarks: the layouts below are the ones
 ``sample.MAKERS`` writes, which are the datasets' official ones.
@@ -15,8 +16,10 @@ from .sample import MAKERS
 # dataset -> split -> (annotation files, media root), relative to the sample directory
 LAYOUTS = {
     "coco": {"train": (["annotations/coco_karpathy_train.json"], "."),
+             "val": (["annotations/coco_karpathy_val.json"], "."),
              "test": (["annotations/coco_karpathy_test.json"], ".")},
     "flickr": {"train": (["annotations/flickr30k_train.json"], "."),
+               "val": (["annotations/flickr30k_val.json"], "."),
                "test": (["annotations/flickr30k_test.json"], ".")},
     "msrvtt": {"train": (["annotations/MSRVTT_data.json"], "videos/all"),
                "test": (["annotations/MSRVTT_JSFUSION_test.csv"], "videos/all")},
@@ -38,9 +41,10 @@ def shard_spec(prefix: str, manifest: dict) -> str:
 
 
 def sample_shards(dataset: str, n: int, raw_dir, out_prefix: str, seed: int = 0, maxcount: int = 8) -> dict:
-    """Write a sample ``dataset`` under ``raw_dir`` and shard it to ``out_prefix/{train,test}``.
+    """Write a sample ``dataset`` under ``raw_dir`` and shard it to ``out_prefix/{train,val,test}``.
 
-    Returns ``{"train": spec, "test": spec, "num_train": n, "num_test": n}`` with brace specs.
+    Returns ``{"train": spec, "test": spec, "num_train": n, "num_test": n}`` with brace specs,
+    and ``"val"``, ``"num_val"`` for datasets with a validation split.
     """
     raw = Path(raw_dir)
     MAKERS[dataset](str(raw), n, seed)

@@ -224,8 +224,10 @@ def test_save_and_load_round_trip(tmp_path, name):
     assert meta["aurora"]["rank"] == 4 and meta["aurora"]["backbone"] == name
     assert meta["layers"] == list(handle.layers)
     tensors = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
-    assert set(tensors) == {n for n, _ in handle.named_trainable_parameters()}
-    assert sum(t.numel() for t in tensors.values()) == handle.num_trainable()
+    buffers = dict(handle.named_aurora_buffers())  # ICE's running context, where ICE is injected
+    assert set(buffers) == ({"aurora_context.running_context", "aurora_context.batches_tracked"} if handle.context else set())
+    assert set(tensors) == {n for n, _ in handle.named_trainable_parameters()} | set(buffers)
+    assert sum(t.numel() for t in tensors.values()) == handle.num_trainable() + sum(b.numel() for b in buffers.values())
 
     torch.manual_seed(0)
     fresh = build_backbone(name).eval()

@@ -96,7 +96,9 @@ def test_train_cli_shortcuts_map_to_sections():
     from aurora_ds.train import config_from_args, parse_args
 
     cfg = config_from_args(parse_args(["--train-shards", "/t.tar", "--out", "/o", "--max-steps", "3", "--no-deepspeed",
-                                       "--ds-config", "zero2", "--set", "optim.lr=0.5"]))
+                                       "--ds-config", "zero2", "--set", "optim.lr=0.5", "--eval-shards", "/v.tar",
+                                       "--test-shards", "/x.tar"]))
+    assert (cfg.data.eval_shards, cfg.data.test_shards) == ("/v.tar", "/x.tar")
     assert (cfg.data.train_shards, cfg.output.dir, cfg.optim.max_steps, cfg.engine.deepspeed, cfg.engine.ds_config,
             cfg.optim.lr) == ("/t.tar", "/o", 3, False, "zero2", 0.5)
     assert isinstance(cfg, TrainConfig)

@@ -159,6 +159,40 @@ def test_s3_errors_name_url_bucket_and_endpoint(s3_server, monkeypatch):
         storage.read_bytes(f"s3://{s3_server.bucket}/err/x.tar")
 
 
+@pytest.mark.timeout(120)
+def test_shard_specs_on_s3_are_checked_before_the_run(s3_server, monkeypatch):
+    """validate_inputs: every object of an s3:// spec exists and is non-empty (one listing per
+    folder); an unreachable endpoint is an error naming it, within its timeouts."""
+    from aurora_ds.dist import free_port
+    from aurora_ds.engine.config import build_config
+    from aurora_ds.engine.inputs import validate_inputs
+
+    base = f"s3://{s3_server.bucket}/inputs"
+    for i in range(2):
+        storage.write_bytes(f"{base}/s-{i}.tar", b"x" * 1024)
+    storage.write_bytes(f"{base}/empty-0.tar", b"")
+
+    def cfg(**shards):
+        return build_config("", {"engine.deepspeed": False, "data.train_shards": f"{base}/s-{{0..1}}.tar", **shards})
+
+    validate_inputs(cfg(**{"data.eval_shards": f"{base}/s-1.tar"}))
+    with pytest.raises(FileNotFoundError, match=rf"data.eval_shards: 1 of the 3 shards under {base} do not exist, "
+                                                rf"e.g. {base}/s-2\.tar"):
+        validate_inputs(cfg(**{"data.eval_shards": f"{base}/s-{{0..2}}.tar"}))
+    with pytest.raises(FileNotFoundError, match=rf"data.test_shards: 1 of the 1 shards under s3://{s3_server.bucket}/gone do not exist"):
+        validate_inputs(cfg(**{"data.test_shards": f"s3://{s3_server.bucket}/gone/t-0.tar"}))
+    with pytest.raises(ValueError, match=rf"data.test_shards: shard {base}/empty-0\.tar is empty"):
+        validate_inputs(cfg(**{"data.test_shards": f"{base}/empty-0.tar"}))
+    port = free_port()
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=rf"data.train_shards: cannot list the shards under {base}: .*cannot reach "
+                                         rf"the S3 endpoint http://127\.0\.0\.1:{port}"):
+        validate_inputs(cfg())
+    assert time.monotonic() - started < 60
+
+
 @pytest.mark.timeout(300)
 def test_resume_mid_epoch_is_exact_from_s3(s3_server, shard_factory, monkeypatch):
     """2 ranks x 2 workers reading shards from S3: stopped after any batch and resumed from the

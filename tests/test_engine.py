@@ -278,6 +278,53 @@ def test_missing_backbone_checkpoint_and_resume_dirs(tmp_path):
     assert f"checkpoint directory {tmp_path / 'gone'} does not exist" in err
 
 
+# The real CLI with a hook that announces the backbone build: a bad input must stop the run
+# before it, with an error naming the key and the path.
+HOOKED_TRAIN = """
+import sys
+import aurora_ds.engine.loop as loop
+build = loop.build_model
+def announced(*args, **kwargs):
+    print("BACKBONE BUILT", flush=True)
+    return build(*args, **kwargs)
+loop.build_model = announced
+from aurora_ds.train import main
+main(sys.argv[1:])
+"""
+
+
+def _bad_input(tmp_path, case):
+    import io
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "s-0.tar", "w") as tar:
+        info = tarfile.TarInfo("a.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    train, extra = str(shards / "s-0.tar"), []
+    if case == "missing shard":
+        train = str(shards / "s-{0..1}.tar")
+        return train, extra, "data.train_shards", shards / "s-1.tar"
+    if case == "missing checkpoint":
+        return train, ["--set", f"backbone.checkpoint={tmp_path / 'nope'}"], "backbone.checkpoint", tmp_path / "nope"
+    bad = tmp_path / "bad_ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": "three"}}))
+    return train, ["--ds-config", str(bad)], "engine.ds_config", bad
+
+
+@pytest.mark.parametrize("case", ["missing shard", "missing checkpoint", "bad ds config"])
+def test_bad_input_stops_the_run_before_the_backbone_is_built(tmp_path, case):
+    train, extra, key, path = _bad_input(tmp_path, case)
+    proc = subprocess.run([PY, "-c", HOOKED_TRAIN, "--train-shards", train, "--out", str(tmp_path / "run"),
+                           "--set", "output.progress=false", *extra], capture_output=True, text=True, env=_env(),
+                          cwd=ROOT, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "BACKBONE BUILT" not in out, out[-3000:]
+    assert key in out and str(path) in out, out[-3000:]
+
+
 def test_ds_config_contradicting_the_recipe(tmp_path):
     cfg = build_config("", {"data.source": "synthetic", "optim.batch_size": 2})
     bad = tmp_path / "bad.json"
@@ -330,7 +377,7 @@ def test_bf16_with_activation_checkpointing_on_two_ranks(tiny_checkpoint, tmp_pa
     summary = _summary(out)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
     tensors = load_file(str(out / "adapter_latest" / "adapter.safetensors"))
-    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.bfloat16}  # (+ ICE's step count)
     assert (tensors["aurora_factors.d32.up.V"] != 0).any()
 
 

@@ -1,6 +1,8 @@
 """The run-directory layout (one owner of every output path) and finding the run an adapter sits
 in (whose record it must agree with: tests/test_adapter_record.py)."""
 
+import pytest
+
 from aurora_ds.engine.rundir import RunDir
 
 
@@ -13,6 +15,10 @@ def test_layout_is_the_documented_one(tmp_path):
     assert run.tensorboard == tmp_path / "tb"
     assert run.eval_metrics(2) == tmp_path / "eval" / "step_000002.json"
     assert run.eval_results(2) == tmp_path / "eval" / "results_step_000002.json"
+    assert run.eval_metrics(2, "test") == tmp_path / "eval" / "test_step_000002.json"
+    assert run.eval_results(2, "test") == tmp_path / "eval" / "test_results_step_000002.json"
+    with pytest.raises(ValueError, match="evaluation split must be one of"):
+        run.eval_metrics(2, "dev")
     assert run.tokenizer == tmp_path / "tokenizer"
     assert run.answer_list == tmp_path / "answer_list.json"
     assert run.summary == tmp_path / "summary.json"
@@ -21,7 +27,8 @@ def test_layout_is_the_documented_one(tmp_path):
     run.eval.mkdir()
     for step in (2, 10):
         run.eval_metrics(step).write_text("{}")
-    assert run.latest_eval_metrics() == run.eval_metrics(10)
+    run.eval_metrics(12, "test").write_text("{}")
+    assert run.latest_eval_metrics() == run.eval_metrics(10)  # validation's, never the test file
 
 
 def test_of_adapter_finds_the_run(tmp_path):

@@ -10,6 +10,11 @@ Informative Context Enhancement (ICE): the batch-mean text [CLS] feature t̄ add
 
     f' = f + tanh(g) · λ · t̄
 
+In training t̄ is the mean over the training batch, as the paper has it. In evaluation it is a
+running mean of those batch means kept during training (as BatchNorm keeps its statistics), so
+that a pair's score depends on the pair alone, never on which other captions the evaluation
+set holds.
+
 γ and β start at N(0, 2e-4) as in the released code, so the gate receives a gradient at step 0
 and the two factors follow as soon as it opens.
 """
@@ -51,14 +56,27 @@ def _apply_gqt(block: nn.Module, args, output):
 
 
 class ContextEnhancement(nn.Module):
-    """ICE: f' = f + tanh(g) · λ · mean_batch(text [CLS])."""
+    """ICE: f' = f + tanh(g) · λ · t̄, with t̄ the training batch's mean text [CLS] feature, or
+    in evaluation ``running_context`` (part of the adapter)."""
 
-    def __init__(self, scale: float = 0.1, dtype=None, device=None):
+    def __init__(self, width: int, scale: float = 0.1, momentum: float = 0.1, dtype=None, device=None):
         super().__init__()
         self.scale = scale
+        self.momentum = momentum
         self.gate = nn.Parameter(torch.zeros(1, dtype=dtype, device=device))
+        self.register_buffer("running_context", torch.zeros(width, dtype=dtype, device=device))
+        self.register_buffer("batches_tracked", torch.zeros(1, dtype=torch.long, device=device))
 
-    def forward(self, fused_cls: torch.Tensor, text_cls: torch.Tensor) -> torch.Tensor:
-        """``text_cls`` is (N, d) text-only [CLS] features; their mean is the shared context."""
-        context = text_cls.mean(dim=0, keepdim=True)
+    def forward(self, fused_cls: torch.Tensor, text_cls: torch.Tensor | None = None) -> torch.Tensor:
+        """``text_cls``: (N, d) text-only [CLS] features of a training batch, whose mean is the
+        context; None (evaluation): the running context."""
+        context = self.running_context if text_cls is None else text_cls.mean(dim=0)
         return fused_cls + torch.tanh(self.gate) * self.scale * context.to(fused_cls.dtype)
+
+    @torch.no_grad()
+    def track(self, batch_context: torch.Tensor):
+        """Fold one training batch's context (its mean text [CLS], over every rank) into the
+        running one: an exponential moving average that the first batch starts."""
+        weight = 1.0 if int(self.batches_tracked) == 0 else self.momentum
+        self.running_context.lerp_(batch_context.to(self.running_context.dtype), weight)
+        self.batches_tracked += 1

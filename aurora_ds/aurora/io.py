@@ -145,7 +145,7 @@ def read_adapter(directory, handle) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"adapter {directory} has factor sets {recorded}, the model has {actual}")
     digest = meta.get("files", {}).get(WEIGHTS_FILE)
     tensors = load_tensors(Path(directory) / WEIGHTS_FILE, digest, Path(directory) / CONFIG_FILE)
-    params = dict(handle.named_trainable_parameters())
+    params = dict(handle.named_trainable_parameters() + handle.named_aurora_buffers())
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     if missing or unexpected:

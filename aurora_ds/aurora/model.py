@@ -102,6 +102,10 @@ class AuroraModel:
         """Every parameter Aurora added (factors, coefficients, GQT, ICE), by model name."""
         return [(n, p) for n, p in self.model.named_parameters() if _is_aurora_name(n)]
 
+    def named_aurora_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """State Aurora keeps besides parameters (ICE's running context), by model name."""
+        return [(n, b) for n, b in self.model.named_buffers() if _is_aurora_name(n)]
+
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Aurora parameters plus any backbone modules the caller chose to train (heads)."""
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -148,8 +152,10 @@ class AuroraModel:
             layer.unmerge()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors an adapter file holds: every trainable parameter, detached, on CPU."""
-        return {n: p.detach().cpu().contiguous() for n, p in self.named_trainable_parameters()}
+        """The tensors an adapter file holds: every trainable parameter and Aurora's buffers,
+        detached, on CPU."""
+        named = self.named_trainable_parameters() + self.named_aurora_buffers()
+        return {n: p.detach().cpu().contiguous() for n, p in named}
 
     def describe(self) -> dict:
         """The structure half of ``adapter_config.json``: enough to rebuild and check."""
@@ -176,9 +182,9 @@ def _is_aurora_name(name: str) -> bool:
 
 @torch.no_grad()
 def load_adapter_tensors(handle: AuroraModel, tensors: dict[str, torch.Tensor]):
-    params = dict(handle.named_trainable_parameters())
+    targets = dict(handle.named_trainable_parameters() + handle.named_aurora_buffers())
     for name, value in tensors.items():
-        params[name].copy_(value.to(params[name].dtype))
+        targets[name].copy_(value.to(targets[name].dtype))
 
 
 def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
@@ -236,7 +242,8 @@ def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
 
     if config.context_enhancement and preset.context:
         head = model.get_submodule(preset.context)
-        model.add_module(CONTEXT_ATTR, ContextEnhancement(config.context_scale, head.weight.dtype, head.weight.device))
+        model.add_module(CONTEXT_ATTR, ContextEnhancement(head.in_features, config.context_scale,
+                                                          dtype=head.weight.dtype, device=head.weight.device))
 
     model.train(model.training)  # the new modules follow the model's train/eval mode (dropout)
     handle = AuroraModel(model, config, layers, gated)

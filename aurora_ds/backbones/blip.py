@@ -109,8 +109,9 @@ def fuse(model, input_ids, attention_mask, media_tokens):
                               encoder_attention_mask=media_mask).last_hidden_state
 
 
-def match_logits(model, input_ids, attention_mask, media_tokens, text_cls_context, enc: int | None = None):
-    """ITM logits for (text, media) pairs, with ICE on the fused [CLS] when it is injected;
+def match_logits(model, input_ids, attention_mask, media_tokens, text_cls_context=None, enc: int | None = None):
+    """ITM logits for (text, media) pairs, with ICE on the fused [CLS] when it is injected (its
+    context: the mean of ``text_cls_context`` in training, None for the running one in evaluation);
     ``enc`` ([ENC], BLIP's convention) replaces the text's [CLS] at position 0."""
     cls = fuse(model, with_enc(input_ids, enc), attention_mask, media_tokens)[:, 0]
     context = context_module(model)

@@ -152,14 +152,15 @@ def text_states(model, input_ids, attention_mask):
 
 def match_logits(model, input_ids, attention_mask, image_tokens, text_cls_context=None):
     """ITM logits (B, 2): queries and text together over the image; the head scores every query
-    output and the scores are averaged, as BLIP-2 does. ICE adds the text context to each."""
+    output and the scores are averaged, as BLIP-2 does. ICE adds the text context to each: the
+    mean of ``text_cls_context`` (training), else its running context (evaluation)."""
     q = query_tokens(model, input_ids.shape[0])
     states = model.qformer(query_embeds=model.embeddings(input_ids=input_ids, query_embeds=q),
                            query_length=q.shape[1], attention_mask=torch.cat([_ones(q), attention_mask], 1),
                            encoder_hidden_states=image_tokens, encoder_attention_mask=_ones(image_tokens))
     queries = states.last_hidden_state[:, :q.shape[1]].to(model.itm_head.weight.dtype)
     context = context_module(model)
-    if context is not None and text_cls_context is not None:
+    if context is not None:
         queries = context(queries, text_cls_context)
     return model.itm_head(queries).mean(1)
 

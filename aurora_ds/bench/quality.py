@@ -194,11 +194,10 @@ def evaluate(model, test: dict) -> dict:
     test = to_device(test, device)
     with torch.no_grad():
         media, tokens = objective({"pixel_values": test["pixel_values"]}, 0, "embed_media")
-        text, text_cls = objective({"input_ids": test["input_ids"], "attention_mask": test["attention_mask"]}, 0,
-                                   "embed_text")
+        text, _ = objective({"input_ids": test["input_ids"], "attention_mask": test["attention_mask"]}, 0, "embed_text")
         n = len(media)
         itm = torch.stack([objective({"input_ids": test["input_ids"], "attention_mask": test["attention_mask"],
-                                      "media_tokens": tokens[i].expand(n, *tokens.shape[1:]), "text_cls": text_cls},
+                                      "media_tokens": tokens[i].expand(n, *tokens.shape[1:])},
                                      0, "match") for i in range(n)]).float().cpu()
         itc = (media @ text.t()).float().cpu()
     model.train()

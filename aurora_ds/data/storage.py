@@ -139,16 +139,19 @@ def s3_error(url, exn):
     text = "%s: %s" % (type(exn).__name__, exn)
     low = text.lower()
     cls = S3Error
-    if "nosuchbucket" in low or "bucket does not exist" in low:
+    unreachable = ("cannot reach the S3 endpoint %s (bucket %r): is it running, and is AWS_ENDPOINT_URL right?"
+                   % (endpoint, bucket))
+    if "could not connect" in low or "connecttimeout" in low or isinstance(exn, (ConnectionError, TimeoutError)):
+        why = unreachable  # (s3fs reports some of these as a PermissionError)
+    elif "nosuchbucket" in low or "bucket does not exist" in low:
         cls, why = S3NotFound, "bucket %r does not exist at %s" % (bucket, endpoint)
     elif isinstance(exn, PermissionError) or "forbidden" in low or "accessdenied" in low or "403" in low:
         cls, why = S3Forbidden, ("access to bucket %r at %s is forbidden: check AWS_ACCESS_KEY_ID / "
                                  "AWS_SECRET_ACCESS_KEY or the shared credentials file" % (bucket, endpoint))
     elif isinstance(exn, FileNotFoundError) or "nosuchkey" in low or "not found" in low:
         cls, why = S3NotFound, "no such object in bucket %r at %s" % (bucket, endpoint)
-    elif "connect" in low or "connection" in low or isinstance(exn, (ConnectionError, TimeoutError)):
-        why = "cannot reach the S3 endpoint %s (bucket %r): is it running, and is AWS_ENDPOINT_URL right?" % (
-            endpoint, bucket)
+    elif "connect" in low or "connection" in low:
+        why = unreachable
     else:
         why = "bucket %r at %s" % (bucket, endpoint)
     return cls("%s: %s (%s)" % (url, why, text))
@@ -217,6 +220,22 @@ def list_urls(prefix):
         return sorted("s3://" + p for p in fs.ls(_s3_path(prefix).rstrip("/"), detail=False))
     return sorted(os.path.join(prefix, name) for name in os.listdir(prefix)
                   if os.path.isfile(os.path.join(prefix, name)))
+
+
+def object_sizes(prefix):
+    """{url: size in bytes} of the objects directly under ``s3://bucket/prefix``: one listing, so
+    that thousands of shards are checked without a request each. A prefix with nothing under it
+    gives {}; any other failure (an unreachable endpoint, after its timeouts) is an S3Error naming
+    the prefix and the endpoint."""
+    fs = s3_filesystem()
+    fs.invalidate_cache()
+    try:
+        entries = fs.ls(_s3_path(prefix).rstrip("/"), detail=True)
+    except FileNotFoundError:
+        return {}
+    except Exception as exn:
+        raise s3_error(prefix, exn) from exn
+    return {"s3://" + e["name"]: int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
 
 
 def read_bytes(url):

@@ -33,11 +33,13 @@ COMPLETE = "COMPLETE"
 
 def save_adapter(backend, handle, directory, extra: dict | None = None, record=None):
     """Gather only the trainable tensors (never the backbone) and write them from rank 0, with
-    what ``record`` (an ``AdapterRecord``) says about the run and the files it carries."""
+    Aurora's buffers (never partitioned: the same on every rank) and what ``record`` (an
+    ``AdapterRecord``) says about the run and the files it carries."""
     named = handle.named_trainable_parameters()
     values = backend.full_values([p for _, p in named])
     if world()[0] == 0:
         tensors = {n: v.to(p.dtype).cpu() for (n, p), v in zip(named, values)}
+        tensors.update({n: b.detach().cpu() for n, b in handle.named_aurora_buffers()})
         run, files = record.contents() if record is not None else (None, None)
         write_adapter(directory, tensors, handle.config, handle.describe(), extra, run, files)
     barrier()
@@ -48,6 +50,13 @@ def load_adapter_values(backend, handle, directory):
     tensors, _ = read_adapter(directory, handle)
     named = handle.named_trainable_parameters()
     backend.set_values([p for _, p in named], [tensors[n] for n, _ in named])
+    load_buffers(handle, tensors)
+
+
+@torch.no_grad()
+def load_buffers(handle, tensors: dict):
+    for name, buf in handle.named_aurora_buffers():
+        buf.copy_(tensors[name].to(buf.dtype))
 
 
 def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict, data_state: dict, cfg, keep: int,
@@ -144,6 +153,7 @@ def load_checkpoint(path: Path, backend, handle, log) -> tuple[int, dict, dict |
         return meta["step"], client, None
     if backend.distributed:
         backend.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
+        load_buffers(handle, read_adapter(path / CHECKPOINT_ADAPTER, handle)[0])
     else:
         load_adapter_values(backend, handle, path / CHECKPOINT_ADAPTER)
         backend.load_state_dict(_load(path / "plain_state.pt"))

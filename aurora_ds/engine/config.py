@@ -72,7 +72,8 @@ class DataSection:
     source: str = "shards"  # shards | synthetic
     media: str = "image"  # image | video
     train_shards: str = ""
-    eval_shards: str = ""
+    eval_shards: str = ""  # validation: periodic evaluation, and the choice of adapter_best
+    test_shards: str = ""  # test: the chosen adapter (adapter_best, else the last) evaluated once at the end
     # BLIP counts an epoch in captions: "all" = one training pair per caption per epoch (the
     # paper's recipes); "random" = one pair per image/video, a random caption (OpenCLIP's).
     caption_per_sample: str = "random"
@@ -424,7 +425,8 @@ class EvalRunConfig:
                 own["backbone.name"] = backbone
             sources.append((f"adapter {self.adapter}", own))
         sources.append(("--set", _pairs(self.overrides)))
-        values = {"data.eval_shards": self.shards, "data.train_shards": self.shards, "data.source": "shards",
+        values = {"data.eval_shards": self.shards, "data.train_shards": self.shards, "data.test_shards": "",
+                  "data.source": "shards",
                   "output.dir": self.out, "output.resume": "", "engine.deepspeed": self.deepspeed}
         for key, value in (("eval.batch_size", self.batch_size), ("eval.k_test", self.k_test),
                            ("engine.precision", self.precision), ("engine.ds_config", self.ds_config)):

@@ -164,8 +164,10 @@ def build_train_data(cfg, image_size: int, tokenizer):
     return build_loader(cfg.data.train_shards, loader_config(cfg, image_size, True), tokenizer, mode="train")
 
 
-def build_evaluator(cfg, image_size: int, tokenizer, run: RunDir, answer_file=None):
-    """``evaluator(forward, handle, step) -> metrics``, also written into ``run``'s eval folder.
+def build_evaluator(cfg, image_size: int, tokenizer, run: RunDir, answer_file=None, split: str = "val"):
+    """``evaluator(forward, handle, step, about=None) -> metrics`` on ``data.eval_shards``
+    (``split="val"``) or ``data.test_shards`` (``"test"``), also written into ``run``'s eval
+    folder, with ``about`` (e.g. which adapter was evaluated) beside the metrics.
 
     QA candidate inference ranks ``answer_list``'s answers (``answer_file``, else the configured
     list, else the training annotations' answers), saved in the run; ``aurora-eval`` passes the
@@ -173,10 +175,11 @@ def build_evaluator(cfg, image_size: int, tokenizer, run: RunDir, answer_file=No
     """
     from ..data import build_loader
 
-    loader = build_loader(cfg.data.eval_shards, loader_config(cfg, image_size, False), tokenizer, mode="eval")
+    spec = cfg.data.test_shards if split == "test" else cfg.data.eval_shards
+    loader = build_loader(spec, loader_config(cfg, image_size, False), tokenizer, mode="eval")
     answers = answer_list(cfg, run, answer_file) if cfg.objective.task == "qa" and cfg.eval.inference == "candidates" else None
 
-    def evaluator(forward, handle, step):
+    def evaluator(forward, handle, step, about: dict | None = None):
         if cfg.objective.task == "retrieval":
             from ..tasks.retrieval_eval import evaluate_retrieval
 
@@ -185,10 +188,10 @@ def build_evaluator(cfg, image_size: int, tokenizer, run: RunDir, answer_file=No
             from ..tasks.vqa_eval import evaluate_qa
 
             metrics = evaluate_qa(forward, loader, cfg, tokenizer, answers, image_size=image_size,
-                                  results_path=run.eval_results(step))
+                                  results_path=run.eval_results(step, split))
         if world()[0] == 0:
             run.eval.mkdir(parents=True, exist_ok=True)
-            run.eval_metrics(step).write_text(json.dumps(metrics, indent=2))
+            run.eval_metrics(step, split).write_text(json.dumps({**(about or {}), **metrics}, indent=2))
         return metrics
 
     return evaluator

@@ -16,10 +16,11 @@ from ..dist import (barrier, free_port, gather_objects, mean_over_ranks, process
                     shutdown, stop_if_any_rank_failed, world)
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
 from .adapter_record import AdapterRecord, check_checkpoint, check_evaluation, check_fits, read_record
-from .checkpoint import find_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from .checkpoint import find_checkpoint, load_adapter_values, load_checkpoint, save_adapter, save_checkpoint
 from .config import PRECISIONS
 from .dsconfig import build_ds_config, gpus_per_node, zero_stage
 from .ema import EMA
+from .inputs import validate_eval_shards, validate_inputs
 from .logging import RunLogger, peak_memory_mb
 from .rundir import CHECKPOINT_ADAPTER, RunDir
 
@@ -191,6 +192,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     """
     check_backbone(cfg)
     rank, size = setup_distributed(cfg)
+    validate_inputs(cfg, size)  # shards, checkpoint, tokenizer, DeepSpeed config, answer list: before any build
     torch.manual_seed(cfg.engine.seed)  # identical on every rank: identical Aurora init
     ds_config, layout, layout_note = deepspeed_config(cfg, size)
     run = RunDir(cfg.output.dir)
@@ -199,8 +201,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
     if resumed is not None:  # the same backbone, task, media and checkpoint, or an error naming both
         check_fits(resumed, cfg, checkpoint / CHECKPOINT_ADAPTER, f"resuming it (output.resume={cfg.output.resume})")
         check_checkpoint(resumed, cfg, checkpoint / CHECKPOINT_ADAPTER)
-    # Everything that can be checked is checked before the backbone is built: the checkpoint's
-    # config, the tokenizer against it, the data.
+    # Everything that can be checked is checked before the backbone is built: the inputs above,
+    # the checkpoint's config, the tokenizer against it, the data.
     spec = get_spec(cfg.backbone.name)
     config = backbone_config(cfg.backbone.name, cfg.backbone.checkpoint or None)
     from .data import media_size
@@ -221,6 +223,9 @@ def train(cfg, data=None, evaluator=None) -> dict:
         from .synthetic import SyntheticBatches
 
         data = SyntheticBatches(cfg, image_size, vocab, rank, size)
+    tester = None
+    if cfg.data.source == "shards" and cfg.data.test_shards:
+        tester = build_evaluator(cfg, image_size, tokenizer, run, split="test")
     from .data import preprocessing
 
     used = None if tokenizer is None else given or ("trained on data.train_shards", str(run.tokenizer))
@@ -247,6 +252,9 @@ def train(cfg, data=None, evaluator=None) -> dict:
     log.message(f"[aurora] {handle.format_parameter_report()}")
     if layout_note:
         log.message(layout_note)
+    if cfg.data.test_shards and cfg.data.test_shards == cfg.data.eval_shards:
+        log.message("[aurora] warning: data.eval_shards and data.test_shards are the same shards: adapter_best is "
+                    "chosen on the test set, so its test metrics are not held out")
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
     step, epoch = 0, 0
     skipped: dict[str, int] = {}
@@ -316,8 +324,11 @@ def train(cfg, data=None, evaluator=None) -> dict:
             save_checkpoint(run, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints, record)
             save_adapter(backend, handle, run.adapter_latest, {"step": step}, record)
 
+    test = None
+    if tester is not None:
+        test = report_on_test(tester, backend, handle, objective, run, best, step, log)
     summary = {"steps": step, "world_size": size, "ds_config": layout, "parameters": handle.parameter_report(), "skipped": skipped,
-               "best": best, "history": history, "peak_memory_mb": peak_memory_mb(),
+               "best": best, "test": test, "history": history, "peak_memory_mb": peak_memory_mb(),
                "local_parameter_bytes": local_parameter_bytes(objective)}
     if rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -328,6 +339,21 @@ def train(cfg, data=None, evaluator=None) -> dict:
     shutdown()
     return summary
 
+
+
+def report_on_test(tester, backend, handle, objective, run: RunDir, best: dict | None, step: int, log) -> dict:
+    """Select on validation, report on test: the adapter chosen on ``data.eval_shards``
+    (adapter_best), else (no validation) the last one, evaluated on ``data.test_shards``; the
+    metrics name the adapter and its step (eval/test_step_N.json, TensorBoard ``test/``)."""
+    chosen, at = (run.adapter_best, best["step"]) if best is not None else (run.adapter_latest, step)
+    if at != step:  # the model holds the last step's values
+        load_adapter_values(backend, handle, chosen)
+    about = {"adapter": chosen.name, "step": at}
+    objective.eval()
+    metrics = tester(backend.forward, handle, at, about)
+    log.scalars(at, metrics, prefix="test")
+    log.message(f"[aurora] test ({chosen.name}, step {at}): {json.dumps(metrics)}")
+    return {**about, "metrics": metrics}
 
 
 def _trained_here(cfg, tokenizer_dir: Path) -> bool:
@@ -363,6 +389,7 @@ def evaluate(cfg, adapter_dir=None) -> dict:
         raise ValueError("candidate inference needs the answer list the model was trained with: set "
                          "eval.answer_list=FILE.json (aurora-eval never counts answers from the evaluation shards)")
     rank, size = setup_distributed(cfg)
+    validate_eval_shards(cfg.data.eval_shards)
     if not cfg.backbone.checkpoint and rank == 0:
         print("[aurora] warning: no backbone checkpoint: evaluating on a random-init backbone, which only "
               "matches the training run's if built the same way (same seed, same ZeRO stage)", file=sys.stderr)

@@ -7,8 +7,10 @@ adapter sits in with :meth:`RunDir.of_adapter` only to check that the two agree:
         adapter_latest/, adapter_best/     adapter directories (aurora.io format)
         checkpoints/step_000100/           full engine checkpoints (engine/checkpoint.py)
         tb/                                TensorBoard event files
-        eval/step_000100.json              metrics per evaluation
+        eval/step_000100.json              metrics per evaluation (validation, data.eval_shards)
         eval/results_step_000100.json      QA answers per evaluation
+        eval/test_step_000100.json         test metrics (data.test_shards) of the adapter of that step
+        eval/test_results_step_000100.json QA answers on test
         tokenizer/                         the tokenizer trained on the run's text, if any
         answer_list.json                   the answers QA candidate inference ranked
         summary.json                       the run's summary (steps, losses, best, memory)
@@ -21,6 +23,13 @@ from pathlib import Path
 
 ADAPTERS = ("adapter_latest", "adapter_best")
 CHECKPOINT_ADAPTER = "adapter"  # the adapter inside each engine checkpoint
+SPLITS = ("val", "test")  # evaluation sets: validation (periodic, chooses adapter_best) and test
+
+
+def _split_prefix(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"evaluation split must be one of {SPLITS}, got {split!r}")
+    return "" if split == "val" else f"{split}_"
 
 
 class RunDir:
@@ -67,11 +76,11 @@ class RunDir:
     def eval(self) -> Path:
         return self.root / "eval"
 
-    def eval_metrics(self, step: int) -> Path:
-        return self.eval / f"step_{step:06d}.json"
+    def eval_metrics(self, step: int, split: str = "val") -> Path:
+        return self.eval / f"{_split_prefix(split)}step_{step:06d}.json"
 
-    def eval_results(self, step: int) -> Path:
-        return self.eval / f"results_step_{step:06d}.json"
+    def eval_results(self, step: int, split: str = "val") -> Path:
+        return self.eval / f"{_split_prefix(split)}results_step_{step:06d}.json"
 
     def latest_eval_metrics(self) -> Path | None:
         found = sorted(self.eval.glob("step_*.json"))

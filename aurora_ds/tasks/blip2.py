@@ -17,7 +17,7 @@ from ..backbones import blip2
 from ..dist import gather, gather_with_grad, world
 from .base import Objective
 from .qa import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS, Candidates, inference
-from .retrieval import matching_inputs, matching_loss, media_index, similarity
+from .retrieval import matching_inputs, matching_loss, media_index, similarity, track_context
 
 PROMPT = "Question: {} Answer:"
 MAX_PROMPT_TOKENS = 48
@@ -53,7 +53,7 @@ class Blip2RetrievalObjective(Objective):
             cls, feat = self._text(ids, mask)
             return F.normalize(feat, dim=-1), cls
         if mode == "match":
-            logits = blip2.match_logits(model, ids, mask, batch["media_tokens"], batch["text_cls"])
+            logits = blip2.match_logits(model, ids, mask, batch["media_tokens"])  # ICE: the running context
             return logits.float().softmax(-1)[:, 1]
         if mode != "train":
             raise ValueError(f"unknown retrieval forward mode {mode!r}")
@@ -77,6 +77,7 @@ class Blip2RetrievalObjective(Objective):
         losses = {"itc": (loss_i2t + loss_t2i) / 2}
         if cfg.objective.itm:
             pairs = matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, step)
+            track_context(model, text_cls)
             logits = blip2.match_logits(model, pairs.input_ids, pairs.attention_mask, pairs.media_tokens, pairs.context)
             losses["itm"] = matching_loss(logits)
         losses["loss"] = sum(losses.values())

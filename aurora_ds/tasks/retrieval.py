@@ -3,7 +3,8 @@
 The objective is BLIP's: image-text contrastive loss (ITC) against momentum features and a
 feature queue, softened by momentum distillation, plus image-text matching (ITM) with hard
 negatives mined from the whole global batch. Informative Context Enhancement enters the
-matching [CLS]. Randomness that depends on the global batch (negative sampling) is drawn from
+matching [CLS]: in training the batch's mean text [CLS], in evaluation the running mean of
+those (:func:`track_context`). Randomness that depends on the global batch (negative sampling) is drawn from
 a generator seeded by (seed, step) over the global batch, so 1 rank and N ranks draw the same.
 """
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..aurora import context_module
 from ..backbones.blip import encode_media, encode_text, match_logits, special_tokens
 from ..dist import gather, gather_with_grad, row_offset, world
 from .base import Objective
@@ -74,6 +76,14 @@ def matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, s
     rows = torch.cat([own, own, neg_text])
     media = torch.cat([media_tokens, pool_grad(media_tokens)[neg_media], media_tokens])
     return MatchingPairs(pool(ids)[rows], pool(mask)[rows], media, pool(text_feat)[rows], pool_grad(text_cls))
+
+
+def track_context(model, text_cls: torch.Tensor):
+    """Fold this training batch's mean text [CLS] (over every rank: all ranks keep the same
+    value) into ICE's running context, the one evaluation uses."""
+    context = context_module(model)
+    if context is not None:
+        context.track(gather(text_cls.detach().float()).mean(0))
 
 
 def matching_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -168,8 +178,8 @@ class RetrievalObjective(Objective):
         if mode == "embed_text":
             cls = encode_text(model, ids, mask)[:, 0]
             return F.normalize(model.text_proj(cls), dim=-1), cls
-        if mode == "match":
-            logits = match_logits(model, ids, mask, batch["media_tokens"], batch["text_cls"], self.special.enc)
+        if mode == "match":  # ICE takes its running context: a pair's score is its own
+            logits = match_logits(model, ids, mask, batch["media_tokens"], None, self.special.enc)
             return logits.float().softmax(-1)[:, 1]
         if mode == "momentum":
             _, media_cls = encode_media(model, batch["pixel_values"])
@@ -208,6 +218,7 @@ class RetrievalObjective(Objective):
     def _matching(self, model, batch, media_tokens, image_feat, text_feat, text_cls, step):
         """ITM on positives, one hard negative text per media and one hard negative media per text."""
         pairs = matching_inputs(self.cfg, batch, media_tokens, image_feat, text_feat, text_cls, step)
+        track_context(model, text_cls)
         if self.cfg.objective.frame_aware_attention and self.cfg.data.media == "video":
             self.frame_weights = self._frame_scores(model, pairs.media_tokens, pairs.text_feat)
         try:

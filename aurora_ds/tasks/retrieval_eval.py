@@ -4,11 +4,15 @@ Everything is ordered by media id (and caption order within a media) after gathe
 the work is split over ranks by that order, so the metrics do not depend on the number of
 ranks or the order of the shards. Under ZeRO-3 every forward is collective, so every rank
 makes the same number of forward calls (padding with repeats whose results are dropped).
+A pair's matching score depends on that pair alone: ICE takes the running context it kept in
+training, not a statistic of the evaluation set, so adding or removing other captions or media
+changes no other pair's score.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,9 +42,29 @@ def retrieval_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, media2txt: l
     return out
 
 
-@torch.no_grad()
+class RetrievalScores(NamedTuple):
+    """Scores of an evaluation set, media ordered by id and texts by media then caption order;
+    a pair outside the top-k candidates holds -100."""
+
+    i2t: np.ndarray  # (media, texts)
+    t2i: np.ndarray  # (texts, media)
+    media_ids: list[str]
+    texts: list[str]
+    media2txt: list[list[int]]
+    txt2media: list[int]
+
+
 def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict:
     """Metrics of the model behind ``forward`` on the eval ``loader`` (one entry per media)."""
+    s = retrieval_scores(forward, loader, cfg, tokenizer, image_size)
+    metrics = retrieval_metrics(s.i2t, s.t2i, s.media2txt, s.txt2media)
+    metrics.update({"num_media": len(s.media_ids), "num_texts": len(s.texts), "select": metrics["r_mean"]})
+    return metrics
+
+
+@torch.no_grad()
+def retrieval_scores(forward, loader, cfg, tokenizer, image_size: int) -> RetrievalScores:
+    """Contrastive top-k candidates of every query, scored by the matching head (the same on every rank)."""
     me, size = world()
 
     # 1. Media embeddings of this rank's shards; every rank steps until all are done (a rank
@@ -83,20 +107,18 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
     # 2. Text embeddings, split evenly over ranks, then summed back into place.
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     n_text, bs = len(texts), cfg.eval.batch_size
-    text_feat = text_cls = None
+    text_feat = None
     chunks = [range(s, min(s + bs, n_text)) for s in range(0, n_text, bs)]
     for c in range(math.ceil(len(chunks) / size)):
         index = c * size + me
         rows = chunks[index] if index < len(chunks) else chunks[0]
         sel = torch.tensor(list(rows))
-        f, cls = forward({"input_ids": enc["input_ids"][sel], "attention_mask": enc["attention_mask"][sel]}, 0, "embed_text")
-        if text_feat is None:  # the text [CLS] width need not be the media tokens' (BLIP-2)
+        f, _ = forward({"input_ids": enc["input_ids"][sel], "attention_mask": enc["attention_mask"][sel]}, 0, "embed_text")
+        if text_feat is None:
             text_feat = torch.zeros(n_text, f.shape[-1], device=device)
-            text_cls = torch.zeros(n_text, cls.shape[-1], device=device)
         if index < len(chunks):
-            text_feat[sel.to(device)], text_cls[sel.to(device)] = f.float(), cls.float()
-    text_feat, text_cls = sum_over_ranks(text_feat), sum_over_ranks(text_cls)
-    context = text_cls.mean(0, keepdim=True)
+            text_feat[sel.to(device)] = f.float()
+    text_feat = sum_over_ranks(text_feat)
 
     # 3. Top-k by similarity, re-ranked by ITM; rows split over ranks, padded to equal counts.
     sim = similarity(media_feat, text_feat)
@@ -118,7 +140,7 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
                 top = sim[:, row].topk(k).indices
                 pair_tokens, pair_text = media_tokens[perm[top]], torch.full((k,), row, device=device)
             itm = forward({"input_ids": ids_all[pair_text], "attention_mask": mask_all[pair_text],
-                           "media_tokens": pair_tokens.to(dtype), "text_cls": context.to(dtype)}, 0, "match").float()
+                           "media_tokens": pair_tokens.to(dtype)}, 0, "match").float()
             if cfg.data.media == "video":  # the paper's video evaluation adds the contrastive similarity
                 itm = itm + (sim[row, top] if direction == "i2t" else sim[top, row])
             if real:
@@ -129,6 +151,5 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
     # Each row was filled by exactly one rank; elsewhere it holds the -100 filler.
     score_i2t = sum_over_ranks(score_i2t + 100.0) - 100.0
     score_t2i = sum_over_ranks(score_t2i + 100.0) - 100.0
-    metrics = retrieval_metrics(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), media2txt, txt2media)
-    metrics.update({"num_media": n_media, "num_texts": n_text, "select": metrics["r_mean"]})
-    return metrics
+    return RetrievalScores(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), [all_ids[i] for i in order], texts,
+                           media2txt, txt2media)
