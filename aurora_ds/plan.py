@@ -67,6 +67,16 @@ INTRA_BW = {"nvlink": 300.0, "pcie": 20.0}
 NETWORK_EFFICIENCY = 0.8
 HOST_BW = 20.0  # PCIe host <-> GPU, GB/s, for parameter offload
 LATENCY_S = 30e-6  # per collective call
+# ZeRO-3's cost per call of a module that holds parameters (forward or backward): its hooks fetch
+# the module's parameters (an all-gather, or a wait on one prefetched) and release them again.
+# Measured on CPU/gloo (aurora-bench zero) this, not bandwidth, is the cost of ZeRO-3 at BLIP
+# size; on GPUs it is an assumption (Python hooks and bookkeeping, not measured: no GPU here).
+MODULE_OVERHEAD_S = 50e-6
+# How often the retrieval objective calls each module per micro-batch, (forward, backward): the
+# vision tower runs the momentum (EMA) forward and the training forward; the text encoder the
+# momentum, contrastive and matching forwards; its cross-attention only the matching one. A
+# backward call for each forward that needs gradients.
+CALLS = {"image": (2, 1), "text": (3, 2), "cross": (1, 1), "query": (3, 2)}
 TFLOPS = 200.0  # effective dense bf16/fp16 TFLOPS per GPU (about 30-60 % of an A100/H100 peak)
 RUNTIME_RESERVE = 1.5 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
 TEXT_TOKENS = 35
@@ -100,10 +110,7 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
         if p.numel() <= persistence_threshold:
             persistent["aurora" if id(p) in aurora_ids else "backbone"] += p.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    # ZeRO-3 gathers one module's partitioned direct parameters with one all-gather.
-    gathered_modules = sum(1 for m in model.modules()
-                           if any(p.numel() > persistence_threshold and id(p) not in aurora_ids
-                                  for p in m.parameters(recurse=False)))
+    calls = module_calls(model, handle, get_spec(backbone).family, persistence_threshold)
     return {
         "total": report["total"],
         "backbone": report["backbone"],
@@ -111,9 +118,46 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
         "backbone_persistent": persistent["backbone"],
         "aurora_persistent": persistent["aurora"],
         "largest_layer": largest,
-        "gathered_modules": gathered_modules,
+        **calls,
         **linear_shapes(model, get_spec(backbone)),
     }
+
+
+def call_kind(name: str, family: str) -> str:
+    """Which pass structure of :data:`CALLS` a module (by its qualified name) follows."""
+    lower = name.lower()
+    if family == "timm" or "vision" in lower or "visual" in lower:
+        return "image"
+    if "crossattention" in lower:
+        return "cross"
+    return "query" if "qformer" in lower else "text"
+
+
+def module_calls(model, handle, family: str, persistence_threshold: int) -> dict:
+    """Per micro-batch, the calls of modules that hold parameters (``module_calls``) and the
+    elements ZeRO-3 gathers in forward and backward calls (partitioned parameters, above the
+    persistence threshold, times their module's calls). The shared factor sets are called by
+    every adapted layer; everything else as :data:`CALLS` says for its kind."""
+    from aurora_ds.aurora.layer import AuroraLinear
+
+    per_module = {}
+    for name, m in model.named_modules():
+        if isinstance(m, AuroraLinear):
+            fwd, bwd = CALLS[call_kind(name, family)]
+            for part in (m.source.down, m.target.up):
+                f, b = per_module.get(id(part), (0, 0))
+                per_module[id(part)] = (f + fwd, b + bwd)
+    calls = fwd_numel = bwd_numel = 0
+    for name, m in model.named_modules():
+        params = list(m.parameters(recurse=False))
+        if not params:
+            continue
+        fwd, bwd = per_module.get(id(m), CALLS[call_kind(name, family)])
+        split = sum(p.numel() for p in params if p.numel() > persistence_threshold)
+        calls += fwd + bwd
+        fwd_numel += fwd * split
+        bwd_numel += bwd * split
+    return {"module_calls": calls, "gathered_fwd": fwd_numel, "gathered_bwd": bwd_numel}
 
 
 def linear_shapes(model, spec) -> dict:
@@ -460,11 +504,17 @@ def _split(nbytes: float, gpus: int, per_node: int) -> tuple[float, float]:
 def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "bf16", batch: int = 8,
                      image_size: int = 224, frames: int = 1, checkpointing: bool = False,
                      intra_bw: float = INTRA_BW["nvlink"], inter_bw: float = network(200), host_bw: float = HOST_BW,
-                     latency: float = LATENCY_S, tflops: float = TFLOPS,
-                     max_live: int = MAX_LIVE_PARAMETERS) -> dict:
+                     latency: float = LATENCY_S, tflops: float = TFLOPS, max_live: int = MAX_LIVE_PARAMETERS,
+                     module_overhead: float = MODULE_OVERHEAD_S) -> dict:
     """Per layout: per-GPU memory (model states + activations), bytes received per step per GPU
     (intra-node, inter-node, host), and the step time = compute + communication (no overlap:
-    an upper bound; DeepSpeed overlaps prefetch with compute when it can). Bandwidths in GB/s."""
+    an upper bound; DeepSpeed overlaps prefetch with compute when it can). Bandwidths in GB/s.
+
+    ZeRO-3's communication per micro-batch: every call of a module re-gathers its partitioned
+    parameters (measured: the backward gathers again what the forward gathered, even when it would
+    fit ``max_live``), so the bytes are the partitioned parameters times their modules' calls;
+    plus ``module_overhead`` seconds per call of a module that holds parameters (the hooks that
+    fetch and release them)."""
     nbytes = BYTES_PER_PARAM[precision]
     nodes = gpus // per_node
     split = counts["backbone"] - counts["backbone_persistent"]
@@ -472,11 +522,7 @@ def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "b
     aurora = counts["aurora"]
     acts = activation_bytes(counts, batch, image_size, frames, precision, checkpointing)
     compute = compute_seconds(counts, batch, image_size, frames, tflops)
-    # ZeRO-3 keeps up to max_live parameters gathered into the backward pass: the last layers of
-    # the forward are not gathered again.
-    bwd_split = max(0, split - max_live)
-    n_fwd = counts["gathered_modules"]
-    n_bwd = n_fwd * bwd_split / split if split else 0
+    fwd, bwd = counts["gathered_fwd"], counts["gathered_bwd"]
     working = nbytes * min(max(max_live, PREFETCH_FACTOR * counts["largest_layer"]), split)
     aurora_states = nbytes * aurora + TRAIN_STATE_BYTES * aurora / gpus
     # Aurora's gradients: reduce-scatter (ZeRO-2/3) or all-reduce, ~2x their bytes over the ring.
@@ -485,26 +531,28 @@ def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "b
     for name in LAYOUTS:
         if name == "replicated":
             states = nbytes * counts["backbone"] + aurora_states
-            intra, inter, host, calls = grad_intra, grad_inter, 0.0, 2
+            intra, inter, host, calls, hooks = grad_intra, grad_inter, 0.0, 2, 0
         else:
             w = 1 if name == "zero3_hpz_quant" else nbytes  # int8 frozen weights
-            fwd_i, fwd_o = _split(w * split, gpus, per_node)
+            fwd_i, fwd_o = _split(w * fwd, gpus, per_node)
             if name.startswith("zero3_hpz"):
                 # backward gathers from the node's secondary partition: intra-node only
-                bwd_i, bwd_o = w * bwd_split * (per_node - 1) / per_node, 0.0
+                bwd_i, bwd_o = w * bwd * (per_node - 1) / per_node, 0.0
                 secondary = w * split / per_node
             else:
-                bwd_i, bwd_o = _split(nbytes * bwd_split, gpus, per_node)
+                bwd_i, bwd_o = _split(w * bwd, gpus, per_node)
                 secondary = 0
             intra, inter = fwd_i + bwd_i + grad_intra, fwd_o + bwd_o + grad_inter
-            calls = n_fwd + n_bwd + 2
+            hooks = counts["module_calls"]
+            calls = hooks + 2
             offload = name == "zero3_offload"
-            host = (w * split / gpus) * (1 + bwd_split / split if split else 1) if offload else 0.0
+            host = w * (fwd + bwd) / gpus if offload else 0.0
             states = (w * persistent + (0 if offload else w * split / gpus) + secondary + working + aurora_states)
         if gpus == 1:
             intra = inter = 0.0
             calls = 0 if name == "replicated" else calls
-        comm = intra / (intra_bw * 1e9) + inter / (inter_bw * 1e9) + host / (host_bw * 1e9) + latency * calls
+        comm = (intra / (intra_bw * 1e9) + inter / (inter_bw * 1e9) + host / (host_bw * 1e9)
+                + latency * (calls - hooks) + module_overhead * hooks)
         out[name] = {
             "ds_config": name,
             "description": LAYOUTS[name],
