@@ -68,9 +68,10 @@ NETWORK_EFFICIENCY = 0.8
 HOST_BW = 20.0  # PCIe host <-> GPU, GB/s, for parameter offload
 LATENCY_S = 30e-6  # per collective call
 # ZeRO-3's cost per call of a module that holds parameters (forward or backward): its hooks fetch
-# the module's parameters (an all-gather, or a wait on one prefetched) and release them again.
-# Measured on CPU/gloo (aurora-bench zero) this, not bandwidth, is the cost of ZeRO-3 at BLIP
-# size; on GPUs it is an assumption (Python hooks and bookkeeping, not measured: no GPU here).
+# the module's parameters (an all-gather the ranks meet at) and release them again. On 2 shared
+# CPU cores with gloo aurora-bench zero measured 0.25-3.3 ms (it moves with the machine's load)
+# and it is all of ZeRO-3's cost for small modules; on GPUs 50 us is an assumption (host-side
+# Python hooks and bookkeeping; nothing was measured on a GPU).
 MODULE_OVERHEAD_S = 50e-6
 # How often the retrieval objective calls each module per micro-batch, (forward, backward): the
 # vision tower runs the momentum (EMA) forward and the training forward; the text encoder the
@@ -110,7 +111,7 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
         if p.numel() <= persistence_threshold:
             persistent["aurora" if id(p) in aurora_ids else "backbone"] += p.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    calls = module_calls(model, handle, get_spec(backbone).family, persistence_threshold)
+    calls = module_calls(model, get_spec(backbone).family, persistence_threshold)
     return {
         "total": report["total"],
         "backbone": report["backbone"],
@@ -133,7 +134,7 @@ def call_kind(name: str, family: str) -> str:
     return "query" if "qformer" in lower else "text"
 
 
-def module_calls(model, handle, family: str, persistence_threshold: int) -> dict:
+def module_calls(model, family: str, persistence_threshold: int) -> dict:
     """Per micro-batch, the calls of modules that hold parameters (``module_calls``) and the
     elements ZeRO-3 gathers in forward and backward calls (partitioned parameters, above the
     persistence threshold, times their module's calls). The shared factor sets are called by
@@ -240,7 +241,7 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
          rank: int = 32, persistence_threshold: int = PERSISTENCE_THRESHOLD, gpu_memory_gib: float = 80.0,
          batch: int = 8, image_size: int = 0, frames: int = 1, checkpointing: bool = False,
          intra_bw: float = INTRA_BW["nvlink"], inter_gbit: float = 200.0, tflops: float = TFLOPS,
-         cuda: bool = True, gpus_per_node: int = 0) -> list[dict]:
+         cuda: bool = True, gpus_per_node: int = 0, module_overhead: float = MODULE_OVERHEAD_S) -> list[dict]:
     """One dict per GPU count in ``gpus_list`` (total GPUs over ``nodes`` nodes, or with
     ``gpus_per_node`` as many nodes as needed): parameter counts, DeepSpeed's full-training
     estimate, Aurora's ZeRO-3 estimate, and every layout's memory, traffic and step time with the
@@ -271,7 +272,7 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
         n = max(1, gpus // gpus_per_node) if gpus_per_node else nodes
         per_node = gpus // n
         layouts = layout_estimates(counts, gpus, per_node, precision, batch, image_size, frames, checkpointing,
-                                   intra_bw, network(inter_gbit), tflops=tflops)
+                                   intra_bw, network(inter_gbit), tflops=tflops, module_overhead=module_overhead)
         best, why = recommend(layouts, gpu_memory_gib * GIB, per_node, n, cuda)
         rows.append({
             "backbone": backbone,
@@ -288,7 +289,8 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
             "activations_included": False,
             "layout_inputs": {"gpu_memory_gib": gpu_memory_gib, "batch": batch, "image_size": image_size,
                               "frames": frames, "activation_checkpointing": checkpointing, "intra_gbyte_s": intra_bw,
-                              "inter_gbit_s": inter_gbit, "tflops": tflops, "cuda": cuda},
+                              "inter_gbit_s": inter_gbit, "tflops": tflops, "cuda": cuda,
+                              "module_overhead_s": module_overhead},
             "layouts": layouts,
             "recommended": best,
             "reason": why,
@@ -353,7 +355,8 @@ def format_layouts(rows: list[dict]) -> str:
     i = rows[0]["layout_inputs"]
     lines = [f"Layouts: micro-batch {i['batch']}, {i['image_size']} px x {i['frames']} frame(s), "
              f"{i['gpu_memory_gib']:.0f} GiB per GPU, links {i['intra_gbyte_s']:g} GB/s in a node, "
-             f"{i['inter_gbit_s']:g} Gb/s per GPU between nodes, {i['tflops']:g} TFLOPS effective"]
+             f"{i['inter_gbit_s']:g} Gb/s per GPU between nodes, {i['tflops']:g} TFLOPS effective, "
+             f"ZeRO-3 {i['module_overhead_s'] * 1e6:g} us per module call"]
     head = ("states GiB", "activ. GiB", "intra GB", "inter GB", "step ms", "samples/s/GPU")
     for r in rows:
         lines += ["", f"{r['gpus']} GPUs = {r['nodes']} node(s) x {r['gpus_per_node']}:",
@@ -366,7 +369,8 @@ def format_layouts(rows: list[dict]) -> str:
             lines.append(f"{mark} {name:<17}" + " ".join(f"{c:>13.2f}" for c in cells) + note)
         lines.append(f"  recommended: {r['recommended']}: {r['reason']}")
     lines += ["", "intra/inter GB: bytes one GPU receives per step from its node / from other nodes; step ms:",
-              "compute estimate + communication at the given bandwidths, no overlap (an upper bound)."]
+              "compute estimate + communication at the given bandwidths + ZeRO-3's overhead per module call,",
+              "no overlap (an upper bound)."]
     return "\n".join(lines)
 
 
@@ -441,6 +445,10 @@ def main(argv=None) -> int:
                         help=f"GPU links inside a node: {' | '.join(INTRA_BW)} or GB/s (default nvlink = {INTRA_BW['nvlink']:g})")
     layout.add_argument("--inter", type=float, default=200.0, help="network Gb/s per GPU between nodes: 100, 200, 400")
     layout.add_argument("--tflops", type=float, default=TFLOPS, help="effective TFLOPS per GPU")
+    layout.add_argument("--module-overhead", type=float, default=None,
+                        help=f"ZeRO-3 cost per call of a module holding parameters, microseconds (default "
+                             f"{MODULE_OVERHEAD_S * 1e6:g}: an assumption for GPUs; 2 shared CPU cores with gloo: "
+                             "250-3,300 measured)")
     layout.add_argument("--plot", metavar="FILE.png",
                         help="draw modelled samples/s per GPU against 8..1024 GPUs, one line per layout")
     layout.add_argument("--plot-backbones", default=",".join(SCALING_BACKBONES),
@@ -450,9 +458,10 @@ def main(argv=None) -> int:
         intra = INTRA_BW[args.intra] if args.intra in INTRA_BW else float(args.intra)
     except ValueError:
         parser.error(f"--intra must be one of {sorted(INTRA_BW)} or a number of GB/s, got {args.intra!r}")
+    overhead = MODULE_OVERHEAD_S if args.module_overhead is None else args.module_overhead / 1e6
     options = dict(precision=args.precision, rank=args.rank, gpu_memory_gib=args.gpu_memory, batch=args.batch,
                    image_size=args.image_size, frames=args.frames, checkpointing=args.activation_checkpointing,
-                   intra_bw=intra, inter_gbit=args.inter, tflops=args.tflops)
+                   intra_bw=intra, inter_gbit=args.inter, tflops=args.tflops, module_overhead=overhead)
     try:
         rows = plan(args.backbone, args.gpus, args.nodes, args.offload, **options)
         if args.plot:

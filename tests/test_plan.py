@@ -145,7 +145,7 @@ def test_plan_errors():
 
 # ---- layouts: recommendation, traffic and the communication model ------------------------------
 
-from aurora_ds.plan import GIB, LAYOUTS, choose_layout, layout_estimates, count_parameters  # noqa: E402
+from aurora_ds.plan import LAYOUTS, choose_layout, layout_estimates, count_parameters  # noqa: E402
 
 
 def test_every_layout_is_estimated_and_replicated_wins_when_it_fits():
@@ -207,6 +207,16 @@ def test_module_calls_follow_the_objective_passes():
     assert whole["gathered_fwd"] == whole["gathered_bwd"] == 0 and whole["module_calls"] == counts["module_calls"]
 
 
+def test_cli_module_overhead(capsys):
+    assert main(["--backbone", BLIP, "--gpus", "8", "--module-overhead", "2000", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["layout_inputs"]["module_overhead_s"] == pytest.approx(2e-3)
+    default = plan(BLIP, [8])[0]["layouts"]
+    for name, e in row["layouts"].items():
+        extra = (2e-3 - 50e-6) * row["params"]["module_calls"] * (name != "replicated")
+        assert e["step_s"] == pytest.approx(default[name]["step_s"] + extra)
+
+
 def test_overhead_term_scales_with_module_calls():
     """ZeRO-3's modelled time grows by the overhead per call times the calls, and only ZeRO-3's."""
     small, large = count_parameters("blip-tiny-retrieval", 4, 0), count_parameters(BLIP, 32, 100_000)
@@ -264,4 +274,5 @@ def test_cli_layouts_and_plot(tmp_path, capsys):
                  "--plot", str(png), "--plot-backbones", "blip-tiny-retrieval"]) == 0
     out = capsys.readouterr().out
     assert "* replicated" in out and "recommended: replicated" in out and "20 GB/s in a node, 100 Gb/s" in out
+    assert "ZeRO-3 50 us per module call" in out
     assert png.stat().st_size > 10_000

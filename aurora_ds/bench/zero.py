@@ -192,15 +192,17 @@ def gather_model(zero3: dict, replicated: dict, args) -> dict:
     fitted = (measured - bandwidth_part) / counts["module_calls"]
     if args.calibration:
         source = json.loads(Path(args.calibration).read_text())["gather_model"]
-        overhead, origin = source["module_overhead_fit_s"], f"fitted to the {source['backbone']} run {Path(args.calibration).name}"
+        overhead = source["module_overhead_fit_s"]
+        origin = f"fitted to the {source['backbone']} run {Path(args.calibration).name}"
     else:
         overhead, origin = fitted, "fitted to this run: not a check"
     predicted = comm(overhead)
     est = layout_estimates(counts, 2, 2, args.precision, batch=args.batch)
     return {"backbone": args.backbone, "allgather": fit, "module_calls_per_step": counts["module_calls"],
             "gathered_bytes_per_step": est["zero3"]["intra_node_bytes"] - est["replicated"]["intra_node_bytes"],
-            "module_overhead_fit_s": fitted, "module_overhead_s": overhead, "module_overhead_from": origin, "bandwidth_part_s": bandwidth_part,
-            "predicted_gather_s": predicted, "measured_gather_s": measured, "error": ratio(predicted - measured, measured)}
+            "module_overhead_fit_s": fitted, "module_overhead_s": overhead, "module_overhead_from": origin,
+            "bandwidth_part_s": bandwidth_part, "predicted_gather_s": predicted, "measured_gather_s": measured,
+            "error": ratio(predicted - measured, measured)}
 
 
 def plan_rows() -> list[dict]:
