@@ -67,6 +67,17 @@ INTRA_BW = {"nvlink": 300.0, "pcie": 20.0}
 NETWORK_EFFICIENCY = 0.8
 HOST_BW = 20.0  # PCIe host <-> GPU, GB/s, for parameter offload
 LATENCY_S = 30e-6  # per collective call
+# ZeRO-3's cost per call of a module that holds parameters (forward or backward): its hooks fetch
+# the module's parameters (an all-gather the ranks meet at) and release them again. On 2 shared
+# CPU cores with gloo aurora-bench zero measured 0.25-3.3 ms (it moves with the machine's load)
+# and it is all of ZeRO-3's cost for small modules; on GPUs 50 us is an assumption (host-side
+# Python hooks and bookkeeping; nothing was measured on a GPU).
+MODULE_OVERHEAD_S = 50e-6
+# How often the retrieval objective calls each module per micro-batch, (forward, backward): the
+# vision tower runs the momentum (EMA) forward and the training forward; the text encoder the
+# momentum, contrastive and matching forwards; its cross-attention only the matching one. A
+# backward call for each forward that needs gradients.
+CALLS = {"image": (2, 1), "text": (3, 2), "cross": (1, 1), "query": (3, 2)}
 TFLOPS = 200.0  # effective dense bf16/fp16 TFLOPS per GPU (about 30-60 % of an A100/H100 peak)
 RUNTIME_RESERVE = 1.5 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
 TEXT_TOKENS = 35
@@ -100,10 +111,7 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
         if p.numel() <= persistence_threshold:
             persistent["aurora" if id(p) in aurora_ids else "backbone"] += p.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    # ZeRO-3 gathers one module's partitioned direct parameters with one all-gather.
-    gathered_modules = sum(1 for m in model.modules()
-                           if any(p.numel() > persistence_threshold and id(p) not in aurora_ids
-                                  for p in m.parameters(recurse=False)))
+    calls = module_calls(model, get_spec(backbone).family, persistence_threshold)
     return {
         "total": report["total"],
         "backbone": report["backbone"],
@@ -111,9 +119,46 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
         "backbone_persistent": persistent["backbone"],
         "aurora_persistent": persistent["aurora"],
         "largest_layer": largest,
-        "gathered_modules": gathered_modules,
+        **calls,
         **linear_shapes(model, get_spec(backbone)),
     }
+
+
+def call_kind(name: str, family: str) -> str:
+    """Which pass structure of :data:`CALLS` a module (by its qualified name) follows."""
+    lower = name.lower()
+    if family == "timm" or "vision" in lower or "visual" in lower:
+        return "image"
+    if "crossattention" in lower:
+        return "cross"
+    return "query" if "qformer" in lower else "text"
+
+
+def module_calls(model, family: str, persistence_threshold: int) -> dict:
+    """Per micro-batch, the calls of modules that hold parameters (``module_calls``) and the
+    elements ZeRO-3 gathers in forward and backward calls (partitioned parameters, above the
+    persistence threshold, times their module's calls). The shared factor sets are called by
+    every adapted layer; everything else as :data:`CALLS` says for its kind."""
+    from aurora_ds.aurora.layer import AuroraLinear
+
+    per_module = {}
+    for name, m in model.named_modules():
+        if isinstance(m, AuroraLinear):
+            fwd, bwd = CALLS[call_kind(name, family)]
+            for part in (m.source.down, m.target.up):
+                f, b = per_module.get(id(part), (0, 0))
+                per_module[id(part)] = (f + fwd, b + bwd)
+    calls = fwd_numel = bwd_numel = 0
+    for name, m in model.named_modules():
+        params = list(m.parameters(recurse=False))
+        if not params:
+            continue
+        fwd, bwd = per_module.get(id(m), CALLS[call_kind(name, family)])
+        split = sum(p.numel() for p in params if p.numel() > persistence_threshold)
+        calls += fwd + bwd
+        fwd_numel += fwd * split
+        bwd_numel += bwd * split
+    return {"module_calls": calls, "gathered_fwd": fwd_numel, "gathered_bwd": bwd_numel}
 
 
 def linear_shapes(model, spec) -> dict:
@@ -196,7 +241,7 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
          rank: int = 32, persistence_threshold: int = PERSISTENCE_THRESHOLD, gpu_memory_gib: float = 80.0,
          batch: int = 8, image_size: int = 0, frames: int = 1, checkpointing: bool = False,
          intra_bw: float = INTRA_BW["nvlink"], inter_gbit: float = 200.0, tflops: float = TFLOPS,
-         cuda: bool = True, gpus_per_node: int = 0) -> list[dict]:
+         cuda: bool = True, gpus_per_node: int = 0, module_overhead: float = MODULE_OVERHEAD_S) -> list[dict]:
     """One dict per GPU count in ``gpus_list`` (total GPUs over ``nodes`` nodes, or with
     ``gpus_per_node`` as many nodes as needed): parameter counts, DeepSpeed's full-training
     estimate, Aurora's ZeRO-3 estimate, and every layout's memory, traffic and step time with the
@@ -227,7 +272,7 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
         n = max(1, gpus // gpus_per_node) if gpus_per_node else nodes
         per_node = gpus // n
         layouts = layout_estimates(counts, gpus, per_node, precision, batch, image_size, frames, checkpointing,
-                                   intra_bw, network(inter_gbit), tflops=tflops)
+                                   intra_bw, network(inter_gbit), tflops=tflops, module_overhead=module_overhead)
         best, why = recommend(layouts, gpu_memory_gib * GIB, per_node, n, cuda)
         rows.append({
             "backbone": backbone,
@@ -244,7 +289,8 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
             "activations_included": False,
             "layout_inputs": {"gpu_memory_gib": gpu_memory_gib, "batch": batch, "image_size": image_size,
                               "frames": frames, "activation_checkpointing": checkpointing, "intra_gbyte_s": intra_bw,
-                              "inter_gbit_s": inter_gbit, "tflops": tflops, "cuda": cuda},
+                              "inter_gbit_s": inter_gbit, "tflops": tflops, "cuda": cuda,
+                              "module_overhead_s": module_overhead},
             "layouts": layouts,
             "recommended": best,
             "reason": why,
@@ -309,7 +355,8 @@ def format_layouts(rows: list[dict]) -> str:
     i = rows[0]["layout_inputs"]
     lines = [f"Layouts: micro-batch {i['batch']}, {i['image_size']} px x {i['frames']} frame(s), "
              f"{i['gpu_memory_gib']:.0f} GiB per GPU, links {i['intra_gbyte_s']:g} GB/s in a node, "
-             f"{i['inter_gbit_s']:g} Gb/s per GPU between nodes, {i['tflops']:g} TFLOPS effective"]
+             f"{i['inter_gbit_s']:g} Gb/s per GPU between nodes, {i['tflops']:g} TFLOPS effective, "
+             f"ZeRO-3 {i['module_overhead_s'] * 1e6:g} us per module call"]
     head = ("states GiB", "activ. GiB", "intra GB", "inter GB", "step ms", "samples/s/GPU")
     for r in rows:
         lines += ["", f"{r['gpus']} GPUs = {r['nodes']} node(s) x {r['gpus_per_node']}:",
@@ -322,7 +369,8 @@ def format_layouts(rows: list[dict]) -> str:
             lines.append(f"{mark} {name:<17}" + " ".join(f"{c:>13.2f}" for c in cells) + note)
         lines.append(f"  recommended: {r['recommended']}: {r['reason']}")
     lines += ["", "intra/inter GB: bytes one GPU receives per step from its node / from other nodes; step ms:",
-              "compute estimate + communication at the given bandwidths, no overlap (an upper bound)."]
+              "compute estimate + communication at the given bandwidths + ZeRO-3's overhead per module call,",
+              "no overlap (an upper bound)."]
     return "\n".join(lines)
 
 
@@ -397,6 +445,10 @@ def main(argv=None) -> int:
                         help=f"GPU links inside a node: {' | '.join(INTRA_BW)} or GB/s (default nvlink = {INTRA_BW['nvlink']:g})")
     layout.add_argument("--inter", type=float, default=200.0, help="network Gb/s per GPU between nodes: 100, 200, 400")
     layout.add_argument("--tflops", type=float, default=TFLOPS, help="effective TFLOPS per GPU")
+    layout.add_argument("--module-overhead", type=float, default=None,
+                        help=f"ZeRO-3 cost per call of a module holding parameters, microseconds (default "
+                             f"{MODULE_OVERHEAD_S * 1e6:g}: an assumption for GPUs; 2 shared CPU cores with gloo: "
+                             "250-3,300 measured)")
     layout.add_argument("--plot", metavar="FILE.png",
                         help="draw modelled samples/s per GPU against 8..1024 GPUs, one line per layout")
     layout.add_argument("--plot-backbones", default=",".join(SCALING_BACKBONES),
@@ -406,9 +458,10 @@ def main(argv=None) -> int:
         intra = INTRA_BW[args.intra] if args.intra in INTRA_BW else float(args.intra)
     except ValueError:
         parser.error(f"--intra must be one of {sorted(INTRA_BW)} or a number of GB/s, got {args.intra!r}")
+    overhead = MODULE_OVERHEAD_S if args.module_overhead is None else args.module_overhead / 1e6
     options = dict(precision=args.precision, rank=args.rank, gpu_memory_gib=args.gpu_memory, batch=args.batch,
                    image_size=args.image_size, frames=args.frames, checkpointing=args.activation_checkpointing,
-                   intra_bw=intra, inter_gbit=args.inter, tflops=args.tflops)
+                   intra_bw=intra, inter_gbit=args.inter, tflops=args.tflops, module_overhead=overhead)
     try:
         rows = plan(args.backbone, args.gpus, args.nodes, args.offload, **options)
         if args.plot:
@@ -460,11 +513,17 @@ def _split(nbytes: float, gpus: int, per_node: int) -> tuple[float, float]:
 def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "bf16", batch: int = 8,
                      image_size: int = 224, frames: int = 1, checkpointing: bool = False,
                      intra_bw: float = INTRA_BW["nvlink"], inter_bw: float = network(200), host_bw: float = HOST_BW,
-                     latency: float = LATENCY_S, tflops: float = TFLOPS,
-                     max_live: int = MAX_LIVE_PARAMETERS) -> dict:
+                     latency: float = LATENCY_S, tflops: float = TFLOPS, max_live: int = MAX_LIVE_PARAMETERS,
+                     module_overhead: float = MODULE_OVERHEAD_S) -> dict:
     """Per layout: per-GPU memory (model states + activations), bytes received per step per GPU
     (intra-node, inter-node, host), and the step time = compute + communication (no overlap:
-    an upper bound; DeepSpeed overlaps prefetch with compute when it can). Bandwidths in GB/s."""
+    an upper bound; DeepSpeed overlaps prefetch with compute when it can). Bandwidths in GB/s.
+
+    ZeRO-3's communication per micro-batch: every call of a module re-gathers its partitioned
+    parameters (measured: the backward gathers again what the forward gathered, even when it would
+    fit ``max_live``), so the bytes are the partitioned parameters times their modules' calls;
+    plus ``module_overhead`` seconds per call of a module that holds parameters (the hooks that
+    fetch and release them)."""
     nbytes = BYTES_PER_PARAM[precision]
     nodes = gpus // per_node
     split = counts["backbone"] - counts["backbone_persistent"]
@@ -472,11 +531,7 @@ def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "b
     aurora = counts["aurora"]
     acts = activation_bytes(counts, batch, image_size, frames, precision, checkpointing)
     compute = compute_seconds(counts, batch, image_size, frames, tflops)
-    # ZeRO-3 keeps up to max_live parameters gathered into the backward pass: the last layers of
-    # the forward are not gathered again.
-    bwd_split = max(0, split - max_live)
-    n_fwd = counts["gathered_modules"]
-    n_bwd = n_fwd * bwd_split / split if split else 0
+    fwd, bwd = counts["gathered_fwd"], counts["gathered_bwd"]
     working = nbytes * min(max(max_live, PREFETCH_FACTOR * counts["largest_layer"]), split)
     aurora_states = nbytes * aurora + TRAIN_STATE_BYTES * aurora / gpus
     # Aurora's gradients: reduce-scatter (ZeRO-2/3) or all-reduce, ~2x their bytes over the ring.
@@ -485,26 +540,28 @@ def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "b
     for name in LAYOUTS:
         if name == "replicated":
             states = nbytes * counts["backbone"] + aurora_states
-            intra, inter, host, calls = grad_intra, grad_inter, 0.0, 2
+            intra, inter, host, calls, hooks = grad_intra, grad_inter, 0.0, 2, 0
         else:
             w = 1 if name == "zero3_hpz_quant" else nbytes  # int8 frozen weights
-            fwd_i, fwd_o = _split(w * split, gpus, per_node)
+            fwd_i, fwd_o = _split(w * fwd, gpus, per_node)
             if name.startswith("zero3_hpz"):
                 # backward gathers from the node's secondary partition: intra-node only
-                bwd_i, bwd_o = w * bwd_split * (per_node - 1) / per_node, 0.0
+                bwd_i, bwd_o = w * bwd * (per_node - 1) / per_node, 0.0
                 secondary = w * split / per_node
             else:
-                bwd_i, bwd_o = _split(nbytes * bwd_split, gpus, per_node)
+                bwd_i, bwd_o = _split(w * bwd, gpus, per_node)
                 secondary = 0
             intra, inter = fwd_i + bwd_i + grad_intra, fwd_o + bwd_o + grad_inter
-            calls = n_fwd + n_bwd + 2
+            hooks = counts["module_calls"]
+            calls = hooks + 2
             offload = name == "zero3_offload"
-            host = (w * split / gpus) * (1 + bwd_split / split if split else 1) if offload else 0.0
+            host = w * (fwd + bwd) / gpus if offload else 0.0
             states = (w * persistent + (0 if offload else w * split / gpus) + secondary + working + aurora_states)
         if gpus == 1:
             intra = inter = 0.0
             calls = 0 if name == "replicated" else calls
-        comm = intra / (intra_bw * 1e9) + inter / (inter_bw * 1e9) + host / (host_bw * 1e9) + latency * calls
+        comm = (intra / (intra_bw * 1e9) + inter / (inter_bw * 1e9) + host / (host_bw * 1e9)
+                + latency * (calls - hooks) + module_overhead * hooks)
         out[name] = {
             "ds_config": name,
             "description": LAYOUTS[name],

@@ -2,14 +2,16 @@
 
 Every recipe trains a few steps on one GPU under DeepSpeed ZeRO-3 with NCCL in bf16 (tiny
 backbones: the point is device correctness, not recall), one recipe in fp16, one on the plain
-path, one at BLIP-base size for throughput; ``aurora-eval`` evaluates one adapter; the step
+path, one at BLIP-base size for throughput, one with ZeRO++ quantized frozen weights
+(``zero3_hpz_quant``); ``aurora-eval`` evaluates one adapter; the step
 benchmark runs at BLIP-base in bf16. Every run has ``AURORA_STRICT_DEVICES=1``: a tensor that
 reaches a collective from the wrong device is an error. Runs go four at a time (one GPU holds
 them all easily); a failure is recorded and the rest go on. The summary table is printed and
 written to OUT/summary.md and OUT/summary.json.
 
-``--cpu`` runs the same plan on the CPU with gloo (fp16 and the step benchmark left out), to
-exercise the script where no GPU is reachable.
+``--cpu`` runs the same plan on the CPU with gloo (fp16, quantized weights and the step benchmark
+left out; the quantized run is listed as skipped with the reason), to exercise the script where
+no GPU is reachable.
 """
 
 from __future__ import annotations
@@ -146,8 +148,18 @@ def main():
     jobs[f"coco_retrieval/zero3/{main_precision}/blip-base"] = train_cmd(
         args, "coco_retrieval", "blip-base-retrieval", checkpoints["blip-base-retrieval"], data["coco"],
         work / "runs" / "coco_base", main_precision, extra=base_size)
+    # ZeRO++ with the frozen weights held and gathered as int8 (DeepSpeed's CUDA quantizer kernels):
+    # on one GPU hpZ itself is off (partition size 1), the quantized weights are not.
+    quant = f"coco_retrieval/zero3_hpz_quant/{main_precision}"
+    skipped = {}
+    if gpu:
+        jobs[quant] = train_cmd(args, "coco_retrieval", "blip-tiny-retrieval", checkpoints["blip-tiny-retrieval"],
+                                data["coco"], work / "runs" / "coco_quant", main_precision) + ["--ds-config", "zero3_hpz_quant"]
+    else:
+        skipped[quant] = "quantized frozen weights need CUDA (DeepSpeed's quantizer kernels)"
     if args.only:
         jobs = {k: v for k, v in jobs.items() if k in args.only.split(",")}
+        skipped = {k: v for k, v in skipped.items() if k in args.only.split(",")}
     outs = {name: Path(cmd[cmd.index("--out") + 1]) for name, cmd in jobs.items()}
 
     def one(item):
@@ -159,6 +171,9 @@ def main():
 
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(one, jobs.items()))
+    for name, why in skipped.items():
+        print(f"[gpu_check] skip {name}: {why}", flush=True)
+        results.append({"name": name, "ok": True, "skipped": why, "exit": None, "wall_s": 0.0, "error": ""})
 
     # aurora-eval from the adapter alone, on the first recipe's run.
     first = outs.get(f"coco_retrieval/zero3/{main_precision}")
@@ -185,7 +200,8 @@ def main():
     for r in results:
         fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "–"  # noqa: E731
         loss = f"{fmt(r.get('loss_first'), '.3f')} → {fmt(r.get('loss_last'), '.3f')}" if "loss_first" in r else "–"
-        rows.append(f"| {r['name']} | {'ok' if r['ok'] else 'FAIL: ' + r['error'].replace('|', '/')} | {r['wall_s']} | "
+        result = f"skipped: {r['skipped']}" if r.get("skipped") else "ok" if r["ok"] else "FAIL: " + r["error"].replace("|", "/")
+        rows.append(f"| {r['name']} | {result} | {r['wall_s']} | "
                     f"{fmt(r.get('step_s'), '.3f')} | {fmt(r.get('peak_memory_mb'), '.0f')} | {loss} | {fmt(r.get('eval'), '.1f')} |")
     header = f"GPU check {info['date']} on {info['device']} (torch {info['torch']}, CUDA {info['cuda']}, NCCL {info['nccl']}, " \
              f"deepspeed {info['deepspeed']}, transformers {info['transformers']}), {time.time() - t0:.0f} s"

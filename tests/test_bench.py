@@ -81,6 +81,41 @@ def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
         (b, g) for b in ("blip-large-retrieval", "vit-giant") for g in (8, 16, 64)}
 
 
+def test_zero_gather_model_fits_here_or_checks_another_run(tmp_path, monkeypatch):
+    """The gather model's arithmetic on stand-in runs and all-gather timings (the real ones are the
+    slow test): bytes / bandwidth + module calls x the overhead per call. Without --calibration the
+    overhead is fitted to this run (prediction = measurement); with another run's report its
+    fitted overhead predicts this one."""
+    def fake_launch(processes, ds_config, out, args, nodes=1):
+        step = 1.0 if "replicated" in ds_config.name else 3.0
+        return {"history": [{"time_s": 9.0, "loss": 2.0}, {"time_s": step, "loss": 1.9}],
+                "local_parameter_bytes": 1000, "peak_memory_mb": 10.0, "steps": 2, "wall_s": 1.0}
+
+    allgather = {"world_size": 2, "rows": [], "latency_s": 1e-3, "bandwidth_gbyte_s": 0.5}
+    monkeypatch.setattr(zero, "launch", fake_launch)
+    monkeypatch.setattr(zero, "measure_gathers", lambda out, args: allgather)
+    from aurora_ds.plan import count_parameters
+
+    calls = count_parameters("blip-tiny-retrieval", 4, 0)["module_calls"]
+    fit_dir, check_dir = tmp_path / "fit", tmp_path / "check"
+    assert main(["zero", "--out", str(fit_dir), "--steps", "2", "--runs", "2-replicated,2"]) == 0
+    g = json.loads((fit_dir / "zero.json").read_text())["gather_model"]
+    assert g["measured_gather_s"] == pytest.approx(2.0) and g["predicted_gather_s"] == pytest.approx(2.0)
+    assert g["module_calls_per_step"] == calls and 0 < g["bandwidth_part_s"] < 0.1
+    assert g["module_overhead_fit_s"] == pytest.approx((2.0 - g["bandwidth_part_s"]) / calls)
+    assert "not a check" in g["module_overhead_from"]
+    report = json.loads((fit_dir / "zero.json").read_text())
+    report["gather_model"]["module_overhead_fit_s"] = 1e-3
+    (tmp_path / "other.json").write_text(json.dumps(report))
+    assert main(["zero", "--out", str(check_dir), "--steps", "2", "--runs", "2-replicated,2",
+                 "--calibration", str(tmp_path / "other.json")]) == 0
+    g = json.loads((check_dir / "zero.json").read_text())["gather_model"]
+    assert g["module_overhead_s"] == 1e-3 and "other.json" in g["module_overhead_from"]
+    assert g["predicted_gather_s"] == pytest.approx(g["bandwidth_part_s"] + 1e-3 * calls)
+    assert g["error"] == pytest.approx(g["predicted_gather_s"] / 2.0 - 1)
+    assert "modules holding parameters x 1.00 ms" in (check_dir / "zero.md").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_zero_real_runs(tmp_path):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
 from aurora_ds.plan import MAX_LIVE_PARAMETERS, main, plan
@@ -144,7 +145,7 @@ def test_plan_errors():
 
 # ---- layouts: recommendation, traffic and the communication model ------------------------------
 
-from aurora_ds.plan import GIB, LAYOUTS, choose_layout, layout_estimates, count_parameters  # noqa: E402
+from aurora_ds.plan import LAYOUTS, choose_layout, layout_estimates, count_parameters  # noqa: E402
 
 
 def test_every_layout_is_estimated_and_replicated_wins_when_it_fits():
@@ -167,16 +168,64 @@ def test_every_layout_is_estimated_and_replicated_wins_when_it_fits():
 
 
 def test_zero3_traffic_by_hand():
-    """Forward gathers every partitioned backbone byte; backward those beyond the live window;
-    a GPU receives (gpus - per_node)/gpus of it from other nodes."""
+    """Every call of a module re-gathers its partitioned parameters: the bytes are the partitioned
+    elements times their modules' forward and backward calls; a GPU receives (gpus - per_node)/gpus
+    of them from other nodes; each call of a module holding parameters costs the overhead."""
     counts = count_parameters(BLIP, 32, 100_000)
-    split = counts["backbone"] - counts["backbone_persistent"]
-    lay = layout_estimates(counts, 16, 8, "bf16", intra_bw=100.0, inter_bw=10.0, latency=0.0, tflops=1e9)["zero3"]
-    gathered = 2 * (split + split - MAX_LIVE_PARAMETERS)
+    assert counts["gathered_fwd"] > counts["gathered_bwd"] > counts["backbone"] - counts["backbone_persistent"]
+    lay = layout_estimates(counts, 16, 8, "bf16", intra_bw=100.0, inter_bw=10.0, latency=0.0, tflops=1e9,
+                           module_overhead=1e-3)["zero3"]
+    gathered = 2 * (counts["gathered_fwd"] + counts["gathered_bwd"])
     grads = 2 * 2 * AURORA
     assert lay["inter_node_bytes"] == int((gathered + grads) * 8 / 16)
     assert lay["intra_node_bytes"] == int((gathered + grads) * 7 / 16)
-    assert lay["comm_s"] == pytest.approx(lay["intra_node_bytes"] / 100e9 + lay["inter_node_bytes"] / 10e9, rel=1e-6)
+    assert lay["comm_s"] == pytest.approx(lay["intra_node_bytes"] / 100e9 + lay["inter_node_bytes"] / 10e9
+                                          + 1e-3 * counts["module_calls"], rel=1e-6)
+
+
+def test_module_calls_follow_the_objective_passes():
+    """The tiny BLIP with every tensor partitioned, counted by hand from CALLS: each module that
+    holds parameters is called as its tower's passes say; the shared factor sets once per call of
+    every adapted layer."""
+    from aurora_ds import AuroraConfig, inject_aurora
+    from aurora_ds.aurora.layer import AuroraLinear
+    from aurora_ds.backbones import build_backbone
+    from aurora_ds.plan import CALLS, call_kind
+
+    counts = count_parameters("blip-tiny-retrieval", 4, 0)
+    with torch.device("meta"):
+        model = build_backbone("blip-tiny-retrieval")
+    inject_aurora(model, AuroraConfig(rank=4, backbone="blip-tiny-retrieval"))
+    owners = [(n, m) for n, m in model.named_modules() if list(m.parameters(recurse=False))]
+    factors = [m for n, m in owners if n.startswith("aurora_factors")]
+    adapted = sum(sum(CALLS[call_kind(n, "hf")]) for n, m in model.named_modules() if isinstance(m, AuroraLinear))
+    others = sum(sum(CALLS[call_kind(n, "hf")]) for n, m in owners if not n.startswith("aurora_factors"))
+    assert len(factors) == 2 and counts["module_calls"] == others + 2 * adapted
+    assert {call_kind(n, "hf") for n, _ in owners} == {"image", "text", "cross"}
+    # the same model with nothing partitioned gathers nothing, but its hooks still run
+    whole = count_parameters("blip-tiny-retrieval", 4, 10**9)
+    assert whole["gathered_fwd"] == whole["gathered_bwd"] == 0 and whole["module_calls"] == counts["module_calls"]
+
+
+def test_cli_module_overhead(capsys):
+    assert main(["--backbone", BLIP, "--gpus", "8", "--module-overhead", "2000", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["layout_inputs"]["module_overhead_s"] == pytest.approx(2e-3)
+    default = plan(BLIP, [8])[0]["layouts"]
+    for name, e in row["layouts"].items():
+        extra = (2e-3 - 50e-6) * row["params"]["module_calls"] * (name != "replicated")
+        assert e["step_s"] == pytest.approx(default[name]["step_s"] + extra)
+
+
+def test_overhead_term_scales_with_module_calls():
+    """ZeRO-3's modelled time grows by the overhead per call times the calls, and only ZeRO-3's."""
+    small, large = count_parameters("blip-tiny-retrieval", 4, 0), count_parameters(BLIP, 32, 100_000)
+    for counts in (small, large):
+        zero = {o: layout_estimates(counts, 8, 8, module_overhead=o) for o in (0.0, 1e-3)}
+        for name in LAYOUTS:
+            extra = zero[1e-3][name]["comm_s"] - zero[0.0][name]["comm_s"]
+            assert extra == pytest.approx(0 if name == "replicated" else 1e-3 * counts["module_calls"])
+    assert large["module_calls"] > 4 * small["module_calls"]
 
 
 def test_small_gpus_take_a_partitioned_layout():
@@ -225,4 +274,5 @@ def test_cli_layouts_and_plot(tmp_path, capsys):
                  "--plot", str(png), "--plot-backbones", "blip-tiny-retrieval"]) == 0
     out = capsys.readouterr().out
     assert "* replicated" in out and "recommended: replicated" in out and "20 GB/s in a node, 100 Gb/s" in out
+    assert "ZeRO-3 50 us per module call" in out
     assert png.stat().st_size > 10_000

@@ -58,6 +58,9 @@ def add_arguments(p):
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="time all-gathers on 2 ranks and compare aurora-plan's predicted ZeRO-3 gather time per step "
                         "with the measured one (2-rank ZeRO-3 step minus 2-rank replicated step)")
+    p.add_argument("--calibration", metavar="ZERO.json",
+                   help="another run's report: take its per-module-call overhead and check the gather model here "
+                        "(without it the overhead is fitted to this run)")
     p.add_argument("--runs", default="1,2,2-offload",
                    help=f"comma-separated runs out of {','.join(RUNS)}; ratios are against the first")
 
@@ -93,7 +96,7 @@ def launch(processes: int, ds_config: Path, out: Path, args, nodes: int = 1) -> 
         env.setdefault("DS_ACCELERATOR", "cpu")
     run = RunDir(out)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[0]
     with open(run.log, "w") as log:
         if nodes == 1:
             proc = subprocess.run(["bash", str(LOCAL_SH), str(processes), *train_args], stdout=log,
@@ -109,6 +112,7 @@ def launch(processes: int, ds_config: Path, out: Path, args, nodes: int = 1) -> 
         raise RuntimeError(f"{processes}-rank run failed; log {run.log}:\n{run.log.read_text()[-3000:]}")
     summary = json.loads(run.summary.read_text())
     summary["wall_s"] = time.perf_counter() - start
+    summary["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     return summary
 
 
@@ -116,10 +120,12 @@ def measured_row(label: str, processes: int, config: str, summary: dict, args) -
     times = [h["time_s"] for h in summary["history"][1:]] or [summary["history"][0]["time_s"]]
     step = statistics.median(times)
     return {"run": label, "processes": processes, "ds_config": config,
-            "local_parameter_bytes": summary["local_parameter_bytes"], "step_s": step,
+            "local_parameter_bytes": summary["local_parameter_bytes"],
+            "secondary_parameter_bytes": summary.get("secondary_parameter_bytes", 0), "step_s": step,
             "samples_per_s": args.batch * processes / step, "peak_memory_mb": summary["peak_memory_mb"],
             "loss": [h["loss"] for h in summary["history"]],
-            "wall_s": summary["wall_s"], "steps": summary["steps"], **estimate(processes, config, args)}
+            "wall_s": summary["wall_s"], "steps": summary["steps"], "load_average": summary.get("load_average"),
+            **estimate(processes, config, args)}
 
 
 def estimate(processes: int, config: str, args) -> dict:
@@ -149,6 +155,10 @@ def measure_gathers(out: Path, args) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("DS_ACCELERATOR", "cpu")
+    # the allocator settings the training runs get from launchers/_common.sh: every gather then
+    # maps fresh pages, as it does in training
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                     str(free_port()), "-m", "aurora_ds.bench.gather", str(out)], env=env, check=True,
                    timeout=args.timeout, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -156,9 +166,13 @@ def measure_gathers(out: Path, args) -> dict:
 
 
 def gather_model(zero3: dict, replicated: dict, args) -> dict:
-    """aurora-plan's communication model with this machine's measured all-gather latency and
-    bandwidth: its predicted ZeRO-3 gather time per step against the measured one (the 2-rank
-    ZeRO-3 step minus the 2-rank replicated step: the same compute, no gathers)."""
+    """aurora-plan's communication model with this machine's all-gather latency and bandwidth:
+    its predicted ZeRO-3 gather time per step against the measured one (the 2-rank ZeRO-3 step
+    minus the 2-rank replicated step: the same compute, no gathers).
+
+    The per-module-call overhead is fitted to every run (``module_overhead_fit_s``); the
+    prediction uses the one fitted to ``--calibration`` (another run's report: then it is a
+    check), or else this run's own (no check: the error is 0 by construction)."""
     import tempfile
 
     from aurora_ds.plan import count_parameters, layout_estimates
@@ -167,13 +181,28 @@ def gather_model(zero3: dict, replicated: dict, args) -> dict:
         fit = measure_gathers(Path(tmp) / "gather.json", args)
     rank = args.rank or (4 if "tiny" in args.backbone else 32)
     counts = count_parameters(args.backbone, rank, args.persistence_threshold)
-    est = layout_estimates(counts, 2, 2, args.precision, batch=args.batch, intra_bw=fit["bandwidth_gbyte_s"],
-                           latency=fit["latency_s"], tflops=1e12)
-    predicted = est["zero3"]["comm_s"] - est["replicated"]["comm_s"]
     measured = zero3["step_s"] - replicated["step_s"]
-    return {"allgather": fit, "gathered_bytes_per_step": est["zero3"]["intra_node_bytes"] - est["replicated"]["intra_node_bytes"],
-            "collectives_per_step": est["zero3"]["collectives"], "predicted_gather_s": predicted,
-            "measured_gather_s": measured, "error": ratio(predicted - measured, measured)}
+
+    def comm(overhead: float) -> float:
+        est = layout_estimates(counts, 2, 2, args.precision, batch=args.batch, intra_bw=fit["bandwidth_gbyte_s"],
+                               latency=fit["latency_s"], tflops=1e12, module_overhead=overhead)
+        return est["zero3"]["comm_s"] - est["replicated"]["comm_s"]
+
+    bandwidth_part = comm(0.0)
+    fitted = (measured - bandwidth_part) / counts["module_calls"]
+    if args.calibration:
+        source = json.loads(Path(args.calibration).read_text())["gather_model"]
+        overhead = source["module_overhead_fit_s"]
+        origin = f"fitted to the {source['backbone']} run {Path(args.calibration).name}"
+    else:
+        overhead, origin = fitted, "fitted to this run: not a check"
+    predicted = comm(overhead)
+    est = layout_estimates(counts, 2, 2, args.precision, batch=args.batch)
+    return {"backbone": args.backbone, "allgather": fit, "module_calls_per_step": counts["module_calls"],
+            "gathered_bytes_per_step": est["zero3"]["intra_node_bytes"] - est["replicated"]["intra_node_bytes"],
+            "module_overhead_fit_s": fitted, "module_overhead_s": overhead, "module_overhead_from": origin,
+            "bandwidth_part_s": bandwidth_part, "predicted_gather_s": predicted, "measured_gather_s": measured,
+            "error": ratio(predicted - measured, measured)}
 
 
 def plan_rows() -> list[dict]:
@@ -196,26 +225,30 @@ def markdown(results: dict) -> str:
     rows = [[r["run"], r["ds_config"], f"{r['local_parameter_bytes'] / 2**20:.2f}",
              fmt(ratio(r["local_parameter_bytes"], one["local_parameter_bytes"]), ".2f", "x"),
              f"{r['step_s']:.3f}", fmt(ratio(r["step_s"], one["step_s"]), ".2f", "x"),
-             f"{r['samples_per_s']:.2f}"] for r in results["runs"]]
+             f"{r['samples_per_s']:.2f}",
+             " → ".join(f"{x:.1f}" for x in r["load_average"]) if r.get("load_average") else "–"] for r in results["runs"]]
     c = results["config"]
     text = f"Backbone {c['backbone']} ({one['params'] / 1e6:,.1f}M parameters), {c['precision']}, persistence " \
            f"threshold {c['persistence_threshold']}, micro-batch {c['batch']} per rank" \
            f"{', image ' + str(c['image_size']) + ' px' if c['image_size'] else ''}.\n\n"
-    text += table(["run", "config", "params MiB/rank", first, "step s (median)", first, "samples/s"], rows)
+    text += table(["run", "config", "params MiB/rank", first, "step s (median)", first, "samples/s",
+                   "machine load (start → end)"], rows)
     memory = [[r["run"], f"{r['peak_memory_mb']:,.0f}", f"{r['unpartitioned_mb']:,.0f}",
                f"{r['plan_model_states_mb']:,.0f}", f"{r['local_parameter_bytes'] / 2**20:,.0f}",
-               f"{r['plan_parameter_mb']:,.0f}"] for r in results["runs"]]
+               f"{r['plan_parameter_mb']:,.0f}", f"{r.get('secondary_parameter_bytes', 0) / 2**20:,.2f}"]
+              for r in results["runs"]]
     text += "\nMemory per rank, MiB (peak: the accelerator's, or on CPU the process's peak RSS, which also " \
             "holds the Python runtime, activations and the data):\n\n"
     text += table(["run", "peak", "one unpartitioned copy", "aurora-plan model states", "parameters held",
-                   "aurora-plan parameters"], memory)
+                   "aurora-plan parameters", "hpZ secondary partition"], memory)
     if results.get("gather_model"):
         g = results["gather_model"]
-        text += (f"\nGather model: all-gather here {g['allgather']['latency_s'] * 1e3:.2f} ms + "
-                 f"{g['allgather']['bandwidth_gbyte_s']:.2f} GB/s; ZeRO-3 gathers {g['gathered_bytes_per_step'] / 2**20:,.0f} "
-                 f"MiB in {g['collectives_per_step']} collectives per step: predicted {g['predicted_gather_s']:.3f} s, "
-                 f"measured {g['measured_gather_s']:.3f} s (2-rank ZeRO-3 step - replicated step), "
-                 f"error {fmt(g['error'], '+.0%')}.\n")
+        text += (f"\nGather model (aurora-plan's, ZeRO-3 minus replicated per step): {g['module_calls_per_step']:,} calls of "
+                 f"modules holding parameters x {g['module_overhead_s'] * 1e3:.2f} ms ({g['module_overhead_from']}) + "
+                 f"{g['gathered_bytes_per_step'] / 2**20:,.0f} MiB gathered at {g['allgather']['bandwidth_gbyte_s']:.2f} GB/s "
+                 f"(all-gathers here: {g['allgather']['latency_s'] * 1e3:.2f} ms + bytes / bandwidth, "
+                 f"{g['bandwidth_part_s']:.3f} s of it): predicted {g['predicted_gather_s']:.3f} s, measured "
+                 f"{g['measured_gather_s']:.3f} s (2-rank ZeRO-3 step - replicated step), error {fmt(g['error'], '+.0%')}.\n")
     for name, why in results.get("not_measured", {}).items():
         text += f"\nNot measured: {name}: {why}\n"
     plan_table = [[p["backbone"], p["gpus"], f"{p['params'] / 1e6:,.0f}M", f"{p['aurora_backbone_gpu_gib']:.2f}",

@@ -202,6 +202,13 @@ def place_buffers(module: torch.nn.Module, device) -> None:
                 raise RuntimeError(f"AURORA_STRICT_DEVICES: {name} is on {t.device}, the engine computes on {device}")
 
 
+def secondary_parameter_bytes(model) -> int:
+    """Bytes of ZeRO++ hierarchical partitioning's secondary partition on this rank: the copy
+    split inside the node that backward gathers read (0 without hpZ)."""
+    secondary = (getattr(p, "ds_secondary_tensor", None) for p in model.parameters())
+    return sum(t.numel() * t.element_size() for t in secondary if t is not None)
+
+
 def local_parameter_bytes(model) -> int:
     """Bytes of parameters held by this rank (the partition under ZeRO-3)."""
     total = 0

@@ -14,7 +14,7 @@ from ..aurora import inject_aurora
 from ..backbones import backbone_config, build_backbone, get_spec, text_vocab_size
 from ..dist import (barrier, free_port, gather_objects, mean_over_ranks, process_rank, set_compute_device,
                     shutdown, stop_if_any_rank_failed, world)
-from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes
+from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes, secondary_parameter_bytes
 from .adapter_record import AdapterRecord, check_checkpoint, check_evaluation, check_fits, read_record
 from .checkpoint import find_checkpoint, load_adapter_values, load_checkpoint, save_adapter, save_checkpoint
 from .config import PRECISIONS
@@ -329,7 +329,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
         test = report_on_test(tester, backend, handle, objective, run, best, step, log)
     summary = {"steps": step, "world_size": size, "ds_config": layout, "parameters": handle.parameter_report(), "skipped": skipped,
                "best": best, "test": test, "history": history, "peak_memory_mb": peak_memory_mb(),
-               "local_parameter_bytes": local_parameter_bytes(objective)}
+               "local_parameter_bytes": local_parameter_bytes(objective),
+               "secondary_parameter_bytes": secondary_parameter_bytes(objective)}
     if rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         run.summary.write_text(json.dumps(summary, indent=2))
