@@ -226,7 +226,7 @@ class ModeUpdate(torch.autograd.Function):
     The mode matrices of all (a x b) blocks are one (a*R) x (b*R) matrix made here from the
     core and the coefficients, with alpha = s / keep (the scale and the dropout rescaling)
     folded in, so no full-width tensor is made besides y itself. Only rank-space tensors are
-    kept: the masked u and the boolean mask.
+    kept: u (shared by the layers that share it) and the boolean mask.
     """
 
     @staticmethod
@@ -236,12 +236,10 @@ class ModeUpdate(torch.autograd.Function):
         if alpha != 1.0:
             mats = mats * alpha
         m = mats.permute(1, 2, 0, 3).reshape(a * rank, b * rank).to(y.dtype)
-        ud = u.reshape(-1, a * rank)
-        if mask is not None:
-            ud = torch.where(mask.reshape(ud.shape), ud, 0.0)
+        ud = _dropped(u.reshape(-1, a * rank), mask)
         z = (ud @ m).view(-1, rank)
-        ctx.save_for_backward(ud, mask, m, core, coeffs, V)
-        ctx.alpha, ctx.a, ctx.b, ctx.u_shape = alpha, a, b, u.shape
+        ctx.save_for_backward(u, mask, m, core, coeffs, V)
+        ctx.alpha, ctx.a, ctx.b = alpha, a, b
         if torch.compiler.is_compiling() or y._is_view():
             # inductor fuses the add itself (traced in-place writes break its backward); writing into
             # a view would make autograd copy the whole gradient in backward (CopySlices)
@@ -252,16 +250,14 @@ class ModeUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        ud, mask, m, core, coeffs, V = ctx.saved_tensors
+        u, mask, m, core, coeffs, V = ctx.saved_tensors
         a, b, rank = ctx.a, ctx.b, V.shape[1]
+        ud = _dropped(u.reshape(-1, a * rank), mask)
         g2 = g.reshape(-1, V.shape[0])
         gz = (g2 @ V).view(-1, b * rank)
         du = dcore = dcoeffs = dV = None
         if ctx.needs_input_grad[1]:
-            du = gz @ m.t()
-            if mask is not None:
-                du = torch.where(mask.reshape(du.shape), du, 0.0)
-            du = du.view(ctx.u_shape)
+            du = _dropped(gz @ m.t(), mask).view(u.shape)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             dm = ud.t() @ gz
             if ctx.alpha != 1.0:
@@ -274,6 +270,10 @@ class ModeUpdate(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             dV = g2.t() @ (ud @ m).view(-1, rank)
         return g, du, dcore, dcoeffs, dV, None, None, None, None
+
+
+def _dropped(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return t if mask is None else torch.where(mask.reshape(t.shape), t, 0.0)
 
 
 class InputSharing:
