@@ -46,7 +46,7 @@ class ModeDown(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., a*d) -> (..., a*R), in x's dtype (the factors are cast, never the activations)."""
-        return ModeDownProjection.apply(x, self.U.to(x.dtype), *rebuild_recipe(x, self.U.shape[1]))
+        return ModeDownProjection.apply(x, _as(self.U, x.dtype), *rebuild_recipe(x, self.U.shape[1]))
 
 
 # U's gradient is gu^T · x (gu: the gradient of u, one row per input block). Each recipe below
@@ -54,14 +54,14 @@ class ModeDown(nn.Module):
 # need not be kept; _kept is the fallback that keeps x.
 
 def _kept(gu, x):
-    return gu.t() @ x.reshape(gu.shape[0], -1)
+    return torch.mm(gu.t(), x.reshape(gu.shape[0], -1))
 
 
 def _from_layer_norm(gu, source, weight, bias, mean, rstd):
     """x = (source - mean) · rstd · weight + bias, never formed: rstd folds into the rank-space
     gu, weight and bias apply to the R x d result."""
     dtype = gu.dtype
-    grad = (gu * rstd.reshape(-1, 1).to(dtype)).t() @ (source.reshape(gu.shape[0], -1) - mean.reshape(-1, 1).to(dtype))
+    grad = torch.mm((gu * rstd.reshape(-1, 1).to(dtype)).t(), source.reshape(gu.shape[0], -1) - mean.reshape(-1, 1).to(dtype))
     if weight is not None:
         grad.mul_(weight.to(dtype))
     if bias is not None:
@@ -179,7 +179,7 @@ class ModeDownProjection(torch.autograd.Function):
     def forward(ctx, x, U, grad_U, *tensors):
         ctx.grad_U = grad_U
         ctx.save_for_backward(U, *(tensors or (x,)))
-        return (x.reshape(-1, U.shape[1]) @ U.t()).view(*x.shape[:-1], -1)
+        return torch.mm(x.reshape(-1, U.shape[1]), U.t()).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, gu):
@@ -187,14 +187,14 @@ class ModeDownProjection(torch.autograd.Function):
         gu2 = gu.reshape(-1, U.shape[0])
         # U's gradient first: a rebuilt x is freed before the input gradient is made.
         dU = ctx.grad_U(gu2, *tensors) if ctx.needs_input_grad[1] else None
-        dx = (gu2 @ U).view(*gu.shape[:-1], -1) if ctx.needs_input_grad[0] else None
+        dx = torch.mm(gu2, U).view(*gu.shape[:-1], -1) if ctx.needs_input_grad[0] else None
         return (dx, dU, None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def mode_matrices(core: torch.Tensor, coeffs: torch.Tensor, a: int, b: int) -> torch.Tensor:
     """M[j, i] = Σ_t C[:, :, t] · Λ[t, j*a + i], shape (b, a, R, R): one GEMM."""
     rank = core.shape[0]
-    return (coeffs.t() @ core.reshape(rank * rank, rank).t()).view(b, a, rank, rank)
+    return torch.mm(coeffs.t(), core.reshape(rank * rank, rank).t()).view(b, a, rank, rank)
 
 
 class ModeUp(nn.Module):
@@ -213,32 +213,32 @@ class ModeUp(nn.Module):
     def forward(self, y: torch.Tensor, u: torch.Tensor, coeffs: torch.Tensor, a: int, b: int,
                 scale: float, dropout: float) -> torch.Tensor:
         """y + scale · Δ, written into y (the frozen layer's fresh output) where autograd allows."""
-        mask = None
+        dropped = None
         if dropout > 0:  # rank-space sized: the draw is cheap, and a boolean mask is a quarter of a float one
-            mask = torch.empty(u.shape, dtype=torch.bool, device=u.device).bernoulli_(1.0 - dropout)
-        return ModeUpdate.apply(y, u.to(y.dtype), self.core, coeffs, self.V.to(y.dtype), mask,
+            dropped = torch.empty(u.shape, dtype=torch.bool, device=u.device).bernoulli_(dropout)
+        return ModeUpdate.apply(y, _as(u, y.dtype), self.core, coeffs, _as(self.V, y.dtype), dropped,
                                 scale / (1.0 - dropout), a, b)
 
 
 class ModeUpdate(torch.autograd.Function):
-    """y += ((u ⊙ mask) · alpha·M) · Vᵀ as one node, in place where possible, in y's dtype.
+    """y += (dropout(u) · alpha·M) · Vᵀ as one node, in place where possible, in y's dtype.
 
     The mode matrices of all (a x b) blocks are one (a*R) x (b*R) matrix made here from the
     core and the coefficients, with alpha = s / keep (the scale and the dropout rescaling)
     folded in, so no full-width tensor is made besides y itself. Only rank-space tensors are
-    kept: u (shared by the layers that share it) and the boolean mask.
+    kept: u (shared by the layers that share it) and the boolean mask of dropped entries.
     """
 
     @staticmethod
-    def forward(ctx, y, u, core, coeffs, V, mask, alpha, a, b):
+    def forward(ctx, y, u, core, coeffs, V, dropped, alpha, a, b):
         width, rank = V.shape
         mats = mode_matrices(core, coeffs, a, b)
         if alpha != 1.0:
             mats = mats * alpha
-        m = mats.permute(1, 2, 0, 3).reshape(a * rank, b * rank).to(y.dtype)
-        ud = _dropped(u.reshape(-1, a * rank), mask)
-        z = (ud @ m).view(-1, rank)
-        ctx.save_for_backward(u, mask, m, core, coeffs, V)
+        m = _as(mats.permute(1, 2, 0, 3).reshape(a * rank, b * rank), y.dtype)
+        ud = _dropout(u.reshape(-1, a * rank), dropped)
+        z = torch.mm(ud, m).view(-1, rank)
+        ctx.save_for_backward(u, dropped, m, core, coeffs, V)
         ctx.alpha, ctx.a, ctx.b = alpha, a, b
         if torch.compiler.is_compiling() or y._is_view():
             # inductor fuses the add itself (traced in-place writes break its backward); writing into
@@ -250,30 +250,35 @@ class ModeUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        u, mask, m, core, coeffs, V = ctx.saved_tensors
+        u, dropped, m, core, coeffs, V = ctx.saved_tensors
         a, b, rank = ctx.a, ctx.b, V.shape[1]
-        ud = _dropped(u.reshape(-1, a * rank), mask)
+        ud = _dropout(u.reshape(-1, a * rank), dropped)
         g2 = g.reshape(-1, V.shape[0])
-        gz = (g2 @ V).view(-1, b * rank)
+        gz = torch.mm(g2, V).view(-1, b * rank)
         du = dcore = dcoeffs = dV = None
         if ctx.needs_input_grad[1]:
-            du = _dropped(gz @ m.t(), mask).view(u.shape)
+            du = _dropout(torch.mm(gz, m.t()), dropped).view(u.shape)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dm = ud.t() @ gz
+            dm = torch.mm(ud.t(), gz)
             if ctx.alpha != 1.0:
                 dm.mul_(ctx.alpha)
-            dmats = dm.view(a, rank, b, rank).permute(2, 0, 1, 3).reshape(b * a, rank * rank).to(core.dtype)
+            dmats = _as(dm.view(a, rank, b, rank).permute(2, 0, 1, 3).reshape(b * a, rank * rank), core.dtype)
             if ctx.needs_input_grad[2]:
-                dcore = (dmats.t() @ coeffs.t()).view(core.shape)
+                dcore = torch.mm(dmats.t(), coeffs.t()).view(core.shape)
             if ctx.needs_input_grad[3]:
-                dcoeffs = core.reshape(rank * rank, rank).t() @ dmats.t()
+                dcoeffs = torch.mm(core.reshape(rank * rank, rank).t(), dmats.t())
         if ctx.needs_input_grad[4]:
-            dV = g2.t() @ (ud @ m).view(-1, rank)
+            dV = torch.mm(g2.t(), torch.mm(ud, m).view(-1, rank))
         return g, du, dcore, dcoeffs, dV, None, None, None, None
 
 
-def _dropped(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return t if mask is None else torch.where(mask.reshape(t.shape), t, 0.0)
+def _dropout(t: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+    return t if dropped is None else t.masked_fill(dropped.reshape(t.shape), 0.0)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without a dispatcher call when nothing changes (it runs several times per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class InputSharing:
