@@ -41,15 +41,16 @@ class GatedQueryTransform(nn.Module):
 
 
 class GatedQuery(torch.autograd.Function):
-    """h' = h ⊙ (1 + sγ) + sβ with s = tanh(g) · λ, as one node that keeps only h (autograd's
-    own ops would also keep h ⊙ γ + β, a second activation per block)."""
+    """h' = (h + sβ) + h ⊙ sγ with s = tanh(g) · λ, as one node that keeps only h (autograd's own
+    ops would also keep h ⊙ γ + β, a second activation per block). Not h ⊙ (1 + sγ): in bf16,
+    1 + sγ would round the small sγ away."""
 
     @staticmethod
     def forward(ctx, h, gamma, beta, gate, scale):
         s = torch.tanh(gate) * scale
         ctx.save_for_backward(h, gamma, beta, gate)
         ctx.scale = scale
-        return torch.addcmul(s * beta, h, 1 + s * gamma)
+        return torch.addcmul(h + s * beta, h, s * gamma)
 
     @staticmethod
     def backward(ctx, go):
@@ -59,7 +60,7 @@ class GatedQuery(torch.autograd.Function):
         go2, h2 = go.reshape(-1, h.shape[-1]), h.reshape(-1, h.shape[-1])
         sum_go = go2.sum(0)
         sum_go_h = (go2 * h2).sum(0)
-        dh = go * (1 + s * gamma)
+        dh = torch.addcmul(go, go, s * gamma)
         dgamma, dbeta = s * sum_go_h, s * sum_go
         dgate = (ctx.scale * (1 - t * t)) * (sum_go_h @ gamma + sum_go @ beta)
         return dh, dgamma, dbeta, dgate.reshape(gate.shape), None

@@ -164,9 +164,11 @@ def rebuild_recipe(x: torch.Tensor, width: int) -> tuple:
             made = sources[0].shape
         else:
             return (_kept,)
-    except RuntimeError:  # a saved tensor that was not kept (its input needs no gradient) or already freed
+    except (RuntimeError, AttributeError):
+        # a saved tensor that was not kept (its input needs no gradient: None or an error), already
+        # freed, or named differently in this torch version
         return (_kept,)
-    if tuple(made) != shape or sources[0] is None or sources[-1] is None or any(t is not None and _partitioned(t) for t in sources):
+    if tuple(made) != shape or any(t is not None and _partitioned(t) for t in sources):
         return (_kept,)
     # Detached: the same storage and version counter, but no graph edge to the producer's inputs.
     return (fn, *(None if t is None else t.detach() for t in sources))
