@@ -1,5 +1,7 @@
-"""The adapted linear against today's reference math in fp64: same outputs and gradients with
-dropout on (same mask) and off; x rebuilt from LayerNorm and GELU saves; torch.compile."""
+"""The adapted linear against the reference math in fp64: same outputs and gradients with
+dropout on (same mask) and off; U's gradient from LayerNorm, GELU and attention saves instead of
+a kept x; U·x shared within a model call; GQT as one node; coverage per backbone family;
+torch.compile."""
 
 import pytest
 import torch
@@ -38,26 +40,40 @@ def _grads(layer, out, x):
     return torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum(), params)
 
 
+def _node_names(t: torch.Tensor) -> set[str]:
+    names, stack, seen = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack += [n for n, _ in node.next_functions]
+    return names
+
+
 BLOCKS = [(6, 6, 1, 1), (6, 6, 1, 3), (6, 6, 4, 1), (6, 6, 1, 4), (5, 7, 1, 1)]
 
 
 @pytest.mark.parametrize("d_in,d_out,a,b", BLOCKS)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_matches_reference_in_fp64(monkeypatch, d_in, d_out, a, b, dropout):
+@pytest.mark.parametrize("shape", [(2, 5), (7,)])
+def test_matches_reference_in_fp64(monkeypatch, d_in, d_out, a, b, dropout, shape):
     layer = _layer(d_in, d_out, a, b, dropout=dropout, scale=0.7).train()
     masks = []
     apply = layer_mod.ModeUpdate.apply
 
-    def record(y, u, m, V, mask, alpha):
-        masks.append(mask)
-        return apply(y, u, m, V, mask, alpha)
+    def record(*args):
+        masks.append(args[5])
+        return apply(*args)
 
     monkeypatch.setattr(layer_mod.ModeUpdate, "apply", record)
-    x = torch.randn(2, 5, a * d_in, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*shape, a * d_in, dtype=torch.float64, requires_grad=True)
     got = layer(x)
-    (mask,) = masks
-    assert (mask is None) == (dropout == 0) and (mask is None or mask.dtype == torch.bool)
-    want = reference(layer, x, mask, dropout)
+    assert "CopySlices" not in _node_names(got), "the update was written into a view"
+    (dropped,) = masks
+    assert (dropped is None) == (dropout == 0) and (dropped is None or dropped.dtype == torch.bool)
+    want = reference(layer, x, None if dropped is None else ~dropped, dropout)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for g, w in zip(_grads(layer, got, x), _grads(layer, want, x)):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
@@ -112,55 +128,254 @@ def test_torch_compile_matches_eager_in_one_graph():
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
 
 
-def test_x_is_rebuilt_from_layer_norm_and_gelu_saves():
-    """U's gradient from x rebuilt out of its producer's saved tensors equals the one from x kept."""
+def recipe_kind(recipe: tuple) -> str:
+    """What U's gradient is computed from: kept (x itself), layer_norm, gelu, mul, bmm (attention
+    probabilities and values), attention (a fused kernel's output)."""
+    fn = recipe[0]
+    if fn is layer_mod._kept:
+        return "kept"
+    if fn is layer_mod._from_layer_norm:
+        return "layer_norm"
+    make = fn.args[0]
+    return {torch.bmm: "bmm", torch.mul: "mul", layer_mod._identity: "attention"}.get(make) or make.func.__name__
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block in fp64 with every linear adapted: LayerNorm -> fused qkv ->
+    attention (eager matmuls or fused SDPA) -> projection; LayerNorm -> fc1 -> GELU or
+    quick_gelu -> fc2."""
+
+    def __init__(self, attention: str, activation: str, d=8, heads=2, rank=3):
+        super().__init__()
+        kw = {"dtype": torch.float64}
+        self.attention, self.activation, self.heads = attention, activation, heads
+        self.factors = AuroraFactors(d, rank, 0.0, **kw)
+        with torch.no_grad():
+            self.factors.up.V.normal_()
+        self.norm1, self.norm2 = nn.LayerNorm(d, **kw), nn.LayerNorm(d, **kw)
+        with torch.no_grad():
+            for norm in (self.norm1, self.norm2):
+                norm.weight.normal_()
+                norm.bias.normal_()
+                norm.requires_grad_(False)
+
+        def adapted(i, o):
+            return AuroraLinear(nn.Linear(i, o, **kw).requires_grad_(False), self.factors, self.factors)
+
+        self.qkv, self.proj, self.fc1, self.fc2 = adapted(d, 3 * d), adapted(d, d), adapted(d, 4 * d), adapted(4 * d, d)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if self.attention == "eager":
+            out = torch.matmul((q @ k.transpose(-1, -2)).softmax(-1), v).permute(0, 2, 1, 3).reshape(B, T, d)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, d)
+        x = x + self.proj(out)
+        h = self.fc1(self.norm2(x))
+        h = torch.nn.functional.gelu(h) if self.activation == "gelu" else h * torch.sigmoid(1.702 * h)
+        return x + self.fc2(h)
+
+    def parameters_to_check(self):
+        return [self.factors.down.U, self.factors.up.V, self.factors.up.core] + [m.coeffs for m in (self.qkv, self.proj, self.fc1, self.fc2)]
+
+
+@pytest.mark.parametrize("attention,activation", [("eager", "gelu"), ("sdpa", "quick_gelu")])
+def test_u_gradient_from_producer_saves_equals_kept_x(attention, activation):
+    """U's gradient from what LayerNorm, GELU / quick_gelu and attention keep anyway equals the
+    one from x kept, and the attention projection's input is among the rebuilt ones."""
     torch.manual_seed(0)
-    source = AuroraFactors(6, 3, 0.0, dtype=torch.float64)
-    with torch.no_grad():
-        source.up.V.normal_()
-    norm = nn.LayerNorm(6, dtype=torch.float64)
-    with torch.no_grad():
-        norm.weight.normal_()
-        norm.bias.normal_()
-    norm.requires_grad_(False)
-    fc1 = AuroraLinear(nn.Linear(6, 24, dtype=torch.float64).requires_grad_(False), source, source)
-    fc2 = AuroraLinear(nn.Linear(24, 6, dtype=torch.float64).requires_grad_(False), source, source)
-    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-    params = [x, source.down.U, source.up.V, source.up.core, fc1.coeffs, fc2.coeffs]
+    block = Block(attention, activation)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    params = [x, *block.parameters_to_check()]
 
     def grads():
-        out = fc2(torch.nn.functional.gelu(fc1(norm(x))))
-        return torch.autograd.grad((out ** 2).sum(), params)
+        return torch.autograd.grad((block(x) ** 2).sum(), params)
 
-    recipes = []
+    kinds = []
     recipe = layer_mod.rebuild_recipe
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layer_mod, "rebuild_recipe", lambda t: recipes.append(recipe(t)) or recipes[-1])
+        mp.setattr(layer_mod, "rebuild_recipe", lambda t, w: kinds.append(recipe_kind(recipe(t, w))) or recipe(t, w))
         rebuilt = grads()
-        assert [r[0] is None for r in recipes] == [False, False]
-        mp.setattr(layer_mod, "rebuild_recipe", lambda t: (None,))
+        mp.setattr(layer_mod, "rebuild_recipe", lambda t, w: (layer_mod._kept,))
         kept = grads()
+    act = "gelu" if activation == "gelu" else "mul"
+    assert kinds == ["layer_norm", "bmm" if attention == "eager" else "attention", "layer_norm", act]
     for a, b in zip(rebuilt, kept):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_u_gradient_keeps_x_under_activation_checkpointing():
+    """Under non-reentrant checkpointing nothing reads other nodes' saves (that would recompute in
+    forward) and nothing is shared: same gradients, and the checkpoint's saved-tensor count check
+    passes."""
+    torch.manual_seed(0)
+    block = Block("eager", "gelu")
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    params = [x, *block.parameters_to_check()]
+    want = torch.autograd.grad((block(x) ** 2).sum(), params)
+    kinds = []
+    recipe = layer_mod.rebuild_recipe
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layer_mod, "rebuild_recipe", lambda t, w: kinds.append(recipe_kind(recipe(t, w))) or recipe(t, w))
+        out = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        got = torch.autograd.grad((out ** 2).sum(), params)
+    assert set(kinds) == {"kept"}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+class CrossLayers(nn.Module):
+    """Two BERT-like layers: q, k, v of one hidden state, then a cross-attention key and value of
+    the same memory tokens in each layer, all adapted through one factor set."""
+
+    def __init__(self, sharing, d=6, dropout=0.3):
+        super().__init__()
+        kw = {"dtype": torch.float64}
+        self.factors = AuroraFactors(d, 3, dropout, **kw)
+        with torch.no_grad():
+            self.factors.up.V.normal_()
+        self.layers = nn.ModuleList()
+        for _ in range(2):
+            self.layers.append(nn.ModuleDict({n: AuroraLinear(nn.Linear(d, d, **kw).requires_grad_(False), self.factors,
+                                                              self.factors, sharing=sharing)
+                                              for n in ("query", "key", "value", "cross_key", "cross_value")}))
+        if sharing is not None:
+            sharing.attach([self])
+
+    def forward(self, h, memory):
+        for layer in self.layers:
+            h = torch.tanh(layer["query"](h) + layer["key"](h) * layer["value"](h))
+            h = h + (layer["cross_key"](memory) * layer["cross_value"](memory)).mean(1, keepdim=True)
+        return h
+
+
+def _count_down_calls(monkeypatch):
+    calls = []
+    apply = layer_mod.ModeDownProjection.apply
+    monkeypatch.setattr(layer_mod.ModeDownProjection, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+def test_u_is_computed_once_per_input_within_a_call(monkeypatch):
+    """Sharing U·x gives the plain layers' outputs and gradients (dropout on, same draws), with one
+    U·x per distinct input; nothing survives the call."""
+    sharing = layer_mod.InputSharing()
+    shared, plain = CrossLayers(sharing), CrossLayers(None)
+    plain.load_state_dict(shared.state_dict())
+    shared.train(), plain.train()
+    h = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    calls = _count_down_calls(monkeypatch)
+    results = []
+    for model in (shared, plain):
+        torch.manual_seed(3)
+        out = model(h, memory)
+        params = [h, memory, model.factors.down.U, model.factors.up.V, model.factors.up.core,
+                  *(m.coeffs for layer in model.layers for m in layer.values())]
+        results.append((out, torch.autograd.grad((out ** 2).sum(), params)))
+        calls.append(None)
+    # shared: h, memory, layer 2's h (3 inputs); plain: one per adapted layer (10)
+    assert calls.index(None) == 3 and len(calls) - calls.index(None) - 2 == 10
+    assert sharing.owner is None and not sharing.memo
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_u_never_outlives_a_call_or_an_inplace_change():
+    """The same input tensor in the next call, after U changed in place (an optimizer step),
+    gives the new result; so does an input changed in place within one call."""
+    sharing = layer_mod.InputSharing()
+    model, plain = CrossLayers(sharing, dropout=0.0), CrossLayers(None, dropout=0.0)
+    h = torch.randn(2, 4, 6, dtype=torch.float64)
+    memory = torch.randn(2, 7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        model(h, memory)
+        model.factors.down.U.add_(1.0)
+        plain.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(h, memory), plain(h, memory), rtol=1e-12, atol=1e-12)
+
+    class InPlace(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            first = self.inner.layers[0]["cross_key"](x)
+            x.mul_(2.0)
+            return first + self.inner.layers[1]["cross_key"](x)
+
+    wrapped = InPlace(model)
+    sharing.attach([wrapped])
+    with torch.no_grad():
+        want = plain.layers[0]["cross_key"](memory) + plain.layers[1]["cross_key"](2 * memory)
+        torch.testing.assert_close(wrapped(memory.clone()), want, rtol=1e-12, atol=1e-12)
+
+
+def test_gated_query_node_matches_the_formula():
+    """GQT as one node: the same output and gradients as h + tanh(g)·λ·(h ⊙ γ + β) in fp64."""
+    from aurora_ds.aurora.extras import GatedQueryTransform
+
+    torch.manual_seed(0)
+    gqt = GatedQueryTransform(6, scale=0.3, dtype=torch.float64)
+    with torch.no_grad():
+        for p in gqt.parameters():
+            p.normal_()
+    h = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    params = [h, gqt.gamma, gqt.beta, gqt.gate]
+    got = gqt(h)
+    want = h + torch.tanh(gqt.gate) * gqt.scale * (h * gqt.gamma + gqt.beta)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    weights = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), params), torch.autograd.grad((want * weights).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# Adapted inputs that keep x, per family, and why: the first layer reads embeddings (no gradient
+# needed below them, or a dropout); a cross-attention query reads the GQT output; the Q-Former's
+# layers with text read a concatenation of the query and text halves.
+KEEPS_X = {
+    "blip": (r"vision_model\.encoder\.layers\.0\.self_attn\.qkv", r".*\.layer\.0\.attention\.self\.query",
+             r".*\.crossattention\.self\.query"),
+    "blip2": (r"vision_model\.encoder\.layers\.0\.self_attn\.qkv", r"qformer\.encoder\.layer\.\d+\.attention\.attention\.query",
+              r"qformer\.encoder\.layer\.\d+\.crossattention\.attention\.query"),
+    "clip": (r"(text|vision)_model\.encoder\.layers\.0\.self_attn\.q_proj",),
+    "vit": (r"blocks\.0\.attn\.qkv",),
+    "eva": (r"blocks\.0\.attn\.qkv",),
+}
+
+
 @pytest.mark.parametrize("name", [n for n in __import__("aurora_ds").list_backbones() if "tiny" in n])
 def test_rebuild_coverage_per_backbone_family(name):
-    """Every family rebuilds most adapted inputs (LayerNorm and GELU outputs) rather than keeping them."""
+    """Which adapted linears keep x, which compute U's gradient from their producer's saves
+    (and from which), and which reuse another layer's U·x: printed as a table, and every kept
+    x is one of the family's known cases (KEEPS_X)."""
+    import re
+
     from aurora_ds import AuroraConfig, build_backbone, inject_aurora
     from aurora_ds.backbones import example_batch, forward_features, get_spec
 
     spec = get_spec(name)
     torch.manual_seed(0)
     model = build_backbone(name)
-    inject_aurora(model, AuroraConfig(rank=4, backbone=name))
+    handle = inject_aurora(model, AuroraConfig(rank=4, backbone=name))
     model.train()
-    recipes = []
+    current, kinds = [], {}
+    for layer_name, layer in handle.layers.items():
+        layer.register_forward_pre_hook(lambda m, a, n=layer_name: current.append(n))
     recipe = layer_mod.rebuild_recipe
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layer_mod, "rebuild_recipe", lambda t: recipes.append(recipe(t)) or recipes[-1])
+        mp.setattr(layer_mod, "rebuild_recipe",
+                   lambda t, w: kinds.setdefault(current[-1], set()).add(recipe_kind(recipe(t, w))) or recipe(t, w))
         out = forward_features(model, spec, example_batch(spec, 2))
-    rebuilt = sum(r[0] is not None for r in recipes)
-    print(f"{name}: x rebuilt for {rebuilt} of {len(recipes)} U·x")
-    assert rebuilt >= len(recipes) // 3, (rebuilt, len(recipes))
+    table = {n: sorted(kinds.get(n, {"shared"})) for n in handle.layers}
+    print(f"{name}:\n" + "\n".join(f"  {n}: {', '.join(k)}" for n, k in table.items()))
+    allowed = KEEPS_X[name.split("-")[0]]
+    keeping = [n for n, k in table.items() if "kept" in k]
+    assert all(any(re.fullmatch(p, n) for p in allowed) for n in keeping), keeping
+    assert sum("kept" not in k for k in table.values()) >= len(table) // 2
+    if name.startswith("blip-"):  # the cross-attention keys and values of every layer read the image tokens once
+        cross = [k for n, k in table.items() if re.search(r"crossattention\.self\.(key|value)", n)]
+        assert sum(k != ["shared"] for k in cross) == (2 if "vqa" in name else 1), cross
     sum(o.float().pow(2).sum() for o in out.values()).backward()

@@ -115,6 +115,19 @@ def _assert_same_adapter(plain_out, ds_out):
         assert (a[name] - b[name]).abs().max().item() <= 1e-5 * a[name].abs().max().item() + 1e-9, name
 
 
+def test_two_rank_zero3_with_persistent_small_tensors_matches_single_process_reference(equivalence_runs, tmp_path):
+    """The shipped zero3.json (persistence threshold 1e5): the factors and the LayerNorm weights
+    stay whole on every rank, so U's gradient is computed from the LayerNorms' saves here too (with
+    threshold 0 those weights are partitioned and x is kept). Same SGD run, same factors."""
+    out = tmp_path / "persistent2"
+    local(2, _common(_checkpoint_of(equivalence_runs), out, 4, "optim.batch_size=2", *EQUIV)
+          + ["--ds-config", str(ROOT / "ds_configs" / "zero3.json")], tmp_path / "persistent2.log")
+    assert _summary(out)["ds_config"] != "replicated"
+    _assert_same_adapter(equivalence_runs / "plain", out)
+    la = [h["loss"] for h in _summary(equivalence_runs / "plain")["history"]]
+    assert la == pytest.approx([h["loss"] for h in _summary(out)["history"]], abs=1e-5)
+
+
 def test_two_rank_replicated_auto_layout_matches_single_process_reference(equivalence_runs, tmp_path):
     """``--ds-config auto`` picks the replicated layout for the tiny backbone (it fits whole): the
     backbone is built unpartitioned (no HfDeepSpeedConfig), ZeRO stage 2 holds the Aurora states;

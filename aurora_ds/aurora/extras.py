@@ -37,12 +37,38 @@ class GatedQueryTransform(nn.Module):
         self.gate = nn.Parameter(torch.zeros(1, **kw))  # 1-d: ZeRO cannot partition 0-d tensors
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + torch.tanh(self.gate) * self.scale * (h * self.gamma + self.beta)
+        return GatedQuery.apply(h, self.gamma, self.beta, self.gate, self.scale)
 
     def attach(self, block: nn.Module):
         """Register as ``block.aurora_gqt`` and transform the block's output on every call."""
         block.add_module("aurora_gqt", self)
         block.register_forward_hook(_apply_gqt)
+
+
+class GatedQuery(torch.autograd.Function):
+    """h' = (h + sβ) + h ⊙ sγ with s = tanh(g) · λ, as one node that keeps only h (autograd's own
+    ops would also keep h ⊙ γ + β, a second activation per block). Not h ⊙ (1 + sγ): in bf16,
+    1 + sγ would round the small sγ away."""
+
+    @staticmethod
+    def forward(ctx, h, gamma, beta, gate, scale):
+        s = torch.tanh(gate) * scale
+        ctx.save_for_backward(h, gamma, beta, gate)
+        ctx.scale = scale
+        return torch.addcmul(h + s * beta, h, s * gamma)
+
+    @staticmethod
+    def backward(ctx, go):
+        h, gamma, beta, gate = ctx.saved_tensors
+        t = torch.tanh(gate)
+        s = t * ctx.scale
+        go2, h2 = go.reshape(-1, h.shape[-1]), h.reshape(-1, h.shape[-1])
+        sum_go = go2.sum(0)
+        sum_go_h = (go2 * h2).sum(0)
+        dh = torch.addcmul(go, go, s * gamma)
+        dgamma, dbeta = s * sum_go_h, s * sum_go
+        dgate = (ctx.scale * (1 - t * t)) * (sum_go_h @ gamma + sum_go @ beta)
+        return dh, dgamma, dbeta, dgate.reshape(gate.shape), None
 
 
 def _apply_gqt(block: nn.Module, args, output):

@@ -23,8 +23,11 @@ in its ``up`` part; a width that only ever feeds (or only receives) such layers 
 from __future__ import annotations
 
 import math
+import weakref
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,68 +46,157 @@ class ModeDown(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., a*d) -> (..., a*R), in x's dtype (the factors are cast, never the activations)."""
-        return ModeDownProjection.apply(x, self.U.to(x.dtype), *rebuild_recipe(x))
+        return ModeDownProjection.apply(x, _as(self.U, x.dtype), *rebuild_recipe(x, self.U.shape[1]))
 
 
-def _layer_norm(x, weight, bias, mean, rstd):
-    x = (x - mean) * rstd
-    x = x if weight is None else x * weight
-    return x if bias is None else x + bias
+# U's gradient is gu^T · x (gu: the gradient of u, one row per input block). Each recipe below
+# computes it from tensors that x's producer keeps for its own backward anyway, so that x itself
+# need not be kept; _kept is the fallback that keeps x.
+
+def _kept(gu, x):
+    return torch.mm(gu.t(), x.reshape(gu.shape[0], -1))
 
 
-def _gelu(approximate: str):
-    return lambda t: torch.nn.functional.gelu(t, approximate=approximate)
+def _from_layer_norm(gu, source, weight, bias, mean, rstd):
+    """x = (source - mean) · rstd · weight + bias, never formed: rstd folds into the rank-space
+    gu, weight and bias apply to the R x d result."""
+    dtype = gu.dtype
+    grad = torch.mm((gu * rstd.reshape(-1, 1).to(dtype)).t(), source.reshape(gu.shape[0], -1) - mean.reshape(-1, 1).to(dtype))
+    if weight is not None:
+        grad.mul_(weight.to(dtype))
+    if bias is not None:
+        grad.addr_(gu.sum(0), bias.to(dtype))
+    return grad
 
 
-def rebuild_recipe(x: torch.Tensor) -> tuple:
-    """(fn, *tensors) with fn(*tensors) == x from tensors x's own producer keeps for its backward
-    anyway (a LayerNorm's input and statistics, a GELU's input), or (None,) to keep x itself.
+def _rebuilt(make, ops, gu, *sources):
+    """x rebuilt by ``make(*sources)`` and the shape-only ops that led from it to x."""
+    x = make(*sources)
+    for op, arg in ops:
+        x = getattr(x, op)(*arg)
+    return _kept(gu, x)
 
-    U's gradient needs x, which the frozen linear never keeps; rebuilding it costs one
-    elementwise pass in backward instead of a stored activation per layer. Not for parameters
-    ZeRO-3 partitions (they may be released when this node's backward runs) or while compiling.
+
+def _identity(t):
+    return t
+
+
+# Autograd nodes that only move or copy values, with how to replay them forward.
+_SHAPE_OPS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "PermuteBackward0", "TransposeBackward0", "CloneBackward0")
+
+
+def _through_shape_ops(x: torch.Tensor):
+    """(producer node, its output index, that output's shape, ops replaying x from it): x's
+    producers followed back through views, permutes, transposes and copies."""
+    node, index, shape, ops = x.grad_fn, x.output_nr, tuple(x.shape), []
+    while node is not None and type(node).__name__ in _SHAPE_OPS and len(ops) < 8:
+        kind = type(node).__name__
+        if kind in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
+            ops.append(("reshape", (shape,)))
+            shape = tuple(node._saved_self_sym_sizes)
+        elif kind == "PermuteBackward0":
+            dims = [d % len(shape) for d in node._saved_dims]
+            ops.append(("permute", (dims,)))
+            inverse = [0] * len(shape)
+            for k, d in enumerate(dims):
+                inverse[d] = shape[k]
+            shape = tuple(inverse)
+        elif kind == "TransposeBackward0":
+            d0, d1 = node._saved_dim0 % len(shape), node._saved_dim1 % len(shape)
+            ops.append(("transpose", (d0, d1)))
+            swapped = list(shape)
+            swapped[d0], swapped[d1] = shape[d1], shape[d0]
+            shape = tuple(swapped)
+        node, index = node.next_functions[0]
+    return node, index, shape, ops[::-1]
+
+
+def _partitioned(t: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter that may be released by the time this node's backward runs."""
+    return hasattr(t, "ds_id") and not getattr(t, "ds_persist", False)
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Saved-tensor hooks (activation checkpointing, offloading) are packing what autograd keeps:
+    reading another node's saved tensors would unpack (recompute, copy back) them in forward."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def rebuild_recipe(x: torch.Tensor, width: int) -> tuple:
+    """(fn, *tensors) with fn(gu, *tensors) == gu^T · x (U's gradient), from what x's producer
+    keeps for its own backward anyway where that is possible, else (_kept,).
+
+    The frozen linear never keeps its input; keeping it for U alone would add one activation
+    per adapted layer. Producers covered: a LayerNorm (its input and statistics), a GELU (its
+    input), attention (the probabilities and values a ``bmm`` keeps, or the output a fused
+    scaled-dot-product kernel keeps), each possibly followed by views, permutes and copies.
+    A product of two kept tensors is recomputed too (quick_gelu).
+    Not while compiling (reading grad_fn would break the graph) or under saved-tensor hooks;
+    never with a ZeRO-3 parameter that is partitioned (it may be released before this node's
+    backward runs).
     """
-    if torch.compiler.is_compiling():  # reading grad_fn would break the graph
-        return (None,)
-    node = x.grad_fn
-    if node is None or x.output_nr != 0:
-        return (None,)
+    if torch.compiler.is_compiling() or saved_tensor_hooks_active():
+        return (_kept,)
+    node, index, shape, ops = _through_shape_ops(x)
     kind = type(node).__name__
-    if kind == "GeluBackward0":
-        fn, sources = _gelu(node._saved_approximate), (node._saved_self,)
-    elif kind == "NativeLayerNormBackward0":
-        fn = _layer_norm
-        sources = (node._saved_input, node._saved_weight, node._saved_bias, node._saved_result1, node._saved_result2)
-        if any(hasattr(t, "ds_id") for t in sources):
-            return (None,)
-    else:
-        return (None,)
-    # Detached: the same storage, but no graph edge to x's producer's inputs.
+    try:
+        if node is None or index != 0:
+            return (_kept,)
+        if kind == "NativeLayerNormBackward0" and not ops and list(node._saved_normalized_shape) == [width]:
+            fn = _from_layer_norm
+            sources = (node._saved_input, node._saved_weight, node._saved_bias, node._saved_result1, node._saved_result2)
+            made = sources[0].shape
+        elif kind == "GeluBackward0":
+            fn = partial(_rebuilt, partial(F.gelu, approximate=node._saved_approximate), ops)
+            sources = (node._saved_self,)
+            made = sources[0].shape
+        elif kind == "MulBackward0":  # e.g. quick_gelu's x * sigmoid(1.702 x)
+            fn = partial(_rebuilt, torch.mul, ops)
+            sources = (node._saved_self, node._saved_other)
+            made = torch.broadcast_shapes(sources[0].shape, sources[1].shape)
+        elif kind == "BmmBackward0":
+            fn = partial(_rebuilt, torch.bmm, ops)
+            sources = (node._saved_self, node._saved_mat2)
+            made = (sources[0].shape[0], sources[0].shape[1], sources[1].shape[2])
+        elif kind.startswith("ScaledDotProduct") and hasattr(node, "_saved_output"):
+            fn = partial(_rebuilt, _identity, ops)
+            sources = (node._saved_output,)
+            made = sources[0].shape
+        else:
+            return (_kept,)
+    except (RuntimeError, AttributeError):
+        # a saved tensor that was not kept (its input needs no gradient: None or an error), already
+        # freed, or named differently in this torch version
+        return (_kept,)
+    if tuple(made) != shape or any(t is not None and _partitioned(t) for t in sources):
+        return (_kept,)
+    # Detached: the same storage and version counter, but no graph edge to the producer's inputs.
     return (fn, *(None if t is None else t.detach() for t in sources))
 
 
 class ModeDownProjection(torch.autograd.Function):
-    """u = U · x per input block, keeping x or a recipe to rebuild it (:func:`rebuild_recipe`)."""
+    """u = U · x per input block, keeping only what :func:`rebuild_recipe` chose."""
 
     @staticmethod
-    def forward(ctx, x, U, rebuild, *sources):
-        rank, width = U.shape
-        ctx.rebuild, ctx.sources = rebuild, len(sources)
-        ctx.save_for_backward(U, *((x,) if rebuild is None else sources))
-        return (x.reshape(-1, width) @ U.t()).view(*x.shape[:-1], -1)
+    def forward(ctx, x, U, grad_U, *tensors):
+        ctx.grad_U = grad_U
+        ctx.save_for_backward(U, *(tensors or (x,)))
+        return torch.mm(x.reshape(-1, U.shape[1]), U.t()).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, gu):
-        U, *kept = ctx.saved_tensors
-        rank, width = U.shape
-        gu2 = gu.reshape(-1, rank)
-        dx = dU = None
-        if ctx.needs_input_grad[0]:
-            dx = (gu2 @ U).view(*gu.shape[:-1], -1)
-        if ctx.needs_input_grad[1]:
-            x = kept[0] if ctx.rebuild is None else ctx.rebuild(*kept)
-            dU = gu2.t() @ x.reshape(-1, width)
-        return (dx, dU, None) + (None,) * ctx.sources
+        U, *tensors = ctx.saved_tensors
+        gu2 = gu.reshape(-1, U.shape[0])
+        # U's gradient first: a rebuilt x is freed before the input gradient is made.
+        dU = ctx.grad_U(gu2, *tensors) if ctx.needs_input_grad[1] else None
+        dx = torch.mm(gu2, U).view(*gu.shape[:-1], -1) if ctx.needs_input_grad[0] else None
+        return (dx, dU, None) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+def mode_matrices(core: torch.Tensor, coeffs: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """M[j, i] = Σ_t C[:, :, t] · Λ[t, j*a + i], shape (b, a, R, R): one GEMM."""
+    rank = core.shape[0]
+    return torch.mm(coeffs.t(), core.reshape(rank * rank, rank).t()).view(b, a, rank, rank)
 
 
 class ModeUp(nn.Module):
@@ -120,64 +212,121 @@ class ModeUp(nn.Module):
         self.V = nn.Parameter(torch.zeros(width, rank, **kw))
         nn.init.xavier_uniform_(self.core)
 
-    def mode_matrices(self, coeffs: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """M[j, i] = Σ_t C[:, :, t] · Λ[t, j*a + i], shape (b, a, R, R)."""
-        rank = self.core.shape[0]
-        return torch.einsum("pqt,tk->kpq", self.core, coeffs.to(self.core.dtype)).reshape(b, a, rank, rank)
-
     def forward(self, y: torch.Tensor, u: torch.Tensor, coeffs: torch.Tensor, a: int, b: int,
                 scale: float, dropout: float) -> torch.Tensor:
-        """y + scale · Δ, written into y (the frozen layer's fresh output)."""
-        rank = self.core.shape[0]
-        # All blocks at once: row (i, p), column (j, q) of one (a*R) x (b*R) matrix, once per call.
-        m = self.mode_matrices(coeffs, a, b).permute(1, 2, 0, 3).reshape(a * rank, b * rank).to(y.dtype)
-        mask = None
-        if dropout > 0:
-            mask = torch.rand(u.shape, device=u.device) >= dropout  # rank-space sized: the draw is cheap
-        return ModeUpdate.apply(y, u.to(y.dtype), m, self.V.to(y.dtype), mask, scale / (1.0 - dropout))
+        """y + scale · Δ, written into y (the frozen layer's fresh output) where autograd allows."""
+        dropped = None
+        if dropout > 0:  # rank-space sized: the draw is cheap, and a boolean mask is a quarter of a float one
+            dropped = torch.empty(u.shape, dtype=torch.bool, device=u.device).bernoulli_(dropout)
+        return ModeUpdate.apply(y, _as(u, y.dtype), self.core, coeffs, _as(self.V, y.dtype), dropped,
+                                scale / (1.0 - dropout), a, b)
 
 
 class ModeUpdate(torch.autograd.Function):
-    """y += alpha · ((u ⊙ mask) · M) · Vᵀ as one node, in place, in y's dtype.
+    """y += (dropout(u) · alpha·M) · Vᵀ as one node, in place where possible, in y's dtype.
 
-    alpha = s / keep folds the scale and the dropout rescaling into the V GEMM, so no
-    full-width tensor is made besides y itself. Only rank-space tensors are kept (u, a boolean
-    mask); (u ⊙ mask) · M is recomputed in backward, which is cheaper than keeping it.
+    The mode matrices of all (a x b) blocks are one (a*R) x (b*R) matrix made here from the
+    core and the coefficients, with alpha = s / keep (the scale and the dropout rescaling)
+    folded in, so no full-width tensor is made besides y itself. Only rank-space tensors are
+    kept: u (shared by the layers that share it) and the boolean mask of dropped entries.
     """
 
     @staticmethod
-    def forward(ctx, y, u, m, V, mask, alpha):
-        ar, br = m.shape
-        rank = V.shape[1]
-        ud = u.reshape(-1, ar) if mask is None else u.reshape(-1, ar) * mask.reshape(-1, ar)
-        z = ud @ m
-        ctx.save_for_backward(u, m, V, mask)
-        ctx.alpha = alpha
-        if torch.compiler.is_compiling():  # inductor fuses the add itself; traced in-place writes break its backward
-            return torch.addmm(y.view(-1, V.shape[0]), z.view(-1, rank), V.t(), alpha=alpha).view(y.shape)
-        y.view(-1, V.shape[0]).addmm_(z.view(-1, rank), V.t(), alpha=alpha)
+    def forward(ctx, y, u, core, coeffs, V, dropped, alpha, a, b):
+        width, rank = V.shape
+        mats = mode_matrices(core, coeffs, a, b)
+        if alpha != 1.0:
+            mats = mats * alpha
+        m = _as(mats.permute(1, 2, 0, 3).reshape(a * rank, b * rank), y.dtype)
+        ud = _dropout(u.reshape(-1, a * rank), dropped)
+        z = torch.mm(ud, m).view(-1, rank)
+        ctx.save_for_backward(u, dropped, m, core, coeffs, V)
+        ctx.alpha, ctx.a, ctx.b = alpha, a, b
+        if torch.compiler.is_compiling() or y._is_view():
+            # inductor fuses the add itself (traced in-place writes break its backward); writing into
+            # a view would make autograd copy the whole gradient in backward (CopySlices)
+            return torch.addmm(y.reshape(-1, width), z, V.t()).view(y.shape)
+        y.view(-1, width).addmm_(z, V.t())
         ctx.mark_dirty(y)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        u, m, V, mask = ctx.saved_tensors
-        ar, br = m.shape
-        rank = V.shape[1]
-        ud = u.reshape(-1, ar) if mask is None else u.reshape(-1, ar) * mask.reshape(-1, ar)
+        u, dropped, m, core, coeffs, V = ctx.saved_tensors
+        a, b, rank = ctx.a, ctx.b, V.shape[1]
+        ud = _dropout(u.reshape(-1, a * rank), dropped)
         g2 = g.reshape(-1, V.shape[0])
-        gz = (g2 @ V).mul_(ctx.alpha).view(-1, br)
-        du = dm = dV = None
+        gz = torch.mm(g2, V).view(-1, b * rank)
+        du = dcore = dcoeffs = dV = None
         if ctx.needs_input_grad[1]:
-            du = gz @ m.t()
-            if mask is not None:
-                du.mul_(mask.reshape(-1, ar))
-            du = du.view(u.shape)
-        if ctx.needs_input_grad[2]:
-            dm = ud.t() @ gz
-        if ctx.needs_input_grad[3]:
-            dV = (g2.t() @ (ud @ m).view(-1, rank)).mul_(ctx.alpha)
-        return g, du, dm, dV, None, None
+            du = _dropout(torch.mm(gz, m.t()), dropped).view(u.shape)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            dm = torch.mm(ud.t(), gz)
+            if ctx.alpha != 1.0:
+                dm.mul_(ctx.alpha)
+            dmats = _as(dm.view(a, rank, b, rank).permute(2, 0, 1, 3).reshape(b * a, rank * rank), core.dtype)
+            if ctx.needs_input_grad[2]:
+                dcore = torch.mm(dmats.t(), coeffs.t()).view(core.shape)
+            if ctx.needs_input_grad[3]:
+                dcoeffs = torch.mm(core.reshape(rank * rank, rank).t(), dmats.t())
+        if ctx.needs_input_grad[4]:
+            dV = torch.mm(g2.t(), torch.mm(ud, m).view(-1, rank))
+        return g, du, dcore, dcoeffs, dV, None, None, None, None
+
+
+def _dropout(t: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+    return t if dropped is None else t.masked_fill(dropped.reshape(t.shape), 0.0)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without a dispatcher call when nothing changes (it runs several times per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class InputSharing:
+    """One U · x per input tensor and factor set within one call of the adapted model.
+
+    BERT's q, k and v read one hidden state; BLIP's cross-attention keys and values in every
+    layer read the same image tokens. Layers that read the same tensor through the same factor
+    set share one u (each still draws its own dropout mask). The memo lives only while a hooked
+    module runs (:meth:`attach`: the model root and its top-level parts) and is emptied when the
+    outermost one returns, so nothing carries over from one call to the next. An entry serves
+    only the very same live tensor object at the same version under the same grad mode. Off
+    while compiling and under saved-tensor hooks: activation checkpointing recomputes a layer on
+    its own and must then save what the first pass saved.
+    """
+
+    def __init__(self):
+        self.owner = None
+        self.memo = {}
+
+    def attach(self, modules):
+        for module in modules:
+            module.register_forward_pre_hook(self._open)
+            module.register_forward_hook(self._close, always_call=True)
+
+    def _open(self, module, args):
+        if self.owner is None and not torch.compiler.is_compiling():
+            self.owner = module
+
+    def _close(self, module, args, output):
+        if self.owner is module:
+            self.owner = None
+            self.memo.clear()
+
+    def down(self, down: ModeDown, x: torch.Tensor) -> torch.Tensor:
+        """``down(x)``, or the u it already gave for this very x in this call."""
+        if self.owner is None or torch.compiler.is_compiling() or x.is_inference() or saved_tensor_hooks_active():
+            return down(x)
+        key = (id(down), id(x))
+        entry = self.memo.get(key)
+        grad = torch.is_grad_enabled()
+        if entry is not None and entry[0]() is x and entry[1:3] == (x._version, grad):
+            return entry[3]
+        u = down(x)
+        memo = self.memo
+        self.memo[key] = (weakref.ref(x, lambda _: memo.pop(key, None)), x._version, grad, u)
+        return u
 
 
 class AuroraFactors(nn.Module):
@@ -214,11 +363,13 @@ class AuroraLinear(nn.Module):
     path, so the backbone's own code calls it unchanged.
 
     Three nodes per call: the frozen linear (its own module, so ZeRO-3 gathers W there), U · x
-    and the rest of the update accumulated into the frozen output in place (:class:`ModeUpdate`). The frozen linear keeps no input; U · x
-    keeps x once per input, for U's gradient.
+    (:class:`ModeDownProjection`, shared with the other layers reading the same input through
+    ``sharing``) and the rest of the update accumulated into the frozen output in place
+    (:class:`ModeUpdate`). Neither keeps x where :func:`rebuild_recipe` can do without it.
     """
 
-    def __init__(self, base: nn.Linear, source: AuroraFactors, target: AuroraFactors, scale: float = 1.0):
+    def __init__(self, base: nn.Linear, source: AuroraFactors, target: AuroraFactors, scale: float = 1.0,
+                 sharing: InputSharing | None = None):
         super().__init__()
         if base.in_features % source.width or base.out_features % target.width:
             raise ValueError(f"layer of shape {base.out_features}x{base.in_features} is not made of "
@@ -236,6 +387,7 @@ class AuroraLinear(nn.Module):
         # Plain attributes, not submodules: the factors are owned once, by the model root.
         object.__setattr__(self, "source", source)
         object.__setattr__(self, "target", target)
+        self.sharing = sharing
 
     @property
     def in_features(self) -> int:
@@ -258,14 +410,16 @@ class AuroraLinear(nn.Module):
         if self.merged:
             return y
         down = self.source.down
-        u = down(x)
+        u = down(x) if self.sharing is None else self.sharing.down(down, x)
         dropout = down.dropout if self.training else 0.0
-        return self.target.up(y, u, self.coeffs, self.a, self.b, self.scale, dropout)
+        base = _whole_base(y)
+        out = self.target.up(y if base is None else base, u, self.coeffs, self.a, self.b, self.scale, dropout)
+        return out if base is None else out.view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """The full update ``(b*d_out) x (a*d_in)``, ΔW_ji = V · M_ijᵀ · U, for merging."""
         up, U = self.target.up, self.source.down.U
-        m = up.mode_matrices(self.coeffs, self.a, self.b)
+        m = mode_matrices(up.core, self.coeffs.to(up.core.dtype), self.a, self.b)
         delta = torch.einsum("dq,jipq,pe->jdie", up.V, m, U)
         return self.scale * delta.reshape(self.out_features, self.in_features)
 
@@ -286,3 +440,18 @@ class AuroraLinear(nn.Module):
     def extra_repr(self) -> str:
         widths = f"{self.source.width}->{self.target.width}" if self.source is not self.target else self.source.width
         return f"blocks={self.b}x{self.a}, width={widths}, rank={self.target.rank}, scale={self.scale}"
+
+
+def _whole_base(y: torch.Tensor) -> torch.Tensor | None:
+    """The tensor that ``y`` is a plain reshaped view of (nn.Linear on a 3-d input returns one),
+    else None. The update is written into it: written into the view, autograd would copy the
+    whole gradient in backward (CopySlices)."""
+    base = y._base
+    if torch.compiler.is_compiling() or base is None or base.numel() != y.numel():
+        return None
+    if not (base.is_contiguous() and y.is_contiguous()):
+        return None
+    if y.grad_fn is not None and (type(y.grad_fn).__name__ != "ViewBackward0"
+                                  or y.grad_fn.next_functions[0][0] is not base.grad_fn):
+        return None  # something else (a hook's Function) between the base and y
+    return base

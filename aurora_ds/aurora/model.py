@@ -11,7 +11,7 @@ from torch import nn
 from .config import AuroraConfig
 from .extras import ContextEnhancement, GatedQueryTransform
 from .io import read_adapter, read_adapter_config, write_adapter
-from .layer import AuroraFactors, AuroraLinear
+from .layer import AuroraFactors, AuroraLinear, InputSharing
 from .targets import TargetPreset, find_preset
 
 FACTORS_ATTR = "aurora_factors"
@@ -225,11 +225,16 @@ def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
     model.add_module(FACTORS_ATTR, factors)
 
     layers = {}
+    sharing = InputSharing()
     for name, (source, target) in plan.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layers[name] = AuroraLinear(getattr(parent, attr), factors[source], factors[target], config.scale)
+        layers[name] = AuroraLinear(getattr(parent, attr), factors[source], factors[target], config.scale, sharing)
         setattr(parent, attr, layers[name])
+    # One U·x per input within a call of the model or of one of its towers (backbones call
+    # model.vision_model, model.text_encoder, ... directly).
+    towers = {name.split(".")[0] for name in plan}
+    sharing.attach([model, *(m for n, m in model.named_children() if n in towers)])
 
     gated = {}
     if config.gated_query and preset.gated_query:
