@@ -150,8 +150,9 @@ def test_training_lowers_loss_and_rank_picks_trained_answer(tokenizer, tmp_path,
     # moves, too weak a lever on a random LM; all-linear adapts the LM's attention as well.
     objective = make_objective(tokenizer, backbone, targets="all-linear" if backbone.startswith("blip2") else "paper")
     batch = dict(make_batch(tokenizer), answers=[["three"]] * 4)
-    losses = train(objective, batch, 30)
-    assert losses[-1] < losses[0] - 0.3
+    # Adam at 3e-2 overshoots on the random OPT once its loss flattens (it climbs back by step 25)
+    losses = train(objective, batch, 30, lr=1e-2 if backbone.startswith("blip2") else 3e-2)
+    assert max(losses[-5:]) < losses[0] - 0.3
 
     candidates = answer_candidates(tokenizer, ANSWER_LIST)
     ranked = objective(batch, 0, "candidates", candidates)
