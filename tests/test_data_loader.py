@@ -216,6 +216,31 @@ def test_resume_mid_epoch_is_exact(coco, shard_factory, tmp_path, word_tokenizer
     assert union == Counter(per_sample)  # every sample (or caption) once over the ranks
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("resampled", [False, True])
+def test_epochs_started_ahead_are_the_epochs_read_alone(coco, word_tokenizer, resampled):
+    """One loader read epoch after epoch starts each next epoch's workers before the current
+    epoch ends (and ``prefetch`` the first one's before iterating); its batches are exactly those
+    of a fresh loader per epoch, whose workers start when it is iterated."""
+    spec, _ = coco
+    c = cfg(batch_size=3, resampled=resampled)
+    ahead = build_loader(spec, c, word_tokenizer)
+    ahead.prefetch()
+    assert ahead._ahead is not None
+    epochs = []
+    for epoch in range(3):
+        ahead.set_epoch(epoch)
+        epochs.append(_stream(ahead))
+        assert ahead._ahead is not None and ahead._ahead[0] == epoch + 1  # started during this epoch
+    for epoch, batches in enumerate(epochs):
+        alone = build_loader(spec, c, word_tokenizer)
+        alone.set_epoch(epoch)
+        assert _stream(alone) == batches, epoch
+    assert epochs[0] != epochs[1]
+    ahead.set_epoch(7)  # an epoch other than the one started: its workers are dropped
+    assert ahead._ahead is None
+
+
 def test_qa_batches(tmp_path, shard_factory, word_tokenizer):
     samples = shard_factory.vqa(6)
     spec = shard_factory.write(samples, str(tmp_path), "vqa", per_shard=3, kind="image_qa")
