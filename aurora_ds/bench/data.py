@@ -10,12 +10,16 @@ What is measured is what training sees once the workers run: each epoch's first
 ``--warmup-batches`` batches per worker (worker start-up, the first connections, the shuffle
 buffer's fill) are read but not timed. Local and S3 epochs alternate round by round (local, S3;
 S3, local; ...) so that a neighbour's load hits both, and the S3/local ratio is taken per round:
-the table gives its median and range. Torch runs one thread per process, as in a loader worker.
+the table gives its median and range. Beside it, the CPU time per sample of the whole epoch (this
+process, its workers and the S3 server), which the neighbours' load does not move: on a machine
+where decoding keeps every core busy, that ratio is what S3 costs in samples/s. Torch runs one
+thread per process, as in a loader worker.
 """
 
 import io
 import math
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -49,6 +53,15 @@ def write_shards(dataset, raw, ann, media_dir, out, per_shard):
     return manifest, time.perf_counter() - start
 
 
+def cpu_seconds(server_pid):
+    """CPU time so far of this process, its ended children (an epoch's loader workers, once it is
+    over) and the S3 server: what reading costs whatever the neighbours' load."""
+    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    with open("/proc/%d/stat" % server_pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(r.ru_utime + r.ru_stime for r in own) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed_epoch(spec, media, workers, args):
     """One training epoch of ``spec``: (samples, seconds) after the warm-up batches, and all samples."""
     from aurora_ds.data import LoaderConfig, build_loader
@@ -76,17 +89,23 @@ def summarize(rounds):
     """Median samples/s per source and the per-round S3/local ratio's median and range."""
     rates = {s: [r[s]["samples"] / r[s]["seconds"] for r in rounds] for s in ("local", "s3")}
     ratios = [s3 / local for local, s3 in zip(rates["local"], rates["s3"])]
+    cpu = {s: [1000 * r[s]["cpu_s"] / r[s]["epoch_samples"] for r in rounds] for s in ("local", "s3")}
     return {"local_samples_per_s": statistics.median(rates["local"]),
             "s3_samples_per_s": statistics.median(rates["s3"]),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "local_cpu_ms_per_sample": statistics.median(cpu["local"]),
+            "s3_cpu_ms_per_sample": statistics.median(cpu["s3"]),
+            "cpu_ratio": statistics.median(s3 / local for local, s3 in zip(cpu["local"], cpu["s3"]))}
 
 
 def markdown(results):
     rows = [[r["media"], r["workers"], r["samples"], "%.1f" % r["local_samples_per_s"],
              "%.1f" % r["s3_samples_per_s"], "%.2fx (%.2f-%.2f)" % (r["ratio"], r["ratio_min"], r["ratio_max"]),
+             "%.2f / %.2f" % (r["local_cpu_ms_per_sample"], r["s3_cpu_ms_per_sample"]), "%.2fx" % r["cpu_ratio"],
              len(r["rounds"])] for r in results["read"]]
     text = table(["media", "workers", "samples timed", "local samples/s", "S3 samples/s",
-                  "S3 / local, median (range)", "rounds"], rows)
+                  "S3 / local samples/s, median (range)", "CPU ms per sample, local / S3", "S3 / local CPU",
+                  "rounds"], rows)
     rows = [[w["dataset"], w["destination"], w["samples"], "%.1f" % (w["bytes"] / 1e6), "%.2f" % w["seconds"],
              "%.1f" % (w["samples"] / w["seconds"]), "%.1f" % (w["bytes"] / 1e6 / w["seconds"])]
             for w in results["write"]]
@@ -97,7 +116,7 @@ def run(args):
     import torch
     from shard_tools.sample import make_coco, make_msrvtt
 
-    from aurora_ds.data import SeaweedServer
+    from aurora_ds.data import SeaweedServer, storage
 
     # One thread, as in a loader worker: without workers the main process decodes, and on a busy
     # machine a multi-threaded main process loses far more to oversubscription than it gains.
@@ -110,6 +129,7 @@ def run(args):
     with tempfile.TemporaryDirectory(prefix="aurora-bench-") as tmp, SeaweedServer() as server, \
             server.environment():
         bucket = server.create_bucket("aurora-bench")
+        storage.s3_client()  # first-use costs (this process's client and its workers' spare) out of the figures
         for media, dataset, make, n, ann, media_dir in datasets:
             raw = make(os.path.join(tmp, "raw", dataset), math.ceil(n / TRAIN_FRACTION) + 1, args.seed)
             specs = {}
@@ -125,8 +145,10 @@ def run(args):
                 for r in range(args.rounds):
                     measured = {}
                     for source in ("local", "s3") if r % 2 == 0 else ("s3", "local"):
+                        cpu = cpu_seconds(server.proc.pid)
                         timed, seconds, total = timed_epoch(specs[source], media, w, args)
-                        measured[source] = {"samples": timed, "seconds": seconds, "epoch_samples": total}
+                        measured[source] = {"samples": timed, "seconds": seconds, "epoch_samples": total,
+                                            "cpu_s": cpu_seconds(server.proc.pid) - cpu}
                     rounds.append(measured)
                     print("%s workers=%d round %d: local %.1f, s3 %.1f samples/s" % (
                         media, w, r + 1, *(measured[s]["samples"] / measured[s]["seconds"] for s in ("local", "s3"))),

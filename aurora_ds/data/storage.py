@@ -17,6 +17,7 @@ Importing this module registers ``s3``, ``http`` and ``https`` openers in webdat
 the table).
 """
 
+import multiprocessing
 import os
 import queue
 import shlex
@@ -82,29 +83,42 @@ def s3_filesystem():
     return fs
 
 
-_clients = {}
+_clients = {}  # (pid, settings) -> the client that process reads with
+_spares = {}  # settings -> a client no request was ever sent with, for processes forked from this one
 
 
-def s3_client():
-    """A botocore S3 client for streaming reads, configured like ``s3_filesystem``: one per
-    process and settings, so a forked worker never shares its parent's connection pool."""
+def _new_client(s):
     import botocore
     import botocore.config
     import botocore.session
 
+    config = botocore.config.Config(
+        connect_timeout=s["connect_timeout"], read_timeout=s["read_timeout"],
+        retries={"total_max_attempts": max(1, s["retries"])},
+        signature_version=botocore.UNSIGNED if s["anonymous"] else None)
+    # Without keys in the environment botocore's own chain applies, as for s3_filesystem.
+    return botocore.session.get_session().create_client(
+        "s3", endpoint_url=s["endpoint_url"], region_name=s["region"], aws_access_key_id=s["key"],
+        aws_secret_access_key=s["secret"], config=config)
+
+
+def s3_client():
+    """A botocore S3 client for streaming reads, configured like ``s3_filesystem``, one per
+    process and settings: a forked worker must not share its parent's connections.
+
+    Building a client costs 0.1-0.3 s of CPU, and loader workers are forked every epoch. So a
+    process that is not itself a multiprocessing child (the one that forks workers) also builds a
+    spare client and never sends a request with it: it has no connection to share, and a worker
+    takes it over instead of building its own.
+    """
     s = s3_settings()
-    key = (os.getpid(),) + tuple(sorted(s.items()))
+    settings = tuple(sorted(s.items()))
+    key = (os.getpid(),) + settings
     client = _clients.get(key)
     if client is None:
-        config = botocore.config.Config(
-            connect_timeout=s["connect_timeout"], read_timeout=s["read_timeout"],
-            retries={"total_max_attempts": max(1, s["retries"])},
-            signature_version=botocore.UNSIGNED if s["anonymous"] else None)
-        # Without keys in the environment botocore's own chain applies, as for s3_filesystem.
-        client = botocore.session.get_session().create_client(
-            "s3", endpoint_url=s["endpoint_url"], region_name=s["region"], aws_access_key_id=s["key"],
-            aws_secret_access_key=s["secret"], config=config)
-        _clients[key] = client
+        client = _clients[key] = _spares.pop(settings, None) or _new_client(s)
+        if multiprocessing.parent_process() is None:
+            _spares[settings] = _new_client(s)
     return client
 
 
