@@ -115,9 +115,10 @@ def s3_client():
     settings = tuple(sorted(s.items()))
     key = (os.getpid(),) + settings
     client = _clients.get(key)
-    if client is None:
-        client = _clients[key] = _spares.pop(settings, None) or _new_client(s)
-        if multiprocessing.parent_process() is None:
+    if client is None:  # (two reader threads may get here at once: one client wins, for both)
+        candidate = _spares.pop(settings, None) or _new_client(s)
+        client = _clients.setdefault(key, candidate)
+        if client is candidate and multiprocessing.parent_process() is None:
             _spares[settings] = _new_client(s)
     return client
 
@@ -143,12 +144,12 @@ class S3Reader:
         bucket, _, key = _s3_path(self.url).partition("/")
         try:
             self._body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self._eof:
                 chunk = self._body.read(READ_CHUNK)
                 self._eof = not chunk
                 self._put(chunk)
-                if self._eof:
-                    return
+            if not self._eof:  # closed by the reader before the end (perhaps before the body came)
+                self._body.close()
         except Exception as exn:  # handed to the reader, which raises it
             self._put(exn)
 
