@@ -54,8 +54,14 @@ def train(name: str, recipe: str, specs: dict, checkpoint: Path, out: Path, env:
     summary["eval"] = summary["test"]["metrics"]
     print(f"    {name}: {summary['steps']} steps, loss {summary['history'][0]['loss']:.3f} -> "
           f"{summary['history'][-1]['loss']:.3f}; test ({summary['test']['adapter']}, step {summary['test']['step']}) "
-          f"{json.dumps({k: round(v, 1) for k, v in summary['eval'].items() if 'r1' in k or k == 'r_mean'})}")
+          f"{json.dumps({k: round(v, 1) for k, v in summary['eval'].items() if 'r1' in k or k == 'r_mean'})}; "
+          f"waiting for data {data_wait_text(summary)}")
     return summary
+
+
+def data_wait_text(summary: dict) -> str:
+    """The share of step time spent waiting for batches: overall, and the median step's."""
+    return f"{100 * summary['data_wait_fraction']:.1f} % (median step {100 * summary['data_wait_fraction_median']:.1f} %)"
 
 
 def report(out: Path, results: dict, storage: str):
@@ -82,15 +88,17 @@ def report(out: Path, results: dict, storage: str):
 
     lines = ["# aurora_ds demo report", "",
              f"Shards streamed from {storage}; 2 ranks, DeepSpeed ZeRO-3, tiny BLIP backbone (random init).", "",
-             "| run | steps | trainable (Aurora) | first loss | last loss | TR@1 | IR@1 | R mean | skipped |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | steps | trainable (Aurora) | first loss | last loss | TR@1 | IR@1 | R mean | skipped | waiting for data |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in results.items():
         e, p = s["eval"], s["parameters"]
         lines.append(f"| {name} | {s['steps']} | {p['trainable']:,} ({p['aurora']:,}) | {s['history'][0]['loss']:.3f} | "
                      f"{s['history'][-1]['loss']:.3f} | {e.get('txt_r1', 0):.1f} | {e.get('img_r1', 0):.1f} | "
-                     f"{e.get('r_mean', 0):.1f} | {sum(s['skipped'].values())} |")
+                     f"{e.get('r_mean', 0):.1f} | {sum(s['skipped'].values())} | {data_wait_text(s)} |")
     lines += ["", "![loss and recall](report.png)", "",
-              "A random-init tiny backbone learns little in a few steps: the point is the pipeline, not the recall."]
+              "A random-init tiny backbone learns little in a few steps: the point is the pipeline, not the recall.",
+              "\"Waiting for data\" is the share of the training steps' time spent waiting for the next batch "
+              "(TensorBoard: `train/data_wait_fraction`; summary.json: `data_wait_fraction`, `data_wait_fraction_median`)."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 

@@ -165,3 +165,45 @@ def test_all_samples_skipped_stops_within_seconds(tiny_checkpoint, shard_factory
     log = _run(2, _args(tiny_checkpoint, shards, tmp_path / "run2"), tmp_path / "run2.log", timeout=300, ok=False)
     assert "no known length per epoch" in log and "manifest" in log
     assert time.time() - t0 < 300
+
+
+@pytest.mark.timeout(300)
+def test_summary_and_tensorboard_carry_the_data_wait_fraction(tiny_checkpoint, shard_factory, tmp_path, monkeypatch):
+    """A plain in-process run over 3 epochs with a loader worker, so that each next epoch's worker
+    is started before the epoch ends: every epoch still delivers each image once, and the run
+    reports the share of step time spent waiting for data (summary.json and TensorBoard)."""
+    import statistics
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from aurora_ds.engine.config import build_config
+    from aurora_ds.engine.loop import train
+
+    samples = shard_factory.coco(8, prefix="wait")
+    shards = shard_factory.write(samples, str(tmp_path / "shards"), "wait", per_shard=2)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    monkeypatch.setenv("AURORA_TRACE_SAMPLES", str(trace))
+    out = tmp_path / "run"
+    train(build_config("", {"engine.deepspeed": False, "data.train_shards": shards, "backbone.checkpoint": str(tiny_checkpoint),
+                            "objective.queue_size": 16, "aurora.rank": 4, "optim.batch_size": 2, "optim.epochs": 3,
+                            "data.num_workers": 1, "data.image_size": 32, "output.dir": str(out),
+                            "output.progress": False, "output.log_every": 1}))
+    summary = json.loads((out / "summary.json").read_text())
+    history = summary["history"]
+    assert len(history) == 12  # 8 images / batch 2, 3 epochs
+    epochs = Counter()
+    for line in (trace / "rank_00000.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        epochs.update((record["epoch"], m) for m in record["media_id"])
+    assert epochs == Counter({(e, s["json"]["id"]): 1 for e in range(3) for s in samples})
+    waits, times = [h["data_wait_s"] for h in history], [h["time_s"] for h in history]
+    assert summary["data_wait_fraction"] == pytest.approx(sum(waits) / sum(times))
+    assert summary["data_wait_fraction_median"] == pytest.approx(
+        statistics.median(w / t for w, t in zip(waits[1:], times[1:])))
+    assert 0 <= summary["data_wait_fraction"] < 1
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    logged = events.Scalars("train/data_wait_fraction")
+    assert [e.step for e in logged] == list(range(1, 13))
+    assert [e.value for e in logged] == pytest.approx([w / t for w, t in zip(waits, times)], rel=1e-5)

@@ -3,6 +3,7 @@
 import json
 import os
 import shlex
+import tarfile
 from collections import Counter
 
 import pytest
@@ -216,6 +217,31 @@ def test_resume_mid_epoch_is_exact(coco, shard_factory, tmp_path, word_tokenizer
     assert union == Counter(per_sample)  # every sample (or caption) once over the ranks
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("resampled", [False, True])
+def test_epochs_started_ahead_are_the_epochs_read_alone(coco, word_tokenizer, resampled):
+    """One loader read epoch after epoch starts each next epoch's workers before the current
+    epoch ends (and ``prefetch`` the first one's before iterating); its batches are exactly those
+    of a fresh loader per epoch, whose workers start when it is iterated."""
+    spec, _ = coco
+    c = cfg(batch_size=3, resampled=resampled)
+    ahead = build_loader(spec, c, word_tokenizer)
+    ahead.prefetch()
+    assert ahead._ahead is not None
+    epochs = []
+    for epoch in range(3):
+        ahead.set_epoch(epoch)
+        epochs.append(_stream(ahead))
+        assert ahead._ahead is not None and ahead._ahead[0] == epoch + 1  # started during this epoch
+    for epoch, batches in enumerate(epochs):
+        alone = build_loader(spec, c, word_tokenizer)
+        alone.set_epoch(epoch)
+        assert _stream(alone) == batches, epoch
+    assert epochs[0] != epochs[1]
+    ahead.set_epoch(7)  # an epoch other than the one started: its workers are dropped
+    assert ahead._ahead is None
+
+
 def test_qa_batches(tmp_path, shard_factory, word_tokenizer):
     samples = shard_factory.vqa(6)
     spec = shard_factory.write(samples, str(tmp_path), "vqa", per_shard=3, kind="image_qa")
@@ -283,8 +309,12 @@ def test_fewer_than_manifest_fails_loudly(tmp_path, shard_factory, word_tokenize
 def test_truncated_tar_names_url(tmp_path, shard_factory, word_tokenizer, caplog):
     spec = shard_factory.write(shard_factory.coco(8), str(tmp_path), "trunc", per_shard=4)
     bad = tmp_path / "trunc-000001.tar"
+    # Cut inside a member's data: a cut inside a header (where a cut at a fixed fraction of the file
+    # can land, depending on the JPEG sizes) reads as a clean end of the tar.
+    with tarfile.open(bad) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".jpg")][1]
     data = bad.read_bytes()
-    bad.write_bytes(data[: len(data) // 2 + 100])
+    bad.write_bytes(data[: member.offset_data + member.size // 2])
     loader = build_loader(spec, cfg(num_workers=0, max_shard_retries=1), word_tokenizer)
     with pytest.raises(ShardError, match=r"trunc-000001\.tar after 2 attempt"):
         list(loader)

@@ -9,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "data": ("aurora_ds.bench.data", "loader samples/s (local vs S3, 0 vs 2 workers) and shard writing"),
+    "data": ("aurora_ds.bench.data", "loader samples/s in steady state (local vs S3 interleaved, per worker count) and shard writing"),
     "step": ("aurora_ds.bench.step", "step time and peak memory: Aurora vs frozen floor, LoRA, full fine-tuning"),
     "zero": ("aurora_ds.bench.zero", "ZeRO-3 parameter memory and step time, 1 vs 2 ranks (+ offload), plan estimates"),
     "quality": ("aurora_ds.bench.quality", "compositional retrieval under a held-out shift: Aurora vs LoRA vs full"),

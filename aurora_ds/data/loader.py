@@ -45,6 +45,7 @@ from .shard_format import read_manifest
 from .urls import expand_urls
 
 log = logging.getLogger(__name__)
+PREFETCH_FACTOR = 2  # DataLoader's default: batches each worker prepares ahead of the consumer
 
 
 class ShardError(RuntimeError):
@@ -194,12 +195,24 @@ def _close_quietly(stream):
         pass
 
 
-def read_shard(url, max_retries, ledger):
-    """The samples of one shard; read errors are retried, skipping samples already delivered."""
+def open_shard(url):
+    """``url`` opened for reading, or the exception opening it raised (for ``read_shard`` to retry)."""
+    try:
+        return storage.open_url(url, "rb")
+    except Exception as exn:
+        return exn
+
+
+def read_shard(url, max_retries, ledger, opened=None, after_sample=None):
+    """The samples of one shard; read errors are retried, skipping samples already delivered.
+    ``opened`` (from ``open_shard``) serves the first attempt; ``after_sample(stream)`` is called
+    after each sample delivered."""
     delivered = 0
     for attempt in range(max_retries + 1):
         try:
-            stream = storage.open_url(url, "rb")
+            stream = opened if attempt == 0 and opened is not None else storage.open_url(url, "rb")
+            if isinstance(stream, Exception):
+                raise stream
             complete = False
             try:
                 for i, sample in enumerate(shard_format.iter_tar_samples(stream)):
@@ -207,6 +220,8 @@ def read_shard(url, max_retries, ledger):
                         delivered += 1
                         sample["__shard__"] = url
                         yield sample
+                        if after_sample is not None:
+                            after_sample(stream)
                 complete = True
             finally:
                 if complete:
@@ -225,8 +240,28 @@ def read_shard(url, max_retries, ledger):
 
 
 def read_shards(urls, max_retries, ledger):
-    for url in urls:
-        yield from read_shard(url, max_retries, ledger)
+    """The samples of ``urls`` in order. The next S3 shard is opened as soon as the current one has
+    been fetched to its end (its read-ahead reached it): its request and first bytes are then
+    under way while the current shard's last samples are decoded, instead of one round trip per
+    shard in the worker's path, and a stream opened ahead never idles for long (an endpoint may
+    drop a connection nobody reads). Other streams open when needed (curl, for one, gives up on
+    a pipe nobody reads)."""
+    urls = iter(urls)
+    url, ahead, following = next(urls, None), None, None
+
+    def open_following(stream):
+        nonlocal ahead
+        if ahead is None and following is not None and getattr(stream, "fetched", False):
+            ahead = open_shard(following)
+
+    try:
+        while url is not None:
+            opened, ahead, following = ahead, None, next(urls, None)
+            yield from read_shard(url, max_retries, ledger, opened, open_following)
+            url = following
+    finally:
+        if ahead is not None and not isinstance(ahead, Exception):
+            _close_quietly(ahead)
 
 
 def every_nth(samples, stride, offset):
@@ -501,6 +536,7 @@ class Loader:
         self.epoch = 0
         self._batches = 0
         self._faults = Counter()
+        self._ahead = None  # (epoch, batches, plan, arrivals): an epoch whose workers already run
         self._reset_position()
         self.num_samples = None
         if cfg.resampled:
@@ -604,7 +640,46 @@ class Loader:
         plan = self.plan()
         return sum(math.ceil(self._worker_samples(plan, w, counts) / self.cfg.batch_size) for w in range(self.workers))
 
+    def prefetch(self):
+        """Start reading the current epoch now: its workers start and prefetch, and the next
+        iteration takes their batches. A training loop calls it before building its model, so
+        that the workers' start-up (fork, first connections, shuffle buffer, first batches)
+        overlaps the build instead of the first step. Without workers it does nothing."""
+        if self.cfg.num_workers > 0 and self._ahead is None:
+            self._ahead = (self.epoch, self._batches, *self._open(self.epoch, self._batches, self._positions))
+
+    def _open(self, epoch, batches, positions):
+        """(plan, arrivals) of ``epoch`` resumed after ``batches`` batches at the workers'
+        ``positions``: the DataLoader's workers are started here and begin prefetching."""
+        cfg = self.cfg
+        worker_batches = None
+        if cfg.resampled:
+            worker_batches = math.ceil((self._epoch_batches()[0] - batches) / self.workers)
+        plan = epoch_plan(self.urls, cfg.seed, epoch, self.train, self.rank, self.world, self.workers)
+        dataset = ShardStream(cfg, self.tokenizer, self.train, self.rank, plan, self.urls,
+                              epoch, worker_batches, batches, [list(p) for p in positions])
+        if cfg.num_workers > 0 and "TOKENIZERS_PARALLELISM" not in os.environ:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # tokenizers' threads and fork do not mix
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=cfg.num_workers,
+            timeout=cfg.worker_timeout if cfg.num_workers > 0 else 0,
+            prefetch_factor=PREFETCH_FACTOR if cfg.num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, self.rank)),
+            persistent_workers=False)
+        return plan, _reraise_worker_errors(iter(loader), plan.shards or self.urls)
+
+    def _batches_left(self):
+        """Batches left in the current epoch by the manifest (an estimate with sample-level
+        splitting), or None when unknown."""
+        try:
+            n = len(self)
+        except TypeError:
+            return None
+        return n if self.cfg.resampled else n - self._batches
+
     def set_epoch(self, epoch):
+        if self._ahead is not None and self._ahead[0] != epoch:
+            self._ahead = None  # (its workers stop)
         if epoch != self.epoch:
             self.epoch = epoch
             self._batches = 0
@@ -627,6 +702,7 @@ class Loader:
             log.warning("resuming with seed %s, the state was saved with seed %s: shard order differs",
                         self.cfg.seed, state["seed"])
         self.epoch = int(state["epoch"])
+        self._ahead = None
         self._reset_position()
         layout = (state.get("rank"), state.get("world_size"), state.get("workers"))
         if "positions" not in state or layout != (self.rank, self.world, self.workers):
@@ -641,23 +717,15 @@ class Loader:
 
     def __iter__(self):
         cfg = self.cfg
-        limit = worker_batches = None
-        if cfg.resampled:
-            limit = self._epoch_batches()[0] - self._batches
-            worker_batches = math.ceil(limit / self.workers)
+        limit = self._epoch_batches()[0] - self._batches if cfg.resampled else None
         expected = self.expected_samples()
-        plan = self.plan()
-        dataset = ShardStream(cfg, self.tokenizer, self.train, self.rank, plan, self.urls,
-                              self.epoch, worker_batches, self._batches, [list(p) for p in self._positions])
-        if cfg.num_workers > 0 and "TOKENIZERS_PARALLELISM" not in os.environ:
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # tokenizers' threads and fork do not mix
-        loader = DataLoader(
-            dataset, batch_size=None, num_workers=cfg.num_workers,
-            timeout=cfg.worker_timeout if cfg.num_workers > 0 else 0,
-            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, self.epoch, self.rank)),
-            persistent_workers=False)
+        left = self._batches_left() if self.train and cfg.num_workers > 0 else None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (self.epoch, self._batches):
+            plan, arrivals = ahead[2:]
+        else:
+            plan, arrivals = self._open(self.epoch, self._batches, self._positions)
         yielded = 0
-        arrivals = _reraise_worker_errors(loader, plan.shards or self.urls)
         for batch in _round_robin(arrivals, self.workers, self._positions, self._next_worker):
             info = batch.pop("__info__")
             w = info["worker"]
@@ -673,6 +741,10 @@ class Loader:
             yield batch
             if limit is not None and yielded >= limit:
                 break
+            if left is not None and self._ahead is None and left - yielded <= PREFETCH_FACTOR * self.workers:
+                # The current epoch's workers have produced (about) everything: start the next
+                # epoch's now, so that their start-up overlaps this epoch's last steps.
+                self._ahead = (self.epoch + 1, 0, *self._open(self.epoch + 1, 0, [[0, 0, False]] * self.workers))
         delivered = sum(p[1] for p in self._positions)
         if self.train and self._batches == 0 and not cfg.resampled:
             raise EmptyEpochError(
@@ -728,10 +800,9 @@ def _round_robin(arrivals, workers, positions, next_worker):
         yield batch
 
 
-def _reraise_worker_errors(loader, urls):
-    """Clearer errors from DataLoader workers: a worker's ShardError arrives wrapped in a
-    traceback dump (raise it again with the URL first), and a worker timeout names no data."""
-    it = iter(loader)
+def _reraise_worker_errors(it, urls):
+    """Clearer errors from a DataLoader iterator's workers: a worker's ShardError arrives wrapped in
+    a traceback dump (raise it again with the URL first), and a worker timeout names no data."""
     while True:
         try:
             batch = next(it)

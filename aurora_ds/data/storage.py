@@ -7,19 +7,28 @@ AURORA_S3_READ_TIMEOUT, default 10 s) and few retries (AURORA_S3_RETRIES, defaul
 call): a frozen endpoint must turn into an error, and the loader's shard-level retry is the one
 place that decides how often to try again. Secrets are never logged.
 
+Shards are read from S3 with one GET per object, streamed by a background thread up to
+``READ_AHEAD`` bytes ahead of the reader: network time overlaps decoding, and a shard costs one
+request (s3fs' buffered files add a HEAD per open and fetch block by block, each block waited
+for). Listing, sizes and uploads go through s3fs.
+
 Importing this module registers ``s3``, ``http`` and ``https`` openers in webdataset's
 ``gopen_schemes``, so plain ``wds.WebDataset("s3://...")`` streams too (forked workers inherit
 the table).
 """
 
+import multiprocessing
 import os
+import queue
 import shlex
+import threading
 import time
 from urllib.parse import urlparse
 
 from webdataset.gopen import gopen_pipe, gopen_schemes
 
-S3_BLOCK_SIZE = 8 * 2**20
+READ_CHUNK = 2**20
+READ_AHEAD = 16 * READ_CHUNK  # per open shard: bounds a worker's buffered bytes
 UPLOAD_CHUNK = 64 * 2**20
 UPLOAD_ATTEMPTS = 3
 CURL_FLAGS = "-s -f -L -g --connect-timeout 3 --speed-limit 1024 --speed-time 10"
@@ -74,6 +83,129 @@ def s3_filesystem():
     return fs
 
 
+_clients = {}  # (pid, settings) -> the client that process reads with
+_spares = {}  # settings -> a client no request was ever sent with, for processes forked from this one
+
+
+def _new_client(s):
+    import botocore
+    import botocore.config
+    import botocore.session
+
+    config = botocore.config.Config(
+        connect_timeout=s["connect_timeout"], read_timeout=s["read_timeout"],
+        retries={"total_max_attempts": max(1, s["retries"])},
+        signature_version=botocore.UNSIGNED if s["anonymous"] else None)
+    # Without keys in the environment botocore's own chain applies, as for s3_filesystem.
+    return botocore.session.get_session().create_client(
+        "s3", endpoint_url=s["endpoint_url"], region_name=s["region"], aws_access_key_id=s["key"],
+        aws_secret_access_key=s["secret"], config=config)
+
+
+def s3_client():
+    """A botocore S3 client for streaming reads, configured like ``s3_filesystem``, one per
+    process and settings: a forked worker must not share its parent's connections.
+
+    Building a client costs 0.1-0.3 s of CPU, and loader workers are forked every epoch. So a
+    process that is not itself a multiprocessing child (the one that forks workers) also builds a
+    spare client and never sends a request with it: it has no connection to share, and a worker
+    takes it over instead of building its own.
+    """
+    s = s3_settings()
+    settings = tuple(sorted(s.items()))
+    key = (os.getpid(),) + settings
+    client = _clients.get(key)
+    if client is None:  # (two reader threads may get here at once: one client wins, for both)
+        candidate = _spares.pop(settings, None) or _new_client(s)
+        client = _clients.setdefault(key, candidate)
+        if client is candidate and multiprocessing.parent_process() is None:
+            _spares[settings] = _new_client(s)
+    return client
+
+
+class S3Reader:
+    """An S3 object as a binary stream: one GET, sent and its body read by a thread up to
+    ``READ_AHEAD`` bytes ahead, so opening returns at once. Errors (timeouts included: the
+    client's connect and read timeouts bound every wait of the thread) are raised by ``read`` as
+    S3Errors naming the URL."""
+
+    def __init__(self, url):
+        self.url = url
+        self._body = None
+        self._chunks = queue.Queue(maxsize=max(1, READ_AHEAD // READ_CHUNK))
+        self._stop = threading.Event()
+        self._buffer = memoryview(b"")
+        self._error = None
+        self._eof = self._done = False
+        self.closed = False
+        threading.Thread(target=self._fetch, name="s3-read-ahead", daemon=True).start()
+
+    def _fetch(self):
+        bucket, _, key = _s3_path(self.url).partition("/")
+        try:
+            self._body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+            while not self._stop.is_set() and not self._eof:
+                chunk = self._body.read(READ_CHUNK)
+                self._eof = not chunk
+                self._put(chunk)
+            if not self._eof:  # closed by the reader before the end (perhaps before the body came)
+                self._body.close()
+        except Exception as exn:  # handed to the reader, which raises it
+            self._put(exn)
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._chunks.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                pass
+
+    def read(self, n=-1):
+        if self.closed:
+            raise ValueError("read from a closed S3Reader (%s)" % self.url)
+        if self._error is not None:
+            raise self._error
+        parts = []
+        while n != 0 and not self._done:
+            if not self._buffer:
+                item = self._chunks.get()
+                if isinstance(item, Exception):
+                    self._error = s3_error(self.url, item)
+                    raise self._error from item
+                if not item:
+                    self._done = True
+                    break
+                self._buffer = memoryview(item)
+            take = self._buffer if n < 0 else self._buffer[:n]
+            parts.append(bytes(take))
+            self._buffer = self._buffer[len(take):]
+            n = n if n < 0 else n - len(take)
+        return b"".join(parts)
+
+    @property
+    def fetched(self):
+        """Whether the whole object has been received (what is left to read is in memory)."""
+        return self._eof
+
+    def readable(self):
+        return True
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self._stop.set()
+            body = self._body
+            if body is not None and not self._eof:  # (read to its end, its connection is back in the pool)
+                body.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def is_s3(url):
     return url.startswith("s3://")
 
@@ -96,11 +228,7 @@ def open_url(url, mode="rb"):
     if is_s3(url):
         try:
             if mode == "rb":
-                stream = s3_filesystem().open(_s3_path(url), "rb", block_size=S3_BLOCK_SIZE,
-                                              cache_type="readahead")
-                if stream.size == 0 and not s3_filesystem().exists(_s3_path(url)):
-                    raise FileNotFoundError(url)
-                return stream
+                return S3Reader(url)
             return s3_filesystem().open(_s3_path(url), "wb", block_size=UPLOAD_CHUNK)
         except Exception as exn:
             raise s3_error(url, exn) from exn
@@ -137,6 +265,10 @@ def s3_error(url, exn):
     bucket = _s3_path(url).split("/", 1)[0]
     endpoint = s3_settings()["endpoint_url"] or "the default AWS endpoint"
     text = "%s: %s" % (type(exn).__name__, exn)
+    response = getattr(exn, "response", None)
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+    if status:  # botocore's ClientError names the code (e.g. SignatureDoesNotMatch), not always the status
+        text += " (HTTP %d)" % status
     low = text.lower()
     cls = S3Error
     unreachable = ("cannot reach the S3 endpoint %s (bucket %r): is it running, and is AWS_ENDPOINT_URL right?"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -236,6 +237,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
         raise ValueError(f"the training data has no known length per epoch ({length_unknown(data)}): set "
                          "optim.max_steps (each rank then reads its shards epoch after epoch until that many "
                          "steps) or data.train_num_samples (training pairs per epoch)")
+    if checkpoint is None and hasattr(data, "prefetch"):
+        data.prefetch()  # the loader's workers start while the model is built (a resume positions it first)
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
     objective = make_objective(cfg, model)
     objective.tokenizer = tokenizer
@@ -285,8 +288,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
                 problem = None
             except Exception as exn:  # noqa: BLE001 - every rank must learn of it, then all stop
                 problem = exn
+            waited += time.perf_counter() - t_data  # this rank's wait (the check below syncs ranks)
             stop_if_any_rank_failed(problem, "reading the training data")
-            waited += time.perf_counter() - t_data
             trace_batch(step + 1, epoch, batch)
             for reason, n in batch.get("skipped", {}).items():
                 skipped[reason] = skipped.get(reason, 0) + n
@@ -301,7 +304,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
         history.append({"step": step, **terms, "time_s": elapsed, "data_wait_s": waited})
         if step % cfg.output.log_every == 0 or step == total_steps:
             log.scalars(step, {**terms, "lr": backend.lr(), "samples_per_s": samples / elapsed,
-                               "data_wait_s": waited, "peak_memory_mb": peak_memory_mb(), "epoch": epoch})
+                               "data_wait_s": waited, "data_wait_fraction": waited / elapsed,
+                               "peak_memory_mb": peak_memory_mb(), "epoch": epoch})
             log.scalars(step, skipped, prefix="skipped")
         log.advance(step, terms)
 
@@ -328,7 +332,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     if tester is not None:
         test = report_on_test(tester, backend, handle, objective, run, best, step, log)
     summary = {"steps": step, "world_size": size, "ds_config": layout, "parameters": handle.parameter_report(), "skipped": skipped,
-               "best": best, "test": test, "history": history, "peak_memory_mb": peak_memory_mb(),
+               "best": best, "test": test, **data_wait(history), "history": history, "peak_memory_mb": peak_memory_mb(),
                "local_parameter_bytes": local_parameter_bytes(objective),
                "secondary_parameter_bytes": secondary_parameter_bytes(objective)}
     if rank == 0:
@@ -340,6 +344,17 @@ def train(cfg, data=None, evaluator=None) -> dict:
     shutdown()
     return summary
 
+
+
+def data_wait(history: list[dict]) -> dict:
+    """How much of the training time went to waiting for batches: overall (the sum of the waits
+    over the sum of the step times) and the median of the per-step fractions after the first step
+    (which also pays the workers' start-up and the first forward's one-time costs)."""
+    total = sum(h["time_s"] for h in history)
+    steady = [h["data_wait_s"] / h["time_s"] for h in history[1:] if h["time_s"] > 0] or [
+        h["data_wait_s"] / h["time_s"] for h in history if h["time_s"] > 0]
+    return {"data_wait_fraction": sum(h["data_wait_s"] for h in history) / total if total else None,
+            "data_wait_fraction_median": statistics.median(steady) if steady else None}
 
 
 def report_on_test(tester, backend, handle, objective, run: RunDir, best: dict | None, step: int, log) -> dict:
