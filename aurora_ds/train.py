@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .engine.config import build_config, list_recipes
@@ -42,6 +43,11 @@ def main(argv=None):
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"aurora-train: {e}")
+    if not args.recipe and os.environ.get("RANK", "0") == "0":
+        # Without a recipe nothing says which backbone a checkpoint is or which settings fit it.
+        print(f"[aurora] no --recipe: every key not given takes its default (backbone.name="
+              f"{cfg.backbone.name}, optim.lr={cfg.optim.lr}, optim.epochs={cfg.optim.epochs}; "
+              "docs/training.md); --recipe coco_retrieval etc. gives the paper's settings", file=sys.stderr)
     from .engine.loop import train
 
     try:

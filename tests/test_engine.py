@@ -303,6 +303,14 @@ def _cli_error(args):
     return proc.stderr
 
 
+def test_no_recipe_says_the_defaults_apply(tmp_path):
+    err = _cli_error(["--no-deepspeed", "--train-shards", str(tmp_path / "none.tar"), "--out", str(tmp_path / "run")])
+    assert "no --recipe: every key not given takes its default (backbone.name=blip-tiny-retrieval" in err
+    assert "data.train_shards" in err and "none.tar" in err  # and the run still stops on its input
+    recipe = _cli_error(["--recipe", "coco_retrieval", "--no-deepspeed", "--train-shards", str(tmp_path / "none.tar")])
+    assert "no --recipe" not in recipe
+
+
 def test_unknown_key_and_bad_values_are_refused(tmp_path):
     err = _cli_error(["--set", "aurora.rnak=3", "--set", "data.source=synthetic"])
     assert "unknown config key 'aurora.rnak'" in err and "'rank', 'ranks'" in err
