@@ -45,18 +45,16 @@ def shard_texts(spec: str):
         yield from shard_format.sample_texts(meta)
 
 
-def answer_list(cfg, run: RunDir, path=None, size: int = 3128) -> list[str]:
+def answer_list(cfg, run: RunDir, size: int = 3128) -> list[str]:
     """The answers QA candidate inference ranks, built once by rank 0 into ``run.answer_list``
-    and read from there by every rank: the answer list file ``path`` (default: ``eval.answer_list``),
-    else the ``size`` most frequent answers of the training annotations (BLIP ships 3,128), from
+    and read from there by every rank: ``eval.answer_list`` (``aurora-eval`` points it at the
+    list the adapter carries), else the ``size`` most frequent answers of the training annotations (BLIP ships 3,128), from
     the ``answers.json`` that ``aurora-shard convert`` writes next to the training shards. The
     shards themselves are never streamed for it. A missing source is an error naming the key."""
     problem = None
     if world()[0] == 0:
         try:
-            if path:
-                answers = _read_answer_list(path, "the adapter's answer list")
-            elif cfg.eval.answer_list:
+            if cfg.eval.answer_list:
                 answers = _read_answer_list(cfg.eval.answer_list, "eval.answer_list")
             else:
                 answers = _training_answers(cfg.data.train_shards, size)
@@ -164,20 +162,20 @@ def build_train_data(cfg, image_size: int, tokenizer):
     return build_loader(cfg.data.train_shards, loader_config(cfg, image_size, True), tokenizer, mode="train")
 
 
-def build_evaluator(cfg, image_size: int, tokenizer, run: RunDir, answer_file=None, split: str = "val"):
+def build_evaluator(cfg, image_size: int, tokenizer, run: RunDir, split: str = "val"):
     """``evaluator(forward, handle, step, about=None) -> metrics`` on ``data.eval_shards``
     (``split="val"``) or ``data.test_shards`` (``"test"``), also written into ``run``'s eval
     folder, with ``about`` (e.g. which adapter was evaluated) beside the metrics.
 
-    QA candidate inference ranks ``answer_list``'s answers (``answer_file``, else the configured
-    list, else the training annotations' answers), saved in the run; ``aurora-eval`` passes the
-    adapter's run's list: the same answers, never ones counted from the evaluation shards.
+    QA candidate inference ranks ``answer_list``'s answers (the configured list, else the training
+    annotations' answers), saved in the run; ``aurora-eval`` configures the list the adapter
+    carries: the same answers, never ones counted from the evaluation shards.
     """
     from ..data import build_loader
 
     spec = cfg.data.test_shards if split == "test" else cfg.data.eval_shards
     loader = build_loader(spec, loader_config(cfg, image_size, False), tokenizer, mode="eval")
-    answers = answer_list(cfg, run, answer_file) if cfg.objective.task == "qa" and cfg.eval.inference == "candidates" else None
+    answers = answer_list(cfg, run) if cfg.objective.task == "qa" and cfg.eval.inference == "candidates" else None
 
     def evaluator(forward, handle, step, about: dict | None = None):
         if cfg.objective.task == "retrieval":
