@@ -119,6 +119,19 @@ def test_format_2_adapters_still_load(tmp_path):
     (tmp_path / "a" / CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 1}))
     with pytest.raises(ValueError, match=r"format_version 1; this version reads aurora formats \(2, 3\)"):
         load_adapter(build_backbone(NAME), tmp_path / "a")
+    # a real format-2 adapter with ICE has no evaluation context: refused, saying so
+    from safetensors.torch import load_file, save_file
+
+    from aurora_ds.aurora.io import WEIGHTS_FILE, file_digest
+
+    weights = tmp_path / "a" / WEIGHTS_FILE
+    buffers = [name for name, _ in handle.named_aurora_buffers()]
+    assert buffers  # ICE is on in this preset
+    save_file({n: t for n, t in load_file(str(weights)).items() if n not in buffers}, str(weights))
+    files = {**meta["files"], WEIGHTS_FILE: file_digest(weights)}
+    (tmp_path / "a" / CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 2, "files": files}))
+    with pytest.raises(ValueError, match="is format 2, saved before ICE kept its evaluation context"):
+        load_adapter(build_backbone(NAME), tmp_path / "a")
 
 
 def _eval(adapter, tmp_path, *overrides, recipe=""):

@@ -240,6 +240,9 @@ def test_epochs_started_ahead_are_the_epochs_read_alone(coco, word_tokenizer, re
     assert epochs[0] != epochs[1]
     ahead.set_epoch(7)  # an epoch other than the one started: its workers are dropped
     assert ahead._ahead is None
+    ahead.last_epoch = 7  # the caller's last epoch: nothing is started after it
+    _stream(ahead)
+    assert ahead._ahead is None
 
 
 def test_qa_batches(tmp_path, shard_factory, word_tokenizer):
@@ -414,7 +417,7 @@ def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shar
     os.remove(tmp_path / "vqa" / ANSWERS)
     with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*no answers.json at .*vqa/answers.json"):
         answer_list(cfg, RunDir(tmp_path / "run2"))
-    with pytest.raises(FileNotFoundError, match=r"eval.answer_list .*gone.json does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"eval.answer_list=.*gone.json: the answer list file does not exist"):
         answer_list(build_config("", {"data.train_shards": spec, "eval.answer_list": str(tmp_path / "gone.json")}), run)
 
 

@@ -148,6 +148,10 @@ def read_adapter(directory, handle) -> tuple[dict[str, torch.Tensor], dict]:
     params = dict(handle.named_trainable_parameters() + handle.named_aurora_buffers())
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
+    buffers = {name for name, _ in handle.named_aurora_buffers()}
+    if meta["format_version"] == 2 and missing and set(missing) <= buffers:
+        raise ValueError(f"adapter {directory} is format 2, saved before ICE kept its evaluation context "
+                         f"({', '.join(missing)}): this version cannot evaluate it faithfully; train it again")
     if missing or unexpected:
         raise ValueError(
             f"adapter {directory} does not fit this model: tensors missing from the file {missing[:10]}"

@@ -72,7 +72,9 @@ def timed_epoch(spec, media, workers, args):
     warmup = args.warmup_batches * max(1, workers)
     start = time.perf_counter()
     timed = total = 0
-    for i, batch in enumerate(build_loader(spec, cfg, HashTokenizer())):
+    loader = build_loader(spec, cfg, HashTokenizer())
+    loader.last_epoch = 0  # one epoch: no next epoch's workers reading during the timed tail
+    for i, batch in enumerate(loader):
         n = len(batch["media_id"])
         total += n
         if i < warmup:

@@ -537,6 +537,7 @@ class Loader:
         self._batches = 0
         self._faults = Counter()
         self._ahead = None  # (epoch, batches, plan, arrivals): an epoch whose workers already run
+        self.last_epoch = None  # set by a caller that knows it: no epoch after it is started early
         self._reset_position()
         self.num_samples = None
         if cfg.resampled:
@@ -741,7 +742,8 @@ class Loader:
             yield batch
             if limit is not None and yielded >= limit:
                 break
-            if left is not None and self._ahead is None and left - yielded <= PREFETCH_FACTOR * self.workers:
+            if (left is not None and self._ahead is None and left - yielded <= PREFETCH_FACTOR * self.workers
+                    and (self.last_epoch is None or self.epoch < self.last_epoch)):
                 # The current epoch's workers have produced (about) everything: start the next
                 # epoch's now, so that their start-up overlaps this epoch's last steps.
                 self._ahead = (self.epoch + 1, 0, *self._open(self.epoch + 1, 0, [[0, 0, False]] * self.workers))

@@ -169,7 +169,10 @@ class S3Reader:
         parts = []
         while n != 0 and not self._done:
             if not self._buffer:
-                item = self._chunks.get()
+                try:
+                    item = self._chunks.get(timeout=self._patience())
+                except queue.Empty:
+                    item = TimeoutError("no data from the S3 endpoint for %.0f s" % self._patience())
                 if isinstance(item, Exception):
                     self._error = s3_error(self.url, item)
                     raise self._error from item
@@ -182,6 +185,13 @@ class S3Reader:
             self._buffer = self._buffer[len(take):]
             n = n if n < 0 else n - len(take)
         return b"".join(parts)
+
+    @staticmethod
+    def _patience():
+        """The longest a read waits for the thread: every attempt's connect and read timeouts,
+        plus a margin; only a thread that died or a trickling server gets here."""
+        s = s3_settings()
+        return (s["connect_timeout"] + s["read_timeout"]) * max(1, s["retries"]) + 30
 
     @property
     def fetched(self):
@@ -277,7 +287,7 @@ def s3_error(url, exn):
         why = unreachable  # (s3fs reports some of these as a PermissionError)
     elif "nosuchbucket" in low or "bucket does not exist" in low:
         cls, why = S3NotFound, "bucket %r does not exist at %s" % (bucket, endpoint)
-    elif isinstance(exn, PermissionError) or "forbidden" in low or "accessdenied" in low or "403" in low:
+    elif isinstance(exn, PermissionError) or "forbidden" in low or "accessdenied" in low or "(http 403)" in low:
         cls, why = S3Forbidden, ("access to bucket %r at %s is forbidden: check AWS_ACCESS_KEY_ID / "
                                  "AWS_SECRET_ACCESS_KEY or the shared credentials file" % (bucket, endpoint))
     elif isinstance(exn, FileNotFoundError) or "nosuchkey" in low or "not found" in low:

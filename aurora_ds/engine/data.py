@@ -55,7 +55,7 @@ def answer_list(cfg, run: RunDir, size: int = 3128) -> list[str]:
     if world()[0] == 0:
         try:
             if cfg.eval.answer_list:
-                answers = _read_answer_list(cfg.eval.answer_list, "eval.answer_list")
+                answers = read_answer_list(cfg.eval.answer_list, "eval.answer_list")
             else:
                 answers = _training_answers(cfg.data.train_shards, size)
             run.root.mkdir(parents=True, exist_ok=True)
@@ -68,17 +68,17 @@ def answer_list(cfg, run: RunDir, size: int = 3128) -> list[str]:
     return json.loads(run.answer_list.read_text())
 
 
-def _read_answer_list(path, where: str) -> list[str]:
-    """A JSON list of answers; errors name ``where`` it was configured and the path."""
+def read_answer_list(path, where: str) -> list[str]:
+    """A JSON list of answer strings; errors name ``where`` it was configured (a key) and the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{where} {path} does not exist")
+        raise FileNotFoundError(f"{where}={path}: the answer list file does not exist")
     try:
         answers = json.loads(path.read_text())
     except ValueError as exn:
-        raise ValueError(f"{where} {path} is not valid JSON: {exn}") from None
+        raise ValueError(f"{where}={path}: not valid JSON: {exn}") from None
     if not answers or not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{where} {path}: expected a non-empty JSON list of answer strings")
+        raise ValueError(f"{where}={path}: expected a non-empty JSON list of answer strings")
     return answers
 
 

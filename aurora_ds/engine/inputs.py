@@ -11,14 +11,13 @@ URLs cannot be checked without reading them and are left to the loader.
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 from collections import defaultdict
-from pathlib import Path
 from urllib.parse import urlparse
 
 from ..dist import stop_if_any_rank_failed
+from .data import read_answer_list
 
 SHARD_KEYS = ("data.train_shards", "data.eval_shards", "data.test_shards")
 
@@ -60,7 +59,7 @@ def _check(cfg, world_size: int):
         if not has_tokenizer(cfg.backbone.tokenizer):
             raise FileNotFoundError(f"backbone.tokenizer={cfg.backbone.tokenizer}: no tokenizer.json or vocab.txt there")
     if cfg.eval.answer_list:
-        check_answer_list(cfg.eval.answer_list)
+        read_answer_list(cfg.eval.answer_list, "eval.answer_list")
     if cfg.engine.deepspeed:
         from .dsconfig import build_ds_config
 
@@ -108,13 +107,3 @@ def _check_local_tar(key: str, path: str):
         raise ValueError(f"{key}: shard {path} is not a tar file")
 
 
-def check_answer_list(path: str):
-    """``eval.answer_list``: a JSON list of answer strings."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"eval.answer_list={path}: the answer list file does not exist")
-    try:
-        answers = json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError) as exn:
-        raise ValueError(f"eval.answer_list={path}: not valid JSON: {exn}") from None
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"eval.answer_list={path}: expected a non-empty JSON list of answer strings")

@@ -237,6 +237,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
         raise ValueError(f"the training data has no known length per epoch ({length_unknown(data)}): set "
                          "optim.max_steps (each rank then reads its shards epoch after epoch until that many "
                          "steps) or data.train_num_samples (training pairs per epoch)")
+    if hasattr(data, "last_epoch") and per_epoch:
+        data.last_epoch = (total_steps - 1) // per_epoch  # workers for an epoch the run never reads would idle
     if checkpoint is None and hasattr(data, "prefetch"):
         data.prefetch()  # the loader's workers start while the model is built (a resume positions it first)
     spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
