@@ -384,10 +384,14 @@ def test_no_manifest_reads_without_check(tmp_path, shard_factory, word_tokenizer
         build_loader(spec, cfg(resampled=True), word_tokenizer)
 
 
-def test_stalled_worker_times_out(coco, word_tokenizer):
+def test_stalled_worker_times_out(coco, word_tokenizer, capfd):
+    """The timeout names the shard, and the stalled worker prints where it waits (its stack)."""
     url = "pipe:sleep 15; cat %s" % shlex.quote(expand_urls(coco[0])[0])
-    with pytest.raises(TimeoutError, match=r"DataLoader timed out .* 1 shard\(s\) starting pipe:sleep 15"):
+    with pytest.raises(TimeoutError, match=r"DataLoader timed out .* 1 shard\(s\) starting pipe:sleep 15; cat .*; "
+                                           r"the stacks of its worker process\(es\) \[\d+\] are printed above"):
         list(build_loader(url, cfg(num_workers=1, worker_timeout=2), word_tokenizer))
+    err = capfd.readouterr().err
+    assert "most recent call first" in err and "read_shards" in err, err[-2000:]
 
 
 def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shard_factory):

@@ -26,12 +26,14 @@ retried shard never yields duplicates.
 """
 
 import dataclasses
+import faulthandler
 import hashlib
 import json
 import logging
 import math
 import os
 import random
+import signal
 import time
 from collections import Counter, deque
 from itertools import islice
@@ -45,6 +47,7 @@ from .shard_format import read_manifest
 from .urls import expand_urls
 
 log = logging.getLogger(__name__)
+STACK_SIGNAL = signal.SIGUSR1  # a worker asked for its stacks prints them (faulthandler)
 PREFETCH_FACTOR = 2  # DataLoader's default: batches each worker prepares ahead of the consumer
 
 
@@ -480,6 +483,8 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        if info is not None:  # a worker that stops answering prints where it is stuck (see _reraise_worker_errors)
+            faulthandler.register(STACK_SIGNAL, all_threads=True)
         position, media_count, ended = self.positions[worker]
         ledger = Ledger(position, media_count)
         if ended:
@@ -819,9 +824,27 @@ def _reraise_worker_errors(it, urls):
         except RuntimeError as exn:
             if not str(exn).startswith("DataLoader timed out"):
                 raise
-            raise TimeoutError("%s while reading %d shard(s) starting %s; raise LoaderConfig.worker_timeout "
-                               "if batches are legitimately this slow" % (exn, len(urls), urls[0])) from exn
+            pids = _dump_worker_stacks(it)
+            raise TimeoutError("%s while reading %d shard(s) starting %s; the stacks of its worker process(es) %s "
+                               "are printed above; raise LoaderConfig.worker_timeout if batches are legitimately "
+                               "this slow" % (exn, len(urls), urls[0], pids or "(none alive)")) from exn
         yield batch
+
+
+def _dump_worker_stacks(it):
+    """Ask every live worker of a DataLoader iterator to print its Python stacks to stderr (the
+    handler each worker registers), so that a timeout says where a worker is stuck; their pids."""
+    pids = []
+    for process in getattr(it, "_workers", []):
+        if process.is_alive():
+            try:
+                os.kill(process.pid, STACK_SIGNAL)
+                pids.append(process.pid)
+            except OSError:
+                pass
+    if pids:
+        time.sleep(1.0)  # (the dump is written by the worker's signal handler)
+    return pids
 
 
 def build_loader(urls, cfg, tokenizer=None, mode="train"):
