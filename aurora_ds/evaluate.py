@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .engine.config import PRECISIONS, EvalRunConfig, list_recipes
+from .backbones import PRECISIONS
+from .engine.config import EvalRunConfig, list_recipes
 
 
 def parse_args(argv=None) -> EvalRunConfig:

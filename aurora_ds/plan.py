@@ -23,7 +23,7 @@ import textwrap
 
 import torch
 
-from .engine.config import PRECISIONS
+from .backbones import PRECISIONS
 
 BYTES_PER_PARAM = {name: dtype.itemsize for name, dtype in PRECISIONS.items()}
 # fp32 master copy 4 + Adam moments 8 + fp32 gradient 4, per trainable parameter.

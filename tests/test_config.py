@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from aurora_ds.aurora import AuroraConfig
-from aurora_ds.engine.config import (PRECISIONS, SECTIONS, TrainConfig, build_config, known_keys,
+from aurora_ds.backbones import PRECISIONS
+from aurora_ds.engine.config import (SECTIONS, TrainConfig, build_config, known_keys,
                                      list_recipes, load_recipe)
 
 

@@ -118,3 +118,18 @@ def test_training_keeps_ices_running_context_and_the_adapter_carries_it(tmp_path
     loaded = load_adapter(build_backbone("blip-tiny-retrieval"), tmp_path / "adapter")
     assert torch.equal(loaded.context.running_context, ice.running_context)
     assert int(loaded.context.batches_tracked) == 2
+
+
+def test_ices_running_context_stays_fp32_when_the_model_is_cast():
+    """DeepSpeed casts the model to bf16; the running context (an average of small steps) is not
+    cast, and a bf16 step is still folded in at fp32 precision."""
+    from aurora_ds.aurora.extras import ContextEnhancement
+
+    ice = ContextEnhancement(8).bfloat16()
+    assert ice.gate.dtype == torch.bfloat16 and ice.running_context.dtype == torch.float32
+    ice.track(torch.full((8,), 1.0, dtype=torch.bfloat16))
+    ice.track(torch.full((8,), 1.001, dtype=torch.bfloat16))  # bf16 rounds 1.001 to 1.0: the cast stays exact
+    ice.track(torch.full((8,), 1.001))
+    assert torch.allclose(ice.running_context, torch.full((8,), 1.0001), rtol=0, atol=1e-7)
+    fused = ice(torch.zeros(2, 8, dtype=torch.bfloat16))
+    assert fused.dtype == torch.bfloat16

@@ -90,8 +90,16 @@ class ContextEnhancement(nn.Module):
         self.scale = scale
         self.momentum = momentum
         self.gate = nn.Parameter(torch.zeros(1, dtype=dtype, device=device))
-        self.register_buffer("running_context", torch.zeros(width, dtype=dtype, device=device))
+        self.register_buffer("running_context", torch.zeros(width, dtype=torch.float32, device=device))
         self.register_buffer("batches_tracked", torch.zeros(1, dtype=torch.long, device=device))
+
+    def _apply(self, fn, recurse=True):
+        """The running context follows the model's moves but not its casts (DeepSpeed's bf16 or
+        fp16): an average of small steps kept in bf16 (8 significant bits) stalls, so it stays fp32."""
+        kept = self.running_context
+        super()._apply(fn, recurse)
+        self.running_context = kept.to(self.running_context.device)
+        return self
 
     def forward(self, fused_cls: torch.Tensor, text_cls: torch.Tensor | None = None) -> torch.Tensor:
         """``text_cls``: (N, d) text-only [CLS] features of a training batch, whose mean is the

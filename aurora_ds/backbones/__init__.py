@@ -47,6 +47,9 @@ class BackboneSpec:
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 _BUILDERS: dict[str, Callable] = {}
+# The one precision table: config name -> the torch dtype a backbone is built in (bytes per
+# element: ``.itemsize``).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def register_backbone(spec: BackboneSpec, model_class: str | None = None):

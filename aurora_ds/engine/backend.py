@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..dist import compute_device
-from .config import PRECISIONS
+from ..backbones import PRECISIONS
 
 
 def to_device(batch: dict, device) -> dict:

@@ -29,13 +29,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import torch
 import yaml
 
 from ..aurora.config import AuroraConfig
+from ..backbones import PRECISIONS
 
-# The one precision table: config name -> torch dtype (bytes per element: ``.itemsize``).
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _choice(section: str, key: str, value, allowed):

@@ -18,7 +18,7 @@ from ..dist import (barrier, free_port, gather_objects, mean_over_ranks, process
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes, secondary_parameter_bytes
 from .adapter_record import AdapterRecord, check_checkpoint, check_evaluation, check_fits, read_record
 from .checkpoint import find_checkpoint, load_adapter_values, load_checkpoint, save_adapter, save_checkpoint
-from .config import PRECISIONS
+from ..backbones import PRECISIONS
 from .dsconfig import build_ds_config, gpus_per_node, zero_stage
 from .ema import EMA
 from .inputs import validate_eval_shards, validate_inputs

@@ -77,7 +77,7 @@ class Blip2RetrievalObjective(Objective):
         losses = {"itc": (loss_i2t + loss_t2i) / 2}
         if cfg.objective.itm:
             pairs = matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, step)
-            track_context(model, text_cls)
+            track_context(model, pairs)
             logits = blip2.match_logits(model, pairs.input_ids, pairs.attention_mask, pairs.media_tokens, pairs.context)
             losses["itm"] = matching_loss(logits)
         losses["loss"] = sum(losses.values())

@@ -46,6 +46,7 @@ class MatchingPairs(NamedTuple):
     media_tokens: torch.Tensor
     text_feat: torch.Tensor  # each pair's contrastive text feature (frame-aware attention)
     context: torch.Tensor  # the text [CLS] features ICE averages: the whole pool's
+    pooled: bool  # context already holds every rank's rows (gathered for the negatives)
 
 
 def matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, step) -> MatchingPairs:
@@ -75,15 +76,18 @@ def matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, s
     own = torch.arange(start, start + b, device=ids.device)
     rows = torch.cat([own, own, neg_text])
     media = torch.cat([media_tokens, pool_grad(media_tokens)[neg_media], media_tokens])
-    return MatchingPairs(pool(ids)[rows], pool(mask)[rows], media, pool(text_feat)[rows], pool_grad(text_cls))
+    return MatchingPairs(pool(ids)[rows], pool(mask)[rows], media, pool(text_feat)[rows], pool_grad(text_cls),
+                         size > 1)
 
 
-def track_context(model, text_cls: torch.Tensor):
+def track_context(model, pairs: MatchingPairs):
     """Fold this training batch's mean text [CLS] (over every rank: all ranks keep the same
-    value) into ICE's running context, the one evaluation uses."""
+    value) into ICE's running context, the one evaluation uses; gathered only if the matching
+    pairs did not gather it already."""
     context = context_module(model)
     if context is not None:
-        context.track(gather(text_cls.detach().float()).mean(0))
+        rows = pairs.context.detach().float()
+        context.track((rows if pairs.pooled else gather(rows)).mean(0))
 
 
 def matching_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -218,7 +222,7 @@ class RetrievalObjective(Objective):
     def _matching(self, model, batch, media_tokens, image_feat, text_feat, text_cls, step):
         """ITM on positives, one hard negative text per media and one hard negative media per text."""
         pairs = matching_inputs(self.cfg, batch, media_tokens, image_feat, text_feat, text_cls, step)
-        track_context(model, text_cls)
+        track_context(model, pairs)
         if self.cfg.objective.frame_aware_attention and self.cfg.data.media == "video":
             self.frame_weights = self._frame_scores(model, pairs.media_tokens, pairs.text_feat)
         try:
