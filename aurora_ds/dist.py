@@ -212,6 +212,17 @@ def gather_objects(obj) -> list:
     return out
 
 
+def from_rank0(obj):
+    """Rank 0's picklable ``obj`` on every rank (one broadcast; the others pass None). What rank 0
+    alone builds (a trained tokenizer's files, the answer list) reaches every node this way, not
+    through a filesystem that nodes may not share."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    _td.broadcast_object_list(box, src=0, device=comm_device())
+    return box[0]
+
+
 def lockstep(batches, dummy: dict):
     """(batch, is_real) until every rank's ``batches`` are exhausted.
 

@@ -425,6 +425,48 @@ def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shar
         answer_list(build_config("", {"data.train_shards": spec, "eval.answer_list": str(tmp_path / "gone.json")}), run)
 
 
+def _rank_builds(rank, port, train_spec, qa_spec, out, results):
+    """One rank of the test below: its own output.dir, as on a node that shares no filesystem."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from aurora_ds.engine.config import build_config
+        from aurora_ds.engine.data import answer_list, resolve_tokenizer
+        from aurora_ds.engine.rundir import RunDir
+
+        own = os.path.join(out, f"node{rank}")
+        tokenizer = resolve_tokenizer(build_config("", {"data.train_shards": train_spec, "output.dir": own}), 512)
+        answers = answer_list(build_config("", {"objective.task": "qa", "data.train_shards": qa_spec, "output.dir": own}),
+                              RunDir(own))
+        results.put((rank, tokenizer("two red circles")["input_ids"], answers,
+                     sorted(os.listdir(RunDir(own).tokenizer)), os.path.exists(RunDir(own).answer_list)))
+    except BaseException as e:  # reported to the parent, which fails the test
+        results.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_what_rank0_builds_reaches_ranks_that_share_no_filesystem(tmp_path, shard_factory):
+    """The tokenizer trained on the captions and the VQA answer list are built by rank 0 and sent
+    to every rank: a rank whose output.dir is another folder (another node's disk) gets the same
+    tokenizer, saved into its own run, and the same answers."""
+    import torch.multiprocessing as mp
+    from aurora_ds.dist import free_port
+
+    train = shard_factory.write(shard_factory.coco(6), str(tmp_path / "coco"), "coco", per_shard=3)
+    qa = shard_factory.write(shard_factory.vqa(4), str(tmp_path / "vqa"), "vqa", per_shard=2, kind="image_qa")
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_rank_builds, args=(free_port(), train, qa, str(tmp_path / "runs"), results), nprocs=2,
+                       join=True, start_method="spawn")
+    got = {row[0]: row[1:] for row in (results.get(), results.get())}
+    assert all(len(v) == 4 for v in got.values()), got
+    assert got[0][0] == got[1][0] and len(got[0][0]) > 3  # the same ids from the same tokenizer
+    assert got[0][1] == got[1][1] and "cat" in got[0][1]
+    assert got[1][2] == got[0][2] and "tokenizer.json" in got[1][2]  # saved into rank 1's own run
+    assert got[0][3] and not got[1][3]  # only rank 0 keeps the answer list (the adapter carries it)
+
+
 @pytest.mark.timeout(120)
 def test_one_shard_two_ranks_both_get_data(tmp_path, shard_factory, word_tokenizer, monkeypatch, caplog):
     samples = shard_factory.coco(10)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..backbones.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
-from ..dist import barrier, stop_if_any_rank_failed, world
+from ..dist import from_rank0, stop_if_any_rank_failed, world
 from .rundir import RunDir
 
 
@@ -46,12 +46,13 @@ def shard_texts(spec: str):
 
 
 def answer_list(cfg, run: RunDir, size: int = 3128) -> list[str]:
-    """The answers QA candidate inference ranks, built once by rank 0 into ``run.answer_list``
-    and read from there by every rank: ``eval.answer_list`` (``aurora-eval`` points it at the
-    list the adapter carries), else the ``size`` most frequent answers of the training annotations (BLIP ships 3,128), from
-    the ``answers.json`` that ``aurora-shard convert`` writes next to the training shards. The
-    shards themselves are never streamed for it. A missing source is an error naming the key."""
-    problem = None
+    """The answers QA candidate inference ranks, built once by rank 0 (saved in ``run.answer_list``
+    for the adapter) and sent to every rank: ``eval.answer_list`` (``aurora-eval`` points it at
+    the list the adapter carries), else the ``size`` most frequent answers of the training
+    annotations (BLIP ships 3,128), from the ``answers.json`` that ``aurora-shard convert`` writes
+    next to the training shards. The shards themselves are never streamed for it. A missing
+    source is an error naming the key."""
+    problem = answers = None
     if world()[0] == 0:
         try:
             if cfg.eval.answer_list:
@@ -65,7 +66,7 @@ def answer_list(cfg, run: RunDir, size: int = 3128) -> list[str]:
         except (OSError, ValueError) as exn:
             problem = exn
     stop_if_any_rank_failed(problem, "building the VQA answer list")
-    return json.loads(run.answer_list.read_text())
+    return from_rank0(answers)
 
 
 def read_answer_list(path, where: str) -> list[str]:
@@ -111,15 +112,33 @@ def tokenizer_source(cfg) -> tuple[str, str] | None:
 def resolve_tokenizer(cfg, vocab_size: int):
     """The configured tokenizer, else the checkpoint's, else one trained on the training text.
 
-    Training happens on rank 0 into the run's tokenizer folder; the other ranks wait and load it.
+    Training happens once, on rank 0, into the run's tokenizer folder; its files are sent to the
+    other ranks, which save them into their own view of that folder (nodes need not share a
+    filesystem) and load them from there.
     """
     source = tokenizer_source(cfg)
     if source is not None:
         return load_tokenizer(source[1], source[0])
+    from ..backbones.tokenizer import tokenizer_files
+
     path = RunDir(cfg.output.dir).tokenizer
-    if world()[0] == 0 and not (path / "tokenizer.json").exists():
-        train_tokenizer(shard_texts(cfg.data.train_shards), vocab_size, path)
-    barrier()
+    problem = files = None
+    if world()[0] == 0:
+        try:
+            if not (path / "tokenizer.json").exists():
+                train_tokenizer(shard_texts(cfg.data.train_shards), vocab_size, path)
+            files = {f.name: f.read_bytes() for f in tokenizer_files(path)}
+        except Exception as exn:  # noqa: BLE001 - every rank must learn of it, then all stop
+            problem = exn
+    stop_if_any_rank_failed(problem, f"training a tokenizer on data.train_shards into {path}")
+    files = from_rank0(files)
+    if world()[0] != 0:
+        path.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            if not (path / name).is_file() or (path / name).read_bytes() != data:
+                tmp = path / f".{name}.{world()[0]}.tmp"
+                tmp.write_bytes(data)
+                tmp.replace(path / name)
     return load_tokenizer(path)
 
 

@@ -119,7 +119,8 @@ class Blip2QAObjective(Objective):
     def _prompt(self, batch: dict):
         """The visual prefix (B, Q, d) and the left-padded prompt ids and mask."""
         if self.tokenizer is None:
-            raise ValueError("BLIP-2 VQA needs the language model's tokenizer (set objective.tokenizer)")
+            raise ValueError("BLIP-2 VQA needs the language model's tokenizer: set backbone.tokenizer=DIR, or train from a "
+                             "checkpoint that ships one (backbone.checkpoint)")
         model = self.backbone
         media_tokens, _ = blip2.encode_media(model, batch["pixel_values"])
         prefix = blip2.language_prefix(model, media_tokens)
