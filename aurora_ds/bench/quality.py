@@ -26,8 +26,8 @@ BACKBONE = "blip-tiny-retrieval"
 MAIN_RANK = 4
 VBLORA_RANK, VBLORA_LENGTH = 2, 16
 # Learning-rate grids per family: the sweep picks one per method on B validation.
-GRIDS = {"aurora": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2), "vera": (3e-3, 1e-2, 3e-2),
-         "vblora": (3e-3, 1e-2, 3e-2), "full": (1e-4, 3e-4, 1e-3)}
+GRIDS = {"aurora": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2), "vera": (1e-2, 3e-2, 1e-1),
+         "vblora": (3e-3, 1e-2, 3e-2), "full": (3e-4, 1e-3, 3e-3)}
 # name -> (family, options); Aurora's ablations run at MAIN_RANK.
 METHODS = {
     "zero-shot": ("zero", {}),
@@ -47,7 +47,7 @@ SCORES = ("itc_tr1", "itc_ir1", "itc_tr5", "itc_ir5", "itm_tr1", "itm_ir1", "itm
 
 def add_arguments(p):
     p.add_argument("--out", required=True, help="folder for quality.json, quality.md, quality.png and the cached pre-training")
-    p.add_argument("--pretrain-steps", type=int, default=1500, help="full training on split A")
+    p.add_argument("--pretrain-steps", type=int, default=3000, help="full training on split A")
     p.add_argument("--steps", type=int, default=150, help="adaptation steps on split B, per method and run")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--test-scenes", type=int, default=500, help="B test scenes (one image and caption each)")
@@ -55,9 +55,9 @@ def add_arguments(p):
     p.add_argument("--seeds", type=int, default=3, help="runs per method at its chosen learning rate")
     p.add_argument("--lrs", type=int, default=3, help="how many rates of each family's grid to sweep (from the middle)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
-    p.add_argument("--k-test", type=int, default=16, help="ITC candidates re-ranked by the matching head")
+    p.add_argument("--k-test", type=int, default=8, help="ITC candidates re-ranked by the matching head")
     p.add_argument("--lr-pretrain", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
 
 
 def objective_config(lr: float, steps: int, batch: int, seed: int):
@@ -159,8 +159,9 @@ def evaluate(model, data: dict, k_test: int) -> dict:
 
 
 def val_score(metrics: dict) -> float:
-    """What the sweep maximises: mean R@1 of the re-ranked retrieval, both ways."""
-    return (metrics["itm_tr1"] + metrics["itm_ir1"]) / 2
+    """What the sweep maximises: mean R@1 by ITC, both ways (the headline metric: on this task
+    the tiny matching head re-ranks above chance but below ITC, see docs/benchmarks.md)."""
+    return (metrics["itc_tr1"] + metrics["itc_ir1"]) / 2
 
 
 def _targets(rank: int) -> tuple[list[str], int, int]:
@@ -228,7 +229,7 @@ def fit(method: str, pretrained, data: dict, lr: float, seed: int, args) -> dict
     """One run: build, adapt on B train, score on B validation; keeps the model for the test."""
     start = time.perf_counter()
     model, info = build(method, pretrained, seed)
-    losses = train(model, task.Batches(data["train"], args.batch, 1000 + seed, data["tok"]), args.steps, lr, seed)
+    losses = train(model, task.Batches(data["train"], args.batch, 1000 + seed, data["tok"], swap=True), args.steps, lr, seed)
     return {"lr": lr, "seed": seed, **info, "losses": losses, "val": evaluate(model, data["val"], args.k_test),
             "seconds": time.perf_counter() - start, "model": model}
 
@@ -257,16 +258,17 @@ def run_method(method: str, pretrained, data: dict, args) -> dict:
     info = {k: v for k, v in best.items() if k not in ("lr", "seed", "losses", "val", "seconds", "test")}
     row = {"method": method, **info, "lr": best["lr"], "sweep": [{"lr": r["lr"], "val": r["val"]} for r in sweep],
            "runs": runs, "seconds": sum(r["seconds"] for r in sweep + runs[1:]), **summary([r["test"] for r in runs])}
-    print(f"[quality] {method}: {row['trainable']:,} trainable, lr {best['lr']:g}, test R@1 (ITM) "
-          f"TR {row['itm_tr1']['mean']:.1f}±{row['itm_tr1']['std']:.1f} IR {row['itm_ir1']['mean']:.1f}"
-          f"±{row['itm_ir1']['std']:.1f} ({row['seconds']:.0f} s)", flush=True)
+    print(f"[quality] {method}: {row['trainable']:,} trainable, lr {best['lr']:g}, test R@1 (ITC) "
+          f"TR {row['itc_tr1']['mean']:.1f}±{row['itc_tr1']['std']:.1f} IR {row['itc_ir1']['mean']:.1f}"
+          f"±{row['itc_ir1']['std']:.1f}, re-ranked TR {row['itm_tr1']['mean']:.1f} IR {row['itm_ir1']['mean']:.1f} "
+          f"({row['seconds']:.0f} s)", flush=True)
     return row
 
 
 def summary(tests: list[dict]) -> dict:
     out = {}
     for k in SCORES + ("r1",):
-        values = [(t["itm_tr1"] + t["itm_ir1"]) / 2 if k == "r1" else t[k] for t in tests]
+        values = [val_score(t) if k == "r1" else t[k] for t in tests]
         out[k] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     return out
 
@@ -316,7 +318,7 @@ def prepare(args) -> dict:
                          f"(B has {len(b)} scenes)")
     tok = task.tokenizer()
     test, val, train = b[:args.test_scenes], b[args.test_scenes:n_eval], b[n_eval:]
-    sets = {name: task.make_batch(pool, random.Random(i), tok)
+    sets = {name: task.make_batch(pool, random.Random(i), tok, swap=name != "a_test")
             for i, (name, pool) in enumerate((("test", test), ("val", val), ("a_test", rng.sample(a, args.test_scenes))))}
     return {"a": a, "train": train, "tok": tok, **sets,
             "keys": {"train": [task.key(s) for s in train], "val": [task.key(s) for s in val],
@@ -324,7 +326,7 @@ def prepare(args) -> dict:
 
 
 def recovered(rows: list[dict]) -> None:
-    """Each row's share of full fine-tuning's gain over zero-shot in mean R@1 (re-ranked)."""
+    """Each row's share of full fine-tuning's gain over zero-shot in mean R@1 (ITC)."""
     by = {r["method"]: r for r in rows}
     if "zero-shot" in by and "full" in by:
         zero, full = by["zero-shot"]["r1"]["mean"], by["full"]["r1"]["mean"]
@@ -337,22 +339,22 @@ def markdown(results: dict) -> str:
         return f"{s['mean']:.1f} ± {s['std']:.1f}"
 
     rows = [[r["method"], f"{r['trainable']:,}", f"{r['lr']:g}" if "lr" in r else "–",
-             ms(r["itm_tr1"]), ms(r["itm_ir1"]), ms(r["itm_tr5"]), ms(r["itm_ir5"]), ms(r["itc_tr1"]), ms(r["itc_ir1"]),
+             *(ms(r[k]) for k in ("itc_tr1", "itc_ir1", "itc_tr5", "itc_ir5", "itm_tr1", "itm_ir1")),
              "–" if r.get("recovered") is None else f"{100 * r['recovered']:.0f} %"] for r in results["methods"]]
     c, pre, s = results["config"], results["pretrain"], results["splits"]
-    head = (f"Split A pre-training: {c['pretrain_steps']} steps; A test R@1 TR/IR re-ranked "
-            f"{pre['a_test']['itm_tr1']:.1f}/{pre['a_test']['itm_ir1']:.1f}, ITC {pre['a_test']['itc_tr1']:.1f}/"
-            f"{pre['a_test']['itc_ir1']:.1f}. Adaptation on B: {c['steps']} steps, batch {c['batch']}, "
-            f"{s['b_train_scenes']} training scenes; learning rate chosen on {s['b_val_scenes']} validation scenes; "
-            f"{c['seeds']} seeds, mean ± std on {s['b_test_scenes']} test scenes (chance R@1 "
-            f"{100 / s['b_test_scenes']:.1f}); 'recovered' = share of full fine-tuning's gain in mean R@1 "
-            f"(re-ranked) over zero-shot.\n\n")
-    return head + table(["method", "trainable", "lr", "TR@1", "IR@1", "TR@5", "IR@5", "TR@1 ITC", "IR@1 ITC",
-                         "recovered"], rows)
+    head = (f"Split A pre-training: {c['pretrain_steps']} steps; A test R@1 TR/IR by ITC "
+            f"{pre['a_test']['itc_tr1']:.1f}/{pre['a_test']['itc_ir1']:.1f}, re-ranked by ITM "
+            f"{pre['a_test']['itm_tr1']:.1f}/{pre['a_test']['itm_ir1']:.1f}. Adaptation on B: {c['steps']} steps, "
+            f"batch {c['batch']}, {s['b_train_scenes']} training scenes; learning rate chosen on {s['b_val_scenes']} "
+            f"validation scenes; {c['seeds']} seeds, mean ± std on {s['b_test_scenes']} test scenes (chance R@1 "
+            f"{100 / s['b_test_scenes']:.1f}); 'recovered' = share of full fine-tuning's gain in R@1 (ITC, mean of "
+            f"TR and IR) over zero-shot; 're-ranked' = top {c['k_test']} of ITC re-ranked by the matching head.\n\n")
+    return head + table(["method", "trainable", "lr", "TR@1", "IR@1", "TR@5", "IR@5", "TR@1 re-ranked",
+                         "IR@1 re-ranked", "recovered"], rows)
 
 
 def plot(path: str, rows: list[dict], title: str):
-    """Mean R@1 (re-ranked, both ways) against trainable parameters, log x, std error bars."""
+    """Mean R@1 (ITC, both ways) against trainable parameters, log x, std error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,7 +368,7 @@ def plot(path: str, rows: list[dict], title: str):
             ax.axhline(r["r1"]["mean"], color="grey", linestyle="--", label=r["method"])
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("R@1, mean of TR and IR (%)")
+    ax.set_ylabel("R@1 (ITC), mean of TR and IR (%)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
