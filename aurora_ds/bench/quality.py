@@ -48,7 +48,7 @@ SCORES = ("itc_tr1", "itc_ir1", "itc_tr5", "itc_ir5", "itm_tr1", "itm_ir1", "itm
 def add_arguments(p):
     p.add_argument("--out", required=True, help="folder for quality.json, quality.md, quality.png and the cached pre-training")
     p.add_argument("--pretrain-steps", type=int, default=3000, help="full training on split A")
-    p.add_argument("--steps", type=int, default=150, help="adaptation steps on split B, per method and run")
+    p.add_argument("--steps", type=int, default=200, help="adaptation steps on split B, per method and run")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--test-scenes", type=int, default=500, help="B test scenes (one image and caption each)")
     p.add_argument("--val-scenes", type=int, default=200, help="B validation scenes, for the learning-rate sweep")
@@ -281,7 +281,8 @@ def pretrain(data: dict, args) -> tuple:
     from aurora_ds import build_backbone
 
     settings = {"steps": args.pretrain_steps, "batch": args.batch, "lr": args.lr_pretrain, "backbone": BACKBONE,
-                "scenes": len(data["a"]), "task": task.__doc__.split("\n")[0], "version": 2}
+                "scenes": len(data["a"]), "task": [task.COLOURS, task.SHAPES, task.TEMPLATES, task.IMAGE_SIZE],
+                "version": 3}
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(args.out, f"pretrain-{tag}")
     torch.manual_seed(0)
