@@ -25,9 +25,9 @@ from .report import cli_config, machine, table, write
 BACKBONE = "blip-tiny-retrieval"
 MAIN_RANK = 4
 VBLORA_RANK, VBLORA_LENGTH = 2, 16
-# Learning-rate grids per family: the sweep picks one per method on B validation.
-GRIDS = {"aurora": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2), "vera": (1e-2, 3e-2, 1e-1),
-         "vblora": (3e-3, 1e-2, 3e-2), "full": (3e-4, 1e-3, 3e-3)}
+# Learning-rate grids: one for every few-parameter method, one for full fine-tuning; the sweep
+# picks one rate per method on B validation.
+ADAPTER_GRID, FULL_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), (1e-4, 3e-4, 1e-3, 3e-3)
 # name -> (family, options); Aurora's ablations run at MAIN_RANK.
 METHODS = {
     "zero-shot": ("zero", {}),
@@ -48,12 +48,12 @@ SCORES = ("itc_tr1", "itc_ir1", "itc_tr5", "itc_ir5", "itm_tr1", "itm_ir1", "itm
 def add_arguments(p):
     p.add_argument("--out", required=True, help="folder for quality.json, quality.md, quality.png and the cached pre-training")
     p.add_argument("--pretrain-steps", type=int, default=3000, help="full training on split A")
-    p.add_argument("--steps", type=int, default=200, help="adaptation steps on split B, per method and run")
+    p.add_argument("--steps", type=int, default=300, help="adaptation steps on split B, per method and run")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--test-scenes", type=int, default=500, help="B test scenes (one image and caption each)")
     p.add_argument("--val-scenes", type=int, default=200, help="B validation scenes, for the learning-rate sweep")
-    p.add_argument("--seeds", type=int, default=3, help="runs per method at its chosen learning rate")
-    p.add_argument("--lrs", type=int, default=3, help="how many rates of each family's grid to sweep (from the middle)")
+    p.add_argument("--seeds", type=int, default=5, help="runs per method at its chosen learning rate")
+    p.add_argument("--lrs", type=int, default=5, help="how many rates of each grid to sweep (the middle ones)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     p.add_argument("--k-test", type=int, default=8, help="ITC candidates re-ranked by the matching head")
     p.add_argument("--lr-pretrain", type=float, default=1e-3)
@@ -235,9 +235,10 @@ def fit(method: str, pretrained, data: dict, lr: float, seed: int, args) -> dict
 
 
 def lr_grid(family: str, n: int) -> list[float]:
-    grid = GRIDS[family]
-    mid = len(grid) // 2
-    return list(grid[max(0, mid - n // 2):max(0, mid - n // 2) + n])
+    """The ``n`` middle rates of the family's grid (all of it by default)."""
+    grid = FULL_GRID if family == "full" else ADAPTER_GRID
+    start = max(0, (len(grid) - n) // 2)
+    return list(grid[start:start + n])
 
 
 def run_method(method: str, pretrained, data: dict, args) -> dict:
@@ -388,6 +389,7 @@ def run(args):
     if args.seeds < 1 or args.lrs < 1:
         raise SystemExit("--seeds and --lrs must be at least 1")
     os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
     data = prepare(args)
     pretrained, pre = pretrain(data, args)
     rows = [run_method(m, pretrained, data, args) for m in methods]
@@ -397,7 +399,7 @@ def run(args):
                "splits": {"a_pairs": pairs_a, "b_pairs": pairs_b, "a_scenes": len(data["a"]), **data["keys"],
                           "b_train_scenes": len(data["train"]), "b_val_scenes": args.val_scenes,
                           "b_test_scenes": args.test_scenes},
-               "pretrain": pre, "methods": rows}
+               "pretrain": pre, "methods": rows, "seconds": time.perf_counter() - start}
     path = os.path.join(args.out, "quality.png")
     plot(path, rows, f"B test after {args.steps} adaptation steps, {args.seeds} seeds")
     results["plots"] = [path]
