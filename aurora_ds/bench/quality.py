@@ -356,23 +356,27 @@ def markdown(results: dict) -> str:
 
 
 def plot(path: str, rows: list[dict], title: str):
-    """Mean R@1 (ITC, both ways) against trainable parameters, log x, std error bars."""
+    """R@1 (mean of TR and IR) against trainable parameters, log x, std over seeds as error bars:
+    by ITC, and re-ranked by the matching head."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in rows:
-        if r["trainable"]:
-            ax.errorbar(r["trainable"], r["r1"]["mean"], yerr=r["r1"]["std"], fmt="o", capsize=3, label=r["method"])
-        else:
-            ax.axhline(r["r1"]["mean"], color="grey", linestyle="--", label=r["method"])
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("R@1 (ITC), mean of TR and IR (%)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, (label, tr, ir) in zip(axes, (("ITC", "itc_tr1", "itc_ir1"), ("re-ranked by ITM", "itm_tr1", "itm_ir1"))):
+        for r in rows:
+            values = [(run["test"][tr] + run["test"][ir]) / 2 for run in r["runs"]]
+            mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+            if r["trainable"]:
+                ax.errorbar(r["trainable"], mean, yerr=std, fmt="o", capsize=3, label=r["method"])
+            else:
+                ax.axhline(mean, color="grey", linestyle="--", label=r["method"])
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_title(f"{title}: R@1 {label}", fontsize=10)
+    axes[0].set_ylabel("R@1, mean of TR and IR (%)")
+    axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
