@@ -139,8 +139,10 @@ def test_quality_smallest(tmp_path):
         assert len(r["runs"]) == (1 if name == "zero-shot" else 2)
         assert {"mean", "std"} == set(r["itm_tr1"]) == set(r["itc_ir5"]) and r["r1"]["std"] >= 0
         if name != "zero-shot":
-            # The chosen rate is the sweep's best on validation, and every seed ran at it.
-            assert len(r["sweep"]) == 2 and r["lr"] == max(r["sweep"], key=lambda s: quality.val_score(s["val"]))["lr"]
+            # The chosen rate is the sweep's best on validation (mean over its seeds), and every seed ran at it.
+            assert len(r["sweep"]) == 2 and r["lr"] == max(r["sweep"], key=lambda s: s["score"])["lr"]
+            for s in r["sweep"]:
+                assert len(s["val"]) == 2 and s["score"] == pytest.approx(sum(map(quality.val_score, s["val"])) / 2)
             assert {run["lr"] for run in r["runs"]} == {r["lr"]} and [run["seed"] for run in r["runs"]] == [0, 1]
             assert len(r["runs"][1]["losses"]) == 2
     count = {name: r["trainable"] for name, r in rows.items()}
