@@ -4,11 +4,12 @@ A 32x32 image holds one group of shapes on the left and one on the right, each g
 shapes of one colour ("two red circles on the left and a blue triangle on the right"). Split A
 (pre-training) and split B (the target) differ twice. Colour-shape bindings: A holds two of the
 three shapes of every colour, and every B scene has at least one group whose colour never
-appears with that shape in A. The camera: B's images are swaped left to right while its
-captions still describe the unswaped scene, so what a model learnt on A about sides is wrong
-on B and must be re-learnt, while colours, shapes and counts carry over. (Measured: a model
-pre-trained on A generalises to the unseen bindings almost as well as to A itself, so the
-bindings alone leave little for adaptation to show.) B scenes are split between training,
+appears with that shape in A. The camera: B's images have their red and blue channels swapped
+(a BGR/RGB mix-up) while the captions still name the true colours, so what a model learnt on A
+about colours is wrong on B and must be re-learnt, while shapes, counts and sides carry over.
+(Measured: a model pre-trained on A generalises to the unseen bindings almost as well as to A
+itself, and a mirrored camera changes nothing because the tiny model does not learn sides, so
+neither leaves anything for adaptation to show.) B scenes are split between training,
 validation and test, disjoint."""
 
 import random
