@@ -127,13 +127,35 @@ def test_zero_real_runs(tmp_path):
 
 
 def test_quality_smallest(tmp_path):
-    assert main(["quality", "--out", str(tmp_path), "--pretrain-steps", "2", "--steps", "2", "--batch", "8",
-                 "--test-scenes", "6"]) == 0
+    from aurora_ds.bench import quality
+
+    args = ["quality", "--out", str(tmp_path), "--pretrain-steps", "3", "--steps", "2", "--batch", "8",
+            "--test-scenes", "12", "--val-scenes", "6", "--seeds", "2", "--lrs", "2"]
+    assert main(args) == 0
     results = _outputs(tmp_path, "quality")
     rows = {r["method"]: r for r in results["methods"]}
-    assert list(rows) == ["zero-shot", "aurora", "lora", "full"]
-    for r in rows.values():
-        assert {"itm_tr1", "itm_ir1", "itc_tr1", "itc_ir1", "trainable"} <= set(r)
-    assert rows["zero-shot"]["trainable"] == 0 < rows["aurora"]["trainable"] < rows["full"]["trainable"]
-    assert rows["lora"]["lora_rank"] >= 1 and len(rows["aurora"]["losses"]) == 2
-    assert not set(map(tuple, results["splits"]["a_pairs"])) & set(map(tuple, results["splits"]["b_pairs"]))
+    assert list(rows) == list(quality.METHODS)
+    for name, r in rows.items():
+        assert len(r["runs"]) == (1 if name == "zero-shot" else 2)
+        assert {"mean", "std"} == set(r["itm_tr1"]) == set(r["itc_ir5"]) and r["r1"]["std"] >= 0
+        if name != "zero-shot":
+            # The chosen rate is the sweep's best on validation (mean over its seeds), and every seed ran at it.
+            assert len(r["sweep"]) == 2 and r["lr"] == max(r["sweep"], key=lambda s: s["score"])["lr"]
+            for s in r["sweep"]:
+                assert len(s["val"]) == 2 and s["score"] == pytest.approx(sum(map(quality.val_score, s["val"])) / 2)
+            assert {run["lr"] for run in r["runs"]} == {r["lr"]} and [run["seed"] for run in r["runs"]] == [0, 1]
+            assert len(r["runs"][1]["losses"]) == 2
+    count = {name: r["trainable"] for name, r in rows.items()}
+    assert count["zero-shot"] == 0 < count["aurora R=2"] < count["aurora R=4"] < count["aurora R=8"]
+    assert count["aurora R=4 no GQT"] < count["aurora R=4"] < count["aurora R=4 private"]
+    for name in ("vera", "vb-lora"):  # matched to Aurora R=4's adapter count
+        assert abs(rows[name]["adapter"] - rows["aurora R=4"]["adapter"]) < 0.4 * rows["aurora R=4"]["adapter"]
+    assert count["full"] > 30 * max(c for name, c in count.items() if name != "full")
+    splits = results["splits"]
+    assert not set(splits["test"]) & set(splits["val"]) and not (set(splits["test"]) | set(splits["val"])) & set(splits["train"])
+    assert len(splits["test"]) == 12 and len(splits["val"]) == 6
+    assert not set(map(tuple, splits["a_pairs"])) & set(map(tuple, splits["b_pairs"]))
+    assert rows["full"]["recovered"] == 1.0 or rows["full"]["recovered"] is None
+    # A second run reuses the cached pre-training.
+    assert main(args + ["--methods", "zero-shot"]) == 0
+    assert _outputs(tmp_path, "quality")["pretrain"]["seconds"] == results["pretrain"]["seconds"]
