@@ -186,7 +186,7 @@ def build(method: str, pretrained, seed: int):
     from aurora_ds import AuroraConfig, inject_aurora
     from aurora_ds.backbones import get_spec
 
-    from .step import _peft, inject_lora
+    from .step import inject_lora, inject_vblora, inject_vera
 
     family, options = METHODS[method]
     model = copy.deepcopy(pretrained)
@@ -206,15 +206,13 @@ def build(method: str, pretrained, seed: int):
         # whose count is closest to Aurora's at MAIN_RANK (at least 1).
         outs = sum(model.get_submodule(n).out_features for n in names)
         info["vera_rank"] = max(1, round((target - outs) / len(names)))
-        model = _peft().get_peft_model(model, _peft().VeraConfig(r=info["vera_rank"], target_modules=names))
+        model = inject_vera(model, names, info["vera_rank"])
     elif family == "vblora":
         # VB-LoRA trains a bank of vectors and, per layer, logits over the bank for each
         # sub-vector of its rank-r factors: pick the bank size closest to Aurora's count.
         per_vector = VBLORA_RANK * width // VBLORA_LENGTH + VBLORA_LENGTH
         info["vblora_vectors"] = max(2, round(target / per_vector))
-        config = _peft().VBLoRAConfig(r=VBLORA_RANK, vector_length=VBLORA_LENGTH, num_vectors=info["vblora_vectors"],
-                                      target_modules=names)
-        model = _peft().get_peft_model(model, config)
+        model = inject_vblora(model, names, VBLORA_RANK, VBLORA_LENGTH, info["vblora_vectors"])
     elif family == "full":
         model.requires_grad_(True)
     if family not in ("aurora", "full", "zero"):

@@ -96,6 +96,14 @@ def inject_vera(model, names: list[str], rank: int = VERA_RANK):
     return peft.get_peft_model(model, peft.VeraConfig(r=rank, target_modules=names))
 
 
+def inject_vblora(model, names: list[str], rank: int, vector_length: int, num_vectors: int):
+    """peft VB-LoRA on exactly ``names``: one trained bank of ``num_vectors`` vectors shared by
+    every layer, and per layer trained logits choosing each sub-vector of its rank-r factors."""
+    peft = _peft()
+    config = peft.VBLoRAConfig(r=rank, vector_length=vector_length, num_vectors=num_vectors, target_modules=names)
+    return peft.get_peft_model(model, config)
+
+
 def _embeddings_need_grad(module, inputs, output):
     # A non-leaf that requires grad: BLIP adds position embeddings in place afterwards.
     return output.detach().requires_grad_(True) * 1.0
