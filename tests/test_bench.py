@@ -129,8 +129,7 @@ def test_zero_real_runs(tmp_path):
 def test_quality_smallest(tmp_path):
     from aurora_ds.bench import quality
 
-    args = ["quality", "--out", str(tmp_path), "--pretrain-steps", "3", "--steps", "2", "--batch", "8",
-            "--test-scenes", "12", "--val-scenes", "6", "--seeds", "2", "--lrs", "2"]
+    args = ["quality", "--out", str(tmp_path), "--quick"]
     assert main(args) == 0
     results = _outputs(tmp_path, "quality")
     rows = {r["method"]: r for r in results["methods"]}

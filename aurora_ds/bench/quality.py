@@ -59,6 +59,13 @@ def add_arguments(p):
     p.add_argument("--k-test", type=int, default=8, help="ITC candidates re-ranked by the matching head")
     p.add_argument("--lr-pretrain", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
+    p.add_argument("--quick", action="store_true",
+                   help="every method and code path at the smallest settings, in seconds (the test suite's run); "
+                        "its figures mean nothing")
+
+
+# --quick: the sizes it overrides.
+QUICK = {"pretrain_steps": 3, "steps": 2, "batch": 8, "test_scenes": 12, "val_scenes": 6, "seeds": 2, "lrs": 2}
 
 
 def objective_config(lr: float, steps: int, batch: int, seed: int):
@@ -391,6 +398,8 @@ def plot(path: str, rows: list[dict], title: str):
 def run(args):
     import torch
 
+    if args.quick:
+        vars(args).update(QUICK)
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
