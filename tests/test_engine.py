@@ -206,15 +206,22 @@ def test_two_ranks_hold_half_the_backbone_each(equivalence_runs, tiny_checkpoint
     assert 0.45 < two / one < 0.55, (one, two)
 
 
+def _launch_two_nodes(args, per_node: int, tmp_path, timeout: int):
+    """``launchers/multinode.sh`` as node 0 and node 1 of 2 on 127.0.0.1 (no ssh), ``per_node``
+    ranks each; both must exit 0 (their logs, node0.log and node1.log, fail the test otherwise)."""
+    env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
+    procs = [subprocess.Popen(["bash", "launchers/multinode.sh", "node", str(r), "2", str(per_node), *args], cwd=ROOT,
+                              env=env, stdout=open(tmp_path / f"node{r}.log", "w"), stderr=subprocess.STDOUT)
+             for r in (0, 1)]
+    codes = [p.wait(timeout=timeout) for p in procs]
+    logs = [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+
+
 def test_two_node_launch_on_one_machine(tiny_checkpoint, tmp_path):
     """Two launcher processes (node ranks 0 and 1, no ssh) on 127.0.0.1 train and checkpoint."""
     args = _common(tiny_checkpoint, tmp_path / "out", 2, "optim.batch_size=2")
-    env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
-    procs = [subprocess.Popen(["bash", "launchers/multinode.sh", "node", str(r), "2", "1", *args], cwd=ROOT, env=env,
-                              stdout=open(tmp_path / f"node{r}.log", "w"), stderr=subprocess.STDOUT) for r in (0, 1)]
-    codes = [p.wait(timeout=300) for p in procs]
-    logs = [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
-    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    _launch_two_nodes(args, 1, tmp_path, timeout=300)
     summary = _summary(tmp_path / "out")
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert (tmp_path / "out" / "checkpoints" / "step_000002" / "COMPLETE").exists()
@@ -233,12 +240,7 @@ def test_hpz_on_two_nodes_matches_single_process_reference(tiny_checkpoint, tmp_
     config.write_text(json.dumps(cfg))
     out = tmp_path / "hpz"
     args = _common(tiny_checkpoint, out, 4, "optim.batch_size=2", *EQUIV) + ["--ds-config", str(config)]
-    env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
-    procs = [subprocess.Popen(["bash", "launchers/multinode.sh", "node", str(r), "2", "2", *args], cwd=ROOT, env=env,
-                              stdout=open(tmp_path / f"node{r}.log", "w"), stderr=subprocess.STDOUT) for r in (0, 1)]
-    codes = [p.wait(timeout=600) for p in procs]
-    logs = [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
-    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    _launch_two_nodes(args, 2, tmp_path, timeout=600)
     summary = _summary(out)
     assert summary["world_size"] == 4
     held = summary["local_parameter_bytes"] / (4 * summary["parameters"]["total"])
