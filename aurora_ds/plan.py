@@ -73,6 +73,10 @@ LATENCY_S = 30e-6  # per collective call
 # and it is all of ZeRO-3's cost for small modules; on GPUs 50 us is an assumption (host-side
 # Python hooks and bookkeeping; nothing was measured on a GPU).
 MODULE_OVERHEAD_S = 50e-6
+# ZeRO-3's per-call work that grows with the called module's parameter bytes, gathered or not,
+# in seconds per GB of parameters called. Measured on 2 shared CPU cores with gloo (aurora-bench
+# gather-fit); 0 on GPUs is an assumption.
+MODULE_BYTES_COST = 0.0
 # How often the retrieval objective calls each module per micro-batch, (forward, backward): the
 # vision tower runs the momentum (EMA) forward and the training forward; the text encoder the
 # momentum, contrastive and matching forwards; its cross-attention only the matching one. A
@@ -107,9 +111,11 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
     report = handle.parameter_report()
     aurora_ids = {id(p) for _, p in handle.named_aurora_parameters()}
     persistent = {"backbone": 0, "aurora": 0}
+    persistent_tensors = 0
     for p in model.parameters():
         if p.numel() <= persistence_threshold:
             persistent["aurora" if id(p) in aurora_ids else "backbone"] += p.numel()
+            persistent_tensors += 1
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     calls = module_calls(model, get_spec(backbone).family, persistence_threshold)
     return {
@@ -118,6 +124,7 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
         "aurora": report["aurora"],
         "backbone_persistent": persistent["backbone"],
         "aurora_persistent": persistent["aurora"],
+        "persistent_tensors": persistent_tensors,
         "largest_layer": largest,
         **calls,
         **linear_shapes(model, get_spec(backbone)),
@@ -135,9 +142,11 @@ def call_kind(name: str, family: str) -> str:
 
 
 def module_calls(model, family: str, persistence_threshold: int) -> dict:
-    """Per micro-batch, the calls of modules that hold parameters (``module_calls``) and the
-    elements ZeRO-3 gathers in forward and backward calls (partitioned parameters, above the
-    persistence threshold, times their module's calls). The shared factor sets are called by
+    """Per micro-batch, the calls of modules that hold parameters (``module_calls``), those of
+    them that gather (``gathering_calls``: the module holds a partitioned parameter, above the
+    persistence threshold), the parameter elements those calls touch (``called_numel``, partitioned
+    or not) and the elements ZeRO-3 gathers in forward and backward calls
+    (partitioned parameters times their module's calls). The shared factor sets are called by
     every adapted layer; everything else as :data:`CALLS` says for its kind."""
     from aurora_ds.aurora.layer import AuroraLinear
 
@@ -148,7 +157,7 @@ def module_calls(model, family: str, persistence_threshold: int) -> dict:
             for part in (m.source.down, m.target.up):
                 f, b = per_module.get(id(part), (0, 0))
                 per_module[id(part)] = (f + fwd, b + bwd)
-    calls = fwd_numel = bwd_numel = 0
+    calls = gathers = called = fwd_numel = bwd_numel = 0
     for name, m in model.named_modules():
         params = list(m.parameters(recurse=False))
         if not params:
@@ -156,9 +165,12 @@ def module_calls(model, family: str, persistence_threshold: int) -> dict:
         fwd, bwd = per_module.get(id(m), CALLS[call_kind(name, family)])
         split = sum(p.numel() for p in params if p.numel() > persistence_threshold)
         calls += fwd + bwd
+        gathers += (fwd + bwd) * (split > 0)
+        called += (fwd + bwd) * sum(p.numel() for p in params)
         fwd_numel += fwd * split
         bwd_numel += bwd * split
-    return {"module_calls": calls, "gathered_fwd": fwd_numel, "gathered_bwd": bwd_numel}
+    return {"module_calls": calls, "gathering_calls": gathers, "called_numel": called, "gathered_fwd": fwd_numel,
+            "gathered_bwd": bwd_numel}
 
 
 def linear_shapes(model, spec) -> dict:
@@ -241,7 +253,8 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
          rank: int = 32, persistence_threshold: int = PERSISTENCE_THRESHOLD, gpu_memory_gib: float = 80.0,
          batch: int = 8, image_size: int = 0, frames: int = 1, checkpointing: bool = False,
          intra_bw: float = INTRA_BW["nvlink"], inter_gbit: float = 200.0, tflops: float = TFLOPS,
-         cuda: bool = True, gpus_per_node: int = 0, module_overhead: float = MODULE_OVERHEAD_S) -> list[dict]:
+         cuda: bool = True, gpus_per_node: int = 0, module_overhead: float = MODULE_OVERHEAD_S,
+         latency: float = LATENCY_S, module_bytes_cost: float = MODULE_BYTES_COST) -> list[dict]:
     """One dict per GPU count in ``gpus_list`` (total GPUs over ``nodes`` nodes, or with
     ``gpus_per_node`` as many nodes as needed): parameter counts, DeepSpeed's full-training
     estimate, Aurora's ZeRO-3 estimate, and every layout's memory, traffic and step time with the
@@ -272,7 +285,8 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
         n = max(1, gpus // gpus_per_node) if gpus_per_node else nodes
         per_node = gpus // n
         layouts = layout_estimates(counts, gpus, per_node, precision, batch, image_size, frames, checkpointing,
-                                   intra_bw, network(inter_gbit), tflops=tflops, module_overhead=module_overhead)
+                                   intra_bw, network(inter_gbit), latency=latency, tflops=tflops,
+                                   module_overhead=module_overhead, module_bytes_cost=module_bytes_cost)
         best, why = recommend(layouts, gpu_memory_gib * GIB, per_node, n, cuda)
         rows.append({
             "backbone": backbone,
@@ -290,7 +304,8 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
             "layout_inputs": {"gpu_memory_gib": gpu_memory_gib, "batch": batch, "image_size": image_size,
                               "frames": frames, "activation_checkpointing": checkpointing, "intra_gbyte_s": intra_bw,
                               "inter_gbit_s": inter_gbit, "tflops": tflops, "cuda": cuda,
-                              "module_overhead_s": module_overhead},
+                              "module_overhead_s": module_overhead, "latency_s": latency,
+                              "module_bytes_cost_s_per_gb": module_bytes_cost},
             "layouts": layouts,
             "recommended": best,
             "reason": why,
@@ -449,6 +464,12 @@ def main(argv=None) -> int:
                         help=f"ZeRO-3 cost per call of a module holding parameters, microseconds (default "
                              f"{MODULE_OVERHEAD_S * 1e6:g}: an assumption for GPUs; 2 shared CPU cores with gloo: "
                              "250-3,300 measured)")
+    layout.add_argument("--gather-latency", type=float, default=None,
+                        help=f"latency of one collective (each ZeRO-3 call that gathers pays it), microseconds "
+                             f"(default {LATENCY_S * 1e6:g}); aurora-bench gather-fit fits it with --module-overhead")
+    layout.add_argument("--module-bytes-cost", type=float, default=MODULE_BYTES_COST,
+                        help="ZeRO-3's per-call cost per GB of the called module's parameters, gathered or not, "
+                             "seconds (default 0: assumed for GPUs; aurora-bench gather-fit measures it)")
     layout.add_argument("--plot", metavar="FILE.png",
                         help="draw modelled samples/s per GPU against 8..1024 GPUs, one line per layout")
     layout.add_argument("--plot-backbones", default=",".join(SCALING_BACKBONES),
@@ -459,9 +480,11 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--intra must be one of {sorted(INTRA_BW)} or a number of GB/s, got {args.intra!r}")
     overhead = MODULE_OVERHEAD_S if args.module_overhead is None else args.module_overhead / 1e6
+    latency = LATENCY_S if args.gather_latency is None else args.gather_latency / 1e6
     options = dict(precision=args.precision, rank=args.rank, gpu_memory_gib=args.gpu_memory, batch=args.batch,
                    image_size=args.image_size, frames=args.frames, checkpointing=args.activation_checkpointing,
-                   intra_bw=intra, inter_gbit=args.inter, tflops=args.tflops, module_overhead=overhead)
+                   intra_bw=intra, inter_gbit=args.inter, tflops=args.tflops, module_overhead=overhead, latency=latency,
+                   module_bytes_cost=args.module_bytes_cost)
     try:
         rows = plan(args.backbone, args.gpus, args.nodes, args.offload, **options)
         if args.plot:
@@ -514,7 +537,7 @@ def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "b
                      image_size: int = 224, frames: int = 1, checkpointing: bool = False,
                      intra_bw: float = INTRA_BW["nvlink"], inter_bw: float = network(200), host_bw: float = HOST_BW,
                      latency: float = LATENCY_S, tflops: float = TFLOPS, max_live: int = MAX_LIVE_PARAMETERS,
-                     module_overhead: float = MODULE_OVERHEAD_S) -> dict:
+                     module_overhead: float = MODULE_OVERHEAD_S, module_bytes_cost: float = MODULE_BYTES_COST) -> dict:
     """Per layout: per-GPU memory (model states + activations), bytes received per step per GPU
     (intra-node, inter-node, host), and the step time = compute + communication (no overlap:
     an upper bound; DeepSpeed overlaps prefetch with compute when it can). Bandwidths in GB/s.
@@ -523,7 +546,11 @@ def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "b
     parameters (measured: the backward gathers again what the forward gathered, even when it would
     fit ``max_live``), so the bytes are the partitioned parameters times their modules' calls;
     plus ``module_overhead`` seconds per call of a module that holds parameters (the hooks that
-    fetch and release them)."""
+    fetch and release them), plus one collective's ``latency`` per call that gathers. After every
+    optimizer step DeepSpeed also re-gathers every persistent tensor, frozen or not, one collective
+    each (stage 3's ``_post_step``): a high persistence threshold moves gathers there rather than
+    saving them. And each call costs ``module_bytes_cost`` seconds per GB of the called module's
+    parameters, gathered or not (measured on CPU; 0 by default: an assumption for GPUs)."""
     nbytes = BYTES_PER_PARAM[precision]
     nodes = gpus // per_node
     split = counts["backbone"] - counts["backbone_persistent"]
@@ -551,9 +578,11 @@ def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "b
             else:
                 bwd_i, bwd_o = _split(w * bwd, gpus, per_node)
                 secondary = 0
-            intra, inter = fwd_i + bwd_i + grad_intra, fwd_o + bwd_o + grad_inter
+            post_i, post_o = _split(nbytes * (persistent + counts["aurora_persistent"]), gpus, per_node)
+            intra = fwd_i + bwd_i + post_i + grad_intra
+            inter = fwd_o + bwd_o + post_o + grad_inter
             hooks = counts["module_calls"]
-            calls = hooks + 2
+            calls = counts["gathering_calls"] + counts["persistent_tensors"] + 2
             offload = name == "zero3_offload"
             host = w * (fwd + bwd) / gpus if offload else 0.0
             states = (w * persistent + (0 if offload else w * split / gpus) + secondary + working + aurora_states)
@@ -561,7 +590,8 @@ def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "b
             intra = inter = 0.0
             calls = 0 if name == "replicated" else calls
         comm = (intra / (intra_bw * 1e9) + inter / (inter_bw * 1e9) + host / (host_bw * 1e9)
-                + latency * (calls - hooks) + module_overhead * hooks)
+                + latency * calls + module_overhead * hooks
+                + module_bytes_cost * nbytes * counts["called_numel"] / 1e9 * (hooks > 0))
         out[name] = {
             "ds_config": name,
             "description": LAYOUTS[name],

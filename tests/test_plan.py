@@ -176,11 +176,20 @@ def test_zero3_traffic_by_hand():
     lay = layout_estimates(counts, 16, 8, "bf16", intra_bw=100.0, inter_bw=10.0, latency=0.0, tflops=1e9,
                            module_overhead=1e-3)["zero3"]
     gathered = 2 * (counts["gathered_fwd"] + counts["gathered_bwd"])
+    # after each step DeepSpeed re-gathers every persistent tensor (biases, norms, factors) once
+    post_step = 2 * (counts["backbone_persistent"] + counts["aurora_persistent"])
     grads = 2 * 2 * AURORA
-    assert lay["inter_node_bytes"] == int((gathered + grads) * 8 / 16)
-    assert lay["intra_node_bytes"] == int((gathered + grads) * 7 / 16)
+    assert lay["inter_node_bytes"] == int((gathered + post_step + grads) * 8 / 16)
+    assert lay["intra_node_bytes"] == int((gathered + post_step + grads) * 7 / 16)
     assert lay["comm_s"] == pytest.approx(lay["intra_node_bytes"] / 100e9 + lay["inter_node_bytes"] / 10e9
                                           + 1e-3 * counts["module_calls"], rel=1e-6)
+    # one collective per call that gathers (the persistent-only modules gather nothing), plus the
+    # two gradient collectives; each pays the latency
+    assert 0 < counts["gathering_calls"] < counts["module_calls"]
+    assert lay["collectives"] == counts["gathering_calls"] + counts["persistent_tensors"] + 2
+    slow = layout_estimates(counts, 16, 8, "bf16", intra_bw=100.0, inter_bw=10.0, latency=1e-4, tflops=1e9,
+                            module_overhead=1e-3)["zero3"]
+    assert slow["comm_s"] - lay["comm_s"] == pytest.approx(1e-4 * lay["collectives"])
 
 
 def test_module_calls_follow_the_objective_passes():
@@ -204,7 +213,8 @@ def test_module_calls_follow_the_objective_passes():
     assert {call_kind(n, "hf") for n, _ in owners} == {"image", "text", "cross"}
     # the same model with nothing partitioned gathers nothing, but its hooks still run
     whole = count_parameters("blip-tiny-retrieval", 4, 10**9)
-    assert whole["gathered_fwd"] == whole["gathered_bwd"] == 0 and whole["module_calls"] == counts["module_calls"]
+    assert whole["gathered_fwd"] == whole["gathered_bwd"] == whole["gathering_calls"] == 0
+    assert whole["module_calls"] == counts["module_calls"] == counts["gathering_calls"]
 
 
 def test_cli_module_overhead(capsys):
@@ -276,3 +286,26 @@ def test_cli_layouts_and_plot(tmp_path, capsys):
     assert "* replicated" in out and "recommended: replicated" in out and "20 GB/s in a node, 100 Gb/s" in out
     assert "ZeRO-3 50 us per module call" in out
     assert png.stat().st_size > 10_000
+
+
+def test_zero3_regathers_persistent_tensors_after_each_step():
+    """DeepSpeed's stage-3 step ends by all-gathering every persistent tensor, frozen or not, one
+    collective each: with nothing partitioned, that is all ZeRO-3 moves."""
+    whole = count_parameters("blip-tiny-retrieval", 4, 10**9)
+    assert whole["gathering_calls"] == 0 and whole["persistent_tensors"] > 50
+    lay = layout_estimates(whole, 2, 2, "fp32", intra_bw=1.0, latency=1.0, tflops=1e9, module_overhead=0.0)
+    persistent = whole["backbone_persistent"] + whole["aurora_persistent"]
+    assert persistent == whole["total"]
+    extra_bytes = lay["zero3"]["intra_node_bytes"] - lay["replicated"]["intra_node_bytes"]
+    assert extra_bytes == pytest.approx(4 * persistent / 2, abs=1)  # each of 2 ranks receives the other half
+    assert lay["zero3"]["collectives"] == whole["persistent_tensors"] + 2
+
+
+def test_module_bytes_cost_grows_with_the_parameters_called():
+    """Each ZeRO-3 call costs module_bytes_cost per GB of its module's parameters, gathered or not."""
+    counts = count_parameters("blip-tiny-retrieval", 4, 10**9)
+    assert counts["called_numel"] > counts["total"]  # modules are called several times per step
+    base, costly = (layout_estimates(counts, 8, 8, precision="fp32", module_bytes_cost=c) for c in (0.0, 2.0))
+    for name in LAYOUTS:
+        extra = costly[name]["comm_s"] - base[name]["comm_s"]
+        assert extra == pytest.approx(0.0 if name == "replicated" else 2.0 * 4 * counts["called_numel"] / 1e9)

@@ -12,6 +12,8 @@ COMMANDS = {
     "data": ("aurora_ds.bench.data", "loader samples/s in steady state (local vs S3 interleaved, per worker count) and shard writing"),
     "step": ("aurora_ds.bench.step", "step time and peak memory: Aurora vs frozen floor, LoRA, full fine-tuning"),
     "zero": ("aurora_ds.bench.zero", "ZeRO-3 parameter memory and step time, 1 vs 2 ranks (+ offload), plan estimates"),
+    "gather-fit": ("aurora_ds.bench.gather_fit", "aurora-plan's ZeRO-3 communication constants fitted to zero reports, "
+                                                 "each checked with a fit to the others"),
     "quality": ("aurora_ds.bench.quality", "compositional retrieval under a held-out shift: Aurora vs LoRA vs full"),
 }
 

@@ -56,11 +56,9 @@ def add_arguments(p):
     p.add_argument("--image-size", type=int, default=0, help="input resolution (0 = the backbone's)")
     p.add_argument("--keep-adapters", action="store_true", help="copy each run's adapter_latest into --out")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
-                   help="time all-gathers on 2 ranks and compare aurora-plan's predicted ZeRO-3 gather time per step "
-                        "with the measured one (2-rank ZeRO-3 step minus 2-rank replicated step)")
-    p.add_argument("--calibration", metavar="ZERO.json",
-                   help="another run's report: take its per-module-call overhead and check the gather model here "
-                        "(without it the overhead is fitted to this run)")
+                   help="with 2-replicated and 2 in --runs: time bare all-gathers on 2 ranks and report the measured "
+                        "ZeRO-3 gather time per step (2-rank ZeRO-3 step minus 2-rank replicated step) with "
+                        "aurora-plan's counts, the input of aurora-bench gather-fit")
     p.add_argument("--runs", default="1,2,2-offload",
                    help=f"comma-separated runs out of {','.join(RUNS)}; ratios are against the first")
 
@@ -166,43 +164,28 @@ def measure_gathers(out: Path, args) -> dict:
 
 
 def gather_model(zero3: dict, replicated: dict, args) -> dict:
-    """aurora-plan's communication model with this machine's all-gather latency and bandwidth:
-    its predicted ZeRO-3 gather time per step against the measured one (the 2-rank ZeRO-3 step
-    minus the 2-rank replicated step: the same compute, no gathers).
-
-    The per-module-call overhead is fitted to every run (``module_overhead_fit_s``); the
-    prediction uses the one fitted to ``--calibration`` (another run's report: then it is a
-    check), or else this run's own (no check: the error is 0 by construction)."""
+    """The measured ZeRO-3 gather time per step (the 2-rank ZeRO-3 step minus the 2-rank
+    replicated step: the same compute, no gathers) beside aurora-plan's counts for this run and
+    what the bare all-gathers measured here would take for them (latency per gathering call +
+    bytes / bandwidth). The rest is ZeRO-3's own cost per module call; ``aurora-bench gather-fit``
+    fits the model's constants to several such reports and checks each against the others."""
     import tempfile
 
     from aurora_ds.plan import count_parameters, layout_estimates
 
     with tempfile.TemporaryDirectory() as tmp:
-        fit = measure_gathers(Path(tmp) / "gather.json", args)
+        allgather = measure_gathers(Path(tmp) / "gather.json", args)
     rank = args.rank or (4 if "tiny" in args.backbone else 32)
     counts = count_parameters(args.backbone, rank, args.persistence_threshold)
+    est = layout_estimates(counts, 2, 2, args.precision, batch=args.batch, intra_bw=allgather["bandwidth_gbyte_s"],
+                           latency=allgather["latency_s"], tflops=1e12, module_overhead=0.0)
+    collectives = est["zero3"]["comm_s"] - est["replicated"]["comm_s"]
     measured = zero3["step_s"] - replicated["step_s"]
-
-    def comm(overhead: float) -> float:
-        est = layout_estimates(counts, 2, 2, args.precision, batch=args.batch, intra_bw=fit["bandwidth_gbyte_s"],
-                               latency=fit["latency_s"], tflops=1e12, module_overhead=overhead)
-        return est["zero3"]["comm_s"] - est["replicated"]["comm_s"]
-
-    bandwidth_part = comm(0.0)
-    fitted = (measured - bandwidth_part) / counts["module_calls"]
-    if args.calibration:
-        source = json.loads(Path(args.calibration).read_text())["gather_model"]
-        overhead = source["module_overhead_fit_s"]
-        origin = f"fitted to the {source['backbone']} run {Path(args.calibration).name}"
-    else:
-        overhead, origin = fitted, "fitted to this run: not a check"
-    predicted = comm(overhead)
-    est = layout_estimates(counts, 2, 2, args.precision, batch=args.batch)
-    return {"backbone": args.backbone, "allgather": fit, "module_calls_per_step": counts["module_calls"],
+    return {"backbone": args.backbone, "allgather": allgather, "module_calls_per_step": counts["module_calls"],
+            "gathering_calls_per_step": counts["gathering_calls"],
             "gathered_bytes_per_step": est["zero3"]["intra_node_bytes"] - est["replicated"]["intra_node_bytes"],
-            "module_overhead_fit_s": fitted, "module_overhead_s": overhead, "module_overhead_from": origin,
-            "bandwidth_part_s": bandwidth_part, "predicted_gather_s": predicted, "measured_gather_s": measured,
-            "error": ratio(predicted - measured, measured)}
+            "collectives_alone_s": collectives, "measured_gather_s": measured,
+            "overhead_per_module_call_s": (measured - collectives) / counts["module_calls"]}
 
 
 def plan_rows() -> list[dict]:
@@ -243,12 +226,13 @@ def markdown(results: dict) -> str:
                    "aurora-plan parameters", "hpZ secondary partition"], memory)
     if results.get("gather_model"):
         g = results["gather_model"]
-        text += (f"\nGather model (aurora-plan's, ZeRO-3 minus replicated per step): {g['module_calls_per_step']:,} calls of "
-                 f"modules holding parameters x {g['module_overhead_s'] * 1e3:.2f} ms ({g['module_overhead_from']}) + "
-                 f"{g['gathered_bytes_per_step'] / 2**20:,.0f} MiB gathered at {g['allgather']['bandwidth_gbyte_s']:.2f} GB/s "
-                 f"(all-gathers here: {g['allgather']['latency_s'] * 1e3:.2f} ms + bytes / bandwidth, "
-                 f"{g['bandwidth_part_s']:.3f} s of it): predicted {g['predicted_gather_s']:.3f} s, measured "
-                 f"{g['measured_gather_s']:.3f} s (2-rank ZeRO-3 step - replicated step), error {fmt(g['error'], '+.0%')}.\n")
+        text += (f"\nGather time (2-rank ZeRO-3 step - replicated step): measured {g['measured_gather_s']:.3f} s per step; "
+                 f"{g['module_calls_per_step']:,} calls of modules holding parameters, {g['gathering_calls_per_step']:,} of "
+                 f"them gathering {g['gathered_bytes_per_step'] / 2**20:,.0f} MiB per rank; bare all-gathers here "
+                 f"({g['allgather']['latency_s'] * 1e3:.2f} ms + bytes at {g['allgather']['bandwidth_gbyte_s']:.2f} GB/s) "
+                 f"would take {g['collectives_alone_s']:.3f} s of it, the rest is "
+                 f"{g['overhead_per_module_call_s'] * 1e3:.2f} ms per module call (aurora-bench gather-fit fits the "
+                 f"model to several reports).\n")
     for name, why in results.get("not_measured", {}).items():
         text += f"\nNot measured: {name}: {why}\n"
     plan_table = [[p["backbone"], p["gpus"], f"{p['params'] / 1e6:,.0f}M", f"{p['aurora_backbone_gpu_gib']:.2f}",
