@@ -68,10 +68,9 @@ NETWORK_EFFICIENCY = 0.8
 HOST_BW = 20.0  # PCIe host <-> GPU, GB/s, for parameter offload
 LATENCY_S = 30e-6  # per collective call
 # ZeRO-3's cost per call of a module that holds parameters (forward or backward): its hooks fetch
-# the module's parameters (an all-gather the ranks meet at) and release them again. On 2 shared
-# CPU cores with gloo aurora-bench zero measured 0.25-3.3 ms (it moves with the machine's load)
-# and it is all of ZeRO-3's cost for small modules; on GPUs 50 us is an assumption (host-side
-# Python hooks and bookkeeping; nothing was measured on a GPU).
+# the module's parameters and release them again. On 2 CPU cores with gloo aurora-bench gather-fit
+# fitted 0.89 ms (with 0.14 ms per collective, 0.67 GB/s and 1.32 s per GB called); on GPUs 50 us
+# is an assumption (host-side Python hooks and bookkeeping; nothing was measured on a GPU).
 MODULE_OVERHEAD_S = 50e-6
 # ZeRO-3's per-call work that grows with the called module's parameter bytes, gathered or not,
 # in seconds per GB of parameters called. Measured on 2 shared CPU cores with gloo (aurora-bench
@@ -463,7 +462,7 @@ def main(argv=None) -> int:
     layout.add_argument("--module-overhead", type=float, default=None,
                         help=f"ZeRO-3 cost per call of a module holding parameters, microseconds (default "
                              f"{MODULE_OVERHEAD_S * 1e6:g}: an assumption for GPUs; 2 shared CPU cores with gloo: "
-                             "250-3,300 measured)")
+                             "890 fitted by aurora-bench gather-fit)")
     layout.add_argument("--gather-latency", type=float, default=None,
                         help=f"latency of one collective (each ZeRO-3 call that gathers pays it), microseconds "
                              f"(default {LATENCY_S * 1e6:g}); aurora-bench gather-fit fits it with --module-overhead")
