@@ -478,6 +478,11 @@ def main(argv=None) -> int:
         intra = INTRA_BW[args.intra] if args.intra in INTRA_BW else float(args.intra)
     except ValueError:
         parser.error(f"--intra must be one of {sorted(INTRA_BW)} or a number of GB/s, got {args.intra!r}")
+    for key in ("module_overhead", "gather_latency", "module_bytes_cost", "tflops"):
+        value = getattr(args, key)
+        if value is not None and (value < 0 or (key == "tflops" and value == 0)):
+            parser.error(f"--{key.replace('_', '-')} must be {'positive' if key == 'tflops' else 'zero or more'}, "
+                         f"got {value:g}")
     overhead = MODULE_OVERHEAD_S if args.module_overhead is None else args.module_overhead / 1e6
     latency = LATENCY_S if args.gather_latency is None else args.gather_latency / 1e6
     options = dict(precision=args.precision, rank=args.rank, gpu_memory_gib=args.gpu_memory, batch=args.batch,

@@ -217,6 +217,13 @@ def test_module_calls_follow_the_objective_passes():
     assert whole["module_calls"] == counts["module_calls"] == counts["gathering_calls"]
 
 
+@pytest.mark.parametrize("option", ["--module-overhead", "--gather-latency", "--module-bytes-cost", "--tflops"])
+def test_cli_refuses_a_negative_cost_naming_the_option(option, capsys):
+    with pytest.raises(SystemExit):
+        main(["--backbone", BLIP, "--gpus", "8", option, "-1"])
+    assert f"{option} must be" in capsys.readouterr().err
+
+
 def test_cli_module_overhead(capsys):
     assert main(["--backbone", BLIP, "--gpus", "8", "--module-overhead", "2000", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)[0]

@@ -11,9 +11,8 @@ gathers). aurora-plan models it (``plan.layout_estimates``) as
 with the counts taken from the run's backbone, Aurora rank and persistence threshold (the bytes
 and collectives include DeepSpeed's re-gather of the persistent tensors after each step). The
 four constants are fitted to all reports by least squares of the relative errors, none
-negative. The check: every report is
-predicted once more with the constants fitted to the *other* reports; that error is what the
-model would make on a configuration it has not seen. The reports should differ in what they
+negative. The check: every report is predicted once more with the constants fitted to the
+*other* reports; that error is what the model would make on a configuration it has not seen. The reports should differ in what they
 stress (small against large modules, a persistence threshold that keeps the large tensors whole)
 or the constants are not told apart.
 """
