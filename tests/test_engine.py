@@ -444,6 +444,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 deepspeed.init_distributed()
 from aurora_ds import AuroraConfig, build_backbone, inject_aurora
+from aurora_ds.dist import shutdown
 from aurora_ds.engine.loop import release_shm_buffer
 release_shm_buffer()
 
@@ -468,6 +469,7 @@ engine.backward(loss)
 engine.step()
 assert torch.isfinite(loss)
 (Path(sys.argv[2]) / f"ok{torch.distributed.get_rank()}").write_text(f"{local} {total}")
+shutdown()  # a process group left to the interpreter's exit can abort there (a joinable thread)
 """
 
 
