@@ -69,7 +69,6 @@ def test_zero_report_from_run_summaries(tmp_path, monkeypatch):
     assert [r["processes"] for r in results["runs"]] == [1, 2, 2]
     assert results["ratios"]["2 ranks"] == {"parameter_bytes": 0.5, "step_s": 2.0, "samples_per_s": 1.0, "peak_memory": 1.0}
     assert "zero3_hpz_quant" in results["not_measured"] and "gather_model" not in results
-    from aurora_ds.plan import count_parameters
 
     total = count_parameters("blip-tiny-retrieval", 4, 0)["total"]
     assert all(r["unpartitioned_mb"] == pytest.approx(total * 4 / 2**20) for r in results["runs"])
@@ -94,7 +93,6 @@ def test_zero_reports_the_measured_gather_time_with_the_counts(tmp_path, monkeyp
     allgather = {"world_size": 2, "rows": [], "latency_s": 1e-4, "bandwidth_gbyte_s": 0.5}
     monkeypatch.setattr(zero, "launch", fake_launch)
     monkeypatch.setattr(zero, "measure_gathers", lambda out, args: allgather)
-    from aurora_ds.plan import count_parameters
 
     counts = count_parameters("blip-tiny-retrieval", 4, 0)
     assert main(["zero", "--out", str(tmp_path), "--steps", "2", "--runs", "2-replicated,2"]) == 0
