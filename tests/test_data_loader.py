@@ -2,7 +2,10 @@
 
 import json
 import os
+import re
 import shlex
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 
@@ -384,14 +387,26 @@ def test_no_manifest_reads_without_check(tmp_path, shard_factory, word_tokenizer
         build_loader(spec, cfg(resampled=True), word_tokenizer)
 
 
-def test_stalled_worker_times_out(coco, word_tokenizer, capfd):
-    """The timeout names the shard, and the stalled worker prints where it waits (its stack)."""
+STALL = """
+import sys
+from aurora_ds.data import LoaderConfig, build_loader
+cfg = LoaderConfig(image_size=32, batch_size=4, num_workers=1, worker_timeout=2)
+list(build_loader(sys.argv[1], cfg, None, mode="eval"))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_stalled_worker_times_out(coco):
+    """The timeout names the shard and what the worker was doing, and the stalled worker prints
+    where it waits (its stack). In a process of its own: workers write to the stderr the process
+    had when its first loader started them, as in a real run (pytest swaps stderr per test)."""
     url = "pipe:sleep 15; cat %s" % shlex.quote(expand_urls(coco[0])[0])
-    with pytest.raises(TimeoutError, match=r"DataLoader timed out .* 1 shard\(s\) starting pipe:sleep 15; cat .*; "
-                                           r"the stacks of its worker process\(es\) \[\d+\] are printed above"):
-        list(build_loader(url, cfg(num_workers=1, worker_timeout=2), word_tokenizer))
-    err = capfd.readouterr().err
-    assert "most recent call first" in err and "read_shards" in err, err[-2000:]
+    run = subprocess.run([sys.executable, "-c", STALL, url], capture_output=True, text=True, timeout=100)
+    assert run.returncode != 0
+    assert re.search(r"TimeoutError: DataLoader timed out .* 1 shard\(s\) starting pipe:sleep 15; cat .*; "
+                     r"worker 0 \(pid \d+, stacks printed above\): reading pipe:sleep 15; cat .*, "
+                     r"0 batch\(es\) made", run.stderr), run.stderr[-3000:]
+    assert "most recent call first" in run.stderr and "read_shards" in run.stderr, run.stderr[-3000:]
 
 
 def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shard_factory):

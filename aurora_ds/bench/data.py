@@ -131,7 +131,7 @@ def run(args):
     with tempfile.TemporaryDirectory(prefix="aurora-bench-") as tmp, SeaweedServer() as server, \
             server.environment():
         bucket = server.create_bucket("aurora-bench")
-        storage.s3_client()  # first-use costs (this process's client and its workers' spare) out of the figures
+        storage.s3_client()  # this process's first-use cost out of the figures
         for media, dataset, make, n, ann, media_dir in datasets:
             raw = make(os.path.join(tmp, "raw", dataset), math.ceil(n / TRAIN_FRACTION) + 1, args.seed)
             specs = {}

@@ -26,14 +26,12 @@ retried shard never yields duplicates.
 """
 
 import dataclasses
-import faulthandler
 import hashlib
 import json
 import logging
 import math
 import os
 import random
-import signal
 import time
 from collections import Counter, deque
 from itertools import islice
@@ -41,13 +39,12 @@ from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from . import media, shard_format, storage
+from . import media, shard_format, storage, workers
 from .text import pre_caption, pre_question, tokenize
 from .shard_format import read_manifest
 from .urls import expand_urls
 
 log = logging.getLogger(__name__)
-STACK_SIGNAL = signal.SIGUSR1  # a worker asked for its stacks prints them (faulthandler)
 PREFETCH_FACTOR = 2  # DataLoader's default: batches each worker prepares ahead of the consumer
 
 
@@ -162,12 +159,19 @@ class Ledger:
     cumulative over the epoch: they are this worker's resume position.
     """
 
-    def __init__(self, position=0, media=0):
+    def __init__(self, position=0, media=0, board=None, worker=0, urls=()):
         self.skipped = Counter()
         self.retries = 0
         self.position = position
         self.media = media
         self.warnings = RateLimitedWarnings()
+        self.board, self.worker, self.urls = board, worker, {u: i for i, u in enumerate(urls)}
+        self.batches = 0
+
+    def reading(self, url):
+        """Post on the workers' board which shard this worker reads (see ``workers.Board``)."""
+        if self.board is not None:
+            self.board.post(self.worker, workers.READING, shard=self.urls.get(url, -1), batches=self.batches)
 
     def skip(self, item, reason, detail):
         self.skipped[reason] += 1
@@ -178,6 +182,10 @@ class Ledger:
 
     def take(self, worker, end=False):
         """(skipped, info) for the batch being sent."""
+        if not end:
+            self.batches += 1
+            if self.board is not None:
+                self.board.post(self.worker, workers.BATCHES, batches=self.batches)
         skipped = dict(self.skipped)
         info = {"worker": worker, "position": self.position, "media": self.media,
                 "shard_retries": self.retries, "end": end}
@@ -211,6 +219,7 @@ def read_shard(url, max_retries, ledger, opened=None, after_sample=None):
     ``opened`` (from ``open_shard``) serves the first attempt; ``after_sample(stream)`` is called
     after each sample delivered."""
     delivered = 0
+    ledger.reading(url)
     for attempt in range(max_retries + 1):
         try:
             stream = opened if attempt == 0 and opened is not None else storage.open_url(url, "rb")
@@ -467,7 +476,7 @@ class ShardStream(IterableDataset):
     """What one DataLoader worker runs. Picklable: plain attributes, module-level stages."""
 
     def __init__(self, cfg, tokenizer, train, rank, plan, all_shards, epoch, worker_batches, resume_tag,
-                 positions):
+                 positions, board=None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.train = train
@@ -478,15 +487,14 @@ class ShardStream(IterableDataset):
         self.worker_batches = worker_batches
         self.resume_tag = resume_tag
         self.positions = positions  # per worker: [items taken, media delivered, ended]
+        self.board = board  # where workers post their phase (None without workers)
 
     def __iter__(self):
         cfg = self.cfg
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        if info is not None:  # a worker that stops answering prints where it is stuck (see _reraise_worker_errors)
-            faulthandler.register(STACK_SIGNAL, all_threads=True)
         position, media_count, ended = self.positions[worker]
-        ledger = Ledger(position, media_count)
+        ledger = Ledger(position, media_count, self.board, worker, self.all_shards)
         if ended:
             skipped, news = ledger.take(worker, end=True)
             yield {"skipped": skipped, "__info__": news}
@@ -662,17 +670,18 @@ class Loader:
         if cfg.resampled:
             worker_batches = math.ceil((self._epoch_batches()[0] - batches) / self.workers)
         plan = epoch_plan(self.urls, cfg.seed, epoch, self.train, self.rank, self.world, self.workers)
+        ctx = workers.context() if cfg.num_workers > 0 else None
+        board = workers.Board(ctx, cfg.num_workers) if ctx is not None else None
         dataset = ShardStream(cfg, self.tokenizer, self.train, self.rank, plan, self.urls,
-                              epoch, worker_batches, batches, [list(p) for p in positions])
-        if cfg.num_workers > 0 and "TOKENIZERS_PARALLELISM" not in os.environ:
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # tokenizers' threads and fork do not mix
+                              epoch, worker_batches, batches, [list(p) for p in positions], board)
         loader = DataLoader(
             dataset, batch_size=None, num_workers=cfg.num_workers,
             timeout=cfg.worker_timeout if cfg.num_workers > 0 else 0,
             prefetch_factor=PREFETCH_FACTOR if cfg.num_workers > 0 else None,
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, self.rank)),
+            multiprocessing_context=ctx, worker_init_fn=workers.WorkerInit(board) if ctx else None,
             persistent_workers=False)
-        return plan, _reraise_worker_errors(iter(loader), plan.shards or self.urls)
+        return plan, _reraise_worker_errors(iter(loader), plan.shards or self.urls, board, self.urls)
 
     def _batches_left(self):
         """Batches left in the current epoch by the manifest (an estimate with sample-level
@@ -807,9 +816,10 @@ def _round_robin(arrivals, workers, positions, next_worker):
         yield batch
 
 
-def _reraise_worker_errors(it, urls):
+def _reraise_worker_errors(it, shards, board, urls):
     """Clearer errors from a DataLoader iterator's workers: a worker's ShardError arrives wrapped in
-    a traceback dump (raise it again with the URL first), and a worker timeout names no data."""
+    a traceback dump (raise it again with the URL first), and a worker timeout names no data
+    (name the shards and what each worker was doing; the workers print their stacks)."""
     while True:
         try:
             batch = next(it)
@@ -824,27 +834,11 @@ def _reraise_worker_errors(it, urls):
         except RuntimeError as exn:
             if not str(exn).startswith("DataLoader timed out"):
                 raise
-            pids = _dump_worker_stacks(it)
-            raise TimeoutError("%s while reading %d shard(s) starting %s; the stacks of its worker process(es) %s "
-                               "are printed above; raise LoaderConfig.worker_timeout if batches are legitimately "
-                               "this slow" % (exn, len(urls), urls[0], pids or "(none alive)")) from exn
+            states = workers.diagnose(getattr(it, "_workers", []), board, urls)
+            raise TimeoutError("%s while reading %d shard(s) starting %s; %s; raise LoaderConfig.worker_timeout if "
+                               "batches are legitimately this slow" % (exn, len(shards), shards[0],
+                                                                      "; ".join(states) or "no worker alive")) from exn
         yield batch
-
-
-def _dump_worker_stacks(it):
-    """Ask every live worker of a DataLoader iterator to print its Python stacks to stderr (the
-    handler each worker registers), so that a timeout says where a worker is stuck; their pids."""
-    pids = []
-    for process in getattr(it, "_workers", []):
-        if process.is_alive():
-            try:
-                os.kill(process.pid, STACK_SIGNAL)
-                pids.append(process.pid)
-            except OSError:
-                pass
-    if pids:
-        time.sleep(1.0)  # (the dump is written by the worker's signal handler)
-    return pids
 
 
 def build_loader(urls, cfg, tokenizer=None, mode="train"):

@@ -17,7 +17,6 @@ Importing this module registers ``s3``, ``http`` and ``https`` openers in webdat
 the table).
 """
 
-import multiprocessing
 import os
 import queue
 import shlex
@@ -84,7 +83,6 @@ def s3_filesystem():
 
 
 _clients = {}  # (pid, settings) -> the client that process reads with
-_spares = {}  # settings -> a client no request was ever sent with, for processes forked from this one
 
 
 def _new_client(s):
@@ -104,22 +102,12 @@ def _new_client(s):
 
 def s3_client():
     """A botocore S3 client for streaming reads, configured like ``s3_filesystem``, one per
-    process and settings: a forked worker must not share its parent's connections.
-
-    Building a client costs 0.1-0.3 s of CPU, and loader workers are forked every epoch. So a
-    process that is not itself a multiprocessing child (the one that forks workers) also builds a
-    spare client and never sends a request with it: it has no connection to share, and a worker
-    takes it over instead of building its own.
-    """
+    process and settings: a forked process must not share its parent's connections."""
     s = s3_settings()
-    settings = tuple(sorted(s.items()))
-    key = (os.getpid(),) + settings
+    key = (os.getpid(),) + tuple(sorted(s.items()))
     client = _clients.get(key)
     if client is None:  # (two reader threads may get here at once: one client wins, for both)
-        candidate = _spares.pop(settings, None) or _new_client(s)
-        client = _clients.setdefault(key, candidate)
-        if client is candidate and multiprocessing.parent_process() is None:
-            _spares[settings] = _new_client(s)
+        client = _clients.setdefault(key, _new_client(s))
     return client
 
 
