@@ -8,7 +8,7 @@ import torch
 from aurora_ds.aurora import AuroraConfig
 from aurora_ds.backbones import PRECISIONS
 from aurora_ds.engine.config import (SECTIONS, TrainConfig, build_config, known_keys,
-                                     list_recipes, load_recipe)
+                                     list_recipes, load_recipe, section_keys)
 
 
 @pytest.mark.parametrize("recipe", list_recipes())
@@ -110,3 +110,27 @@ def test_every_packaged_recipe_has_a_smoke_stand_in():
     from aurora_ds.recipes import SMOKE
 
     assert set(SMOKE) == set(list_recipes())
+
+
+FLOAT_KEYS = [f"{s}.{k}" for s in SECTIONS for k, t in section_keys(s).items() if t is float]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_key_must_be_finite(key, value):
+    """nan passes every range check (each comparison is false) and inf passes "> 0": optim.lr=nan
+    was refused by the optimizer after the build, optim.lr=inf crashed at step 2."""
+    assert {"optim.lr", "objective.temp", "aurora.dropout", "aurora.scale"} <= set(FLOAT_KEYS)
+    with pytest.raises(ValueError, match=rf"config key '{key}' must be a finite number, got '{value}'"):
+        build_config("", ["data.source=synthetic", f"{key}={value}"])
+    with pytest.raises(ValueError, match=rf"config key '{key}' must be a finite number, got {value}"):
+        build_config("", {"data.source": "synthetic", key: float(value)})  # a YAML .nan / .inf reads as this
+
+
+def test_adapter_config_floats_must_be_finite():
+    """Adapters are read back from JSON, which Python writes and reads NaN and Infinity in."""
+    with pytest.raises(ValueError, match="AuroraConfig.scale must be a finite number, got inf"):
+        AuroraConfig(scale=float("inf"))
+    with pytest.raises(ValueError, match="AuroraConfig.gated_query_scale must be a finite number, got nan"):
+        AuroraConfig.from_dict(json.loads('{"gated_query_scale": NaN}'))
+

@@ -13,7 +13,7 @@ One nested dataclass, ``TrainConfig``, with one section per concern::
 
 Every key has a default here. A recipe, ``--set`` or a dict of overrides naming an unknown
 section or key, or giving a value of the wrong type, is an error naming it and listing the
-known ones. Per-width ranks are mappings end to end: ``aurora: {ranks: {1408: 64}}`` in YAML,
+known ones; so is a float key given ``nan`` or ``inf``. Per-width ranks are mappings end to end: ``aurora: {ranks: {1408: 64}}`` in YAML,
 ``--set 'aurora.ranks={1408: 64, 768: 32}'`` on the command line (a YAML flow mapping).
 
 ``aurora-eval`` has its own small ``EvalRunConfig``; the rest of its run configuration comes
@@ -23,6 +23,7 @@ from the adapter, which records the run that wrote it (see ``EvalRunConfig.run_c
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -250,13 +251,20 @@ def _scalar(where: str, value, typ):
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # nan passes every range check (each comparison is false) and inf passes "> 0":
+            # refused here, for every float key at once, before anything is built.
+            if not math.isfinite(number):
+                raise ValueError(f"config key {where!r} must be a finite number, got {value!r}")
+            return number
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
