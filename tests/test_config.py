@@ -1,6 +1,7 @@
 """The nested run configuration: sections, recipes, --set, errors, aurora-eval's own config."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -134,3 +135,19 @@ def test_adapter_config_floats_must_be_finite():
     with pytest.raises(ValueError, match="AuroraConfig.gated_query_scale must be a finite number, got nan"):
         AuroraConfig.from_dict(json.loads('{"gated_query_scale": NaN}'))
 
+
+def test_num_workers_is_checked_against_the_cpus_of_this_process(monkeypatch):
+    """Loader workers are processes: more than the CPUs this process may use is an error naming the
+    key and the count (data.num_workers=1000 forked 408 workers in 15 s); 8 on 16 is fine."""
+    import aurora_ds.engine.config as config
+
+    cpus = config.usable_cpus()
+    assert cpus == (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    with pytest.raises(ValueError, match=rf"data.num_workers=1000 is more than the {cpus} CPU\(s\) this process may "
+                                         rf"use: .*set data.num_workers to at most {cpus}"):
+        build_config("", ["data.source=synthetic", "data.num_workers=1000"])
+    monkeypatch.setattr(config, "usable_cpus", lambda: 16)
+    assert build_config("", ["data.source=synthetic", "data.num_workers=8"]).data.num_workers == 8
+    assert build_config("", ["data.source=synthetic", "data.num_workers=16"]).data.num_workers == 16
+    with pytest.raises(ValueError, match=r"data.num_workers=17 is more than the 16 CPU"):
+        build_config("", ["data.source=synthetic", "data.num_workers=17"])

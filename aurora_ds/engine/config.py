@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,15 @@ def _positive(section: str, obj, *keys):
     for key in keys:
         if getattr(obj, key) <= 0:
             raise ValueError(f"{section}.{key} must be > 0, got {getattr(obj, key)!r}")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, which a launcher or SLURM may bind to
+    fewer than the node has (os.cpu_count where there is no mask, as on macOS)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -94,6 +104,13 @@ class DataSection:
         _choice("data", "caption_per_sample", self.caption_per_sample, ("random", "all"))
         _positive("data", self, "num_frames", "max_words")
         _not_negative("data", self, "train_num_samples", "num_workers", "shuffle_buffer")
+        # An error, not a silent cap: the worker count decides how shards are split and where a
+        # resume continues, so the run must use the count its configuration records.
+        cpus = usable_cpus()
+        if self.num_workers > cpus:
+            raise ValueError(f"data.num_workers={self.num_workers} is more than the {cpus} CPU(s) this process may "
+                             f"use: each worker is a process decoding media, more only compete for the same CPUs; "
+                             f"set data.num_workers to at most {cpus}")
         if self.resampled and not self.train_num_samples:
             raise ValueError("data.resampled=true needs data.train_num_samples: shards drawn with replacement have "
                              "no end, so an epoch is that many training pairs (over all ranks)")
