@@ -13,8 +13,9 @@ One nested dataclass, ``TrainConfig``, with one section per concern::
 
 Every key has a default here. A recipe, ``--set`` or a dict of overrides naming an unknown
 section or key, or giving a value of the wrong type, is an error naming it and listing the
-known ones; so is a float key given ``nan`` or ``inf``. Per-width ranks are mappings end to end: ``aurora: {ranks: {1408: 64}}`` in YAML,
-``--set 'aurora.ranks={1408: 64, 768: 32}'`` on the command line (a YAML flow mapping).
+known ones; so is a float key given ``nan`` or ``inf``. Per-width ranks are mappings end to end:
+``aurora: {ranks: {1408: 64}}`` in YAML, ``--set 'aurora.ranks={1408: 64, 768: 32}'`` on the
+command line (a YAML flow mapping).
 
 ``aurora-eval`` has its own small ``EvalRunConfig``; the rest of its run configuration comes
 from the adapter, which records the run that wrote it (see ``EvalRunConfig.run_config``).
