@@ -1,6 +1,7 @@
 """The nested run configuration: sections, recipes, --set, errors, aurora-eval's own config."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from aurora_ds.aurora import AuroraConfig
 from aurora_ds.backbones import PRECISIONS
 from aurora_ds.engine.config import (SECTIONS, TrainConfig, build_config, known_keys,
-                                     list_recipes, load_recipe)
+                                     list_recipes, load_recipe, section_keys)
 
 
 @pytest.mark.parametrize("recipe", list_recipes())
@@ -110,3 +111,43 @@ def test_every_packaged_recipe_has_a_smoke_stand_in():
     from aurora_ds.recipes import SMOKE
 
     assert set(SMOKE) == set(list_recipes())
+
+
+FLOAT_KEYS = [f"{s}.{k}" for s in SECTIONS for k, t in section_keys(s).items() if t is float]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_key_must_be_finite(key, value):
+    """nan passes every range check (each comparison is false) and inf passes "> 0": optim.lr=nan
+    was refused by the optimizer after the build, optim.lr=inf crashed at step 2."""
+    assert {"optim.lr", "objective.temp", "aurora.dropout", "aurora.scale"} <= set(FLOAT_KEYS)
+    with pytest.raises(ValueError, match=rf"config key '{key}' must be a finite number, got '{value}'"):
+        build_config("", ["data.source=synthetic", f"{key}={value}"])
+    with pytest.raises(ValueError, match=rf"config key '{key}' must be a finite number, got {value}"):
+        build_config("", {"data.source": "synthetic", key: float(value)})  # a YAML .nan / .inf reads as this
+
+
+def test_adapter_config_floats_must_be_finite():
+    """Adapters are read back from JSON, which Python writes and reads NaN and Infinity in."""
+    with pytest.raises(ValueError, match="AuroraConfig.scale must be a finite number, got inf"):
+        AuroraConfig(scale=float("inf"))
+    with pytest.raises(ValueError, match="AuroraConfig.gated_query_scale must be a finite number, got nan"):
+        AuroraConfig.from_dict(json.loads('{"gated_query_scale": NaN}'))
+
+
+def test_num_workers_is_checked_against_the_cpus_of_this_process(monkeypatch):
+    """Loader workers are processes: more than the CPUs this process may use is an error naming the
+    key and the count (data.num_workers=1000 forked 408 workers in 15 s); 8 on 16 is fine."""
+    import aurora_ds.engine.config as config
+
+    cpus = config.usable_cpus()
+    assert cpus == (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    with pytest.raises(ValueError, match=rf"data.num_workers=1000 is more than the {cpus} CPU\(s\) this process may "
+                                         rf"use: .*set data.num_workers to at most {cpus}"):
+        build_config("", ["data.source=synthetic", "data.num_workers=1000"])
+    monkeypatch.setattr(config, "usable_cpus", lambda: 16)
+    assert build_config("", ["data.source=synthetic", "data.num_workers=8"]).data.num_workers == 8
+    assert build_config("", ["data.source=synthetic", "data.num_workers=16"]).data.num_workers == 16
+    with pytest.raises(ValueError, match=r"data.num_workers=17 is more than the 16 CPU"):
+        build_config("", ["data.source=synthetic", "data.num_workers=17"])

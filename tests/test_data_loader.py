@@ -1,5 +1,6 @@
 """The shard loader on local files: contents, splitting, determinism, resume, faults, quoting."""
 
+import io
 import json
 import os
 import re
@@ -438,6 +439,36 @@ def test_engine_reads_answers_and_text_through_the_shard_contract(tmp_path, shar
         answer_list(cfg, RunDir(tmp_path / "run2"))
     with pytest.raises(FileNotFoundError, match=r"eval.answer_list=.*gone.json: the answer list file does not exist"):
         answer_list(build_config("", {"data.train_shards": spec, "eval.answer_list": str(tmp_path / "gone.json")}), run)
+
+
+def test_undecodable_text_is_skipped_counted_and_named_when_training_a_tokenizer(tmp_path, shard_factory):
+    """A caption that is not UTF-8 crashed tokenizer training with a bare UnicodeDecodeError, naming
+    no shard. As in the loader, a sample whose text cannot be read is skipped and counted; the run
+    says how many, why, and the first one's shard and key when the tokenizer is trained."""
+    from aurora_ds.data.shard_format import JSON, KEY, encode_meta
+    from aurora_ds.engine.config import build_config
+    from aurora_ds.engine.data import SkippedSamples, resolve_tokenizer, shard_texts
+
+    good, latin1, typed = shard_factory.coco(3, prefix="txt")
+    blobs = {good[KEY]: encode_meta(good[JSON]), latin1[KEY]: '{"captions": ["un caf\xe9 au lait"]}'.encode("latin-1"),
+             typed[KEY]: encode_meta(dict(typed[JSON], captions=["fine", 7]))}
+    url = str(tmp_path / "txt-000000.tar")
+    with tarfile.open(url, "w") as tar:
+        for key, blob in blobs.items():
+            info = tarfile.TarInfo(f"{key}.json")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    skipped = SkippedSamples()
+    assert list(shard_texts(url, skipped)) == good[JSON]["captions"]
+    assert skipped.counts == {"bad_json": 1, "missing_field": 1}
+    assert str(skipped).startswith(f"skipped 2 sample(s) (bad_json: 1, missing_field: 1); first: shard {url}, "
+                                   f"sample {latin1[KEY]!r}: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9")
+    said = []
+    tokenizer = resolve_tokenizer(build_config("", {"data.train_shards": url, "output.dir": str(tmp_path / "run")}),
+                                  512, said.append)
+    assert tokenizer("a photo")["input_ids"] and len(said) == 1
+    assert said[0].startswith(f"[aurora] tokenizer trained on data.train_shards={url}: skipped 2 sample(s)")
+    assert f"shard {url}, sample {latin1[KEY]!r}" in said[0]
 
 
 def _rank_builds(rank, port, train_spec, qa_spec, out, results):

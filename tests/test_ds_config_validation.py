@@ -2,6 +2,7 @@
 crashes later) and gives bare errors for wrong types: ours name the key and the file."""
 
 import json
+import re
 
 import pytest
 
@@ -44,3 +45,50 @@ def test_non_integer_batch_size_is_refused():
     ds["train_micro_batch_size_per_gpu"] = "2"
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu must be an integer"):
         validate_ds_config(ds, "cfg.json")
+
+
+@pytest.mark.parametrize("keys,value,expected", [
+    (("zero_optimization", "stage"), True, "an integer"),  # was silently ZeRO stage 1: a bool is an int in Python
+    (("zero_optimization", "stage"), "3", "an integer"),
+    (("zero_optimization", "stage3_param_persistence_threshold"), True, "an integer"),
+    (("zero_optimization", "stage3_max_live_parameters"), 1.5e8 + 0.5, "an integer"),
+    (("zero_optimization", "overlap_comm"), "false", "true or false"),  # pydantic reads it as false
+    (("zero_optimization", "offload_param"), {"device": "cpu", "pin_memory": 1}, "true or false"),
+    (("bf16", "enabled"), 1, "true or false"),
+    (("fp16", "loss_scale"), True, "a finite number"),
+    (("train_micro_batch_size_per_gpu",), True, "an integer"),
+    (("gradient_accumulation_steps",), False, "an integer"),
+    (("gradient_clipping",), True, "a finite number"),
+    (("gradient_clipping",), float("nan"), "a finite number"),  # Python's json reads NaN
+    (("zero_allow_untested_optimizer",), "true", "true or false"),
+])
+def test_values_of_the_wrong_json_type_name_file_and_key(tmp_path, keys, value, expected):
+    ds = _shipped()
+    parent = ds
+    for key in keys[:-1]:
+        parent = parent[key]
+    parent[keys[-1]] = value
+    where = ".".join(keys) + (".pin_memory" if keys[-1] == "offload_param" else "")
+    with pytest.raises(ValueError, match=rf"my.json: {re.escape(where)} must be {expected}, got "):
+        validate_ds_config(ds, tmp_path / "my.json")
+
+
+def test_whole_numbers_written_as_floats_are_integers():
+    """JSON has one number type; the shipped configs write 1e8 where DeepSpeed reads an integer."""
+    ds = _shipped()
+    ds["zero_optimization"].update(stage=3.0, stage3_param_persistence_threshold=1e5)
+    validate_ds_config(ds, "cfg.json")
+
+
+def test_a_boolean_stage_in_a_config_file_fails_before_any_build(tmp_path):
+    """Through the engine's entry point, with the file named (inputs.py adds the config key)."""
+    from aurora_ds.engine.config import build_config
+    from aurora_ds.engine.dsconfig import build_ds_config
+
+    ds = json.loads(resolve_ds_config("zero3").read_text())
+    ds["zero_optimization"]["stage"] = True
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(ds))
+    cfg = build_config("", ["data.source=synthetic", f"engine.ds_config={path}"])
+    with pytest.raises(ValueError, match=r"mine.json: zero_optimization.stage must be an integer, got true"):
+        build_ds_config(str(path), cfg, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 # The adapter directory format (aurora/io.py). 3: an adapter may record the run that trained it
@@ -43,6 +44,11 @@ class AuroraConfig:
         for name, value in checks:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"AuroraConfig.{name} must be a positive integer, got {value!r}")
+        for f in fields(self):  # nan passes every range check below and inf a scale: refused first
+            value = getattr(self, f.name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if f.type == "float" and not (number and math.isfinite(value)):
+                raise ValueError(f"AuroraConfig.{f.name} must be a finite number, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AuroraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.targets, str):

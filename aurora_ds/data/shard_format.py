@@ -230,13 +230,20 @@ def iter_tar_samples(fileobj, fields=None):
             yield sample
 
 
-def iter_metas(spec):
-    """The parsed json of every sample of the shards of ``spec`` (media are not read)."""
+def iter_metas(spec, skip):
+    """``(shard url, sample key, parsed json)`` of every sample of the shards of ``spec`` (media
+    are not read). A json member that is not UTF-8 JSON is a sample fault, as in the loader:
+    skipped after calling ``skip(url, key, "bad_json", detail)``."""
     for url in expand_urls(spec):
         with storage.open_url(url, "rb") as stream:
             for sample in iter_tar_samples(stream, fields=(JSON,)):
                 if JSON in sample:
-                    yield json.loads(sample[JSON].decode("utf-8"))
+                    try:
+                        meta = json.loads(sample[JSON].decode("utf-8"))
+                    except ValueError as exn:  # UnicodeDecodeError is one
+                        skip(url, sample[KEY], "bad_json", "%s: %s" % (type(exn).__name__, exn))
+                        continue
+                    yield url, sample[KEY], meta
 
 
 # ---- sizes.json and manifest.json -------------------------------------------------------------

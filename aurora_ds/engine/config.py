@@ -13,8 +13,9 @@ One nested dataclass, ``TrainConfig``, with one section per concern::
 
 Every key has a default here. A recipe, ``--set`` or a dict of overrides naming an unknown
 section or key, or giving a value of the wrong type, is an error naming it and listing the
-known ones. Per-width ranks are mappings end to end: ``aurora: {ranks: {1408: 64}}`` in YAML,
-``--set 'aurora.ranks={1408: 64, 768: 32}'`` on the command line (a YAML flow mapping).
+known ones; so is a float key given ``nan`` or ``inf``. Per-width ranks are mappings end to end:
+``aurora: {ranks: {1408: 64}}`` in YAML, ``--set 'aurora.ranks={1408: 64, 768: 32}'`` on the
+command line (a YAML flow mapping).
 
 ``aurora-eval`` has its own small ``EvalRunConfig``; the rest of its run configuration comes
 from the adapter, which records the run that wrote it (see ``EvalRunConfig.run_config``).
@@ -23,6 +24,8 @@ from the adapter, which records the run that wrote it (see ``EvalRunConfig.run_c
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,6 +54,15 @@ def _positive(section: str, obj, *keys):
     for key in keys:
         if getattr(obj, key) <= 0:
             raise ValueError(f"{section}.{key} must be > 0, got {getattr(obj, key)!r}")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, which a launcher or SLURM may bind to
+    fewer than the node has (os.cpu_count where there is no mask, as on macOS)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -93,6 +105,13 @@ class DataSection:
         _choice("data", "caption_per_sample", self.caption_per_sample, ("random", "all"))
         _positive("data", self, "num_frames", "max_words")
         _not_negative("data", self, "train_num_samples", "num_workers", "shuffle_buffer")
+        # An error, not a silent cap: the worker count decides how shards are split and where a
+        # resume continues, so the run must use the count its configuration records.
+        cpus = usable_cpus()
+        if self.num_workers > cpus:
+            raise ValueError(f"data.num_workers={self.num_workers} is more than the {cpus} CPU(s) this process may "
+                             f"use: each worker is a process decoding media, more only compete for the same CPUs; "
+                             f"set data.num_workers to at most {cpus}")
         if self.resampled and not self.train_num_samples:
             raise ValueError("data.resampled=true needs data.train_num_samples: shards drawn with replacement have "
                              "no end, so an epoch is that many training pairs (over all ranks)")
@@ -250,13 +269,20 @@ def _scalar(where: str, value, typ):
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # nan passes every range check (each comparison is false) and inf passes "> 0":
+            # refused here, for every float key at once, before anything is built.
+            if not math.isfinite(number):
+                raise ValueError(f"config key {where!r} must be a finite number, got {value!r}")
+            return number
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from ..backbones.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
@@ -33,16 +34,43 @@ def loader_config(cfg, image_size: int, train: bool):
     )
 
 
-def shard_texts(spec: str):
+class SkippedSamples:
+    """Samples skipped in one pass over shards: a count per reason and the first one, said at the
+    end (a whole dataset of bad samples must not be held in memory, nor printed line by line)."""
+
+    def __init__(self):
+        self.counts = Counter()
+        self.first = None
+
+    def add(self, url: str, key: str, reason: str, detail: str):
+        self.counts[reason] += 1
+        self.first = self.first or f"shard {url}, sample {key!r}: {detail}"
+
+    def __str__(self):
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in self.counts.items())
+        return f"skipped {sum(self.counts.values())} sample(s) ({reasons}); first: {self.first}"
+
+
+def shard_texts(spec: str, skipped: SkippedSamples | None = None):
     """Every caption, question and answer in the shards: what a local tokenizer is trained on.
 
     The text lives only in the samples' json (a manifest holds counts and checksums), so this
-    reads the json members through the shard contract's one reader, skipping the media.
+    reads the json members through the shard contract's one reader, skipping the media. A sample
+    the loader would skip (json not UTF-8 or not JSON, text fields absent or not strings) is
+    skipped here too, and counted in ``skipped``.
     """
     from ..data import shard_format
 
-    for meta in shard_format.iter_metas(spec):
-        yield from shard_format.sample_texts(meta)
+    skipped = skipped if skipped is not None else SkippedSamples()
+    for url, key, meta in shard_format.iter_metas(spec, skipped.add):
+        try:
+            texts = list(shard_format.sample_texts(meta))
+            if not all(isinstance(text, str) for text in texts):
+                raise TypeError("a caption, question or answer is not a string")
+        except (KeyError, TypeError, AttributeError) as exn:  # absent or wrongly typed field
+            skipped.add(url, key, "missing_field", f"{type(exn).__name__}: {exn}")
+            continue
+        yield from texts
 
 
 def answer_list(cfg, run: RunDir, size: int = 3128) -> list[str]:
@@ -109,12 +137,13 @@ def tokenizer_source(cfg) -> tuple[str, str] | None:
     return None
 
 
-def resolve_tokenizer(cfg, vocab_size: int):
+def resolve_tokenizer(cfg, vocab_size: int, log=None):
     """The configured tokenizer, else the checkpoint's, else one trained on the training text.
 
     Training happens once, on rank 0, into the run's tokenizer folder; its files are sent to the
     other ranks, which save them into their own view of that folder (nodes need not share a
-    filesystem) and load them from there.
+    filesystem) and load them from there. Samples skipped while reading the text are counted
+    and said at the end through ``log`` (a print-like callable).
     """
     source = tokenizer_source(cfg)
     if source is not None:
@@ -126,7 +155,10 @@ def resolve_tokenizer(cfg, vocab_size: int):
     if world()[0] == 0:
         try:
             if not (path / "tokenizer.json").exists():
-                train_tokenizer(shard_texts(cfg.data.train_shards), vocab_size, path)
+                skipped = SkippedSamples()
+                train_tokenizer(shard_texts(cfg.data.train_shards, skipped), vocab_size, path)
+                if skipped.counts and log is not None:
+                    log(f"[aurora] tokenizer trained on data.train_shards={cfg.data.train_shards}: {skipped}")
             files = {f.name: f.read_bytes() for f in tokenizer_files(path)}
         except Exception as exn:  # noqa: BLE001 - every rank must learn of it, then all stop
             problem = exn

@@ -10,7 +10,10 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 
@@ -109,13 +112,28 @@ KNOWN_KEYS = {
 }
 
 
+# Top-level keys the product fills or relies on, with their JSON types. DeepSpeed reads them as
+# plain Python values, where ``true`` is the integer 1 and ``"1"`` a string.
+TOP_LEVEL_TYPES = {
+    "train_batch_size": int, "train_micro_batch_size_per_gpu": int, "gradient_accumulation_steps": int,
+    "steps_per_print": int, "gradient_clipping": float, "zero_allow_untested_optimizer": bool,
+    "zero_force_ds_cpu_optimizer": bool, "wall_clock_breakdown": bool, "memory_breakdown": bool,
+    "prescale_gradients": bool, "gradient_predivide_factor": float, "sparse_gradients": bool,
+}
+
+
 def validate_ds_config(ds: dict, path) -> None:
-    """Unknown top-level keys and wrong types in the sections we rely on are errors naming the
-    key and the file (checked with DeepSpeed's own schemas for zero_optimization, bf16, fp16)."""
+    """Unknown top-level keys and values of the wrong type are errors naming the key and the file:
+    the top-level keys of ``TOP_LEVEL_TYPES``, and zero_optimization, bf16 and fp16 checked with
+    DeepSpeed's own schemas, after a stricter check of their JSON types (pydantic takes
+    ``"stage": true`` as stage 1 and ``"overlap_comm": "false"`` as false)."""
     for key in ds:
         if key not in KNOWN_KEYS:
             close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
             raise ValueError(f"{path}: unknown DeepSpeed config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for key, typ in TOP_LEVEL_TYPES.items():
+        if key in ds:
+            _check_json_type(path, key, ds[key], typ)
     from pydantic import ValidationError
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -127,15 +145,46 @@ def validate_ds_config(ds: dict, path) -> None:
             continue
         if not isinstance(section, dict):
             raise ValueError(f"{path}: {key} must be a JSON object, got {section!r}")
+        _check_section_types(path, key, section, schema)
         try:
             schema(**section)
         except ValidationError as e:
             problems = "; ".join(f"{key}.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
                                  for err in e.errors())
             raise ValueError(f"{path}: {problems}") from None
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "steps_per_print"):
-        if key in ds and (isinstance(ds[key], bool) or not isinstance(ds[key], int)):
-            raise ValueError(f"{path}: {key} must be an integer, got {ds[key]!r}")
+
+
+def _check_section_types(path, where: str, section: dict, schema) -> None:
+    """Every bool, integer and number field of ``section`` against its pydantic ``schema``,
+    nested schemas (offload_param, ...) included; other fields are left to the schema."""
+    from pydantic import BaseModel
+
+    fields = {}
+    for name, info in schema.model_fields.items():
+        fields[name] = fields[info.alias or name] = info.annotation
+    for key, value in section.items():
+        typ = fields.get(key)
+        options = [a for a in typing.get_args(typ) if a is not type(None)]
+        if typing.get_origin(typ) in (typing.Union, types.UnionType) and len(options) == 1:
+            typ = options[0]  # Optional[X]
+        if isinstance(typ, type) and issubclass(typ, BaseModel) and isinstance(value, dict):
+            _check_section_types(path, f"{where}.{key}", value, typ)
+        elif isinstance(typ, type) and issubclass(typ, (bool, int, float)):  # an IntEnum (stage) is an int
+            _check_json_type(path, f"{where}.{key}", value, bool if typ is bool else float if typ is float else int)
+
+
+def _check_json_type(path, where: str, value, typ) -> None:
+    """``value`` is a JSON boolean (``typ`` bool), a finite number (float) or a whole number (int:
+    ``1e5`` counts, as DeepSpeed's own examples write it); never a boolean for a number."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if typ is bool:
+        ok, expected = isinstance(value, bool), "true or false"
+    elif typ is float:
+        ok, expected = number, "a finite number"
+    else:
+        ok, expected = number and float(value).is_integer(), "an integer"
+    if not ok:
+        raise ValueError(f"{path}: {where} must be {expected}, got {json.dumps(value, default=str)}")
 
 
 def zero_stage(ds: dict) -> int:

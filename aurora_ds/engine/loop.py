@@ -214,7 +214,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     if cfg.data.source == "shards":
         from .data import build_evaluator, build_train_data, resolve_tokenizer, text_conventions, tokenizer_source
 
-        tokenizer = resolve_tokenizer(cfg, vocab)
+        tokenizer = resolve_tokenizer(cfg, vocab, _stderr if rank == 0 else None)
         given = tokenizer_source(cfg)
         special = text_conventions(cfg, spec, config, tokenizer, trained_here=given is None)
         data = data if data is not None else build_train_data(cfg, image_size, tokenizer)
