@@ -19,6 +19,7 @@ from aurora_ds.aurora.io import CONFIG_FILE, CONTENT_DIGEST, adapter_path, read_
 from aurora_ds.backbones import checkpoint_identity
 from aurora_ds.backbones.tokenizer import tokenizer_identity, train_tokenizer
 from aurora_ds.engine.adapter_record import AdapterRecord, check_checkpoint
+from aurora_ds.engine.checkpoint import digest_files, mark_complete
 from aurora_ds.engine.config import EvalRunConfig, build_config
 from aurora_ds.engine.data import preprocessing
 from aurora_ds.engine.loop import evaluate, train
@@ -191,7 +192,7 @@ def test_resuming_with_another_task_or_checkpoint_is_refused(run, tiny_checkpoin
     cfg, adapter = run
     step = tmp_path / "out" / "checkpoints" / "step_000001"
     shutil.copytree(adapter, step / "adapter")
-    (step / "COMPLETE").write_text("{}")
+    mark_complete(step, digest_files(step))
     base = {"data.source": "synthetic", "engine.deepspeed": False, "output.dir": str(tmp_path / "out"),
             "output.resume": "auto", "aurora.rank": 4}
     with pytest.raises(ValueError, match=f"adapter {step / 'adapter'} was trained for retrieval on image with backbone "
