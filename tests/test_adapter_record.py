@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from aurora_ds import AuroraConfig, build_backbone, inject_aurora, load_adapter
-from aurora_ds.aurora.io import CONFIG_FILE, adapter_path, read_adapter_config, write_adapter
+from aurora_ds.aurora.io import CONFIG_FILE, CONTENT_DIGEST, adapter_path, read_adapter_config, write_adapter
 from aurora_ds.backbones import checkpoint_identity
 from aurora_ds.backbones.tokenizer import tokenizer_identity, train_tokenizer
 from aurora_ds.engine.adapter_record import AdapterRecord, check_checkpoint
+from aurora_ds.engine.checkpoint import digest_files, mark_complete
 from aurora_ds.engine.config import EvalRunConfig, build_config
 from aurora_ds.engine.data import preprocessing
 from aurora_ds.engine.loop import evaluate, train
@@ -53,7 +54,7 @@ def run(tiny_checkpoint, tmp_path):
 def test_record_and_carried_files(run, tiny_checkpoint):
     cfg, adapter = run
     meta = read_adapter_config(adapter)
-    assert meta["format_version"] == 3
+    assert meta["format_version"] == 4
     record = meta["run"]
     assert record["backbone"] == {"name": NAME, "family": "hf", "interface": "blip"}
     assert (record["task"], record["media"]) == ("retrieval", "image")
@@ -113,11 +114,12 @@ def test_format_2_adapters_still_load(tmp_path):
     handle = inject_aurora(build_backbone(NAME), AuroraConfig(rank=4, backbone=NAME))
     handle.save(tmp_path / "a")
     meta = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    del meta[CONTENT_DIGEST]  # format 2 had no digest of its own content
     (tmp_path / "a" / CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 2}))
     torch.manual_seed(0)
     load_adapter(build_backbone(NAME), tmp_path / "a")
     (tmp_path / "a" / CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 1}))
-    with pytest.raises(ValueError, match=r"format_version 1; this version reads aurora formats \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"format_version 1; this version reads aurora formats \(2, 3, 4\)"):
         load_adapter(build_backbone(NAME), tmp_path / "a")
     # a real format-2 adapter with ICE has no evaluation context: refused, saying so
     from safetensors.torch import load_file, save_file
@@ -190,7 +192,7 @@ def test_resuming_with_another_task_or_checkpoint_is_refused(run, tiny_checkpoin
     cfg, adapter = run
     step = tmp_path / "out" / "checkpoints" / "step_000001"
     shutil.copytree(adapter, step / "adapter")
-    (step / "COMPLETE").write_text("{}")
+    mark_complete(step, digest_files(step))
     base = {"data.source": "synthetic", "engine.deepspeed": False, "output.dir": str(tmp_path / "out"),
             "output.resume": "auto", "aurora.rank": 4}
     with pytest.raises(ValueError, match=f"adapter {step / 'adapter'} was trained for retrieval on image with backbone "

@@ -300,11 +300,12 @@ def test_mismatched_adapters_are_refused(tmp_path):
         other.load(tmp_path / "a")
 
     def rewrite(tensors):  # a consistent file (its digest recorded) that does not fit the model
-        from aurora_ds.aurora.io import file_digest
+        from aurora_ds.aurora.io import CONTENT_DIGEST, content_digest, file_digest
 
         save_file(tensors, str(tmp_path / "a" / "adapter.safetensors"))
         meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
         meta["files"]["adapter.safetensors"] = file_digest(tmp_path / "a" / "adapter.safetensors")
+        meta[CONTENT_DIGEST] = content_digest(meta)
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(meta))
 
     tensors = load_file(str(tmp_path / "a" / "adapter.safetensors"))

@@ -492,14 +492,22 @@ def test_timm_tower_built_partitioned_in_bf16_on_two_ranks(tmp_path):
         build_backbone("blip-tiny-retrieval", zero3={"zero_optimization": {"stage": 3}})
 
 
-@pytest.mark.parametrize("name", ["plain_state.pt", "rank_00000.pt", "client_state.pt", "adapter/adapter.safetensors"])
-def test_resume_refuses_a_damaged_checkpoint_file_naming_it(tiny_checkpoint, tmp_path, name):
+@pytest.mark.parametrize("name,forget", [("plain_state.pt", False), ("rank_00000.pt", False), ("client_state.pt", False),
+                                         ("adapter/adapter.safetensors", False), ("plain_state.pt", True)])
+def test_resume_refuses_a_damaged_checkpoint_file_naming_it(tiny_checkpoint, tmp_path, name, forget):
+    """``forget``: the damaged file's entry is also removed from COMPLETE, which must not skip its check."""
     out = tmp_path / "out"
     plain(_common(tiny_checkpoint, out, 1, "output.save_every=1"), tmp_path / "first.log")
-    damaged = out / "checkpoints" / "step_000001" / name
+    step = out / "checkpoints" / "step_000001"
+    damaged = step / name
     data = bytearray(damaged.read_bytes())
     data[-10:] = bytes(b ^ 0xFF for b in data[-10:])  # same size, different bytes
     damaged.write_bytes(bytes(data))
+    if forget:
+        marker = json.loads((step / "COMPLETE").read_text())
+        del marker["files"][name]
+        (step / "COMPLETE").write_text(json.dumps(marker))
     proc = subprocess.run([PY, "-m", "aurora_ds.train", "--no-deepspeed", *_common(tiny_checkpoint, out, 2), "--resume", "auto"],
                           capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
-    assert proc.returncode != 0 and f"{damaged} is damaged" in proc.stderr, proc.stderr[-2000:]
+    said = f"holds files its {step / 'COMPLETE'} does not record: {name} " if forget else f"{damaged} is damaged"
+    assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-2000:]

@@ -6,9 +6,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-# The adapter directory format (aurora/io.py). 3: an adapter may record the run that trained it
-# and carry small files (its tokenizer, answer list); 2 lacked both.
-FORMAT_VERSION = 3
+# The adapter directory format (aurora/io.py). 4: the config records a SHA-256 of its own content;
+# 3: an adapter may record the run that trained it and carry small files (its tokenizer, answer
+# list); 2 lacked both.
+FORMAT_VERSION = 4
 
 
 @dataclass

@@ -4,7 +4,10 @@ Safetensors holds plain tensors only, so loading a shared adapter never unpickle
 Writes go to a temporary sibling directory that is renamed into place, so a reader (or a
 crash) never sees half an adapter. The config records the size and SHA-256 of the tensor file,
 checked on every load: a damaged file (flipped bytes load fine as safetensors, as NaNs) is
-refused with its path, and so is any non-finite value.
+refused with its path, and so is any non-finite value. The config also records a SHA-256 of
+each of its own keys (``content_sha256``), so an edited value (``aurora.scale``), which would
+load and silently change what the adapter computes, is refused naming the file and the key; a
+removed record (of the tensor file, or of the config itself) is refused too, never skipped.
 
 A caller may add what it knows about the run that trained the adapter (``run``: plain values,
 recorded as given) and small files to travel inside the adapter (a tokenizer, an answer list),
@@ -29,8 +32,11 @@ from .config import FORMAT_VERSION, AuroraConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
-# Format 2 has no ``run`` record and no extra files; its tensors and structure read the same.
-READABLE_VERSIONS = (2, FORMAT_VERSION)
+CONTENT_DIGEST = "content_sha256"
+# Format 2 has no ``run`` record and no extra files, and the first format-2 adapters no ``files``
+# record; its tensors and structure read the same. Format 3 always wrote ``files``; format 4 also
+# ``content_sha256``. Older formats cannot have their config checked: write them again to cover it.
+READABLE_VERSIONS = (2, 3, FORMAT_VERSION)
 
 
 def write_adapter(directory, tensors: dict[str, torch.Tensor], config: AuroraConfig, structure: dict, extra=None,
@@ -58,6 +64,7 @@ def write_adapter(directory, tensors: dict[str, torch.Tensor], config: AuroraCon
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, tmp / name)
         meta["files"][name] = file_digest(tmp / name)
+    meta[CONTENT_DIGEST] = content_digest(meta)
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     old = None
     if directory.exists():
@@ -84,6 +91,35 @@ def check_digest(path, recorded: dict, where) -> None:
         raise ValueError(f"{path} is damaged: {actual['bytes']} bytes with SHA-256 {actual['sha256'][:16]}..., "
                          f"but {where} recorded {recorded.get('bytes')} bytes with SHA-256 "
                          f"{str(recorded.get('sha256'))[:16]}...")
+
+
+def content_digest(meta: dict) -> dict:
+    """SHA-256 of each key of an adapter config but ``content_sha256`` itself, over its canonical
+    JSON (sorted keys, as read back), so that a check can name the key that changed."""
+    canonical = json.loads(json.dumps({k: v for k, v in meta.items() if k != CONTENT_DIGEST}))
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+            for k, v in canonical.items()}
+
+
+def _check_content(path: Path, meta: dict) -> None:
+    """Refuse a config edited after it was written, or stripped of a record its format always has."""
+    version = meta["format_version"]
+    recorded = meta.get(CONTENT_DIGEST)
+    if recorded is not None or version >= 4:
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{path} has no valid {CONTENT_DIGEST} record (the SHA-256 of its content, which adapter "
+                             f"format {version} always writes): it was edited after it was written, so its values "
+                             f"cannot be trusted; restore the file or write the adapter again")
+        actual = content_digest(meta)
+        changed = [f"key {k!r} " + ("was removed" if k not in actual else "was added" if k not in recorded else "differs")
+                   for k in sorted(set(recorded) | set(actual)) if recorded.get(k) != actual.get(k)]
+        if changed:
+            raise ValueError(f"{path} was edited after it was written ({', '.join(changed)}, against the SHA-256 of "
+                             f"each key recorded in {CONTENT_DIGEST}): an edited value would load and change what the "
+                             f"adapter computes; restore the file or write the adapter again")
+    if version >= 3 and not isinstance((meta.get("files") or {}).get(WEIGHTS_FILE), dict):
+        raise ValueError(f"{path} records no size and SHA-256 of {WEIGHTS_FILE} (key 'files'), which adapter format "
+                         f"{version} always writes: the record was removed, so {WEIGHTS_FILE} cannot be checked")
 
 
 def load_tensors(path, digest: dict | None = None, where: str = "") -> dict[str, torch.Tensor]:
@@ -118,6 +154,7 @@ def read_adapter_config(directory) -> dict:
             f"{path}: unsupported adapter (method {meta.get('method')!r}, format_version "
             f"{meta.get('format_version')!r}; this version reads aurora formats {READABLE_VERSIONS})"
         )
+    _check_content(path, meta)
     return meta
 
 
@@ -143,7 +180,7 @@ def read_adapter(directory, handle) -> tuple[dict[str, torch.Tensor], dict]:
     actual = handle.describe()["factor_sets"]
     if recorded != actual:
         raise ValueError(f"adapter {directory} has factor sets {recorded}, the model has {actual}")
-    digest = meta.get("files", {}).get(WEIGHTS_FILE)
+    digest = meta.get("files", {}).get(WEIGHTS_FILE)  # checked present by read_adapter_config, but in format 2
     tensors = load_tensors(Path(directory) / WEIGHTS_FILE, digest, Path(directory) / CONFIG_FILE)
     params = dict(handle.named_trainable_parameters() + handle.named_aurora_buffers())
     missing = sorted(set(params) - set(tensors))

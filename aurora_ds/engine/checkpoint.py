@@ -9,9 +9,10 @@ Where they go in a run is :class:`~aurora_ds.engine.rundir.RunDir`'s; inside one
         client_state.pt                      step, EMA, feature queue (same on all ranks)
         rank_00000.pt ...                    per-rank RNG and data position
         trainer_state.json                   world size, step, config
-        COMPLETE                             written last: only complete checkpoints resume; it
-                                             records the size and SHA-256 of every file, checked
-                                             on resume (a damaged file is refused, named)
+        COMPLETE                             written last (atomically): only complete checkpoints
+                                             resume; it records the size and SHA-256 of every
+                                             file, checked when the run is set up, before the
+                                             backbone is built (:func:`verify_checkpoint`)
 
 Only tensors and plain containers go into the ``.pt`` files, read back with
 ``torch.load(weights_only=True)``. DeepSpeed's own files are its format (trusted: your run).
@@ -20,12 +21,13 @@ Only tensors and plain containers go into the ``.pt`` files, read back with
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 from ..aurora.io import check_digest, file_digest, read_adapter, write_adapter
-from ..dist import barrier, gather_objects, world
+from ..dist import barrier, gather_objects, stop_if_any_rank_failed, world
 from .rundir import CHECKPOINT_ADAPTER, RunDir
 
 COMPLETE = "COMPLETE"
@@ -63,7 +65,6 @@ def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict,
                     record=None):
     root = run.checkpoints
     path = run.checkpoint(step)
-    tag = path.name
     me, size = world()
     if me == 0 and path.exists():
         shutil.rmtree(path)
@@ -81,10 +82,10 @@ def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict,
     barrier()
     # Every rank digests the files it sees (on storage not shared between nodes, its own).
     digests = {}
-    for part in gather_objects(_digests(path)):
+    for part in gather_objects(digest_files(path)):
         digests.update(part)
     if me == 0:
-        (path / COMPLETE).write_text(json.dumps({"tag": tag, "files": digests}, indent=1, sort_keys=True))
+        mark_complete(path, digests)
         complete = sorted(p for p in root.iterdir() if (p / COMPLETE).exists())
         for old in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
@@ -96,20 +97,63 @@ def save_checkpoint(run: RunDir, step: int, backend, handle, client_state: dict,
     return path
 
 
-def _digests(path: Path) -> dict:
-    return {str(f.relative_to(path)): file_digest(f) for f in sorted(path.rglob("*")) if f.is_file() and f.name != COMPLETE}
+def _files(path: Path) -> list[str]:
+    return [str(f.relative_to(path)) for f in sorted(path.rglob("*")) if f.is_file() and f.name != COMPLETE]
+
+
+def digest_files(path: Path) -> dict:
+    """Size and SHA-256 of every file under a checkpoint directory but its marker, by relative name."""
+    return {name: file_digest(path / name) for name in _files(path)}
+
+
+def mark_complete(path: Path, digests: dict) -> None:
+    """Write the ``COMPLETE`` marker recording ``digests``: a temporary file, flushed to disk, then
+    renamed over the marker, so that a crash never leaves a marker that is there but half written."""
+    tmp = path / f".{COMPLETE}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"tag": path.name, "files": digests}, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / COMPLETE)
+    folder = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself reaches the disk
+    finally:
+        os.close(folder)
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Refuse a checkpoint with a damaged file (size or SHA-256 differs from what was recorded
-    when it was written), naming the file; files another node wrote may be absent here."""
+    """Refuse a checkpoint its ``COMPLETE`` marker does not vouch for, naming what is wrong: an
+    empty or unreadable marker, a file there that it does not record, a recorded file that is
+    missing or whose size or SHA-256 differs. A check that is skipped would let flipped bytes
+    resume (a damaged optimizer state dies later with a NaN naming no file). Collective, at run
+    setup before the backbone is built: each rank checks the files it sees, and a recorded file
+    counts as missing when no rank sees it (files another node wrote may be absent here)."""
+    marker, problem, missing = path / COMPLETE, None, []
     try:
-        recorded = json.loads((path / COMPLETE).read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        return  # written before digests were recorded
-    for name, digest in recorded.items():
-        if (path / name).exists():
-            check_digest(path / name, digest, path / COMPLETE)
+        try:
+            recorded = json.loads(marker.read_text())["files"]
+            if not isinstance(recorded, dict) or not recorded or not all(isinstance(d, dict) for d in recorded.values()):
+                raise ValueError("it records no files")
+        except (OSError, ValueError, KeyError, TypeError) as exn:
+            raise ValueError(f"{marker} is empty or unreadable ({exn}): it must record the size and SHA-256 of every "
+                             f"file of checkpoint {path}, which therefore cannot be checked; resume from another "
+                             f"checkpoint") from None
+        unrecorded = sorted(set(_files(path)) - set(recorded))
+        if unrecorded:
+            raise ValueError(f"checkpoint {path} holds files its {marker} does not record: {', '.join(unrecorded)} "
+                             f"(an entry was removed from the marker, or files were added after it was written): "
+                             f"they cannot be checked; resume from another checkpoint")
+        missing = sorted(name for name in recorded if not (path / name).is_file())
+        for name in sorted(set(recorded) - set(missing)):
+            check_digest(path / name, recorded[name], marker)
+    except (OSError, ValueError) as exn:
+        problem = exn
+    stop_if_any_rank_failed(problem, f"checking checkpoint {path}")
+    gone = sorted(set.intersection(*(set(m) for m in gather_objects(missing))))
+    if gone:
+        raise FileNotFoundError(f"checkpoint {path} is missing {', '.join(str(path / name) for name in gone)}: its "
+                                f"{marker} records {'them' if len(gone) > 1 else 'it'}; resume from another checkpoint")
 
 
 def _load(path: Path):
@@ -134,13 +178,13 @@ def find_checkpoint(run: RunDir, resume: str) -> Path | None:
 
 
 def load_checkpoint(path: Path, backend, handle, log) -> tuple[int, dict, dict | None]:
-    """Restore a checkpoint; returns (step, client_state, data_state or None).
+    """Restore a checkpoint that :func:`verify_checkpoint` passed; returns (step, client_state,
+    data_state or None).
 
     On a different number of ranks DeepSpeed cannot re-partition optimizer state: the run
     restarts from the checkpoint's adapter with a fresh optimizer, and says so.
     """
     me, size = world()
-    verify_checkpoint(path)
     meta = json.loads((path / "trainer_state.json").read_text())
     client = _load(path / "client_state.pt")
     if meta["world_size"] != size:

@@ -17,7 +17,8 @@ from ..dist import (barrier, free_port, gather_objects, mean_over_ranks, process
                     shutdown, stop_if_any_rank_failed, world)
 from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes, secondary_parameter_bytes
 from .adapter_record import AdapterRecord, check_checkpoint, check_evaluation, check_fits, read_record
-from .checkpoint import find_checkpoint, load_adapter_values, load_checkpoint, save_adapter, save_checkpoint
+from .checkpoint import (find_checkpoint, load_adapter_values, load_checkpoint, save_adapter, save_checkpoint,
+                         verify_checkpoint)
 from ..backbones import PRECISIONS
 from .dsconfig import build_ds_config, gpus_per_node, zero_stage
 from .ema import EMA
@@ -198,6 +199,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
     ds_config, layout, layout_note = deepspeed_config(cfg, size)
     run = RunDir(cfg.output.dir)
     checkpoint = find_checkpoint(run, cfg.output.resume) if cfg.output.resume else None
+    if checkpoint is not None:  # every file recorded, present and intact, on every rank
+        verify_checkpoint(checkpoint)
     resumed = read_record(checkpoint / CHECKPOINT_ADAPTER) if checkpoint is not None else None
     if resumed is not None:  # the same backbone, task, media and checkpoint, or an error naming both
         check_fits(resumed, cfg, checkpoint / CHECKPOINT_ADAPTER, f"resuming it (output.resume={cfg.output.resume})")
