@@ -34,8 +34,8 @@ from torch import nn
 class ModeDown(nn.Module):
     """u_i = U · x_i: the input blocks of width d into the rank-R mode space.
 
-    ``dropout`` is the rate applied to u on each layer's rank-R path (by :class:`ModeUp`, so
-    that layers sharing one u still draw their own masks).
+    ``dropout`` is the rate applied to u on each layer's rank-R path (by :class:`AuroraLinear`,
+    so that layers sharing one u still draw their own masks).
     """
 
     def __init__(self, width: int, rank: int, dropout: float, **kw):
@@ -199,6 +199,33 @@ def mode_matrices(core: torch.Tensor, coeffs: torch.Tensor, a: int, b: int) -> t
     return torch.mm(coeffs.t(), core.reshape(rank * rank, rank).t()).view(b, a, rank, rank)
 
 
+def update_matrices(core: torch.Tensor, V: torch.Tensor, coeffs: list[torch.Tensor], a: int, b: int,
+                    scale: float) -> torch.Tensor:
+    """The update matrix T of each of L layers sharing ``core`` and ``V``, stacked, in a few ops:
+
+        s · ΔW_ji · x_i = Σ_p u_i[p] · T[(i, p), (j, e)],   T[(i, p), (j, e)] = s · Σ_q M_ji[p, q] · V[e, q],
+
+    so a layer's update is one GEMM of its rank-space input (N x a*R) with T. Returned as
+    (L, a*R, b*d), or as (L, b*d, R), Tᵀ, when a == 1: both are the stacked product's own layout
+    (no copy), and a GEMM reads either orientation.
+    """
+    rank, width, count = core.shape[0], V.shape[0], len(coeffs)
+    lam = (torch.stack(coeffs) if count > 1 else coeffs[0].unsqueeze(0)).transpose(1, 2)  # (L, a*b, R)
+    if a == 1:  # Y[t, e, p] = Σ_q V[e, q] · C[p, q, t];  Tᵀ[(j, e), p] = Σ_t Λ[t, j] · Y[t, e, p]
+        Y = torch.matmul(V, core.permute(2, 1, 0))
+        T = torch.matmul(lam, Y.reshape(rank, width * rank)).view(count, b * width, rank)
+    else:  # X[t, p, e] = Σ_q C[p, q, t] · V[e, q];  Res[(j, i), p, e] = Σ_t Λ[t, j*a + i] · X[t, p, e]
+        X = torch.matmul(core.permute(2, 0, 1), V.t())
+        T = torch.matmul(lam, X.reshape(rank, rank * width)).view(count, b, a, rank, width)
+        T = T.permute(0, 2, 3, 1, 4).reshape(count, a * rank, b * width)  # a copy only when b > 1
+    return T if scale == 1.0 else T * scale
+
+
+def _update_gemm(T: torch.Tensor, a: int) -> torch.Tensor:
+    """T as the (a*R) x (b*d) right factor of the update GEMM (a view)."""
+    return T.t() if a == 1 else T
+
+
 class ModeUp(nn.Module):
     """Δy_j = V · Σ_i M_ijᵀ · u_i: mode space back to the output blocks of width d.
 
@@ -212,70 +239,105 @@ class ModeUp(nn.Module):
         self.V = nn.Parameter(torch.zeros(width, rank, **kw))
         nn.init.xavier_uniform_(self.core)
 
-    def forward(self, y: torch.Tensor, u: torch.Tensor, coeffs: torch.Tensor, a: int, b: int,
-                scale: float, dropout: float) -> torch.Tensor:
-        """y + scale · Δ, written into y (the frozen layer's fresh output) where autograd allows."""
-        dropped = None
-        if dropout > 0:  # rank-space sized: the draw is cheap, and a boolean mask is a quarter of a float one
-            dropped = torch.empty(u.shape, dtype=torch.bool, device=u.device).bernoulli_(dropout)
-        return ModeUpdate.apply(y, _as(u, y.dtype), self.core, coeffs, _as(self.V, y.dtype), dropped,
-                                scale / (1.0 - dropout), a, b)
+    def forward(self, y: torch.Tensor, ud: torch.Tensor, layer: "AuroraLinear") -> torch.Tensor:
+        """y + Δ for ``layer`` from its (dropped-out) rank-space input ``ud``, written into y (the
+        frozen layer's fresh output) where autograd allows. The update matrices come from the
+        call's memo (made once for all layers like this one), else are made here for this layer
+        alone (where ZeRO-3 has just gathered the core and V)."""
+        shared = None if layer.sharing is None else layer.sharing.matrices(layer, y.dtype)
+        if shared is None:
+            T = update_matrices(self.core, self.V, [layer.coeffs], layer.a, layer.b, layer.scale)
+            shared = (_as(T, y.dtype), None, 0)
+        return ModeUpdate.apply(y, ud, *shared, layer.a)
+
+
+class SharedMatrices:
+    """The update matrices of the layers of one group (same factors, blocks and scale) for one
+    call of the model, and the gradient that each layer's backward adds into in place."""
+
+    def __init__(self, up: ModeUp, layers: list, dtype: torch.dtype):
+        self.up, self.layers, self.dtype = up, layers, dtype
+        self.index = {id(layer): i for i, layer in enumerate(layers)}
+        self.grad = None
+
+    def make(self) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            first = self.layers[0]
+            made = update_matrices(self.up.core, self.up.V, [m.coeffs for m in self.layers], first.a, first.b, first.scale)
+            return _as(made, self.dtype)
+        return MadeOnce.apply(self, self.up.core, self.up.V, *(m.coeffs for m in self.layers))
+
+    def add_grad(self, index: int, left: torch.Tensor, right: torch.Tensor):
+        """grad[index] += left · right: one GEMM, no separate add."""
+        self.grad[index].addmm_(left, right)
+
+
+class MadeOnce(torch.autograd.Function):
+    """:func:`update_matrices` for a group, as one node whose backward runs once, after every
+    layer of the group has added its share into ``group.grad`` (it returns no gradient for the
+    matrices: autograd would add each layer's share separately, and slicing the stack would
+    copy it whole per layer)."""
+
+    @staticmethod
+    def forward(ctx, group, core, V, *coeffs):
+        ctx.set_materialize_grads(False)
+        ctx.leaves = [t.detach().requires_grad_(t.requires_grad) for t in (core, V, *coeffs)]
+        layer = group.layers[0]
+        with torch.enable_grad():
+            made = _as(update_matrices(ctx.leaves[0], ctx.leaves[1], ctx.leaves[2:], layer.a, layer.b, layer.scale),
+                       group.dtype)
+        ctx.made, ctx.group = made, group
+        if made.requires_grad:
+            group.grad = torch.zeros_like(made)
+        return made.detach()
+
+    @staticmethod
+    def backward(ctx, _unused):
+        needs = [t for t in ctx.leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(ctx.made, needs, ctx.group.grad))
+        ctx.made = ctx.group.grad = None
+        return (None, *(next(grads) if t.requires_grad else None for t in ctx.leaves))
 
 
 class ModeUpdate(torch.autograd.Function):
-    """y += (dropout(u) · alpha·M) · Vᵀ as one node, in place where possible, in y's dtype.
+    """y += ud · T[index] as one node, in place where possible, in y's dtype.
 
-    The mode matrices of all (a x b) blocks are one (a*R) x (b*R) matrix made here from the
-    core and the coefficients, with alpha = s / keep (the scale and the dropout rescaling)
-    folded in, so no full-width tensor is made besides y itself. Only rank-space tensors are
-    kept: u (shared by the layers that share it) and the boolean mask of dropped entries.
+    Only rank-space tensors are kept: ud (shared by the layers that share u, with dropout 0)
+    and the group's stacked matrices. The matrices' gradient goes into ``group.grad`` in place
+    (one GEMM), or, without a group, back through autograd.
     """
 
     @staticmethod
-    def forward(ctx, y, u, core, coeffs, V, dropped, alpha, a, b):
-        width, rank = V.shape
-        mats = mode_matrices(core, coeffs, a, b)
-        if alpha != 1.0:
-            mats = mats * alpha
-        m = _as(mats.permute(1, 2, 0, 3).reshape(a * rank, b * rank), y.dtype)
-        ud = _dropout(u.reshape(-1, a * rank), dropped)
-        z = torch.mm(ud, m).view(-1, rank)
-        ctx.save_for_backward(u, dropped, m, core, coeffs, V)
-        ctx.alpha, ctx.a, ctx.b = alpha, a, b
+    def forward(ctx, y, ud, stack, group, index, a):
+        width = y.shape[-1]
+        T = _update_gemm(stack[index], a)
+        ud2 = ud.reshape(-1, T.shape[0])
+        ctx.save_for_backward(ud, stack)
+        ctx.group, ctx.index, ctx.a = group, index, a
         if torch.compiler.is_compiling() or y._is_view():
             # inductor fuses the add itself (traced in-place writes break its backward); writing into
             # a view would make autograd copy the whole gradient in backward (CopySlices)
-            return torch.addmm(y.reshape(-1, width), z, V.t()).view(y.shape)
-        y.view(-1, width).addmm_(z, V.t())
+            return torch.addmm(y.reshape(-1, width), ud2, T).view(y.shape)
+        y.view(-1, width).addmm_(ud2, T)
         ctx.mark_dirty(y)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        u, dropped, m, core, coeffs, V = ctx.saved_tensors
-        a, b, rank = ctx.a, ctx.b, V.shape[1]
-        ud = _dropout(u.reshape(-1, a * rank), dropped)
-        g2 = g.reshape(-1, V.shape[0])
-        gz = torch.mm(g2, V).view(-1, b * rank)
-        du = dcore = dcoeffs = dV = None
-        if ctx.needs_input_grad[1]:
-            du = _dropout(torch.mm(gz, m.t()), dropped).view(u.shape)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dm = torch.mm(ud.t(), gz)
-            if ctx.alpha != 1.0:
-                dm.mul_(ctx.alpha)
-            dmats = _as(dm.view(a, rank, b, rank).permute(2, 0, 1, 3).reshape(b * a, rank * rank), core.dtype)
-            if ctx.needs_input_grad[2]:
-                dcore = torch.mm(dmats.t(), coeffs.t()).view(core.shape)
-            if ctx.needs_input_grad[3]:
-                dcoeffs = torch.mm(core.reshape(rank * rank, rank).t(), dmats.t())
-        if ctx.needs_input_grad[4]:
-            dV = torch.mm(g2.t(), torch.mm(ud, m).view(-1, rank))
-        return g, du, dcore, dcoeffs, dV, None, None, None, None
-
-
-def _dropout(t: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
-    return t if dropped is None else t.masked_fill(dropped.reshape(t.shape), 0.0)
+        ud, stack = ctx.saved_tensors
+        a, index, group = ctx.a, ctx.index, ctx.group
+        T = _update_gemm(stack[index], a)
+        g2, ud2 = g.reshape(-1, T.shape[1]), ud.reshape(-1, T.shape[0])
+        dud = torch.mm(g2, T.t()).view(ud.shape) if ctx.needs_input_grad[1] else None
+        dstack = None
+        if ctx.needs_input_grad[2]:
+            # dT = ud2ᵀ · g2, in T's stored orientation
+            left, right = (g2.t(), ud2) if a == 1 else (ud2.t(), g2)
+            if group is not None:
+                group.add_grad(index, left, right)
+            else:
+                dstack = torch.mm(left, right).unsqueeze(0)
+        return g, dud, dstack, None, None, None
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -284,26 +346,36 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class InputSharing:
-    """One U · x per input tensor and factor set within one call of the adapted model.
+    """What the adapted layers share within one call of the adapted model: one U · x per input
+    tensor and factor set, and one set of update matrices per group of layers.
 
     BERT's q, k and v read one hidden state; BLIP's cross-attention keys and values in every
     layer read the same image tokens. Layers that read the same tensor through the same factor
-    set share one u (each still draws its own dropout mask). The memo lives only while a hooked
+    set share one u (each still draws its own dropout mask). Layers with the same factors,
+    block shape and scale get their update matrices from one batched computation at the first
+    call of any of them, instead of a few ops per call. The memo lives only while a hooked
     module runs (:meth:`attach`: the model root and its top-level parts) and is emptied when the
-    outermost one returns, so nothing carries over from one call to the next. An entry serves
-    only the very same live tensor object at the same version under the same grad mode. Off
-    while compiling and under saved-tensor hooks: activation checkpointing recomputes a layer on
-    its own and must then save what the first pass saved.
+    outermost one returns, so nothing carries over from one call to the next (the factors
+    change between steps). A u entry serves only the very same live tensor object at the same
+    version under the same grad mode. Off while compiling and under saved-tensor hooks:
+    activation checkpointing recomputes a layer on its own and must then save what the first
+    pass saved. The matrices are made per layer instead where ZeRO-3 partitions the factors
+    (they are gathered only inside their own modules' calls).
     """
 
     def __init__(self):
         self.owner = None
         self.memo = {}
+        self.groups = {}
 
     def attach(self, modules):
         for module in modules:
             module.register_forward_pre_hook(self._open)
             module.register_forward_hook(self._close, always_call=True)
+
+    def add(self, layer: "AuroraLinear"):
+        """Register an adapted layer into its group."""
+        self.groups.setdefault(_group_key(layer), []).append(layer)
 
     def _open(self, module, args):
         if self.owner is None and not torch.compiler.is_compiling():
@@ -314,9 +386,13 @@ class InputSharing:
             self.owner = None
             self.memo.clear()
 
+    def _active(self, x: torch.Tensor) -> bool:
+        return (self.owner is not None and not torch.compiler.is_compiling() and not x.is_inference()
+                and not saved_tensor_hooks_active())
+
     def down(self, down: ModeDown, x: torch.Tensor) -> torch.Tensor:
         """``down(x)``, or the u it already gave for this very x in this call."""
-        if self.owner is None or torch.compiler.is_compiling() or x.is_inference() or saved_tensor_hooks_active():
+        if not self._active(x):
             return down(x)
         key = (id(down), id(x))
         entry = self.memo.get(key)
@@ -327,6 +403,27 @@ class InputSharing:
         memo = self.memo
         self.memo[key] = (weakref.ref(x, lambda _: memo.pop(key, None)), x._version, grad, u)
         return u
+
+    def matrices(self, layer: "AuroraLinear", dtype: torch.dtype):
+        """(stacked matrices, their group, this layer's index) made once per call for the layer's
+        group, or None where they must be made per layer."""
+        group_key = _group_key(layer)
+        layers = self.groups.get(group_key)
+        up = layer.target.up
+        if (layers is None or not self._active(up.V) or torch.is_inference_mode_enabled()
+                or any(_partitioned(t) for t in (up.core, up.V, layer.coeffs))):
+            return None
+        key = ("matrices", group_key, dtype, torch.is_grad_enabled())
+        entry = self.memo.get(key)
+        if entry is None:
+            group = SharedMatrices(up, layers, dtype)
+            entry = self.memo[key] = (group.make(), group)
+        stack, group = entry
+        return stack, (group if group.grad is not None else None), group.index[id(layer)]
+
+
+def _group_key(layer: "AuroraLinear") -> tuple:
+    return (id(layer.target), layer.a, layer.b, layer.scale)
 
 
 class AuroraFactors(nn.Module):
@@ -388,6 +485,8 @@ class AuroraLinear(nn.Module):
         object.__setattr__(self, "source", source)
         object.__setattr__(self, "target", target)
         self.sharing = sharing
+        if sharing is not None:
+            sharing.add(self)
 
     @property
     def in_features(self) -> int:
@@ -411,9 +510,10 @@ class AuroraLinear(nn.Module):
             return y
         down = self.source.down
         u = down(x) if self.sharing is None else self.sharing.down(down, x)
-        dropout = down.dropout if self.training else 0.0
+        if self.training and down.dropout > 0:  # one kernel (and its backward one more), keeping a boolean mask
+            u = torch.native_dropout(u, down.dropout, True)[0]
         base = _whole_base(y)
-        out = self.target.up(y if base is None else base, u, self.coeffs, self.a, self.b, self.scale, dropout)
+        out = self.target.up(y if base is None else base, u, self)
         return out if base is None else out.view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
