@@ -95,7 +95,7 @@ class LoaderConfig:
     caption_per_sample: str = "random"
     missing_tolerance: float = 0.0
     max_shard_retries: int = 2
-    max_member_mb: float = 64.0  # far above any COCO/Flickr image or MSRVTT clip
+    max_member_mb: float = shard_format.MAX_MEMBER_MB
     worker_timeout: float = 60.0
     augment: bool = True
     mean: tuple = _BLIP_MEAN  # normalisation and interpolation: the checkpoint's

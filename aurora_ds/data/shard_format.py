@@ -37,6 +37,8 @@ KEY = "__key__"
 JSON = "json"
 # {ext: size} of a sample's members ``iter_tar_samples`` left unread as larger than its cap.
 TOO_LARGE = "__too_large__"
+# The loader's default cap on one member, in MB: far above any COCO/Flickr image or MSRVTT clip.
+MAX_MEMBER_MB = 64.0
 
 # Formats the loader decodes, in the order it looks for them in a sample.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

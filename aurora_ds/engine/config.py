@@ -36,6 +36,7 @@ import yaml
 
 from ..aurora.config import AuroraConfig
 from ..backbones import PRECISIONS
+from ..data.shard_format import MAX_MEMBER_MB
 
 
 
@@ -99,7 +100,7 @@ class DataSection:
     shuffle_buffer: int = 1000  # training items held for shuffling per loader worker (<= 1: none)
     # a tar member larger than this is not read: its sample is skipped (member_too_large), so one
     # huge file cannot grow a loader worker by its size; far above COCO images and MSRVTT clips
-    max_member_mb: float = 64.0
+    max_member_mb: float = MAX_MEMBER_MB
 
     def __post_init__(self):
         _choice("data", "source", self.source, ("shards", "synthetic"))
