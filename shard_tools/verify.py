@@ -37,10 +37,13 @@ class HashingReader:
 
 
 def check_sample(key, fields):
-    """Problems with one sample: its json must parse and carry text, its media must decode."""
-    problems = []
+    """Problems with one sample: its json must parse and carry text, its media must decode, and no
+    member may exceed the loader's default ``max_member_mb`` (the loader would skip the sample)."""
+    too_large = fields.pop(shard_format.TOO_LARGE, {})
+    problems = [f"{ext}: {size} bytes, over the loader's default max_member_mb={shard_format.MAX_MEMBER_MB:g} "
+                f"(data.max_member_mb)" for ext, size in too_large.items()]
     media = [ext for ext in fields if media_kind(ext)]
-    if not media:
+    if not media and not too_large:
         problems.append("no image/video field")
     if JSON not in fields:
         problems.append("no json field")
@@ -84,7 +87,8 @@ def read_shard(url, report):
     with storage.open_url(url, "rb") as f:
         reader = HashingReader(f)
         try:
-            for fields in shard_format.iter_tar_samples(reader):
+            for fields in shard_format.iter_tar_samples(
+                    reader, max_member_bytes=int(shard_format.MAX_MEMBER_MB * 2**20)):
                 texts.update(text_counts(fields))
                 count += check_and_count(url, fields.pop(KEY), fields, report)
             reader.drain()

@@ -44,7 +44,7 @@ class ShardFactory:
     manifest.json).
 
     Samples are dicts ``{"__key__", "jpg"|"mp4": bytes, "json": dict}`` (tests damage them before
-    ``write``)."""
+    ``write``; a ``json`` given as bytes is written as it is)."""
 
     def __init__(self, seed=0):
         import random
@@ -129,7 +129,7 @@ class ShardFactory:
                 local = os.path.join(tmp, shard)
                 with wds.TarWriter(local, encoder=False) as writer:
                     for s in chunk:
-                        writer.write({k: (shard_format.encode_meta(v) if k == shard_format.JSON else v)
+                        writer.write({k: (shard_format.encode_meta(v) if isinstance(v, dict) else v)
                                       for k, v in s.items()})
                 with open(local, "rb") as f:
                     data = f.read()

@@ -60,6 +60,7 @@ def test_aurora_section_is_the_adapter_config_and_ranks_are_mappings():
     (["data.caption_per_sample=each"], "data.caption_per_sample must be one of ('random', 'all'), got 'each'"),
     (["data.resampled=true"], "data.resampled=true needs data.train_num_samples"),
     (["data.train_num_samples=-1"], "data.train_num_samples must be >= 0"),
+    (["data.max_member_mb=0"], "data.max_member_mb must be > 0, got 0.0"),
 ])
 def test_errors_name_the_key_and_list_the_known_ones(overrides, message):
     with pytest.raises(ValueError) as e:

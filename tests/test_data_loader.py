@@ -285,8 +285,10 @@ def corrupt_shards(tmp_path, shard_factory, kind):
 
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_corrupt_media_skipped_and_counted(tmp_path, shard_factory, word_tokenizer, kind):
+    """Skipped samples are counted as skipped, not missing: the epoch ends without a shortfall at
+    the default missing_tolerance 0; only samples neither delivered nor skipped are missing."""
     spec = corrupt_shards(tmp_path, shard_factory, kind)
-    c = cfg(media=kind, num_workers=2, missing_tolerance=0.6, max_words=20)
+    c = cfg(media=kind, num_workers=2, max_words=20)
     loader = build_loader(spec, c, word_tokenizer)
     batches = list(loader)
     ids = sorted(i for b in batches for i in b["media_id"])
@@ -299,8 +301,11 @@ def test_corrupt_media_skipped_and_counted(tmp_path, shard_factory, word_tokeniz
         if kind == "video":
             assert b["pixel_values"].shape[1:] == (4, 3, 32, 32)
     assert per_batch[reason] + per_batch["missing_field"] <= 3  # some land in info-only batches
-    with pytest.raises(DataShortfallError, match=r"delivered 3 of the 6 samples"):
-        list(build_loader(spec, cfg(media=kind, missing_tolerance=0.0), word_tokenizer))
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["shards"][kind + "-000001.tar"]["count"] = 4  # the shard lost a sample
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataShortfallError, match=r"delivered 3 and skipped 3 of the 7 samples .*\(1 missing"):
+        list(build_loader(spec, c, word_tokenizer))
 
 
 def test_fewer_than_manifest_fails_loudly(tmp_path, shard_factory, word_tokenizer):
@@ -308,7 +313,7 @@ def test_fewer_than_manifest_fails_loudly(tmp_path, shard_factory, word_tokenize
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     manifest["shards"]["short-000001.tar"]["count"] = 7  # the shard lost 3 samples
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(DataShortfallError, match=r"delivered 8 of the 11 samples .* 2 shard"):
+    with pytest.raises(DataShortfallError, match=r"delivered 8 and skipped 0 of the 11 samples .* 2 shard"):
         list(build_loader(spec, cfg(), word_tokenizer))
     assert len(list(build_loader(spec, cfg(missing_tolerance=0.3), word_tokenizer))) > 0
 
@@ -342,6 +347,9 @@ def test_config_validation():
         LoaderConfig(missing_tolerance=1.5)
     with pytest.raises(ValueError, match="frame_sampling"):
         LoaderConfig(frame_sampling="middle")
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_member_mb must be a positive finite number"):
+            LoaderConfig(max_member_mb=bad)
 
 
 def test_pipe_and_http_urls_are_quoted(tmp_path, shard_factory, word_tokenizer):
@@ -591,13 +599,111 @@ def test_img2dataset_layout_trains_and_evaluates(tmp_path, shard_factory, word_t
 
 
 @pytest.mark.timeout(120)
-def test_unsupported_layout_fails_on_the_first_sample(tmp_path, shard_factory, word_tokenizer):
+def test_shard_where_no_sample_fits_the_layout_fails(tmp_path, shard_factory, word_tokenizer):
+    """A shard none of whose samples the loader can read is a ShardError naming the shard, its
+    first sample's members, what was expected and the kind its manifest declares (here a
+    retrieval set given to a QA task), not a whole shard of skips."""
     import webdataset as wds
 
     os.makedirs(tmp_path / "odd")
     with wds.TarWriter(str(tmp_path / "odd" / "x-0.tar"), encoder=False) as writer:
         for i, s in enumerate(shard_factory.coco(3)):
             writer.write({"__key__": "k%d" % i, "jpg": s["jpg"], "cls": b"3"})
-    with pytest.raises(ShardError, match=r"x-0\.tar is in a layout the loader cannot read: first sample 'k0' "
-                                         r"holds \['cls', 'jpg'\]; expected .*json with 'captions'.*txt"):
+    with pytest.raises(ShardError, match=r"x-0\.tar is in a layout the loader cannot read: none of its 3 sample\(s\) "
+                                         r"fits; the first, 'k0', holds \['cls', 'jpg'\]; expected .*json with "
+                                         r"'captions'.*txt.*; no manifest.json declares its kind"):
         list(build_loader(str(tmp_path / "odd" / "x-0.tar"), cfg(num_workers=1), word_tokenizer))
+    spec = shard_factory.write(shard_factory.coco(4), str(tmp_path / "coco"), "c", per_shard=2)
+    with pytest.raises(ShardError, match=r"c-00000[01]\.tar is in a layout the loader cannot read: none of its 2 "
+                                         r"sample\(s\) fits; the first, 'coco_00000[02]', holds \['jpg', 'json'\]; "
+                                         r"expected .*json with 'questions' \(aurora-shard\); its manifest.json "
+                                         r"declares kind 'image'"):
+        list(build_loader(spec, cfg(task="qa", num_workers=0), word_tokenizer))
+
+
+def _damage(sample, fault):
+    """``sample`` with one sample-level fault."""
+    if fault == "undecodable image":
+        sample["jpg"] = b"\xff\xd8 not a jpeg"
+    elif fault == "json not UTF-8":
+        sample["json"] = '{"id": "x", "captions": ["un caf\xe9"]}'.encode("latin-1")
+    elif fault == "json without captions":
+        del sample["json"]["captions"]
+    elif fault == "no json member":
+        del sample["json"]
+    else:
+        del sample["jpg"]
+
+
+FAULTS = {"undecodable image": "decode_image", "json not UTF-8": "bad_json", "json without captions": "missing_field",
+          "no json member": "missing_field", "no media member": "missing_field"}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("where", ["first", "middle", "last", "first of rank 1"])
+def test_one_rule_for_bad_samples_wherever_they_sit(tmp_path, shard_factory, word_tokenizer, monkeypatch, fault,
+                                                    where):
+    """A bad sample is skipped and counted under its fault's reason, the same reason wherever it
+    sits (first, middle or last of a shard, first sample a rank reads), the others are all
+    delivered, and the epoch has no shortfall at missing_tolerance 0."""
+    from aurora_ds.data.loader import epoch_plan
+
+    samples = shard_factory.coco(12, prefix="bad")
+    spec = str(tmp_path / "b-{000000..000003}.tar")
+    c = cfg(num_workers=0, batch_size=5)
+    rank1_first = expand_urls(spec).index(epoch_plan(expand_urls(spec), c.seed, 0, True, 1, 2, 1).shards[0]) * 3
+    bad = {"first": 0, "middle": 1, "last": 2, "first of rank 1": rank1_first}[where]
+    _damage(samples[bad], fault)
+    shard_factory.write(samples, str(tmp_path), "b", per_shard=3)
+    ids, faults = Counter(), Counter()
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        loader = build_loader(spec, c, word_tokenizer)
+        ids.update(m for b in loader for m in b["media_id"])
+        faults.update(loader.faults())
+    assert faults == {FAULTS[fault]: 1}
+    assert ids == Counter(s["__key__"] for i, s in enumerate(samples) if i != bad)
+
+
+@pytest.mark.timeout(120)
+def test_skipped_samples_are_counted_once_across_a_resume(tmp_path, shard_factory, word_tokenizer, caplog):
+    """A sample skipped before a stop and seen again by the resumed workers is not counted twice:
+    the faults of the first run and of the resumed one add up to the one skip, and the epoch ends
+    with neither a shortfall nor more samples than the manifest lists."""
+    samples = shard_factory.coco(12, prefix="res")
+    for i in (0, 7):
+        _damage(samples[i], "json not UTF-8")
+    spec = shard_factory.write(samples, str(tmp_path), "res", per_shard=3)
+    c = cfg(batch_size=2)
+    full = _stream(build_loader(spec, c, word_tokenizer))
+    for stop in range(1, len(full)):
+        first = build_loader(spec, c, word_tokenizer)
+        head = _stream(first, stop)
+        resumed = build_loader(spec, c, word_tokenizer)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert head + _stream(resumed) == full, stop
+        assert Counter(first.faults()) + Counter(resumed.faults()) == {"bad_json": 2}, stop
+    assert "stale" not in caplog.text
+
+
+def test_oversized_member_is_skipped_unread(tmp_path, shard_factory, word_tokenizer, caplog):
+    """A member over max_member_mb is never read into memory (its header gives its size): its
+    sample is skipped as member_too_large, naming the member, and the others are delivered."""
+    from aurora_ds.data.shard_format import TOO_LARGE, iter_tar_samples
+
+    samples = shard_factory.coco(6, prefix="big")
+    samples[2]["jpg"] += b"\0" * 20000  # still a decodable JPEG, ~20 KB over the cap below
+    spec = shard_factory.write(samples, str(tmp_path), "big", per_shard=3)
+    assert all(len(s["jpg"]) < 10000 for i, s in enumerate(samples) if i != 2)
+    with open(tmp_path / "big-000000.tar", "rb") as f:
+        read = list(iter_tar_samples(f, max_member_bytes=10000))
+    assert "jpg" not in read[2] and read[2][TOO_LARGE] == {"jpg": len(samples[2]["jpg"])}
+    assert all("jpg" in s and TOO_LARGE not in s for i, s in enumerate(read) if i != 2)
+    loader = build_loader(spec, cfg(num_workers=0, max_member_mb=0.01), word_tokenizer, mode="eval")
+    ids = [m for b in loader for m in b["media_id"]]
+    assert ids == [s["__key__"] for i, s in enumerate(samples) if i != 2]
+    assert loader.faults() == {"member_too_large": 1}
+    assert "big_000002.jpg is %d bytes, over max_member_mb=0.01" % len(samples[2]["jpg"]) in caplog.text
+    assert len([m for b in build_loader(spec, cfg(num_workers=0), None, mode="eval") for m in b["media_id"]]) == 6

@@ -297,6 +297,24 @@ def test_verify_catches_damage(tmp_path, data, capsys):
     assert f"COUNT {out}/{first}: {captions} captions, manifest says {captions + 1}" in report
 
 
+def test_verify_reports_a_member_the_loader_would_not_read(tmp_path, data, capsys, monkeypatch):
+    """A member over the loader's default max_member_mb is a problem for verify too: the loader
+    skips its sample unread."""
+    from aurora_ds.data import shard_format
+
+    d = data["coco"]
+    out = tmp_path / "coco"
+    assert convert("coco", [os.path.join(d, "annotations", "coco_karpathy_train.json")], d, "train", out) == 0
+    name = sorted(load(out / MANIFEST)["shards"])[0]
+    key = rewrite_member(out / name, ".jpg", lambda b: b + bytes(20000))
+    monkeypatch.setattr(shard_format, "MAX_MEMBER_MB", 0.01)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    report = capsys.readouterr().out
+    assert f"CORRUPT {out}/{name} sample {key}: jpg: " in report
+    assert "bytes, over the loader's default max_member_mb=0.01 (data.max_member_mb)" in report
+
+
 def write_bytes(path, data):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:

@@ -19,10 +19,13 @@ the number of items each worker had handed out up to its last consumed batch, pl
 round-robin stood: a resumed worker re-reads its shards from the start of the epoch, drops that
 many items before decoding anything, and continues with the very same batches.
 
-Sample faults (undecodable media, missing fields) are skipped and counted. Shard faults
-(missing, truncated, unreachable, frozen endpoint) are retried ``max_shard_retries`` times, then
-raise ``ShardError`` naming the URL. Retries resume after the samples already delivered, so a
-retried shard never yields duplicates.
+Sample faults (undecodable media, bad or missing json, missing fields, a member over
+``max_member_mb``) are skipped and counted under their reason, wherever the sample sits in its
+shard; a shard none of whose samples fits a layout the loader reads is a ``ShardError``. Shard
+faults (missing, truncated, unreachable, frozen endpoint) are retried ``max_shard_retries``
+times, then raise ``ShardError`` naming the URL. Retries resume after the samples already
+delivered, so a retried shard never yields duplicates. An epoch's samples are each delivered or
+skipped; those neither are missing, checked against the manifest (``missing_tolerance``).
 """
 
 import dataclasses
@@ -34,7 +37,8 @@ import os
 import random
 import time
 from collections import Counter, deque
-from itertools import islice
+from itertools import groupby, islice
+from operator import itemgetter
 from typing import Optional
 
 import torch
@@ -49,11 +53,12 @@ PREFETCH_FACTOR = 2  # DataLoader's default: batches each worker prepares ahead 
 
 
 class ShardError(RuntimeError):
-    """A shard could not be read after bounded retries (the message names the URL)."""
+    """A shard could not be read after bounded retries, or none of its samples is in a layout the
+    loader reads (the message names the URL)."""
 
 
 class DataShortfallError(RuntimeError):
-    """An epoch delivered fewer samples than the manifest lists, beyond ``missing_tolerance``."""
+    """An epoch delivered or skipped fewer samples than the manifest lists, beyond ``missing_tolerance``."""
 
 _BLIP_MEAN, _BLIP_STD = media.BLIP_MEAN, media.BLIP_STD
 
@@ -68,7 +73,10 @@ class LoaderConfig:
     the manifest's sample count); otherwise, when given, the length in place of the manifest's
     counts. ``frame_sampling`` applies in training; evaluation always samples uniformly.
     ``worker_timeout`` bounds the wait for one batch from a worker (0 disables); shard reads have
-    their own, shorter timeouts.
+    their own, shorter timeouts. ``missing_tolerance`` is the fraction of the manifest's samples an
+    epoch may miss (neither delivered nor skipped as faulty): 0 by default, as a skipped sample is
+    counted, not missing. A tar member over ``max_member_mb`` is not read: its sample is skipped
+    (``member_too_large``), so one huge member cannot grow a worker by its size.
     """
 
     task: str = "retrieval"
@@ -87,6 +95,7 @@ class LoaderConfig:
     caption_per_sample: str = "random"
     missing_tolerance: float = 0.0
     max_shard_retries: int = 2
+    max_member_mb: float = shard_format.MAX_MEMBER_MB
     worker_timeout: float = 60.0
     augment: bool = True
     mean: tuple = _BLIP_MEAN  # normalisation and interpolation: the checkpoint's
@@ -108,6 +117,8 @@ class LoaderConfig:
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "shuffle_buffer", "max_shard_retries", "worker_timeout"):
             check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        check(math.isfinite(self.max_member_mb) and self.max_member_mb > 0,
+              f"max_member_mb must be a positive finite number, got {self.max_member_mb}")
         check(0.0 <= self.missing_tolerance < 1.0,
               f"missing_tolerance is a fraction in [0, 1), got {self.missing_tolerance}")
         check(self.train_num_samples is None or self.train_num_samples >= 1,
@@ -155,15 +166,18 @@ class Ledger:
     """Per-worker bookkeeping, handed to the main process with each batch.
 
     ``skipped`` and ``retries`` are deltas since the last batch; ``position`` (items taken from
-    the shuffle buffer, delivered or skipped while decoding) and ``media`` (media delivered) are
-    cumulative over the epoch: they are this worker's resume position.
+    the shuffle buffer: delivered, or skipped while decoding, or a skipped sample's marker),
+    ``media`` (samples delivered) and ``dropped`` (samples skipped) are cumulative over the epoch:
+    they are this worker's resume position. Every skip is counted after the shuffle buffer, so a
+    resumed worker, which drops the first ``position`` items, never counts a sample twice.
     """
 
-    def __init__(self, position=0, media=0, board=None, worker=0, urls=()):
+    def __init__(self, position=0, media=0, dropped=0, board=None, worker=0, urls=()):
         self.skipped = Counter()
         self.retries = 0
         self.position = position
         self.media = media
+        self.dropped = dropped
         self.warnings = RateLimitedWarnings()
         self.board, self.worker, self.urls = board, worker, {u: i for i, u in enumerate(urls)}
         self.batches = 0
@@ -175,6 +189,7 @@ class Ledger:
 
     def skip(self, item, reason, detail):
         self.skipped[reason] += 1
+        self.dropped += int(item.get("__first__", False))
         self.warnings.warn(reason, "%s in %s: %s" % (item.get("__key__"), item["__shard__"], detail))
 
     def deliver(self, item):
@@ -187,7 +202,7 @@ class Ledger:
             if self.board is not None:
                 self.board.post(self.worker, workers.BATCHES, batches=self.batches)
         skipped = dict(self.skipped)
-        info = {"worker": worker, "position": self.position, "media": self.media,
+        info = {"worker": worker, "position": self.position, "media": self.media, "dropped": self.dropped,
                 "shard_retries": self.retries, "end": end}
         self.skipped, self.retries = Counter(), 0
         return skipped, info
@@ -214,11 +229,12 @@ def open_shard(url):
         return exn
 
 
-def read_shard(url, max_retries, ledger, opened=None, after_sample=None):
-    """The samples of one shard; read errors are retried, skipping samples already delivered.
-    ``opened`` (from ``open_shard``) serves the first attempt; ``after_sample(stream)`` is called
-    after each sample delivered."""
+def read_shard(url, cfg, ledger, opened=None, after_sample=None):
+    """The samples of one shard; read errors are retried (``cfg.max_shard_retries``), skipping
+    samples already delivered. ``opened`` (from ``open_shard``) serves the first attempt;
+    ``after_sample(stream)`` is called after each sample delivered."""
     delivered = 0
+    max_retries = cfg.max_shard_retries
     ledger.reading(url)
     for attempt in range(max_retries + 1):
         try:
@@ -227,7 +243,8 @@ def read_shard(url, max_retries, ledger, opened=None, after_sample=None):
                 raise stream
             complete = False
             try:
-                for i, sample in enumerate(shard_format.iter_tar_samples(stream)):
+                for i, sample in enumerate(shard_format.iter_tar_samples(
+                        stream, max_member_bytes=int(cfg.max_member_mb * 2**20))):
                     if i >= delivered:
                         delivered += 1
                         sample["__shard__"] = url
@@ -251,7 +268,7 @@ def read_shard(url, max_retries, ledger, opened=None, after_sample=None):
             time.sleep(min(2 ** attempt, 8))
 
 
-def read_shards(urls, max_retries, ledger):
+def read_shards(urls, cfg, ledger):
     """The samples of ``urls`` in order. The next S3 shard is opened as soon as the current one has
     been fetched to its end (its read-ahead reached it): its request and first bytes are then
     under way while the current shard's last samples are decoded, instead of one round trip per
@@ -269,7 +286,7 @@ def read_shards(urls, max_retries, ledger):
     try:
         while url is not None:
             opened, ahead, following = ahead, None, next(urls, None)
-            yield from read_shard(url, max_retries, ledger, opened, open_following)
+            yield from read_shard(url, cfg, ledger, opened, open_following)
             url = following
     finally:
         if ahead is not None and not isinstance(ahead, Exception):
@@ -291,6 +308,10 @@ def resampled_urls(urls, rng):
 
 def sample_items(sample, cfg, train, rng):
     """One shard sample -> its items: caption pairs, one eval entry, or one item per question."""
+    if shard_format.TOO_LARGE in sample:
+        raise SampleError("member_too_large", ", ".join(
+            "%s.%s is %d bytes, over max_member_mb=%g" % (sample[shard_format.KEY], ext, size, cfg.max_member_mb)
+            for ext, size in sample[shard_format.TOO_LARGE].items()))
     ext = shard_format.media_field(sample, cfg.media)
     if ext is None:
         exts = shard_format.IMAGE_EXTS if cfg.media == "image" else shard_format.VIDEO_EXTS
@@ -307,8 +328,10 @@ def sample_items(sample, cfg, train, rng):
     else:
         try:
             meta = json.loads(sample[shard_format.JSON])
-        except ValueError as exn:
+        except ValueError as exn:  # UnicodeDecodeError is one
             raise SampleError("bad_json", str(exn))
+        if not isinstance(meta, dict):
+            raise SampleError("bad_json", "not a JSON object: %s" % type(meta).__name__)
     key = sample[shard_format.KEY]
     base = {"__shard__": sample["__shard__"], "__key__": key, "media": sample[ext],
             "media_id": str(meta.get("id", key))}
@@ -340,24 +363,44 @@ def sample_items(sample, cfg, train, rng):
     return items
 
 
+def check_layouts(samples, cfg, kind):
+    """Marks each sample with the layout it fits (``shard_format.sample_layout``); one that fits
+    none is skipped later under its fault's reason, wherever it sits in its shard. A shard none of
+    whose samples fits is in a layout the loader cannot read (say, img2dataset images given to a
+    QA task): a ShardError naming the shard, its first sample's members, what was expected and
+    ``kind``, the kind its manifest declares. Runs before sample-level splitting, so that every
+    slot judges a shard on all its samples."""
+    for shard, group in groupby(samples, itemgetter("__shard__")):
+        fitted, count, first = False, 0, None
+        for sample in group:
+            sample["__layout__"] = shard_format.sample_layout(sample, cfg.media, cfg.task)
+            # an oversized member is a fault of its sample, whatever the layout
+            fitted = fitted or sample["__layout__"] is not None or shard_format.TOO_LARGE in sample
+            count += 1
+            first = first or "the first, %r, holds %s" % (sample[shard_format.KEY],
+                                                          shard_format.sample_members(sample) or "nothing")
+            yield sample
+        if not fitted:
+            raise ShardError("shard %s is in a layout the loader cannot read: none of its %d sample(s) fits; %s; "
+                             "expected %s; %s" % (
+                                 shard, count, first, shard_format.expected_layout(cfg.media, cfg.task),
+                                 "its %s declares kind %r" % (shard_format.MANIFEST, kind) if kind
+                                 else "no %s declares its kind" % shard_format.MANIFEST))
+
+
 def expand_items(samples, cfg, train, epoch, ledger):
     """Items with their own seed: the random choices made for an item (caption, crop, frames)
-    depend on the seed, the epoch and the item, never on which worker or when it is read."""
-    layouts = {}
+    depend on the seed, the epoch and the item, never on which worker or when it is read.
+
+    A faulty sample becomes one marker item (``__fault__``), counted where items are decoded:
+    after the shuffle buffer, where a resumed worker drops what it had already handed out."""
     for sample in samples:
-        shard = sample["__shard__"]
-        if shard not in layouts:  # a shard's layout is judged on its first sample
-            try:
-                layouts[shard] = shard_format.detect_layout(sample, cfg.media, cfg.task)
-            except ValueError as exn:
-                raise ShardError("shard %s is in a layout the loader cannot read: %s" % (shard, exn)) from None
-        sample["__layout__"] = layouts[shard]
-        seed = derive_seed(cfg.seed, epoch, shard, sample.get(shard_format.KEY))
+        seed = derive_seed(cfg.seed, epoch, sample["__shard__"], sample.get(shard_format.KEY))
         try:
             items = sample_items(sample, cfg, train, random.Random(seed))
         except SampleError as exn:
-            ledger.skip(sample, exn.reason, exn)
-            continue
+            items = [{"__shard__": sample["__shard__"], "__key__": sample.get(shard_format.KEY),
+                      "__first__": True, "__fault__": (exn.reason, str(exn))}]
         for i, item in enumerate(items):
             item["__seed__"] = derive_seed(seed, i)
         yield from items
@@ -392,6 +435,9 @@ def shuffle(items, bufsize, rng, initial=100):
 
 def decode_items(items, cfg, transform, sampling, ledger):
     for item in items:
+        if "__fault__" in item:
+            ledger.skip(item, *item["__fault__"])
+            continue
         try:
             data = item.pop("media")
             rng = random.Random(item["__seed__"])
@@ -476,7 +522,7 @@ class ShardStream(IterableDataset):
     """What one DataLoader worker runs. Picklable: plain attributes, module-level stages."""
 
     def __init__(self, cfg, tokenizer, train, rank, plan, all_shards, epoch, worker_batches, resume_tag,
-                 positions, board=None):
+                 positions, board=None, kind=None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.train = train
@@ -486,15 +532,16 @@ class ShardStream(IterableDataset):
         self.epoch = epoch
         self.worker_batches = worker_batches
         self.resume_tag = resume_tag
-        self.positions = positions  # per worker: [items taken, media delivered, ended]
+        self.positions = positions  # per worker: [items taken, media delivered, ended, samples skipped]
         self.board = board  # where workers post their phase (None without workers)
+        self.kind = kind  # the shards' kind by their manifest (None if unknown), for errors
 
     def __iter__(self):
         cfg = self.cfg
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        position, media_count, ended = self.positions[worker]
-        ledger = Ledger(position, media_count, self.board, worker, self.all_shards)
+        position, media_count, ended, dropped = self.positions[worker]
+        ledger = Ledger(position, media_count, dropped, self.board, worker, self.all_shards)
         if ended:
             skipped, news = ledger.take(worker, end=True)
             yield {"skipped": skipped, "__info__": news}
@@ -502,11 +549,12 @@ class ShardStream(IterableDataset):
         shuffle_rng = random.Random(derive_seed(cfg.seed, self.epoch, self.rank, worker, "shuffle"))
         if cfg.resampled:
             rng = random.Random(derive_seed(cfg.seed, self.epoch, self.rank, worker, self.resume_tag))
-            stream = read_shards(resampled_urls(self.all_shards, rng), cfg.max_shard_retries, ledger)
+            urls = resampled_urls(self.all_shards, rng)
         else:
-            stream = read_shards(self.plan.worker_shards(worker), cfg.max_shard_retries, ledger)
-            if self.plan.sample_level:
-                stream = every_nth(stream, self.plan.stride, self.plan.offset(worker))
+            urls = self.plan.worker_shards(worker)
+        stream = check_layouts(read_shards(urls, cfg, ledger), cfg, self.kind)
+        if not cfg.resampled and self.plan.sample_level:
+            stream = every_nth(stream, self.plan.stride, self.plan.offset(worker))
         augment = self.train and cfg.augment
         transform = media.build_transform(cfg.image_size, augment, cfg.mean, cfg.std, cfg.resample)
         sampling = cfg.frame_sampling if augment else "uniform"
@@ -575,7 +623,7 @@ class Loader:
                         "unequal sample counts", len(self.urls), self.world, self.workers)
 
     def _reset_position(self):
-        self._positions = [[0, 0, False] for _ in range(self.workers)]
+        self._positions = [[0, 0, False, 0] for _ in range(self.workers)]
         self._next_worker = 0
 
     def plan(self):
@@ -636,7 +684,7 @@ class Loader:
         return per_worker * self.workers, per_worker
 
     def expected_samples(self):
-        """Media this rank should deliver in the whole current epoch, or None if unknown."""
+        """Samples this rank should deliver or skip in the whole current epoch, or None if unknown."""
         if self.cfg.resampled or self.manifest is None:
             return None
         plan = self.plan()
@@ -672,8 +720,8 @@ class Loader:
         plan = epoch_plan(self.urls, cfg.seed, epoch, self.train, self.rank, self.world, self.workers)
         ctx = workers.context() if cfg.num_workers > 0 else None
         board = workers.Board(ctx, cfg.num_workers) if ctx is not None else None
-        dataset = ShardStream(cfg, self.tokenizer, self.train, self.rank, plan, self.urls,
-                              epoch, worker_batches, batches, [list(p) for p in positions], board)
+        dataset = ShardStream(cfg, self.tokenizer, self.train, self.rank, plan, self.urls, epoch, worker_batches,
+                              batches, [list(p) for p in positions], board, (self.manifest or {}).get("kind"))
         loader = DataLoader(
             dataset, batch_size=None, num_workers=cfg.num_workers,
             timeout=cfg.worker_timeout if cfg.num_workers > 0 else 0,
@@ -706,8 +754,8 @@ class Loader:
 
     def state_dict(self):
         """The resume position of this rank: epoch, batches this epoch, per worker the items it
-        had handed out and the media it had delivered up to its last consumed batch (and whether
-        it had ended), and the worker the next batch comes from."""
+        had handed out, the media it had delivered, whether it had ended and the samples it had
+        skipped, up to its last consumed batch, and the worker the next batch comes from."""
         return {"epoch": self.epoch, "batches": self._batches, "seed": self.cfg.seed, "rank": self.rank,
                 "world_size": self.world, "workers": self.workers,
                 "positions": [list(p) for p in self._positions], "next_worker": self._next_worker}
@@ -727,7 +775,9 @@ class Loader:
             self._batches = 0
             return
         self._batches = int(state["batches"])
-        self._positions = [[int(p[0]), int(p[1]), bool(p[2])] for p in state["positions"]]
+        # (a state saved before skipped samples were counted has no fourth entry)
+        self._positions = [[int(p[0]), int(p[1]), bool(p[2]), int(p[3]) if len(p) > 3 else 0]
+                           for p in state["positions"]]
         self._next_worker = int(state["next_worker"])
 
     def __iter__(self):
@@ -747,7 +797,7 @@ class Loader:
             self._faults.update(batch["skipped"])
             if info["shard_retries"]:
                 self._faults["shard_retries"] += info["shard_retries"]
-            self._positions[w] = [info["position"], info["media"], info["end"]]
+            self._positions[w] = [info["position"], info["media"], info["end"], info["dropped"]]
             if "pixel_values" not in batch:
                 continue
             self._batches += 1
@@ -760,31 +810,34 @@ class Loader:
                     and (self.last_epoch is None or self.epoch < self.last_epoch)):
                 # The current epoch's workers have produced (about) everything: start the next
                 # epoch's now, so that their start-up overlaps this epoch's last steps.
-                self._ahead = (self.epoch + 1, 0, *self._open(self.epoch + 1, 0, [[0, 0, False]] * self.workers))
+                self._ahead = (self.epoch + 1, 0, *self._open(self.epoch + 1, 0, [[0, 0, False, 0]] * self.workers))
         delivered = sum(p[1] for p in self._positions)
+        skipped = sum(p[3] for p in self._positions)
         if self.train and self._batches == 0 and not cfg.resampled:
             raise EmptyEpochError(
                 "epoch %d gave no training batch on rank %d: %s; skipped: %s. Remedy: give at least one "
                 "readable sample per rank (use more shards than ranks x data.num_workers, or fewer "
                 "ranks), and check that the shards are in the expected layout" % (
                     self.epoch, self.rank, self.describe(), self.faults() or "none"))
-        self._check(expected, delivered, len(plan.shards))
+        self._check(expected, delivered, skipped, len(plan.shards))
         self.set_epoch(self.epoch + 1)
 
-    def _check(self, expected, delivered, num_shards):
+    def _check(self, expected, delivered, skipped, num_shards):
+        """Samples neither delivered nor skipped (as faulty, counted by reason) are missing: a
+        shard cut short, a stale manifest. More than ``missing_tolerance`` of them is an error."""
         if expected is None:
             return
-        missing = expected - delivered
+        missing = expected - delivered - skipped
         if missing > self.cfg.missing_tolerance * expected:
             raise DataShortfallError(
-                "epoch %d, rank %d: delivered %d of the %d samples the manifest lists for this rank's "
-                "%d shard(s) (%d missing, %.2f%% > missing_tolerance %.2f%%); skipped so far: %s"
-                % (self.epoch, self.rank, delivered, expected, num_shards, missing,
+                "epoch %d, rank %d: delivered %d and skipped %d of the %d samples the manifest lists for this "
+                "rank's %d shard(s) (%d missing, %.2f%% > missing_tolerance %.2f%%); skipped so far: %s"
+                % (self.epoch, self.rank, delivered, skipped, expected, num_shards, missing,
                    100.0 * missing / max(1, expected), 100.0 * self.cfg.missing_tolerance,
                    self.faults() or "none"))
         if missing < 0:
-            log.warning("epoch %d, rank %d: delivered %d samples, more than the manifest's %d: "
-                        "is the manifest stale?", self.epoch, self.rank, delivered, expected)
+            log.warning("epoch %d, rank %d: delivered %d and skipped %d samples, more than the manifest's %d: "
+                        "is the manifest stale?", self.epoch, self.rank, delivered, skipped, expected)
 
 
 def _round_robin(arrivals, workers, positions, next_worker):

@@ -35,6 +35,10 @@ from .urls import expand_urls
 
 KEY = "__key__"
 JSON = "json"
+# {ext: size} of a sample's members ``iter_tar_samples`` left unread as larger than its cap.
+TOO_LARGE = "__too_large__"
+# The loader's default cap on one member, in MB: far above any COCO/Flickr image or MSRVTT clip.
+MAX_MEMBER_MB = 64.0
 
 # Formats the loader decodes, in the order it looks for them in a sample.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -127,29 +131,35 @@ IMG2DATASET = "img2dataset"  # img2dataset / video2dataset: media + {key}.txt [+
 TXT = "txt"
 
 
-def detect_layout(sample, media, task):
-    """The layout of a shard, judged on its first sample: AURORA or IMG2DATASET.
+def sample_layout(sample, media, task):
+    """The layout one sample fits, AURORA or IMG2DATASET, or None when it fits neither.
 
-    Raises ValueError saying what the sample holds and what was expected: a shard in a layout the
-    loader cannot read fails on its first sample, instead of every sample being skipped."""
-    exts = IMAGE_EXTS if media == "image" else VIDEO_EXTS
-    members = sorted(k for k in sample if not k.startswith("__"))
-    has_media = any(e in sample for e in exts)
-    meta = None
-    if JSON in sample:
-        try:
-            meta = json.loads(sample[JSON])
-        except ValueError:
-            meta = None
-    field = "captions" if task == "retrieval" else "questions"
-    if has_media and isinstance(meta, dict) and field in meta:
+    Judged per sample, so that a damaged sample is skipped wherever it sits in its shard; the
+    loader calls a shard unreadable only when none of its samples fits (``expected_layout``)."""
+    if not any(e in sample for e in (IMAGE_EXTS if media == "image" else VIDEO_EXTS)):
+        return None
+    try:
+        meta = json.loads(sample[JSON]) if JSON in sample else None
+    except ValueError:  # UnicodeDecodeError is one
+        meta = None
+    if isinstance(meta, dict) and ("captions" if task == "retrieval" else "questions") in meta:
         return AURORA
-    if has_media and task == "retrieval" and TXT in sample:
+    if task == "retrieval" and TXT in sample:
         return IMG2DATASET
-    expected = ("{key}.%s + {key}.json with %r (aurora-shard)" % ("|".join(exts), field)
-                + (", or {key}.%s + {key}.txt (img2dataset/video2dataset)" % "|".join(exts)
-                   if task == "retrieval" else ""))
-    raise ValueError("first sample %r holds %s; expected %s" % (sample.get(KEY), members or "nothing", expected))
+    return None
+
+
+def expected_layout(media, task):
+    """The members a sample needs for ``task``, in words (for errors)."""
+    exts = "|".join(IMAGE_EXTS if media == "image" else VIDEO_EXTS)
+    field = "captions" if task == "retrieval" else "questions"
+    return ("{key}.%s + {key}.json with %r (aurora-shard)" % (exts, field)
+            + (", or {key}.%s + {key}.txt (img2dataset/video2dataset)" % exts if task == "retrieval" else ""))
+
+
+def sample_members(sample):
+    """The member extensions a sample holds, sorted, with the oversized ones (for errors)."""
+    return sorted([k for k in sample if not k.startswith("__")] + list(sample.get(TOO_LARGE, {})))
 
 
 def img2dataset_meta(sample):
@@ -204,12 +214,15 @@ def split_key(name):
     return match.group(1), match.group(2).lower()
 
 
-def iter_tar_samples(fileobj, fields=None):
+def iter_tar_samples(fileobj, fields=None, max_member_bytes=None):
     """The samples of a tar stream as ``{"__key__": key, ext: bytes, ...}``, in order.
 
     The one tar reader of the project (loader, verify, engine). Only regular members are read;
     with ``fields`` only those extensions are kept (the others are skipped without reading them
-    into memory). Read errors (truncated or corrupt tar) propagate.
+    into memory). A member larger than ``max_member_bytes`` is not read either (its size is in
+    its header): the sample gets ``{TOO_LARGE: {ext: size}}`` instead, for the loader to skip it,
+    so one huge member cannot grow a worker by its size. Read errors (truncated or corrupt tar)
+    propagate.
     """
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         sample = None
@@ -223,7 +236,10 @@ def iter_tar_samples(fileobj, fields=None):
                 if sample is not None:
                     yield sample
                 sample = {KEY: key}
-            if fields is None or ext in fields:
+            wanted = fields is None or ext in fields
+            if wanted and max_member_bytes is not None and member.size > max_member_bytes:
+                sample.setdefault(TOO_LARGE, {})[ext] = member.size
+            elif wanted:
                 sample[ext] = tar.extractfile(member).read()
             tar.members = []  # streaming: do not keep every member's header
         if sample is not None:

@@ -36,6 +36,7 @@ import yaml
 
 from ..aurora.config import AuroraConfig
 from ..backbones import PRECISIONS
+from ..data.shard_format import MAX_MEMBER_MB
 
 
 
@@ -97,13 +98,16 @@ class DataSection:
     max_words: int = 30
     num_workers: int = 2
     shuffle_buffer: int = 1000  # training items held for shuffling per loader worker (<= 1: none)
+    # a tar member larger than this is not read: its sample is skipped (member_too_large), so one
+    # huge file cannot grow a loader worker by its size; far above COCO images and MSRVTT clips
+    max_member_mb: float = MAX_MEMBER_MB
 
     def __post_init__(self):
         _choice("data", "source", self.source, ("shards", "synthetic"))
         _choice("data", "media", self.media, ("image", "video"))
         _choice("data", "frame_sampling", self.frame_sampling, ("uniform", "random", "headtail"))
         _choice("data", "caption_per_sample", self.caption_per_sample, ("random", "all"))
-        _positive("data", self, "num_frames", "max_words")
+        _positive("data", self, "num_frames", "max_words", "max_member_mb")  # (float keys are finite: _scalar)
         _not_negative("data", self, "train_num_samples", "num_workers", "shuffle_buffer")
         # An error, not a silent cap: the worker count decides how shards are split and where a
         # resume continues, so the run must use the count its configuration records.

@@ -31,6 +31,7 @@ def loader_config(cfg, image_size: int, train: bool):
         num_workers=cfg.data.num_workers, seed=cfg.engine.seed, train_num_samples=cfg.data.train_num_samples or None,
         caption_per_sample=cfg.data.caption_per_sample, resampled=cfg.data.resampled and train,
         max_words=cfg.data.max_words, shuffle_buffer=max(0, cfg.data.shuffle_buffer),
+        max_member_mb=cfg.data.max_member_mb,
     )
 
 
