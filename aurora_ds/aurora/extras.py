@@ -24,20 +24,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .once import partitioned
+
 
 class GatedQueryTransform(nn.Module):
     """GQT for one attention block; attached with :meth:`attach` as a forward hook."""
 
-    def __init__(self, width: int, scale: float = 0.1, dtype=None, device=None):
+    def __init__(self, width: int, scale: float = 0.1, dtype=None, device=None, memo=None):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.scale = scale
+        self.memo = memo  # the model's once.CallMemo: sγ and sβ of every block made once per call
+        if memo is not None:
+            memo.register(("gqt", scale), self)
         self.gamma = nn.Parameter(torch.empty(width, **kw).normal_(0.0, 2e-4))
         self.beta = nn.Parameter(torch.empty(width, **kw).normal_(0.0, 2e-4))
         self.gate = nn.Parameter(torch.zeros(1, **kw))  # 1-d: ZeRO cannot partition 0-d tensors
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return GatedQuery.apply(h, self.gamma, self.beta, self.gate, self.scale)
+        memo = self.memo
+        if memo is None or not memo.active or any(partitioned(p) for p in (self.gamma, self.beta, self.gate)):
+            return GatedQuery.apply(h, self.gamma, self.beta, self.gate, self.scale)
+        members = memo.members[("gqt", self.scale)]
+        count, scale, dtype = len(members), self.scale, h.dtype
+
+        def make(*params):  # (2, blocks, d): sγ and sβ of every block
+            s = (torch.tanh(torch.cat(params[:count])) * scale).unsqueeze(1)
+            return torch.stack([s * torch.stack(params[count:2 * count]), s * torch.stack(params[2 * count:])]).to(dtype)
+
+        params = [m.gate for m in members] + [m.gamma for m in members] + [m.beta for m in members]
+        group = memo.group(("gqt", scale, dtype, torch.is_grad_enabled()), ("gqt", scale), make, params)
+        return GatedQueryShared.apply(h, group.value, group if group.grad is not None else None, group.index[id(self)])
 
     def attach(self, block: nn.Module):
         """Register as ``block.aurora_gqt`` and transform the block's output on every call."""
@@ -69,6 +86,27 @@ class GatedQuery(torch.autograd.Function):
         dgamma, dbeta = s * sum_go_h, s * sum_go
         dgate = (ctx.scale * (1 - t * t)) * (sum_go_h @ gamma + sum_go @ beta)
         return dh, dgamma, dbeta, dgate.reshape(gate.shape), None
+
+
+class GatedQueryShared(torch.autograd.Function):
+    """h' = (h + sβ) + h ⊙ sγ with sγ, sβ made once per call for every block (``once.Group``):
+    two ops forward, four backward, the parameters' shares written into the group's buffer."""
+
+    @staticmethod
+    def forward(ctx, h, made, group, index):
+        ctx.save_for_backward(h, made)
+        ctx.group, ctx.index = group, index
+        return torch.addcmul(h + made[1, index], h, made[0, index])
+
+    @staticmethod
+    def backward(ctx, go):
+        h, made = ctx.saved_tensors
+        group, index = ctx.group, ctx.index
+        if group is not None:
+            go2, h2 = go.reshape(-1, h.shape[-1]), h.reshape(-1, h.shape[-1])
+            group.add((0, index), lambda out: torch.sum(go2 * h2, 0, out=out))
+            group.add((1, index), lambda out: torch.sum(go2, 0, out=out))
+        return torch.addcmul(go, go, made[0, index]), None, None, None
 
 
 def _apply_gqt(block: nn.Module, args, output):

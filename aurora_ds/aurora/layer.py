@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .once import CallMemo, partitioned, saved_tensor_hooks_active
+
 
 class ModeDown(nn.Module):
     """u_i = U · x_i: the input blocks of width d into the rank-R mode space.
@@ -44,37 +46,43 @@ class ModeDown(nn.Module):
         self.dropout = dropout
         nn.init.kaiming_uniform_(self.U, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., a*d) -> (..., a*R), in x's dtype (the factors are cast, never the activations)."""
-        return ModeDownProjection.apply(x, _as(self.U, x.dtype), *rebuild_recipe(x, self.U.shape[1]))
+    def forward(self, x: torch.Tensor, memo: CallMemo | None = None) -> torch.Tensor:
+        """(..., a*d) -> (..., a*R), in x's dtype (the factors are cast, never the activations).
+        With ``memo``, U's gradient is added in place into one buffer for the step."""
+        group = None
+        if memo is not None and memo.active and not partitioned(self.U):
+            def make(U):
+                return _as(U, x.dtype)
+
+            group = memo.group(("U", id(self), x.dtype, torch.is_grad_enabled()), None, make, (self.U,))
+        U = _as(self.U, x.dtype) if group is None else group.value
+        sink = None if group is None else group.grad
+        return ModeDownProjection.apply(x, U, sink, *rebuild_recipe(x, self.U.shape[1]))
 
 
 # U's gradient is gu^T · x (gu: the gradient of u, one row per input block). Each recipe below
-# computes it from tensors that x's producer keeps for its own backward anyway, so that x itself
-# need not be kept; _kept is the fallback that keeps x.
+# rebuilds x in backward from tensors that x's producer keeps for its own backward anyway, so
+# that x itself need not be kept; _kept is the fallback that keeps x.
 
-def _kept(gu, x):
-    return torch.mm(gu.t(), x.reshape(gu.shape[0], -1))
-
-
-def _from_layer_norm(gu, source, weight, bias, mean, rstd):
-    """x = (source - mean) · rstd · weight + bias, never formed: rstd folds into the rank-space
-    gu, weight and bias apply to the R x d result."""
-    dtype = gu.dtype
-    grad = torch.mm((gu * rstd.reshape(-1, 1).to(dtype)).t(), source.reshape(gu.shape[0], -1) - mean.reshape(-1, 1).to(dtype))
-    if weight is not None:
-        grad.mul_(weight.to(dtype))
-    if bias is not None:
-        grad.addr_(gu.sum(0), bias.to(dtype))
-    return grad
+def _kept(x):
+    return x
 
 
-def _rebuilt(make, ops, gu, *sources):
+def _from_layer_norm(source, weight, bias, mean, rstd):
+    """x = (source - mean) · rstd · weight + bias."""
+    dtype = source.dtype
+    x = (source - _as(mean, dtype)) * _as(rstd, dtype)
+    if weight is None:
+        return x if bias is None else x + _as(bias, dtype)
+    return torch.addcmul(_as(bias, dtype), x, _as(weight, dtype)) if bias is not None else x * _as(weight, dtype)
+
+
+def _rebuilt(make, ops, *sources):
     """x rebuilt by ``make(*sources)`` and the shape-only ops that led from it to x."""
     x = make(*sources)
     for op, arg in ops:
         x = getattr(x, op)(*arg)
-    return _kept(gu, x)
+    return x
 
 
 def _identity(t):
@@ -109,17 +117,6 @@ def _through_shape_ops(x: torch.Tensor):
             shape = tuple(swapped)
         node, index = node.next_functions[0]
     return node, index, shape, ops[::-1]
-
-
-def _partitioned(t: torch.Tensor) -> bool:
-    """A ZeRO-3 parameter that may be released by the time this node's backward runs."""
-    return hasattr(t, "ds_id") and not getattr(t, "ds_persist", False)
-
-
-def saved_tensor_hooks_active() -> bool:
-    """Saved-tensor hooks (activation checkpointing, offloading) are packing what autograd keeps:
-    reading another node's saved tensors would unpack (recompute, copy back) them in forward."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def rebuild_recipe(x: torch.Tensor, width: int) -> tuple:
@@ -168,18 +165,19 @@ def rebuild_recipe(x: torch.Tensor, width: int) -> tuple:
         # a saved tensor that was not kept (its input needs no gradient: None or an error), already
         # freed, or named differently in this torch version
         return (_kept,)
-    if tuple(made) != shape or any(t is not None and _partitioned(t) for t in sources):
+    if tuple(made) != shape or any(t is not None and partitioned(t) for t in sources):
         return (_kept,)
     # Detached: the same storage and version counter, but no graph edge to the producer's inputs.
     return (fn, *(None if t is None else t.detach() for t in sources))
 
 
 class ModeDownProjection(torch.autograd.Function):
-    """u = U · x per input block, keeping only what :func:`rebuild_recipe` chose."""
+    """u = U · x per input block, keeping only what :func:`rebuild_recipe` chose. U's gradient
+    goes into ``sink`` in place (one GEMM) where there is one, else back through autograd."""
 
     @staticmethod
-    def forward(ctx, x, U, grad_U, *tensors):
-        ctx.grad_U = grad_U
+    def forward(ctx, x, U, sink, rebuild, *tensors):
+        ctx.rebuild, ctx.sink = rebuild, sink
         ctx.save_for_backward(U, *(tensors or (x,)))
         return torch.mm(x.reshape(-1, U.shape[1]), U.t()).view(*x.shape[:-1], -1)
 
@@ -187,10 +185,15 @@ class ModeDownProjection(torch.autograd.Function):
     def backward(ctx, gu):
         U, *tensors = ctx.saved_tensors
         gu2 = gu.reshape(-1, U.shape[0])
-        # U's gradient first: a rebuilt x is freed before the input gradient is made.
-        dU = ctx.grad_U(gu2, *tensors) if ctx.needs_input_grad[1] else None
+        dU = None
+        if ctx.needs_input_grad[1]:  # first: a rebuilt x is freed before the input gradient is made
+            x2 = ctx.rebuild(*tensors).reshape(gu2.shape[0], -1)
+            if ctx.sink is not None:
+                ctx.sink.addmm_(gu2.t(), x2)
+            else:
+                dU = torch.mm(gu2.t(), x2)
         dx = torch.mm(gu2, U).view(*gu.shape[:-1], -1) if ctx.needs_input_grad[0] else None
-        return (dx, dU, None) + (None,) * (len(ctx.needs_input_grad) - 3)
+        return (dx, dU, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 def mode_matrices(core: torch.Tensor, coeffs: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -251,54 +254,6 @@ class ModeUp(nn.Module):
         return ModeUpdate.apply(y, ud, *shared, layer.a)
 
 
-class SharedMatrices:
-    """The update matrices of the layers of one group (same factors, blocks and scale) for one
-    call of the model, and the gradient that each layer's backward adds into in place."""
-
-    def __init__(self, up: ModeUp, layers: list, dtype: torch.dtype):
-        self.up, self.layers, self.dtype = up, layers, dtype
-        self.index = {id(layer): i for i, layer in enumerate(layers)}
-        self.grad = None
-
-    def make(self) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            first = self.layers[0]
-            made = update_matrices(self.up.core, self.up.V, [m.coeffs for m in self.layers], first.a, first.b, first.scale)
-            return _as(made, self.dtype)
-        return MadeOnce.apply(self, self.up.core, self.up.V, *(m.coeffs for m in self.layers))
-
-    def add_grad(self, index: int, left: torch.Tensor, right: torch.Tensor):
-        """grad[index] += left · right: one GEMM, no separate add."""
-        self.grad[index].addmm_(left, right)
-
-
-class MadeOnce(torch.autograd.Function):
-    """:func:`update_matrices` for a group, as one node whose backward runs once, after every
-    layer of the group has added its share into ``group.grad`` (it returns no gradient for the
-    matrices: autograd would add each layer's share separately, and slicing the stack would
-    copy it whole per layer)."""
-
-    @staticmethod
-    def forward(ctx, group, core, V, *coeffs):
-        ctx.set_materialize_grads(False)
-        ctx.leaves = [t.detach().requires_grad_(t.requires_grad) for t in (core, V, *coeffs)]
-        layer = group.layers[0]
-        with torch.enable_grad():
-            made = _as(update_matrices(ctx.leaves[0], ctx.leaves[1], ctx.leaves[2:], layer.a, layer.b, layer.scale),
-                       group.dtype)
-        ctx.made, ctx.group = made, group
-        if made.requires_grad:
-            group.grad = torch.zeros_like(made)
-        return made.detach()
-
-    @staticmethod
-    def backward(ctx, _unused):
-        needs = [t for t in ctx.leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(ctx.made, needs, ctx.group.grad))
-        ctx.made = ctx.group.grad = None
-        return (None, *(next(grads) if t.requires_grad else None for t in ctx.leaves))
-
-
 class ModeUpdate(torch.autograd.Function):
     """y += ud · T[index] as one node, in place where possible, in y's dtype.
 
@@ -334,7 +289,7 @@ class ModeUpdate(torch.autograd.Function):
             # dT = ud2ᵀ · g2, in T's stored orientation
             left, right = (g2.t(), ud2) if a == 1 else (ud2.t(), g2)
             if group is not None:
-                group.add_grad(index, left, right)
+                group.grad[index].addmm_(left, right)
             else:
                 dstack = torch.mm(left, right).unsqueeze(0)
         return g, dud, dstack, None, None, None
@@ -345,61 +300,30 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-class InputSharing:
+class InputSharing(CallMemo):
     """What the adapted layers share within one call of the adapted model: one U · x per input
     tensor and factor set, and one set of update matrices per group of layers.
 
     BERT's q, k and v read one hidden state; BLIP's cross-attention keys and values in every
     layer read the same image tokens. Layers that read the same tensor through the same factor
-    set share one u (each still draws its own dropout mask). Layers with the same factors,
-    block shape and scale get their update matrices from one batched computation at the first
-    call of any of them, instead of a few ops per call. The memo lives only while a hooked
-    module runs (:meth:`attach`: the model root and its top-level parts) and is emptied when the
-    outermost one returns, so nothing carries over from one call to the next (the factors
-    change between steps). A u entry serves only the very same live tensor object at the same
-    version under the same grad mode. Off while compiling and under saved-tensor hooks:
-    activation checkpointing recomputes a layer on its own and must then save what the first
-    pass saved. The matrices are made per layer instead where ZeRO-3 partitions the factors
-    (they are gathered only inside their own modules' calls).
+    set share one u (each still draws its own dropout mask). A u entry serves only the very same
+    live tensor object at the same version under the same grad mode. Layers with the same
+    factors, block shape and scale get their update matrices from one batched computation at
+    the first call of any of them (:class:`once.Group`), instead of a few ops per call; made per
+    layer instead where ZeRO-3 partitions the factors (they are gathered only inside their own
+    modules' calls).
     """
-
-    def __init__(self):
-        self.owner = None
-        self.memo = {}
-        self.groups = {}
-
-    def attach(self, modules):
-        for module in modules:
-            module.register_forward_pre_hook(self._open)
-            module.register_forward_hook(self._close, always_call=True)
-
-    def add(self, layer: "AuroraLinear"):
-        """Register an adapted layer into its group."""
-        self.groups.setdefault(_group_key(layer), []).append(layer)
-
-    def _open(self, module, args):
-        if self.owner is None and not torch.compiler.is_compiling():
-            self.owner = module
-
-    def _close(self, module, args, output):
-        if self.owner is module:
-            self.owner = None
-            self.memo.clear()
-
-    def _active(self, x: torch.Tensor) -> bool:
-        return (self.owner is not None and not torch.compiler.is_compiling() and not x.is_inference()
-                and not saved_tensor_hooks_active())
 
     def down(self, down: ModeDown, x: torch.Tensor) -> torch.Tensor:
         """``down(x)``, or the u it already gave for this very x in this call."""
-        if not self._active(x):
+        if not self.active or x.is_inference():
             return down(x)
         key = (id(down), id(x))
         entry = self.memo.get(key)
         grad = torch.is_grad_enabled()
         if entry is not None and entry[0]() is x and entry[1:3] == (x._version, grad):
             return entry[3]
-        u = down(x)
+        u = down(x, self)
         memo = self.memo
         self.memo[key] = (weakref.ref(x, lambda _: memo.pop(key, None)), x._version, grad, u)
         return u
@@ -408,18 +332,17 @@ class InputSharing:
         """(stacked matrices, their group, this layer's index) made once per call for the layer's
         group, or None where they must be made per layer."""
         group_key = _group_key(layer)
-        layers = self.groups.get(group_key)
         up = layer.target.up
-        if (layers is None or not self._active(up.V) or torch.is_inference_mode_enabled()
-                or any(_partitioned(t) for t in (up.core, up.V, layer.coeffs))):
+        if group_key not in self.members or not self.active or any(partitioned(t) for t in (up.core, up.V, layer.coeffs)):
             return None
+        layers = self.members[group_key]
+
+        def make(core, V, *coeffs):
+            return _as(update_matrices(core, V, list(coeffs), layer.a, layer.b, layer.scale), dtype)
+
         key = ("matrices", group_key, dtype, torch.is_grad_enabled())
-        entry = self.memo.get(key)
-        if entry is None:
-            group = SharedMatrices(up, layers, dtype)
-            entry = self.memo[key] = (group.make(), group)
-        stack, group = entry
-        return stack, (group if group.grad is not None else None), group.index[id(layer)]
+        group = self.group(key, group_key, make, (up.core, up.V, *(m.coeffs for m in layers)))
+        return group.value, (group if group.grad is not None else None), group.index[id(layer)]
 
 
 def _group_key(layer: "AuroraLinear") -> tuple:
@@ -486,7 +409,7 @@ class AuroraLinear(nn.Module):
         object.__setattr__(self, "target", target)
         self.sharing = sharing
         if sharing is not None:
-            sharing.add(self)
+            sharing.register(_group_key(self), self)
 
     @property
     def in_features(self) -> int:

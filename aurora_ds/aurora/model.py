@@ -242,7 +242,8 @@ def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
         for name in _match(preset.gated_query, block_names, "module"):
             block = model.get_submodule(name)
             ref = next(block.parameters())
-            gated[name] = GatedQueryTransform(_block_width(name, block), config.gated_query_scale, ref.dtype, ref.device)
+            gated[name] = GatedQueryTransform(_block_width(name, block), config.gated_query_scale, ref.dtype, ref.device,
+                                              sharing)
             gated[name].attach(block)
 
     if config.context_enhancement and preset.context:

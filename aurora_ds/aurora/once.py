@@ -1,0 +1,127 @@
+"""What the adapted model makes once per call instead of once per layer.
+
+On a GPU at BLIP sizes a step costs what it launches (docs/gpu.md): anything that depends only
+on parameters (the update matrices of every adapted layer, GQT's scaled vectors) is made for all
+layers of a kind in a few batched ops at the first use in a call of the model, and each layer's
+backward adds its share of their gradient into one buffer in place, instead of autograd adding
+the shares one op at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Saved-tensor hooks (activation checkpointing, offloading) are packing what autograd keeps:
+    reading another node's saved tensors would unpack (recompute, copy back) them in forward."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def partitioned(t: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter, gathered only inside its own module's call (and possibly released by
+    the time a node's backward runs)."""
+    return hasattr(t, "ds_id") and not getattr(t, "ds_persist", False)
+
+
+class CallMemo:
+    """A memo that lives while one call of the model (or of one of its top-level parts) runs,
+    and the groups (:class:`Group`) made for a training step.
+
+    Opened by the outermost hooked module's pre-hook (:meth:`attach`) and emptied when it returns.
+    A group made with gradients lives on until its backward has run: BLIP's step calls the text
+    encoder twice (text alone, then fused with the image), and both calls use one group, so its
+    parameters' gradients are made once, not once per call and then added. A group whose inputs
+    changed in place since (an optimizer step) is made anew. Off while compiling (the compiler
+    fuses per-layer work itself) and under saved-tensor hooks (activation checkpointing
+    recomputes a layer on its own and must save what the first pass saved).
+    """
+
+    def __init__(self):
+        self.owner = None
+        self.memo = {}
+        self.kept = {}  # key -> a group made with gradients, until its backward ran
+        self.members = {}  # group key -> the modules made for together
+
+    def register(self, key, member):
+        self.members.setdefault(key, []).append(member)
+
+    def attach(self, modules):
+        for module in modules:
+            module.register_forward_pre_hook(self._open)
+            module.register_forward_hook(self._close, always_call=True)
+
+    def _open(self, module, args):
+        if self.owner is None and not torch.compiler.is_compiling():
+            self.owner = module
+            self.kept = {k: g for k, g in self.kept.items() if g.current()}
+
+    def _close(self, module, args, output):
+        if self.owner is module:
+            self.owner = None
+            self.memo.clear()
+
+    def group(self, key, members_key, make, inputs) -> "Group":
+        """The :class:`Group` of ``key`` in this call, made at its first request."""
+        group = self.kept.get(key) or self.memo.get(key)
+        if group is None or group.done:
+            group = Group(make, inputs)
+            group.index = {id(m): i for i, m in enumerate(self.members.get(members_key, ()))}
+            (self.kept if group.grad is not None else self.memo)[key] = group
+        return group
+
+    @property
+    def active(self) -> bool:
+        return (self.owner is not None and not torch.compiler.is_compiling()
+                and not torch.is_inference_mode_enabled() and not saved_tensor_hooks_active())
+
+
+class Group:
+    """Tensors made once per call for several users (``make(*inputs)``, plain differentiable
+    ops, one stacked result), and the buffer their users' backward passes add their gradient
+    shares into (:meth:`add`)."""
+
+    def __init__(self, make, inputs):
+        self.grad, self.written, self.index, self.done = None, set(), {}, False
+        self.inputs, self.versions = inputs, [t._version for t in inputs]
+        self.value = MadeOnce.apply(self, make, *inputs) if torch.is_grad_enabled() else make(*inputs)
+
+    def current(self) -> bool:
+        """Neither used up by its backward nor made from inputs changed in place since."""
+        return not self.done and all(t._version == v for t, v in zip(self.inputs, self.versions))
+
+    def add(self, index, into):
+        """``into(out)`` writes a share into ``out`` (the buffer's slice ``index``): the first
+        share is written (``out=``), later ones are added, so no share costs a separate add."""
+        target = self.grad[index]
+        if index in self.written:
+            target.add_(into(None))
+        else:
+            into(target)
+            self.written.add(index)
+
+
+class MadeOnce(torch.autograd.Function):
+    """``make(*inputs)`` as one node whose backward runs once, after every user has added its
+    share into ``group.grad``. Users return no gradient for the made tensor: autograd would add
+    their shares one op at a time, and a user that reads a slice would have autograd copy the
+    whole stack back per user."""
+
+    @staticmethod
+    def forward(ctx, group, make, *inputs):
+        ctx.set_materialize_grads(False)
+        ctx.leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+        with torch.enable_grad():
+            made = make(*ctx.leaves)
+        ctx.made, ctx.group = made, group
+        if made.requires_grad:
+            group.grad = torch.zeros_like(made)
+        return made.detach()
+
+    @staticmethod
+    def backward(ctx, _unused):
+        needs = [t for t in ctx.leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(ctx.made, needs, ctx.group.grad))
+        ctx.made = ctx.group.grad = None
+        ctx.group.done = True
+        return (None, None, *(next(grads) if t.requires_grad else None for t in ctx.leaves))
