@@ -134,7 +134,7 @@ def recipe_kind(recipe: tuple) -> str:
     fn = recipe[0]
     if fn is layer_mod._kept:
         return "kept"
-    if fn is layer_mod._from_layer_norm:
+    if fn is layer_mod._from_layer_norm or getattr(fn, "func", None) is layer_mod._layer_norm_again:
         return "layer_norm"
     make = fn.args[0]
     return {torch.bmm: "bmm", torch.mul: "mul", layer_mod._identity: "attention"}.get(make) or make.func.__name__
@@ -195,9 +195,9 @@ def test_u_gradient_from_producer_saves_equals_kept_x(attention, activation):
     kinds = []
     recipe = layer_mod.rebuild_recipe
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layer_mod, "rebuild_recipe", lambda t, w: kinds.append(recipe_kind(recipe(t, w))) or recipe(t, w))
+        mp.setattr(layer_mod, "rebuild_recipe", lambda t, w, *n: kinds.append(recipe_kind(recipe(t, w, *n))) or recipe(t, w, *n))
         rebuilt = grads()
-        mp.setattr(layer_mod, "rebuild_recipe", lambda t, w: (layer_mod._kept,))
+        mp.setattr(layer_mod, "rebuild_recipe", lambda t, w, *n: (layer_mod._kept,))
         kept = grads()
     act = "gelu" if activation == "gelu" else "mul"
     assert kinds == ["layer_norm", "bmm" if attention == "eager" else "attention", "layer_norm", act]
@@ -217,7 +217,7 @@ def test_u_gradient_keeps_x_under_activation_checkpointing():
     kinds = []
     recipe = layer_mod.rebuild_recipe
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layer_mod, "rebuild_recipe", lambda t, w: kinds.append(recipe_kind(recipe(t, w))) or recipe(t, w))
+        mp.setattr(layer_mod, "rebuild_recipe", lambda t, w, *n: kinds.append(recipe_kind(recipe(t, w, *n))) or recipe(t, w, *n))
         out = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
         got = torch.autograd.grad((out ** 2).sum(), params)
     assert set(kinds) == {"kept"}
@@ -367,7 +367,7 @@ def test_rebuild_coverage_per_backbone_family(name):
     recipe = layer_mod.rebuild_recipe
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(layer_mod, "rebuild_recipe",
-                   lambda t, w: kinds.setdefault(current[-1], set()).add(recipe_kind(recipe(t, w))) or recipe(t, w))
+                   lambda t, w, *n: kinds.setdefault(current[-1], set()).add(recipe_kind(recipe(t, w, *n))) or recipe(t, w, *n))
         out = forward_features(model, spec, example_batch(spec, 2))
     table = {n: sorted(kinds.get(n, {"shared"})) for n in handle.layers}
     print(f"{name}:\n" + "\n".join(f"  {n}: {', '.join(k)}" for n, k in table.items()))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .once import CallMemo, partitioned, saved_tensor_hooks_active
+from .once import CallMemo, Sink, partitioned, saved_tensor_hooks_active
 
 
 class ModeDown(nn.Module):
@@ -46,9 +46,10 @@ class ModeDown(nn.Module):
         self.dropout = dropout
         nn.init.kaiming_uniform_(self.U, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor, memo: CallMemo | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memo: CallMemo | None = None, sink: Sink | None = None) -> torch.Tensor:
         """(..., a*d) -> (..., a*R), in x's dtype (the factors are cast, never the activations).
-        With ``memo``, U's gradient is added in place into one buffer for the step."""
+        With ``memo``, U's gradient is added in place into one buffer for the step; with ``sink``,
+        u's consumers add u's gradient into it instead of returning it."""
         group = None
         if memo is not None and memo.active and not partitioned(self.U):
             def make(U):
@@ -56,8 +57,9 @@ class ModeDown(nn.Module):
 
             group = memo.group(("U", id(self), x.dtype, torch.is_grad_enabled()), None, make, (self.U,))
         U = _as(self.U, x.dtype) if group is None else group.value
-        sink = None if group is None else group.grad
-        return ModeDownProjection.apply(x, U, sink, *rebuild_recipe(x, self.U.shape[1]))
+        sink_U = None if group is None else group.grad
+        norms = None if memo is None else memo.norms
+        return ModeDownProjection.apply(x, U, sink_U, sink, *rebuild_recipe(x, self.U.shape[1], norms))
 
 
 # U's gradient is gu^T · x (gu: the gradient of u, one row per input block). Each recipe below
@@ -68,8 +70,13 @@ def _kept(x):
     return x
 
 
+def _layer_norm_again(eps, source, weight, bias):
+    """x made again by the LayerNorm's own kernel (bit for bit what it made in forward)."""
+    return F.layer_norm(source, weight.shape, weight, bias, eps)
+
+
 def _from_layer_norm(source, weight, bias, mean, rstd):
-    """x = (source - mean) · rstd · weight + bias."""
+    """x = (source - mean) · rstd · weight + bias, where the LayerNorm's eps is not known."""
     dtype = source.dtype
     x = (source - _as(mean, dtype)) * _as(rstd, dtype)
     if weight is None:
@@ -119,12 +126,13 @@ def _through_shape_ops(x: torch.Tensor):
     return node, index, shape, ops[::-1]
 
 
-def rebuild_recipe(x: torch.Tensor, width: int) -> tuple:
-    """(fn, *tensors) with fn(gu, *tensors) == gu^T · x (U's gradient), from what x's producer
-    keeps for its own backward anyway where that is possible, else (_kept,).
+def rebuild_recipe(x: torch.Tensor, width: int, norms: dict | None = None) -> tuple:
+    """(fn, *tensors) with fn(*tensors) == x, made in backward for U's gradient gu^T · x from what
+    x's producer keeps for its own backward anyway where that is possible, else (_kept, ).
 
     The frozen linear never keeps its input; keeping it for U alone would add one activation
-    per adapted layer. Producers covered: a LayerNorm (its input and statistics), a GELU (its
+    per adapted layer. Producers covered: a LayerNorm (its input and statistics; run again in
+    one kernel where ``norms``, {id(weight): eps} of the model's LayerNorms, knows its eps), a GELU (its
     input), attention (the probabilities and values a ``bmm`` keeps, or the output a fused
     scaled-dot-product kernel keeps), each possibly followed by views, permutes and copies.
     A product of two kept tensors is recomputed too (quick_gelu).
@@ -140,8 +148,14 @@ def rebuild_recipe(x: torch.Tensor, width: int) -> tuple:
         if node is None or index != 0:
             return (_kept,)
         if kind == "NativeLayerNormBackward0" and not ops and list(node._saved_normalized_shape) == [width]:
-            fn = _from_layer_norm
-            sources = (node._saved_input, node._saved_weight, node._saved_bias, node._saved_result1, node._saved_result2)
+            weight = node._saved_weight
+            eps = None if norms is None or weight is None else norms.get(id(weight))
+            if eps is not None:
+                fn = partial(_layer_norm_again, eps)
+                sources = (node._saved_input, weight, node._saved_bias)
+            else:
+                fn = _from_layer_norm
+                sources = (node._saved_input, weight, node._saved_bias, node._saved_result1, node._saved_result2)
             made = sources[0].shape
         elif kind == "GeluBackward0":
             fn = partial(_rebuilt, partial(F.gelu, approximate=node._saved_approximate), ops)
@@ -173,27 +187,34 @@ def rebuild_recipe(x: torch.Tensor, width: int) -> tuple:
 
 class ModeDownProjection(torch.autograd.Function):
     """u = U · x per input block, keeping only what :func:`rebuild_recipe` chose. U's gradient
-    goes into ``sink`` in place (one GEMM) where there is one, else back through autograd."""
+    goes into ``sink_U`` in place (one GEMM) where there is one, else back through autograd;
+    u's gradient comes from autograd and/or from ``sink`` (:class:`once.Sink`)."""
 
     @staticmethod
-    def forward(ctx, x, U, sink, rebuild, *tensors):
-        ctx.rebuild, ctx.sink = rebuild, sink
+    def forward(ctx, x, U, sink_U, sink, rebuild, *tensors):
+        ctx.set_materialize_grads(False)
+        ctx.rebuild, ctx.sink_U, ctx.sink, ctx.x_shape = rebuild, sink_U, sink, x.shape
         ctx.save_for_backward(U, *(tensors or (x,)))
         return torch.mm(x.reshape(-1, U.shape[1]), U.t()).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, gu):
         U, *tensors = ctx.saved_tensors
-        gu2 = gu.reshape(-1, U.shape[0])
+        shares = [t for t in (gu, None if ctx.sink is None else ctx.sink.grad) if t is not None]
+        if ctx.sink is not None:
+            ctx.sink.grad = None
+        if not shares:
+            return (None,) * len(ctx.needs_input_grad)
+        gu2 = sum(shares[1:], shares[0]).reshape(-1, U.shape[0])
         dU = None
         if ctx.needs_input_grad[1]:  # first: a rebuilt x is freed before the input gradient is made
             x2 = ctx.rebuild(*tensors).reshape(gu2.shape[0], -1)
-            if ctx.sink is not None:
-                ctx.sink.addmm_(gu2.t(), x2)
+            if ctx.sink_U is not None:
+                ctx.sink_U.addmm_(gu2.t(), x2)
             else:
                 dU = torch.mm(gu2.t(), x2)
-        dx = torch.mm(gu2, U).view(*gu.shape[:-1], -1) if ctx.needs_input_grad[0] else None
-        return (dx, dU, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
+        dx = torch.mm(gu2, U).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return (dx, dU) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
 def mode_matrices(core: torch.Tensor, coeffs: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -242,33 +263,36 @@ class ModeUp(nn.Module):
         self.V = nn.Parameter(torch.zeros(width, rank, **kw))
         nn.init.xavier_uniform_(self.core)
 
-    def forward(self, y: torch.Tensor, ud: torch.Tensor, layer: "AuroraLinear") -> torch.Tensor:
-        """y + Δ for ``layer`` from its (dropped-out) rank-space input ``ud``, written into y (the
-        frozen layer's fresh output) where autograd allows. The update matrices come from the
-        call's memo (made once for all layers like this one), else are made here for this layer
-        alone (where ZeRO-3 has just gathered the core and V)."""
+    def forward(self, y: torch.Tensor, u: torch.Tensor, layer: "AuroraLinear", dropout: float = 0.0,
+                sink: Sink | None = None) -> torch.Tensor:
+        """y + Δ for ``layer`` from its rank-space input ``u`` (dropped out at rate ``dropout``
+        here), written into y (the frozen layer's fresh output) where autograd allows; u's
+        gradient goes into ``sink`` if given. The update matrices come from the call's memo
+        (made once for all layers like this one), else are made here for this layer alone (where
+        ZeRO-3 has just gathered the core and V)."""
         shared = None if layer.sharing is None else layer.sharing.matrices(layer, y.dtype)
         if shared is None:
             T = update_matrices(self.core, self.V, [layer.coeffs], layer.a, layer.b, layer.scale)
             shared = (_as(T, y.dtype), None, 0)
-        return ModeUpdate.apply(y, ud, *shared, layer.a)
+        return ModeUpdate.apply(y, u, *shared, layer.a, dropout, sink)
 
 
 class ModeUpdate(torch.autograd.Function):
-    """y += ud · T[index] as one node, in place where possible, in y's dtype.
+    """y += dropout(u) · T[index] as one node, in place where possible, in y's dtype.
 
-    Only rank-space tensors are kept: ud (shared by the layers that share u, with dropout 0)
-    and the group's stacked matrices. The matrices' gradient goes into ``group.grad`` in place
-    (one GEMM), or, without a group, back through autograd.
+    Only rank-space tensors are kept: ud (u itself with dropout 0), the boolean mask of kept
+    entries and the group's stacked matrices. The matrices' gradient goes into ``group.grad``
+    in place (one GEMM), or, without a group, back through autograd; so does u's, into ``sink``.
     """
 
     @staticmethod
-    def forward(ctx, y, ud, stack, group, index, a):
+    def forward(ctx, y, u, stack, group, index, a, dropout, sink):
         width = y.shape[-1]
         T = _update_gemm(stack[index], a)
+        ud, kept = torch.native_dropout(u, dropout, True) if dropout > 0 else (u, None)
         ud2 = ud.reshape(-1, T.shape[0])
-        ctx.save_for_backward(ud, stack)
-        ctx.group, ctx.index, ctx.a = group, index, a
+        ctx.save_for_backward(ud, kept, stack)
+        ctx.group, ctx.index, ctx.a, ctx.keep, ctx.sink = group, index, a, 1.0 - dropout, sink
         if torch.compiler.is_compiling() or y._is_view():
             # inductor fuses the add itself (traced in-place writes break its backward); writing into
             # a view would make autograd copy the whole gradient in backward (CopySlices)
@@ -279,11 +303,25 @@ class ModeUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        ud, stack = ctx.saved_tensors
-        a, index, group = ctx.a, ctx.index, ctx.group
+        ud, kept, stack = ctx.saved_tensors
+        a, index, group, sink = ctx.a, ctx.index, ctx.group, ctx.sink
         T = _update_gemm(stack[index], a)
         g2, ud2 = g.reshape(-1, T.shape[1]), ud.reshape(-1, T.shape[0])
-        dud = torch.mm(g2, T.t()).view(ud.shape) if ctx.needs_input_grad[1] else None
+        du = None
+        if ctx.needs_input_grad[1]:
+            shared = sink is not None and sink.grad is not None
+            if kept is None and shared:
+                sink.grad.addmm_(g2, T.t())
+            else:
+                du = torch.mm(g2, T.t())
+                if kept is not None and shared:
+                    sink.grad.addcmul_(du, kept.view(du.shape), value=1.0 / ctx.keep)
+                elif kept is not None:
+                    du = torch.ops.aten.native_dropout_backward(du, kept.view(du.shape), 1.0 / ctx.keep)
+                if sink is not None:
+                    sink.grad, du = sink.grad if shared else du, None
+                else:
+                    du = du.view(ud.shape)
         dstack = None
         if ctx.needs_input_grad[2]:
             # dT = ud2ᵀ · g2, in T's stored orientation
@@ -292,7 +330,7 @@ class ModeUpdate(torch.autograd.Function):
                 group.grad[index].addmm_(left, right)
             else:
                 dstack = torch.mm(left, right).unsqueeze(0)
-        return g, dud, dstack, None, None, None
+        return g, du, dstack, None, None, None, None, None
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -314,19 +352,21 @@ class InputSharing(CallMemo):
     modules' calls).
     """
 
-    def down(self, down: ModeDown, x: torch.Tensor) -> torch.Tensor:
-        """``down(x)``, or the u it already gave for this very x in this call."""
+    def down(self, down: ModeDown, x: torch.Tensor) -> tuple[torch.Tensor, Sink | None]:
+        """(``down(x)``, or the u it already gave for this very x in this call; the sink its
+        consumers add u's gradient into, or None)."""
         if not self.active or x.is_inference():
-            return down(x)
+            return down(x), None
         key = (id(down), id(x))
         entry = self.memo.get(key)
         grad = torch.is_grad_enabled()
         if entry is not None and entry[0]() is x and entry[1:3] == (x._version, grad):
             return entry[3]
-        u = down(x, self)
+        sink = Sink() if grad else None
+        u = down(x, self, sink)
         memo = self.memo
-        self.memo[key] = (weakref.ref(x, lambda _: memo.pop(key, None)), x._version, grad, u)
-        return u
+        self.memo[key] = (weakref.ref(x, lambda _: memo.pop(key, None)), x._version, grad, (u, sink))
+        return u, sink
 
     def matrices(self, layer: "AuroraLinear", dtype: torch.dtype):
         """(stacked matrices, their group, this layer's index) made once per call for the layer's
@@ -432,11 +472,10 @@ class AuroraLinear(nn.Module):
         if self.merged:
             return y
         down = self.source.down
-        u = down(x) if self.sharing is None else self.sharing.down(down, x)
-        if self.training and down.dropout > 0:  # one kernel (and its backward one more), keeping a boolean mask
-            u = torch.native_dropout(u, down.dropout, True)[0]
+        u, sink = (down(x), None) if self.sharing is None else self.sharing.down(down, x)
+        dropout = down.dropout if self.training else 0.0
         base = _whole_base(y)
-        out = self.target.up(y if base is None else base, u, self)
+        out = self.target.up(y if base is None else base, u, self, dropout, sink)
         return out if base is None else out.view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:

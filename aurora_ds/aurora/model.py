@@ -234,6 +234,7 @@ def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
     # One U·x per input within a call of the model or of one of its towers (backbones call
     # model.vision_model, model.text_encoder, ... directly).
     towers = {name.split(".")[0] for name in plan}
+    sharing.norms = {id(m.weight): m.eps for m in model.modules() if isinstance(m, nn.LayerNorm) and m.weight is not None}
     sharing.attach([model, *(m for n, m in model.named_children() if n in towers)])
 
     gated = {}

@@ -42,6 +42,7 @@ class CallMemo:
         self.memo = {}
         self.kept = {}  # key -> a group made with gradients, until its backward ran
         self.members = {}  # group key -> the modules made for together
+        self.norms = {}  # id(weight) -> eps of the model's LayerNorms (to make an input again in backward)
 
     def register(self, key, member):
         self.members.setdefault(key, []).append(member)
@@ -74,6 +75,14 @@ class CallMemo:
     def active(self) -> bool:
         return (self.owner is not None and not torch.compiler.is_compiling()
                 and not torch.is_inference_mode_enabled() and not saved_tensor_hooks_active())
+
+
+class Sink:
+    """A gradient that several consumers of one tensor add their shares into in place (the first
+    share is the buffer), read by the tensor's producer once they all ran: autograd would add the
+    shares one op at a time."""
+
+    grad = None
 
 
 class Group:
