@@ -53,8 +53,9 @@ class GatedQueryTransform(nn.Module):
             return torch.stack([s * torch.stack(params[count:2 * count]), s * torch.stack(params[2 * count:])]).to(dtype)
 
         params = [m.gate for m in members] + [m.gamma for m in members] + [m.beta for m in members]
-        group = memo.group(("gqt", scale, dtype, torch.is_grad_enabled()), ("gqt", scale), make, params)
-        return GatedQueryShared.apply(h, group.value, group if group.grad is not None else None, group.index[id(self)])
+        group = memo.group(("gqt", scale, dtype, torch.is_grad_enabled()), make, params,
+                           lambda: {id(m): i for i, m in enumerate(members)})
+        return GatedQueryShared.apply(h, group.value, group if group.trained else None, group.index[id(self)])
 
     def attach(self, block: nn.Module):
         """Register as ``block.aurora_gqt`` and transform the block's output on every call."""

@@ -22,6 +22,7 @@ in its ``up`` part; a width that only ever feeds (or only receives) such layers 
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from functools import partial
@@ -55,9 +56,9 @@ class ModeDown(nn.Module):
             def make(U):
                 return _as(U, x.dtype)
 
-            group = memo.group(("U", id(self), x.dtype, torch.is_grad_enabled()), None, make, (self.U,))
+            group = memo.group(("U", id(self), x.dtype, torch.is_grad_enabled()), make, (self.U,))
         U = _as(self.U, x.dtype) if group is None else group.value
-        sink_U = None if group is None else group.grad
+        sink_U = group if group is not None and group.trained else None
         norms = None if memo is None else memo.norms
         return ModeDownProjection.apply(x, U, sink_U, sink, *rebuild_recipe(x, self.U.shape[1], norms))
 
@@ -187,7 +188,7 @@ def rebuild_recipe(x: torch.Tensor, width: int, norms: dict | None = None) -> tu
 
 class ModeDownProjection(torch.autograd.Function):
     """u = U · x per input block, keeping only what :func:`rebuild_recipe` chose. U's gradient
-    goes into ``sink_U`` in place (one GEMM) where there is one, else back through autograd;
+    goes into ``sink_U`` (a :class:`once.Group`) in place (one GEMM) where there is one, else back through autograd;
     u's gradient comes from autograd and/or from ``sink`` (:class:`once.Sink`)."""
 
     @staticmethod
@@ -210,7 +211,7 @@ class ModeDownProjection(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # first: a rebuilt x is freed before the input gradient is made
             x2 = ctx.rebuild(*tensors).reshape(gu2.shape[0], -1)
             if ctx.sink_U is not None:
-                ctx.sink_U.addmm_(gu2.t(), x2)
+                ctx.sink_U.buffer().addmm_(gu2.t(), x2)
             else:
                 dU = torch.mm(gu2.t(), x2)
         dx = torch.mm(gu2, U).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
@@ -223,31 +224,49 @@ def mode_matrices(core: torch.Tensor, coeffs: torch.Tensor, a: int, b: int) -> t
     return torch.mm(coeffs.t(), core.reshape(rank * rank, rank).t()).view(b, a, rank, rank)
 
 
-def update_matrices(core: torch.Tensor, V: torch.Tensor, coeffs: list[torch.Tensor], a: int, b: int,
-                    scale: float) -> torch.Tensor:
-    """The update matrix T of each of L layers sharing ``core`` and ``V``, stacked, in a few ops:
+def update_blocks(core: torch.Tensor, V: torch.Tensor, coeffs: list[torch.Tensor], rows: bool,
+                  scale: float) -> torch.Tensor:
+    """The update of every block of the layers whose coefficients are ``coeffs`` (all with
+    a == 1 when ``rows``, else all with b == 1), stacked, in a few ops:
 
-        s · ΔW_ji · x_i = Σ_p u_i[p] · T[(i, p), (j, e)],   T[(i, p), (j, e)] = s · Σ_q M_ji[p, q] · V[e, q],
+        s · ΔW_ji · x_i = Σ_p u_i[p] · T[(i, p), (j, e)],   T[(i, p), (j, e)] = s · Σ_q M_ji[p, q] · V[e, q].
 
-    so a layer's update is one GEMM of its rank-space input (N x a*R) with T. Returned as
-    (L, a*R, b*d), or as (L, b*d, R), Tᵀ, when a == 1: both are the stacked product's own layout
-    (no copy), and a GEMM reads either orientation.
+    Block k (column k of the coefficients laid side by side) is T's slice for output block j
+    (rows: (d, R), Tᵀ's rows (j, ·)) or for input block i ((R, d), T's rows (i, ·)), so one
+    layer's T is a contiguous run of blocks, and its update one GEMM of its rank-space input.
     """
-    rank, width, count = core.shape[0], V.shape[0], len(coeffs)
-    lam = (torch.stack(coeffs) if count > 1 else coeffs[0].unsqueeze(0)).transpose(1, 2)  # (L, a*b, R)
-    if a == 1:  # Y[t, e, p] = Σ_q V[e, q] · C[p, q, t];  Tᵀ[(j, e), p] = Σ_t Λ[t, j] · Y[t, e, p]
-        Y = torch.matmul(V, core.permute(2, 1, 0))
-        T = torch.matmul(lam, Y.reshape(rank, width * rank)).view(count, b * width, rank)
-    else:  # X[t, p, e] = Σ_q C[p, q, t] · V[e, q];  Res[(j, i), p, e] = Σ_t Λ[t, j*a + i] · X[t, p, e]
-        X = torch.matmul(core.permute(2, 0, 1), V.t())
-        T = torch.matmul(lam, X.reshape(rank, rank * width)).view(count, b, a, rank, width)
-        T = T.permute(0, 2, 3, 1, 4).reshape(count, a * rank, b * width)  # a copy only when b > 1
-    return T if scale == 1.0 else T * scale
+    rank, width = core.shape[0], V.shape[0]
+    # Λᵀ (K x R) with each layer's rows contiguous: a single-block layer's gradient (R x 1) then
+    # comes out contiguous, where a slice of a gradient laid out R x K would be copied per layer.
+    lam = torch.cat([c.t() for c in coeffs]) if len(coeffs) > 1 else coeffs[0].t()
+    # M_k[p, q] = Σ_t C[p, q, t] · Λ[t, k] first: the only intermediate kept is K x R x R
+    mats = torch.mm(lam, core.reshape(rank * rank, rank).t()).view(-1, rank, rank)
+    blocks = torch.mm(mats.view(-1, rank), V.t()).view(-1, rank, width)  # T_k[p, e] = Σ_q M_k[p, q] · V[e, q]
+    if rows:
+        blocks = blocks.transpose(1, 2).contiguous()
+    return blocks if scale == 1.0 else blocks * scale
 
 
-def _update_gemm(T: torch.Tensor, a: int) -> torch.Tensor:
-    """T as the (a*R) x (b*d) right factor of the update GEMM (a view)."""
-    return T.t() if a == 1 else T
+def layer_update(core: torch.Tensor, V: torch.Tensor, coeffs: torch.Tensor, a: int, b: int,
+                 scale: float) -> torch.Tensor:
+    """One layer's blocks (:func:`update_blocks`), or for a layer with a > 1 and b > 1, its
+    (a*R) x (b*d) matrix T as a stack of one."""
+    if a == 1 or b == 1:
+        return update_blocks(core, V, [coeffs], a == 1, scale)
+    rank, width = core.shape[0], V.shape[0]
+    blocks = update_blocks(core, V, [coeffs], False, scale).view(b, a, rank, width)  # block k = j*a + i
+    return blocks.permute(1, 2, 0, 3).reshape(1, a * rank, b * width)
+
+
+def _stored(blocks: torch.Tensor, a: int, rank: int) -> torch.Tensor:
+    """A layer's run of blocks as one matrix in its stored orientation: Tᵀ when a == 1, else T."""
+    return blocks.reshape(-1, rank) if a == 1 else blocks.reshape(a * rank, -1)
+
+
+def _gemm_factor(blocks: torch.Tensor, a: int, rank: int) -> torch.Tensor:
+    """A layer's run of blocks as the (a*R) x (b*d) right factor of its update GEMM (a view)."""
+    stored = _stored(blocks, a, rank)
+    return stored.t() if a == 1 else stored
 
 
 class ModeUp(nn.Module):
@@ -270,29 +289,30 @@ class ModeUp(nn.Module):
         gradient goes into ``sink`` if given. The update matrices come from the call's memo
         (made once for all layers like this one), else are made here for this layer alone (where
         ZeRO-3 has just gathered the core and V)."""
-        shared = None if layer.sharing is None else layer.sharing.matrices(layer, y.dtype)
+        shared = None if layer.sharing is None else layer.sharing.blocks(layer, y.dtype)
         if shared is None:
-            T = update_matrices(self.core, self.V, [layer.coeffs], layer.a, layer.b, layer.scale)
-            shared = (_as(T, y.dtype), None, 0)
+            blocks = _as(layer_update(self.core, self.V, layer.coeffs, layer.a, layer.b, layer.scale), y.dtype)
+            shared = (blocks, None, 0, blocks.shape[0])
         return ModeUpdate.apply(y, u, *shared, layer.a, dropout, sink)
 
 
 class ModeUpdate(torch.autograd.Function):
-    """y += dropout(u) · T[index] as one node, in place where possible, in y's dtype.
+    """y += dropout(u) · T as one node, in place where possible, in y's dtype; T is the run
+    ``stack[start:stop]`` of update blocks (:func:`_gemm_factor`).
 
     Only rank-space tensors are kept: ud (u itself with dropout 0), the boolean mask of kept
-    entries and the group's stacked matrices. The matrices' gradient goes into ``group.grad``
-    in place (one GEMM), or, without a group, back through autograd; so does u's, into ``sink``.
+    entries and the stacked blocks. The blocks' gradient goes into ``group.buffer()`` in place
+    (one GEMM), or, without a group, back through autograd; so does u's, into ``sink``.
     """
 
     @staticmethod
-    def forward(ctx, y, u, stack, group, index, a, dropout, sink):
-        width = y.shape[-1]
-        T = _update_gemm(stack[index], a)
+    def forward(ctx, y, u, stack, group, start, stop, a, dropout, sink):
+        width, rank = y.shape[-1], u.shape[-1] // a
+        T = _gemm_factor(stack[start:stop], a, rank)
         ud, kept = torch.native_dropout(u, dropout, True) if dropout > 0 else (u, None)
         ud2 = ud.reshape(-1, T.shape[0])
         ctx.save_for_backward(ud, kept, stack)
-        ctx.group, ctx.index, ctx.a, ctx.keep, ctx.sink = group, index, a, 1.0 - dropout, sink
+        ctx.group, ctx.span, ctx.a, ctx.keep, ctx.sink = group, (start, stop), a, 1.0 - dropout, sink
         if torch.compiler.is_compiling() or y._is_view():
             # inductor fuses the add itself (traced in-place writes break its backward); writing into
             # a view would make autograd copy the whole gradient in backward (CopySlices)
@@ -304,8 +324,9 @@ class ModeUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         ud, kept, stack = ctx.saved_tensors
-        a, index, group, sink = ctx.a, ctx.index, ctx.group, ctx.sink
-        T = _update_gemm(stack[index], a)
+        a, (start, stop), group, sink = ctx.a, ctx.span, ctx.group, ctx.sink
+        rank = ud.shape[-1] // a
+        T = _gemm_factor(stack[start:stop], a, rank)
         g2, ud2 = g.reshape(-1, T.shape[1]), ud.reshape(-1, T.shape[0])
         du = None
         if ctx.needs_input_grad[1]:
@@ -323,14 +344,13 @@ class ModeUpdate(torch.autograd.Function):
                 else:
                     du = du.view(ud.shape)
         dstack = None
-        if ctx.needs_input_grad[2]:
-            # dT = ud2ᵀ · g2, in T's stored orientation
+        if ctx.needs_input_grad[2]:  # dT = ud2ᵀ · g2, in the blocks' stored orientation
             left, right = (g2.t(), ud2) if a == 1 else (ud2.t(), g2)
             if group is not None:
-                group.grad[index].addmm_(left, right)
+                _stored(group.buffer()[start:stop], a, rank).addmm_(left, right)
             else:
-                dstack = torch.mm(left, right).unsqueeze(0)
-        return g, du, dstack, None, None, None, None, None
+                dstack = torch.mm(left, right).view(stack.shape)
+        return g, du, dstack, None, None, None, None, None, None
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -368,25 +388,34 @@ class InputSharing(CallMemo):
         self.memo[key] = (weakref.ref(x, lambda _: memo.pop(key, None)), x._version, grad, (u, sink))
         return u, sink
 
-    def matrices(self, layer: "AuroraLinear", dtype: torch.dtype):
-        """(stacked matrices, their group, this layer's index) made once per call for the layer's
-        group, or None where they must be made per layer."""
-        group_key = _group_key(layer)
+    def blocks(self, layer: "AuroraLinear", dtype: torch.dtype):
+        """(stacked update blocks, their group, this layer's run start, stop) made once per step
+        for every layer of the layer's kind (:func:`_kind`), or None where they must be made per
+        layer."""
+        kind = _kind(layer)
         up = layer.target.up
-        if group_key not in self.members or not self.active or any(partitioned(t) for t in (up.core, up.V, layer.coeffs)):
+        if kind not in self.members or not self.active or any(partitioned(t) for t in (up.core, up.V, layer.coeffs)):
             return None
-        layers = self.members[group_key]
+        layers = self.members[kind]
 
         def make(core, V, *coeffs):
-            return _as(update_matrices(core, V, list(coeffs), layer.a, layer.b, layer.scale), dtype)
+            return _as(update_blocks(core, V, list(coeffs), layer.a == 1, layer.scale), dtype)
 
-        key = ("matrices", group_key, dtype, torch.is_grad_enabled())
-        group = self.group(key, group_key, make, (up.core, up.V, *(m.coeffs for m in layers)))
-        return group.value, (group if group.grad is not None else None), group.index[id(layer)]
+        def index():
+            starts = itertools.accumulate((m.a * m.b for m in layers), initial=0)
+            return {id(m): (start, start + m.a * m.b) for m, start in zip(layers, starts)}
+
+        group = self.group(("blocks", kind, dtype, torch.is_grad_enabled()), make,
+                           (up.core, up.V, *(m.coeffs for m in layers)), index)
+        return (group.value, group if group.trained else None, *group.index[id(layer)])
 
 
-def _group_key(layer: "AuroraLinear") -> tuple:
-    return (id(layer.target), layer.a, layer.b, layer.scale)
+def _kind(layer: "AuroraLinear") -> tuple | None:
+    """Layers whose update blocks are made together: one output width's factors, a == 1 (blocks
+    by output block) or b == 1 (by input block), one scale. None for a > 1 and b > 1."""
+    if layer.a > 1 and layer.b > 1:
+        return None
+    return (id(layer.target), layer.a == 1, layer.scale)
 
 
 class AuroraFactors(nn.Module):
@@ -448,8 +477,8 @@ class AuroraLinear(nn.Module):
         object.__setattr__(self, "source", source)
         object.__setattr__(self, "target", target)
         self.sharing = sharing
-        if sharing is not None:
-            sharing.register(_group_key(self), self)
+        if sharing is not None and _kind(self) is not None:
+            sharing.register(_kind(self), self)
 
     @property
     def in_features(self) -> int:

@@ -55,20 +55,22 @@ class CallMemo:
     def _open(self, module, args):
         if self.owner is None and not torch.compiler.is_compiling():
             self.owner = module
-            self.kept = {k: g for k, g in self.kept.items() if g.current()}
+            for key in [k for k, g in self.kept.items() if not g.current()]:
+                self.kept.pop(key).value = None  # a group whose backward never ran is in a cycle
 
     def _close(self, module, args, output):
         if self.owner is module:
             self.owner = None
             self.memo.clear()
 
-    def group(self, key, members_key, make, inputs) -> "Group":
-        """The :class:`Group` of ``key`` in this call, made at its first request."""
+    def group(self, key, make, inputs, index=dict, keep_graph=True) -> "Group":
+        """The :class:`Group` of ``key`` in this step, made at its first request; ``index()``
+        gives its ``index`` (where each user's share lies)."""
         group = self.kept.get(key) or self.memo.get(key)
         if group is None or group.done:
-            group = Group(make, inputs)
-            group.index = {id(m): i for i, m in enumerate(self.members.get(members_key, ()))}
-            (self.kept if group.grad is not None else self.memo)[key] = group
+            group = Group(make, inputs, keep_graph)
+            group.index = index()
+            (self.kept if group.trained else self.memo)[key] = group
         return group
 
     @property
@@ -88,12 +90,21 @@ class Sink:
 class Group:
     """Tensors made once per call for several users (``make(*inputs)``, plain differentiable
     ops, one stacked result), and the buffer their users' backward passes add their gradient
-    shares into (:meth:`add`)."""
+    shares into (:meth:`buffer`, :meth:`add`), made at the first share: in backward, when
+    activations are being freed, not at the forward's peak. Without ``keep_graph`` the
+    intermediates of ``make`` are not kept from forward to backward: it runs again there.
+    """
 
-    def __init__(self, make, inputs):
+    def __init__(self, make, inputs, keep_graph=True):
         self.grad, self.written, self.index, self.done = None, set(), {}, False
         self.inputs, self.versions = inputs, [t._version for t in inputs]
-        self.value = MadeOnce.apply(self, make, *inputs) if torch.is_grad_enabled() else make(*inputs)
+        self.value = MadeOnce.apply(self, make, keep_graph, *inputs) if torch.is_grad_enabled() else make(*inputs)
+        self.trained = self.value.requires_grad
+
+    def buffer(self) -> torch.Tensor:
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.value)
+        return self.grad
 
     def current(self) -> bool:
         """Neither used up by its backward nor made from inputs changed in place since."""
@@ -102,7 +113,7 @@ class Group:
     def add(self, index, into):
         """``into(out)`` writes a share into ``out`` (the buffer's slice ``index``): the first
         share is written (``out=``), later ones are added, so no share costs a separate add."""
-        target = self.grad[index]
+        target = self.buffer()[index]
         if index in self.written:
             target.add_(into(None))
         else:
@@ -112,25 +123,30 @@ class Group:
 
 class MadeOnce(torch.autograd.Function):
     """``make(*inputs)`` as one node whose backward runs once, after every user has added its
-    share into ``group.grad``. Users return no gradient for the made tensor: autograd would add
+    share into ``group.buffer()``. Users return no gradient for the made tensor: autograd would add
     their shares one op at a time, and a user that reads a slice would have autograd copy the
     whole stack back per user."""
 
     @staticmethod
-    def forward(ctx, group, make, *inputs):
+    def forward(ctx, group, make, keep_graph, *inputs):
         ctx.set_materialize_grads(False)
         ctx.leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-        with torch.enable_grad():
+        with torch.set_grad_enabled(keep_graph):
             made = make(*ctx.leaves)
-        ctx.made, ctx.group = made, group
-        if made.requires_grad:
-            group.grad = torch.zeros_like(made)
+        ctx.made, ctx.make, ctx.group = made if keep_graph else None, make, group
         return made.detach()
 
     @staticmethod
     def backward(ctx, _unused):
-        needs = [t for t in ctx.leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(ctx.made, needs, ctx.group.grad))
-        ctx.made = ctx.group.grad = None
-        ctx.group.done = True
-        return (None, None, *(next(grads) if t.requires_grad else None for t in ctx.leaves))
+        group, leaves, made = ctx.group, ctx.leaves, ctx.made
+        ctx.group = ctx.leaves = ctx.made = None  # group -> value -> this node -> group: a cycle
+        group.done = True
+        if group.grad is None:  # no user's backward ran
+            return (None,) * (3 + len(leaves))
+        if made is None:
+            with torch.enable_grad():
+                made = ctx.make(*leaves)
+        needs = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(made, needs, group.grad))
+        group.grad = None
+        return (None, None, None, *(next(grads) if t.requires_grad else None for t in leaves))
