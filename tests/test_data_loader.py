@@ -222,6 +222,28 @@ def test_resume_mid_epoch_is_exact(coco, shard_factory, tmp_path, word_tokenizer
 
 
 @pytest.mark.timeout(240)
+def test_resampled_resume_mid_epoch_is_exact(coco, word_tokenizer, monkeypatch):
+    """Resampled mode resumes exactly too: the shard draws of a slot depend on (seed, epoch, rank,
+    worker) alone, the resumed workers drop the items they had handed out, and each worker's
+    remaining share of the epoch (``train_num_samples``) is what it had left."""
+    spec, _ = coco
+    c = cfg(batch_size=3, resampled=True, train_num_samples=30)
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        full = _stream(build_loader(spec, c, word_tokenizer))
+        assert len(full) == 6  # ceil(ceil(30 / (3 x 2 ranks)) / 2 workers) x 2
+        for stop in (1, 2, 5):
+            first = build_loader(spec, c, word_tokenizer)
+            head = _stream(first, stop)
+            resumed = build_loader(spec, c, word_tokenizer)
+            resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+            assert len(resumed) == len(full) - stop
+            assert head + _stream(resumed) == full, (rank, stop)
+            assert resumed.state_dict()["epoch"] == 1
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("resampled", [False, True])
 def test_epochs_started_ahead_are_the_epochs_read_alone(coco, word_tokenizer, resampled):
     """One loader read epoch after epoch starts each next epoch's workers before the current
