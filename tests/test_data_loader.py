@@ -575,34 +575,10 @@ def test_shard_named_twice(coco, word_tokenizer, caplog):
     assert "training spec names 1 shard(s) more than once" in caplog.text
 
 
-def write_img2dataset(samples, folder, per_shard, extra=None):
-    """Shards as img2dataset writes them: {key}.jpg + {key}.txt + {key}.json, {shard}_stats.json, sizes.json."""
-    import webdataset as wds
-
-    os.makedirs(folder, exist_ok=True)
-    sizes = {}
-    for n, i in enumerate(range(0, len(samples), per_shard)):
-        name = "%05d.tar" % n
-        with wds.TarWriter(os.path.join(folder, name), encoder=False) as writer:
-            for j, s in enumerate(samples[i:i + per_shard]):
-                key = "%05d%04d" % (n, j)
-                member = {"__key__": key, "jpg": s["jpg"], "txt": s["json"]["captions"][0].encode(),
-                          "json": json.dumps({"key": key, "caption": s["json"]["captions"][0], "status": "success",
-                                              "url": "http://example/%s.jpg" % key}).encode()}
-                member.update(extra or {})
-                writer.write(member)
-        with open(os.path.join(folder, "%05d_stats.json" % n), "w") as f:
-            json.dump({"count": per_shard, "successes": len(samples[i:i + per_shard])}, f)
-        sizes[name] = len(samples[i:i + per_shard])
-    with open(os.path.join(folder, "sizes.json"), "w") as f:
-        json.dump(sizes, f)
-    return "%s/{00000..%05d}.tar" % (folder, len(sizes) - 1)
-
-
 @pytest.mark.timeout(120)
 def test_img2dataset_layout_trains_and_evaluates(tmp_path, shard_factory, word_tokenizer):
     samples = shard_factory.coco(10)
-    spec = write_img2dataset(samples, str(tmp_path / "i2d"), per_shard=4)
+    spec = shard_factory.write_img2dataset(samples, str(tmp_path / "i2d"), per_shard=4)
     loader = build_loader(spec, cfg(num_workers=2, batch_size=3), word_tokenizer)
     assert len(loader) == 4  # from sizes.json: 4+4+2 samples over 2 workers
     pairs = sorted((m, c) for b in loader for m, c in zip(b["media_id"], b["caption"]))
