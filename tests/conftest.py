@@ -148,6 +148,34 @@ class ShardFactory:
                     shard_format.write_answers(out_dir, answers)
         return "%s/%s-{%06d..%06d}.tar" % (out_dir.rstrip("/"), name, 0, len(chunks) - 1)
 
+    @staticmethod
+    def write_img2dataset(samples, folder, per_shard):
+        """Shards as img2dataset (images) or video2dataset (videos) write them: ``{key}.jpg|mp4`` +
+        ``{key}.txt`` (the sample's first caption) + ``{key}.json``, ``{shard}_stats.json``,
+        sizes.json; returns the spec."""
+        import json
+
+        import webdataset as wds
+
+        os.makedirs(folder, exist_ok=True)
+        sizes = {}
+        for n, i in enumerate(range(0, len(samples), per_shard)):
+            name = "%05d.tar" % n
+            with wds.TarWriter(os.path.join(folder, name), encoder=False) as writer:
+                for j, s in enumerate(samples[i:i + per_shard]):
+                    key = "%05d%04d" % (n, j)
+                    ext = "mp4" if "mp4" in s else "jpg"
+                    caption = s["json"]["captions"][0]
+                    writer.write({"__key__": key, ext: s[ext], "txt": caption.encode(),
+                                  "json": json.dumps({"key": key, "caption": caption, "status": "success",
+                                                      "url": "http://example/%s.%s" % (key, ext)}).encode()})
+            with open(os.path.join(folder, "%05d_stats.json" % n), "w") as f:
+                json.dump({"count": per_shard, "successes": len(samples[i:i + per_shard])}, f)
+            sizes[name] = len(samples[i:i + per_shard])
+        with open(os.path.join(folder, "sizes.json"), "w") as f:
+            json.dump(sizes, f)
+        return "%s/{00000..%05d}.tar" % (folder, len(sizes) - 1)
+
 
 def _metas(samples):
     """The json dicts of samples (tests damage some: those are not counted)."""

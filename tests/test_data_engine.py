@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from aurora_ds.data import pre_caption
 from aurora_ds.dist import free_port as _port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,46 +74,24 @@ def _history(out):
     return json.loads((Path(out) / "summary.json").read_text())["history"]
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("captions", ["random", "all"])
-def test_killed_run_on_real_shards_resumes_exactly(tiny_checkpoint, shard_factory, tmp_path, captions):
-    """10 shards of 50 images over 2 ranks x 2 workers (uneven: workers end at different times),
-    2 epochs, SGD. SIGKILL after a mid-epoch checkpoint; the resumed run's losses and the samples
-    each rank sees at each step equal those of the uninterrupted run. With one pair per caption
-    (``data.caption_per_sample=all``, BLIP's epoch) the epoch is counted in captions from the
-    manifest, and a resume can fall between the captions of one image."""
-    samples = shard_factory.coco(50, prefix="kill")
-    shards = shard_factory.write(samples, str(tmp_path / "shards"), "kill", per_shard=5)
+def _kill_and_resume(checkpoint, samples, shards, tmp_path, *extra):
+    """Trains on ``shards`` on 2 ranks, SGD, uninterrupted; then again, SIGKILLed after the
+    checkpoint of step 3 and resumed with ``--resume auto`` (a half-written checkpoint planted:
+    ignored, then pruned). The resumed run's losses and the samples each rank sees at each step
+    equal those of the uninterrupted run. Returns the uninterrupted run's history and trace."""
     # One tokenizer for both runs: training one is not deterministic (tie order in `tokenizers`).
     from aurora_ds.backbones.tokenizer import train_tokenizer
-    from aurora_ds.data import pre_caption
 
     train_tokenizer([pre_caption(c) for s in samples for c in s["json"]["captions"]], 256, tmp_path / "tok")
-    extra = (f"backbone.tokenizer={tmp_path / 'tok'}", "optim.epochs=2", "output.save_every=3", "output.keep_checkpoints=20", "optim.optimizer=sgd",
-             "optim.lr=0.05", "data.shuffle_buffer=7", f"data.caption_per_sample={captions}")
+    extra = (f"backbone.tokenizer={tmp_path / 'tok'}", "output.save_every=3", "output.keep_checkpoints=20",
+             "optim.optimizer=sgd", "optim.lr=0.05", *extra)
     full = tmp_path / "full"
-    _run(2, _args(tiny_checkpoint, shards, full, *extra), tmp_path / "full.log", trace=tmp_path / "trace_full")
+    _run(2, _args(checkpoint, shards, full, *extra), tmp_path / "full.log", trace=tmp_path / "trace_full")
     expected = _history(full)
     total = len(expected)
-    assert total >= 8
-    full_trace = _trace(tmp_path / "trace_full")
-    # every sample (or caption) once per epoch over both ranks
-    first_epoch = Counter()
-    for path in (tmp_path / "trace_full").glob("rank_*.jsonl"):
-        for rec in map(json.loads, path.read_text().splitlines()):
-            first_epoch.update(zip(rec["media_id"], rec["caption"]) if rec["epoch"] == 0 else [])
-    if captions == "all":
-        assert first_epoch == Counter((s["json"]["id"], pre_caption(c)) for s in samples for c in s["json"]["captions"])
-        # steps per epoch counted in captions (2 to 4 per image), not in images: ~pairs / (2 ranks x batch 3)
-        assert total >= 2 * (sum(first_epoch.values()) // 6 - 2)
-    else:
-        assert Counter(m for m, _ in first_epoch.elements()) == Counter(s["json"]["id"] for s in samples)
-        per_epoch = Counter(m for (_, _, m, _) in full_trace.elements())
-        assert set(per_epoch.values()) == {2} and len(per_epoch) == 50
 
     out = tmp_path / "killed"
-    proc = _launch(2, _args(tiny_checkpoint, shards, out, *extra), tmp_path / "killed.log",
-                   trace=tmp_path / "trace_killed")
+    proc = _launch(2, _args(checkpoint, shards, out, *extra), tmp_path / "killed.log", trace=tmp_path / "trace_killed")
     marker = out / "checkpoints" / "step_000003" / "COMPLETE"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -127,7 +106,7 @@ def test_killed_run_on_real_shards_resumes_exactly(tiny_checkpoint, shard_factor
 
     (out / "checkpoints" / "step_000001").mkdir()  # a half-written checkpoint: ignored, then pruned
     (out / "checkpoints" / "step_000001" / "client_state.pt").write_bytes(b"partial")
-    log = _run(2, _args(tiny_checkpoint, shards, out, *extra) + ["--resume", "auto"], tmp_path / "resume.log",
+    log = _run(2, _args(checkpoint, shards, out, *extra) + ["--resume", "auto"], tmp_path / "resume.log",
                trace=tmp_path / "trace_resumed")
     assert f"at step {resumed_from}" in log
     resumed = _history(out)
@@ -135,8 +114,63 @@ def test_killed_run_on_real_shards_resumes_exactly(tiny_checkpoint, shard_factor
     for got, want in zip(resumed, expected):
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), (got, want)
     assert not (out / "checkpoints" / "step_000001").exists()
-    seen = _trace(tmp_path / "trace_killed", upto=resumed_from) + _trace(tmp_path / "trace_resumed")
-    assert seen == full_trace
+    full_trace = _trace(tmp_path / "trace_full")
+    assert _trace(tmp_path / "trace_killed", upto=resumed_from) + _trace(tmp_path / "trace_resumed") == full_trace
+    return expected, full_trace
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("captions", ["random", "all"])
+def test_killed_run_on_real_shards_resumes_exactly(tiny_checkpoint, shard_factory, tmp_path, captions):
+    """10 shards of 50 images over 2 ranks x 2 workers (uneven: workers end at different times),
+    2 epochs: a killed run resumes exactly (``_kill_and_resume``). With one pair per caption
+    (``data.caption_per_sample=all``, BLIP's epoch) the epoch is counted in captions from the
+    manifest, and a resume can fall between the captions of one image."""
+    samples = shard_factory.coco(50, prefix="kill")
+    shards = shard_factory.write(samples, str(tmp_path / "shards"), "kill", per_shard=5)
+    expected, full_trace = _kill_and_resume(tiny_checkpoint, samples, shards, tmp_path, "optim.epochs=2",
+                                            "data.shuffle_buffer=7", f"data.caption_per_sample={captions}")
+    total = len(expected)
+    assert total >= 8
+    # every sample (or caption) once per epoch over both ranks
+    first_epoch = Counter()
+    for path in (tmp_path / "trace_full").glob("rank_*.jsonl"):
+        for rec in map(json.loads, path.read_text().splitlines()):
+            first_epoch.update(zip(rec["media_id"], rec["caption"]) if rec["epoch"] == 0 else [])
+    if captions == "all":
+        assert first_epoch == Counter((s["json"]["id"], pre_caption(c)) for s in samples for c in s["json"]["captions"])
+        # steps per epoch counted in captions (2 to 4 per image), not in images: ~pairs / (2 ranks x batch 3)
+        assert total >= 2 * (sum(first_epoch.values()) // 6 - 2)
+    else:
+        assert Counter(m for m, _ in first_epoch.elements()) == Counter(s["json"]["id"] for s in samples)
+        per_epoch = Counter(m for (_, _, m, _) in full_trace.elements())
+        assert set(per_epoch.values()) == {2} and len(per_epoch) == 50
+
+
+@pytest.mark.timeout(600)
+def test_killed_resampled_run_resumes_exactly(tiny_checkpoint, shard_factory, tmp_path):
+    """``data.resampled=true`` (shards drawn with replacement, the epoch cut at
+    ``data.train_num_samples``): a killed run resumes exactly, the rest of the epoch included."""
+    samples = shard_factory.coco(20, prefix="draw")
+    shards = shard_factory.write(samples, str(tmp_path / "shards"), "draw", per_shard=5)
+    expected, full_trace = _kill_and_resume(tiny_checkpoint, samples, shards, tmp_path, "optim.epochs=1",
+                                            "data.resampled=true", "data.train_num_samples=48",
+                                            "data.shuffle_buffer=7")
+    assert len(expected) == 8  # ceil(48 / (2 ranks x batch 3)), over 2 workers
+    assert sum(full_trace.values()) == 48
+
+
+@pytest.mark.timeout(600)
+def test_killed_video_run_on_video2dataset_shards_resumes_exactly(tiny_checkpoint, shard_factory, tmp_path):
+    """MSRVTT-like video retrieval from shards in the video2dataset layout (``{key}.mp4`` +
+    ``{key}.txt`` + ``{key}.json``, sizes.json): a killed run resumes exactly."""
+    samples = shard_factory.msrvtt(24, prefix="clip")
+    shards = shard_factory.write_img2dataset(samples, str(tmp_path / "shards"), per_shard=3)
+    expected, full_trace = _kill_and_resume(tiny_checkpoint, samples, shards, tmp_path, "optim.epochs=2",
+                                            "data.media=video", "data.num_frames=2", "data.shuffle_buffer=4")
+    assert len(expected) == 8  # 8 shards of 3 clips over 2 ranks x 2 workers: 2 batches of 3 per worker
+    per_epoch = Counter(m for (_, _, m, _) in full_trace.elements())
+    assert len(per_epoch) == 24 and set(per_epoch.values()) == {2}  # every clip once per epoch
 
 
 @pytest.mark.timeout(400)

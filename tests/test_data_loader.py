@@ -222,6 +222,28 @@ def test_resume_mid_epoch_is_exact(coco, shard_factory, tmp_path, word_tokenizer
 
 
 @pytest.mark.timeout(240)
+def test_resampled_resume_mid_epoch_is_exact(coco, word_tokenizer, monkeypatch):
+    """Resampled mode resumes exactly too: the shard draws of a slot depend on (seed, epoch, rank,
+    worker) alone, the resumed workers drop the items they had handed out, and each worker's
+    remaining share of the epoch (``train_num_samples``) is what it had left."""
+    spec, _ = coco
+    c = cfg(batch_size=3, resampled=True, train_num_samples=30)
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        full = _stream(build_loader(spec, c, word_tokenizer))
+        assert len(full) == 6  # ceil(ceil(30 / (3 x 2 ranks)) / 2 workers) x 2
+        for stop in (1, 2, 5):
+            first = build_loader(spec, c, word_tokenizer)
+            head = _stream(first, stop)
+            resumed = build_loader(spec, c, word_tokenizer)
+            resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+            assert len(resumed) == len(full) - stop
+            assert head + _stream(resumed) == full, (rank, stop)
+            assert resumed.state_dict()["epoch"] == 1
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("resampled", [False, True])
 def test_epochs_started_ahead_are_the_epochs_read_alone(coco, word_tokenizer, resampled):
     """One loader read epoch after epoch starts each next epoch's workers before the current
@@ -561,34 +583,10 @@ def test_shard_named_twice(coco, word_tokenizer, caplog):
     assert "training spec names 1 shard(s) more than once" in caplog.text
 
 
-def write_img2dataset(samples, folder, per_shard, extra=None):
-    """Shards as img2dataset writes them: {key}.jpg + {key}.txt + {key}.json, {shard}_stats.json, sizes.json."""
-    import webdataset as wds
-
-    os.makedirs(folder, exist_ok=True)
-    sizes = {}
-    for n, i in enumerate(range(0, len(samples), per_shard)):
-        name = "%05d.tar" % n
-        with wds.TarWriter(os.path.join(folder, name), encoder=False) as writer:
-            for j, s in enumerate(samples[i:i + per_shard]):
-                key = "%05d%04d" % (n, j)
-                member = {"__key__": key, "jpg": s["jpg"], "txt": s["json"]["captions"][0].encode(),
-                          "json": json.dumps({"key": key, "caption": s["json"]["captions"][0], "status": "success",
-                                              "url": "http://example/%s.jpg" % key}).encode()}
-                member.update(extra or {})
-                writer.write(member)
-        with open(os.path.join(folder, "%05d_stats.json" % n), "w") as f:
-            json.dump({"count": per_shard, "successes": len(samples[i:i + per_shard])}, f)
-        sizes[name] = len(samples[i:i + per_shard])
-    with open(os.path.join(folder, "sizes.json"), "w") as f:
-        json.dump(sizes, f)
-    return "%s/{00000..%05d}.tar" % (folder, len(sizes) - 1)
-
-
 @pytest.mark.timeout(120)
 def test_img2dataset_layout_trains_and_evaluates(tmp_path, shard_factory, word_tokenizer):
     samples = shard_factory.coco(10)
-    spec = write_img2dataset(samples, str(tmp_path / "i2d"), per_shard=4)
+    spec = shard_factory.write_img2dataset(samples, str(tmp_path / "i2d"), per_shard=4)
     loader = build_loader(spec, cfg(num_workers=2, batch_size=3), word_tokenizer)
     assert len(loader) == 4  # from sizes.json: 4+4+2 samples over 2 workers
     pairs = sorted((m, c) for b in loader for m, c in zip(b["media_id"], b["caption"]))

@@ -12,12 +12,13 @@ data. A training epoch that yields no batch on a rank is an error naming the ran
 skipped samples and the remedy: an epoch loop never spins on empty epochs.
 
 Exact resume: the stream of a slot is a function of (seed, epoch, rank, worker) alone. Every
-random choice is seeded per item (caption choice, crop, flip, RandAugment, frame sampling) and
-the shuffle buffer by the slot, and the main process takes batches from the workers in a fixed
-round-robin order (not DataLoader's arrival order). The resume position of a rank is therefore
-the number of items each worker had handed out up to its last consumed batch, plus where the
-round-robin stood: a resumed worker re-reads its shards from the start of the epoch, drops that
-many items before decoding anything, and continues with the very same batches.
+random choice is seeded per item (caption choice, crop, flip, RandAugment, frame sampling), the
+shuffle buffer and (resampled mode) the shard draws by the slot, and the main process takes
+batches from the workers in a fixed round-robin order (not DataLoader's arrival order). The
+resume position of a rank is therefore the number of items each worker had handed out up to its
+last consumed batch, plus where the round-robin stood: a resumed worker re-reads its shards (or
+redraws the same ones) from the start of the epoch, drops that many items before decoding
+anything, and continues with the very same batches.
 
 Sample faults (undecodable media, bad or missing json, missing fields, a member over
 ``max_member_mb``) are skipped and counted under their reason, wherever the sample sits in its
@@ -521,8 +522,8 @@ def epoch_plan(urls, seed, epoch, train, rank, world, workers):
 class ShardStream(IterableDataset):
     """What one DataLoader worker runs. Picklable: plain attributes, module-level stages."""
 
-    def __init__(self, cfg, tokenizer, train, rank, plan, all_shards, epoch, worker_batches, resume_tag,
-                 positions, board=None, kind=None):
+    def __init__(self, cfg, tokenizer, train, rank, plan, all_shards, epoch, worker_batches, positions, board=None,
+                 kind=None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.train = train
@@ -530,8 +531,7 @@ class ShardStream(IterableDataset):
         self.plan = plan
         self.all_shards = all_shards
         self.epoch = epoch
-        self.worker_batches = worker_batches
-        self.resume_tag = resume_tag
+        self.worker_batches = worker_batches  # per worker: batches left to make (resampled mode), else None
         self.positions = positions  # per worker: [items taken, media delivered, ended, samples skipped]
         self.board = board  # where workers post their phase (None without workers)
         self.kind = kind  # the shards' kind by their manifest (None if unknown), for errors
@@ -548,7 +548,7 @@ class ShardStream(IterableDataset):
             return
         shuffle_rng = random.Random(derive_seed(cfg.seed, self.epoch, self.rank, worker, "shuffle"))
         if cfg.resampled:
-            rng = random.Random(derive_seed(cfg.seed, self.epoch, self.rank, worker, self.resume_tag))
+            rng = random.Random(derive_seed(cfg.seed, self.epoch, self.rank, worker))
             urls = resampled_urls(self.all_shards, rng)
         else:
             urls = self.plan.worker_shards(worker)
@@ -562,11 +562,11 @@ class ShardStream(IterableDataset):
         stream = expand_items(stream, cfg, self.train, self.epoch, ledger)
         if self.train and cfg.shuffle_buffer > 1:
             stream = shuffle(stream, cfg.shuffle_buffer, shuffle_rng)
-        stream = skip_items(stream, 0 if cfg.resampled else position, ledger)
+        stream = skip_items(stream, position, ledger)
         stream = decode_items(stream, cfg, transform, sampling, ledger)
         stream = batches(stream, cfg, self.tokenizer, self.train, ledger, worker)
         if self.worker_batches is not None:
-            stream = islice(stream, self.worker_batches)
+            stream = islice(stream, self.worker_batches[worker])
         yield from stream
         skipped, news = ledger.take(worker, end=True)  # also what happened after the last batch
         yield {"skipped": skipped, "__info__": news}
@@ -715,13 +715,15 @@ class Loader:
         ``positions``: the DataLoader's workers are started here and begin prefetching."""
         cfg = self.cfg
         worker_batches = None
-        if cfg.resampled:
-            worker_batches = math.ceil((self._epoch_batches()[0] - batches) / self.workers)
+        if cfg.resampled:  # every worker makes the same number of batches, taken in turn from worker 0
+            per_worker = self._epoch_batches()[1]
+            worker_batches = [per_worker - (batches - w + self.workers - 1) // self.workers
+                              for w in range(self.workers)]
         plan = epoch_plan(self.urls, cfg.seed, epoch, self.train, self.rank, self.world, self.workers)
         ctx = workers.context() if cfg.num_workers > 0 else None
         board = workers.Board(ctx, cfg.num_workers) if ctx is not None else None
         dataset = ShardStream(cfg, self.tokenizer, self.train, self.rank, plan, self.urls, epoch, worker_batches,
-                              batches, [list(p) for p in positions], board, (self.manifest or {}).get("kind"))
+                              [list(p) for p in positions], board, (self.manifest or {}).get("kind"))
         loader = DataLoader(
             dataset, batch_size=None, num_workers=cfg.num_workers,
             timeout=cfg.worker_timeout if cfg.num_workers > 0 else 0,
