@@ -4,10 +4,10 @@ Every recipe trains a few steps on one GPU under DeepSpeed ZeRO-3 with NCCL in b
 backbones: the point is device correctness, not recall), one recipe in fp16, one on the plain
 path, one at BLIP-base size for throughput, one with ZeRO++ quantized frozen weights
 (``zero3_hpz_quant``); ``aurora-eval`` evaluates one adapter; the step
-benchmark runs at BLIP-base in bf16. Every run has ``AURORA_STRICT_DEVICES=1``: a tensor that
-reaches a collective from the wrong device is an error. Runs go four at a time (one GPU holds
-them all easily); a failure is recorded and the rest go on. The summary table is printed and
-written to OUT/summary.md and OUT/summary.json.
+benchmark runs at BLIP-base in bf16, at batch 8 and 64, with its kernel-op counts. Every run has
+``AURORA_STRICT_DEVICES=1``: a tensor that reaches a collective from the wrong device is an error.
+Runs go four at a time (one GPU holds them all easily); a failure is recorded and the rest go on.
+The summary table is printed and written to OUT/summary.md and OUT/summary.json.
 
 ``--cpu`` runs the same plan on the CPU with gloo (fp16, quantized weights and the step benchmark
 left out; the quantized run is listed as skipped with the reason), to exercise the script where
@@ -185,16 +185,21 @@ def main():
         print(f"[gpu_check] {'ok  ' if result['ok'] else 'FAIL'} aurora-eval ({result['wall_s']} s) {result['error']}", flush=True)
         results.append(result)
 
-    bench = None
-    if gpu and not args.only and not args.no_bench:
-        cmd = [sys.executable, "-m", "aurora_ds.bench.cli", "step", "--out", str(out / "step"), "--sizes", "base",
-               "--precision", "bf16", "--device", "cuda", "--batch", "8", "--image-size", "224", "--steps", "10",
-               "--warmup", "3", "--no-isolate"]
-        result = run("step benchmark (BLIP-base, bf16, batch 8, 224 px)", cmd, out / "step_bench.log", env, args.timeout)
-        print(f"[gpu_check] {'ok  ' if result['ok'] else 'FAIL'} step benchmark ({result['wall_s']} s) {result['error']}", flush=True)
+    benches = []
+    bench_batches = (8, 64) if gpu and not args.only and not args.no_bench else ()
+    for batch in bench_batches:
+        step_out = out / f"step_b{batch}"
+        cmd = [sys.executable, "-m", "aurora_ds.bench.cli", "step", "--out", str(step_out), "--sizes", "base",
+               "--methods", "floor,aurora,aurora-nodrop,lora,lora-nodrop,full", "--precision", "bf16",
+               "--device", "cuda", "--batch", str(batch), "--image-size", "224", "--steps", "10", "--warmup", "3",
+               "--no-isolate"]
+        name = f"step benchmark (BLIP-base, bf16, batch {batch}, 224 px)"
+        result = run(name, cmd, out / f"step_bench_b{batch}.log", env, args.timeout)
+        print(f"[gpu_check] {'ok  ' if result['ok'] else 'FAIL'} {name} ({result['wall_s']} s) {result['error']}", flush=True)
         results.append(result)
-        if (out / "step" / "step.md").exists():
-            bench = (out / "step" / "step.md").read_text()
+        if (step_out / "step.md").exists():
+            benches.append(f"Step benchmark, batch {batch} (kernel ops: forward + backward; AdamW apart):\n\n"
+                           + (step_out / "step.md").read_text())
 
     rows = ["| run | result | wall s | step s | peak MiB | loss first → last | eval |", "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -205,7 +210,7 @@ def main():
                     f"{fmt(r.get('step_s'), '.3f')} | {fmt(r.get('peak_memory_mb'), '.0f')} | {loss} | {fmt(r.get('eval'), '.1f')} |")
     header = f"GPU check {info['date']} on {info['device']} (torch {info['torch']}, CUDA {info['cuda']}, NCCL {info['nccl']}, " \
              f"deepspeed {info['deepspeed']}, transformers {info['transformers']}), {time.time() - t0:.0f} s"
-    text = "\n".join([header, "", *rows, "", bench or ""])
+    text = "\n".join([header, "", *rows, "", *benches])
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"info": info, "results": results}, indent=2))
     print("\n" + text, flush=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does the GPU path work here? One prepared run, at most ~8 minutes on one H100/H200-class GPU:
 # every recipe a few steps under DeepSpeed ZeRO-3 + NCCL in bf16, one in fp16, one on the plain
-# path, one at BLIP-base size, aurora-eval on an adapter, the BLIP-base bf16 step benchmark;
+# path, one at BLIP-base size, aurora-eval on an adapter, the BLIP-base bf16 step benchmark (batch 8, 64);
 # then one summary table (stdout and OUT/summary.md, figures in OUT/summary.json).
 #
 #   bash launchers/gpu_check.sh [--out DIR] [--cpu] [--only NAME,...]

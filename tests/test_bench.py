@@ -6,7 +6,11 @@ import sys
 
 import pytest
 
+import torch
+import torch.nn.functional as F
+
 from aurora_ds.bench import step, zero
+from aurora_ds.bench.kernels import count_kernels
 from aurora_ds.bench.cli import main
 from aurora_ds.plan import count_parameters
 
@@ -46,6 +50,53 @@ def test_step_in_process(tmp_path):
     ratios = results["ratios"]["tiny"]
     assert {"aurora/floor", "aurora/lora", "aurora/full", "floor-nopix/floor"} <= set(ratios)
     assert ratios["aurora/floor"]["time"]["min"] <= ratios["aurora/floor"]["time"]["median"]
+
+
+def test_kernel_counter_counts_what_launches():
+    linear, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    # forward addmm; the loss's sum and its seed gradient; backward mm for the weight, sum for the bias
+    assert count_kernels(lambda: linear(x).sum().backward()) == {"addmm": 1, "sum": 2, "ones_like": 1, "mm": 1}
+    linear.zero_grad(set_to_none=True)
+    x.requires_grad_(True)
+    assert count_kernels(lambda: linear(x).sum().backward())["mm"] == 2  # and the input's gradient
+    assert count_kernels(lambda: (x.view(8), x.t(), x[0], x.unsqueeze(0))) == {}
+    assert count_kernels(lambda: F.dropout(x, 0.5, training=True)) == {"native_dropout": 1}  # CPU runs several
+    assert count_kernels(lambda: F.dropout(x, 0.5, training=False)) == {}
+
+
+def _job(size, batch=2, image_size=0):
+    backbone, rank = step.SIZES[size]
+    return {"size": size, "backbone": backbone, "rank": rank, "device": "cpu", "precision": "fp32", "batch": batch,
+            "steps": 1, "warmup": 0, "threads": 1, "image_size": image_size, "seq_len": 8}
+
+
+def _kernel_ops(job, method):
+    spec, batch = step._setup(job)
+    return step.Config(job, method, batch, spec).kernel_counts()
+
+
+def test_step_kernel_count_does_not_depend_on_sizes():
+    """From batch 2 on: at batch 1 permuted activations are already contiguous and skip copies."""
+    small, large = _kernel_ops(_job("narrow", 2, 16), "aurora"), _kernel_ops(_job("narrow", 3), "aurora")
+    assert small == large and small["kernel_ops"] > 0 and small["adapted_calls"] > 0
+
+
+def test_narrow_backbone_has_blip_base_structure():
+    """Built from config in ~10 s on one thread; counted at 32 px, where its step is quick."""
+    assert _kernel_ops(_job("narrow"), "floor") == _kernel_ops(_job("base", image_size=32), "floor")
+
+
+def test_step_reports_kernel_ops(tmp_path):
+    assert main(["step", "--out", str(tmp_path), "--sizes", "narrow", "--methods", "floor,aurora,aurora-nodrop",
+                 "--steps", "1", "--warmup", "0", "--no-isolate"]) == 0
+    runs = {r["method"]: r for r in _outputs(tmp_path, "step")["runs"]}
+    assert list(runs) == ["floor", "aurora", "aurora-nodrop"]
+    assert all(r["kernel_ops"] > 0 and r["kernel_ops_by_name"] for r in runs.values())
+    assert runs["floor"]["adapted_calls"] == 0 and runs["floor"]["ops_per_adapted_call"] is None
+    names, _, _ = step.aurora_targets("blip-base-narrow-retrieval", 32)
+    assert runs["aurora"]["adapted_calls"] == runs["aurora-nodrop"]["adapted_calls"] >= len(names)
+    assert runs["aurora"]["optimizer_kernel_ops"] > 0 and runs["aurora"]["ops_per_adapted_call"] > 0
+    assert "kernel ops/step" in (tmp_path / "step.md").read_text()
 
 
 def test_step_fresh_process_reports_memory():

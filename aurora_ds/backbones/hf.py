@@ -63,6 +63,11 @@ def _blip_sizes(size: str) -> dict:
         }
     if size == "base":
         return {"vision_config": {"image_size": 384}, "text_config": {}}
+    if size == "base-narrow":
+        # BLIP-base's 12 + 12 layers and adapted linears at width 32: a step's host cost where its
+        # arithmetic is negligible (aurora-bench step --sizes narrow).
+        narrow = {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 2}
+        return {"vision_config": {**narrow, "image_size": 32, "patch_size": 8}, "text_config": narrow}
     return {
         "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
                           "num_attention_heads": 16, "image_size": 384},
@@ -70,7 +75,7 @@ def _blip_sizes(size: str) -> dict:
     }
 
 
-for _size in ("tiny", "base", "large"):
+for _size in ("tiny", "base", "base-narrow", "large"):
     # BLIP-large's cross-attention key/value map 1024-d image tokens to 768-d text: layers
     # between two widths (aurora/layer.py).
     _image = _blip_shape(_size)["vision_config"].get("image_size", 384)
@@ -84,6 +89,8 @@ for _size in ("tiny", "base", "large"):
         ),
         "BlipForImageTextRetrieval" if _size == "base" else None,
     )
+    if _size == "base-narrow":  # a benchmark shape: retrieval only
+        continue
     if _size == "large":
         # transformers' BlipForQuestionAnswering gives encoder and decoder one text config, so a
         # 1024-d vision tower also makes the decoder's cross-attention expect 1024-d question

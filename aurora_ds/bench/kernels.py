@@ -19,12 +19,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _FREE = ("_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
-         "lift_fresh", "_to_copy_noop", "resolve_conj", "resolve_neg")
+         "lift_fresh", "_to_copy_noop", "resolve_conj", "resolve_neg",
+         "_record_function_enter", "_record_function_enter_new", "_record_function_exit")
 _DROPOUTS = (torch.nn.functional.dropout, torch.dropout)
 
 
 def launches(func) -> bool:
-    """Whether an ATen op would launch a kernel: not a view, not an allocation, not metadata."""
+    """Whether an ATen op would launch a kernel: not a view, not an allocation, not metadata, not
+    a profiler marker (an optimizer step records one)."""
     schema = func._schema
     name = schema.name.split("::")[-1]
     if name in _FREE or name.startswith(("sym_", "is_", "_has_", "size", "stride", "numel", "dim")):

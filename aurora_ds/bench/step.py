@@ -5,6 +5,7 @@
 * floor-nopix: the same without the patch convolution's gradient to the pixels (what an
   adapter needs: nothing below the first adapted layer);
 * aurora: the paper's targets (R=4 tiny, R=32 base) with its defaults (GQT, ICE), AdamW step;
+* aurora-nodrop: the same with rank-path dropout 0 (aurora: 0.1);
 * aurora-plain: the same adapted linears without GQT and ICE;
 * lora / lora-nodrop: peft LoRA on exactly the Aurora-adapted linears, rank chosen so its
   trainable count is closest to Aurora's (rank r on an out x in linear costs r * (in + out)),
@@ -21,6 +22,18 @@ each configuration runs again in its own fresh process (peak RSS only grows, so 
 cannot measure several): the peak RSS of its steps (VmHWM, reset after the build, whose
 transients are larger than a step's) over the RSS right after building the model and batch; on a GPU ``max_memory_allocated`` over what was allocated before that configuration's
 step, in the timing process itself.
+
+Kernel ops (``bench/kernels.py``): at BLIP sizes a GPU step is bound by kernel launches, not
+arithmetic, so each configuration also reports the kernel-launching ATen ops of one forward +
+backward, counted from gradients set to None (no ``.grad`` accumulation), and their multiple of
+the floor's; the optimizer separately, as one ``AdamW(foreach=True)`` step (what a GPU runs);
+and the ops per adapted-layer call, (ops - floor ops) / calls, the calls counted by forward
+hooks on the adapted modules. The counts do not depend on image size or batch (from batch 2 on),
+so a CPU run at 32 px counts what a GPU run at 224 px launches.
+
+Host time at negligible compute: size ``narrow`` is BLIP-base's structure (12 + 12 layers, the
+same adapted linears) at width 32, so arithmetic vanishes; its CPU-time ratios against the floor,
+timed interleaved, are what each method adds per step on the host.
 """
 
 import json
@@ -32,8 +45,9 @@ import time
 
 from .report import bar_chart, cli_config, fmt, machine, ratio, table, write
 
-METHODS = ("floor", "floor-nopix", "aurora", "aurora-plain", "lora", "lora-nodrop", "vera", "full")
-SIZES = {"tiny": ("blip-tiny-retrieval", 4), "base": ("blip-base-retrieval", 32)}
+METHODS = ("floor", "floor-nopix", "aurora", "aurora-nodrop", "aurora-plain", "lora", "lora-nodrop", "vera", "full")
+SIZES = {"tiny": ("blip-tiny-retrieval", 4), "base": ("blip-base-retrieval", 32),
+         "narrow": ("blip-base-narrow-retrieval", 32)}
 VERA_RANK = 256
 
 
@@ -110,14 +124,15 @@ def _embeddings_need_grad(module, inputs, output):
 
 
 def prepare(method: str, backbone: str, rank: int, dtype, device):
-    """The backbone set up for ``method``; returns (model, extra info for the report)."""
+    """The backbone set up for ``method``; returns (model, extra info for the report, the adapted
+    modules: the AuroraLinear layers or peft's tuner layers)."""
     import torch
 
     from aurora_ds import AuroraConfig, build_backbone, inject_aurora
 
     torch.manual_seed(0)
     model = build_backbone(backbone, dtype=dtype).to(device)
-    info = {}
+    info, adapted = {}, []
     if method in ("floor", "floor-nopix"):
         model.requires_grad_(False)
         if hasattr(model, "text_encoder"):
@@ -125,9 +140,10 @@ def prepare(method: str, backbone: str, rank: int, dtype, device):
         if method == "floor-nopix" and hasattr(model, "vision_model"):
             # Backward through the whole vision tower still, but not the patch convolution's to the pixels.
             model.vision_model.embeddings.patch_embedding.register_forward_hook(_embeddings_need_grad)
-    elif method in ("aurora", "aurora-plain"):
-        plain = {"gated_query": False, "context_enhancement": False} if method == "aurora-plain" else {}
-        inject_aurora(model, AuroraConfig(rank=rank, backbone=backbone, **plain))
+    elif method in ("aurora", "aurora-nodrop", "aurora-plain"):
+        options = {"aurora-nodrop": {"dropout": 0.0},
+                   "aurora-plain": {"gated_query": False, "context_enhancement": False}}.get(method, {})
+        adapted = list(inject_aurora(model, AuroraConfig(rank=rank, backbone=backbone, **options)).layers.values())
     elif method in ("lora", "lora-nodrop"):
         names, width, aurora_count = aurora_targets(backbone, rank)
         info["lora_rank"] = matched_lora_rank(aurora_count, width)
@@ -138,8 +154,10 @@ def prepare(method: str, backbone: str, rank: int, dtype, device):
         info["vera_rank"] = VERA_RANK
     elif method != "full":
         raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
+    if method in ("lora", "lora-nodrop", "vera"):
+        adapted = [m for m in model.modules() if isinstance(m, _peft().tuners.tuners_utils.BaseTunerLayer)]
     model.train()
-    return model, info
+    return model, info, adapted
 
 
 class Config:
@@ -151,20 +169,53 @@ class Config:
         from aurora_ds.engine.config import PRECISIONS
 
         self.method, self.spec, self.batch = method, spec, batch
-        self.model, self.info = prepare(method, job["backbone"], job["rank"], PRECISIONS[job["precision"]],
-                                        torch.device(job["device"]))
+        self.model, self.info, self.adapted = prepare(method, job["backbone"], job["rank"],
+                                                      PRECISIONS[job["precision"]], torch.device(job["device"]))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5) if self.params else None
 
-    def step(self):
+    def forward_backward(self):
         from aurora_ds.backbones import forward_features
 
         pixels = self.batch["pixel_values"].detach().requires_grad_(self.method == "floor")
         feats = forward_features(self.model, self.spec, {**self.batch, "pixel_values": pixels})
         sum(f.float().pow(2).sum() for f in feats.values()).backward()
+
+    def step(self):
+        self.forward_backward()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+    def kernel_counts(self) -> dict:
+        """Kernel-launching ops of one forward + backward from gradients set to None (no ``.grad``
+        accumulation), the adapted-layer calls in it, and the ops of one AdamW step with
+        ``foreach=True``, what a GPU runs (CPU defaults to a per-tensor loop)."""
+        from .kernels import count_kernels
+
+        self.model.zero_grad(set_to_none=True)
+        calls = []
+        hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in self.adapted]
+        try:
+            ops = count_kernels(self.forward_backward)
+        finally:
+            for h in hooks:
+                h.remove()
+        optimizer_ops = 0
+        if self.optimizer is not None:
+            if not self.optimizer.state:  # the first step creates the state: count a later one
+                self.optimizer.step()
+            for group in self.optimizer.param_groups:
+                group["foreach"] = True
+            ops_by_name = count_kernels(self.optimizer.step)
+            # Its reads of the step counts: CPU tensors on a GPU too (the default, capturable=False).
+            ops_by_name.pop("_local_scalar_dense", None)
+            optimizer_ops = sum(ops_by_name.values())
+            for group in self.optimizer.param_groups:
+                group["foreach"] = None
+            self.optimizer.zero_grad(set_to_none=True)
+        return {"kernel_ops": sum(ops.values()), "kernel_ops_by_name": dict(ops.most_common()),
+                "adapted_calls": len(calls), "optimizer_kernel_ops": optimizer_ops}
 
     def row(self, job: dict) -> dict:
         return {**{k: job[k] for k in ("size", "backbone")}, "method": self.method,
@@ -226,9 +277,13 @@ def measure_interleaved(job: dict, methods: list[str]) -> list[dict]:
             if r >= job["warmup"]:
                 wall[c.method].append(time.perf_counter() - t0)
                 cpu[c.method].append(time.process_time() - c0)
+    counts = {c.method: c.kernel_counts() for c in configs}
+    floor_ops = counts["floor"]["kernel_ops"]
     for c in configs:
+        n = counts[c.method]
+        n["ops_per_adapted_call"] = (n["kernel_ops"] - floor_ops) / n["adapted_calls"] if n["adapted_calls"] else None
         w = wall[c.method]
-        rows.append({**c.row(job), "step_s": statistics.median(w), "step_times_s": w,
+        rows.append({**c.row(job), **n, "step_s": statistics.median(w), "step_times_s": w,
                      "cpu_s": statistics.median(cpu[c.method]), "cpu_times_s": cpu[c.method], "samples_per_s": job["batch"] / statistics.median(w),
                      "peak_memory_mb": peak[c.method] if cuda else None,
                      "memory_measure": "cuda max_memory_allocated - before the step" if cuda else None})
@@ -294,6 +349,7 @@ def summarise(rows: list[dict]) -> dict:
                 key: _spread([x / y for x, y in zip(by[a][f"{times}_times_s"], by[b][f"{times}_times_s"])])
                 for key, times in (("time", "step"), ("cpu_time", "cpu"))}
             out[size][f"{a}/{b}"]["memory"] = ratio(by[a]["peak_memory_mb"], by[b]["peak_memory_mb"])
+            out[size][f"{a}/{b}"]["kernel_ops"] = ratio(by[a]["kernel_ops"], by[b]["kernel_ops"])
         out[size]["trainable"] = {m: r["trainable"] for m, r in by.items()}
     return out
 
@@ -304,18 +360,23 @@ def _label(r: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    rows = [[r["size"], _label(r), "skipped: " + r["skipped"], "", "", "", ""] if "skipped" in r else
+    floor = {r["size"]: r["kernel_ops"] for r in results["runs"] if r["method"] == "floor"}
+    rows = [[r["size"], _label(r), "skipped: " + r["skipped"]] + [""] * 9 if "skipped" in r else
             [r["size"], _label(r), f"{r['trainable']:,}", f"{r['step_s']:.3f}", f"{r['cpu_s']:.3f}",
-             f"{r['samples_per_s']:.2f}", fmt(r["peak_memory_mb"], ".0f")]
+             f"{r['samples_per_s']:.2f}", fmt(r["peak_memory_mb"], ".0f"), f"{r['kernel_ops']:,}",
+             f"{r['kernel_ops'] / floor[r['size']]:.3f}", r["optimizer_kernel_ops"], r["adapted_calls"],
+             fmt(r["ops_per_adapted_call"], ".1f")]
             for r in results["runs"]]
-    text = table(["size", "method", "trainable", "step s (median)", "CPU s (median)", "samples/s", "peak memory MB"], rows)
+    text = table(["size", "method", "trainable", "step s (median)", "CPU s (median)", "samples/s", "peak memory MB",
+                  "kernel ops/step", "× floor", "AdamW (foreach) ops", "adapted calls", "ops per adapted call"], rows)
     def spread(v):
         return f"{v['median']:.3f} ({v['min']:.3f}–{v['max']:.3f})"
 
-    ratio_rows = [[size, pair, spread(v["time"]), spread(v["cpu_time"]), fmt(v["memory"], ".3f")]
+    ratio_rows = [[size, pair, spread(v["time"]), spread(v["cpu_time"]), fmt(v["memory"], ".3f"),
+                   fmt(v["kernel_ops"], ".3f")]
                   for size, r in results["ratios"].items() for pair, v in r.items() if pair != "trainable"]
     text += "\n" + table(["size", "ratio", "wall time: median of rounds (min–max)", "CPU time: the same",
-                          "peak memory"], ratio_rows)
+                          "peak memory", "kernel ops"], ratio_rows)
     m, c = results["machine"], results["config"]
     return text + f"\nMachine: {m['cpus_usable']} usable CPUs, torch {m['torch']}, device {m['device']}, " \
                   f"{c['precision']}, batch {c['batch']}, {c['steps']} interleaved rounds, " \
@@ -327,7 +388,7 @@ def plot(results: dict, out: str) -> list[str]:
     sizes = list(results["ratios"])
     methods = list(dict.fromkeys(r["method"] for r in results["runs"] if "skipped" not in r and r["method"] != "floor"))
     paths = []
-    for key, label in (("time", "step time"), ("memory", "peak memory")):
+    for key, label in (("time", "step time"), ("memory", "peak memory"), ("kernel_ops", "kernel ops")):
         series = {}
         for m in methods:
             values = [results["ratios"][s].get(f"{m}/floor", {}).get(key) for s in sizes]
@@ -363,7 +424,8 @@ def run(args):
                 row.update(run_isolated({**job, "method": row["method"]}))
             if "skipped" not in row:
                 print(f"[step] {size} {row['method']}: {row['step_s']:.3f} s/step (CPU {row['cpu_s']:.3f} s), "
-                      f"{fmt(row['peak_memory_mb'], '.0f', ' MB')}, {row['trainable']:,} trainable", flush=True)
+                      f"{fmt(row['peak_memory_mb'], '.0f', ' MB')}, {row['trainable']:,} trainable, "
+                      f"{row['kernel_ops']:,} kernel ops (+{row['optimizer_kernel_ops']} AdamW)", flush=True)
         rows += timed
     results = {"machine": machine(), "config": {**cli_config(args), "device": device}, "runs": rows,
                "ratios": summarise(rows)}
