@@ -6,8 +6,11 @@ engine could not place, is an error here rather than on a user's GPUs.
 """
 
 import os
+import sys
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aurora_ds/torch_extensions"))
+# DeepSpeed's JIT-built ops (shm comm, CPU Adam) per interpreter: two environments sharing one
+# folder rebuild them in turn, and a build killed there leaves a lock every later build waits on.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["AURORA_STRICT_DEVICES"] = "1"
 

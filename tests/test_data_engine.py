@@ -23,7 +23,6 @@ pytestmark = pytest.mark.distributed
 
 def _env(trace=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aurora_ds/torch_extensions"))
     if trace is not None:
         trace.mkdir(parents=True, exist_ok=True)
         env["AURORA_TRACE_SAMPLES"] = str(trace)

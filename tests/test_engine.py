@@ -39,7 +39,6 @@ def unpartitioned_small_tensors_off(tmp_path_factory):
 
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aurora_ds/torch_extensions"))
     return env
 
 

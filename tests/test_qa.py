@@ -212,7 +212,6 @@ def _run(cmd, log, cwd):
     from aurora_ds.dist import free_port
 
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aurora_ds/torch_extensions"))
     with open(log, "w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, timeout=400).returncode
     assert code == 0, log.read_text()[-4000:]

@@ -28,7 +28,6 @@ SMALL = ["aurora.rank=4", "optim.batch_size=4", "eval.batch_size=8", "data.image
 
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(_port()))
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aurora_ds/torch_extensions"))
     return env
 
 

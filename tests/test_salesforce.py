@@ -150,7 +150,6 @@ def _port():
 
 def _run(cmd, log):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(_port()))
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aurora_ds/torch_extensions"))
     with open(log, "w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=600).returncode
     return code, Path(log).read_text()
