@@ -473,3 +473,35 @@ def test_kernel_launching_ops_per_adapted_call():
         aurora, calls = ops(dropout)
         assert calls == 26
         assert (aurora - floor) / calls <= most, (dropout, aurora, floor, calls)
+
+
+class _Identity(torch.autograd.Function):
+    """What ZeRO-3 wraps module outputs in: an identity node whose backward gets zeros where no
+    gradient arrived (materialize_grads)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_u_gradient_through_a_wrapper_of_its_producer():
+    """u's consumers add its gradient into a sink; a hook wrapping U·x's output (as ZeRO-3's do)
+    then hands the producer a (zero) autograd gradient beside the sink: both are summed, with the
+    plain layers' gradients."""
+    sharing = layer_mod.InputSharing()
+    shared, plain = CrossLayers(sharing, dropout=0.0), CrossLayers(None, dropout=0.0)
+    plain.load_state_dict(shared.state_dict())
+    shared.factors.down.register_forward_hook(lambda m, args, out: _Identity.apply(out))
+    h = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for model in (shared, plain):
+        out = model(h, memory)
+        params = [h, memory, model.factors.down.U, model.factors.up.V, model.factors.up.core]
+        results.append(torch.autograd.grad((out ** 2).sum(), params))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -119,7 +119,7 @@ def test_console_script_json_stdout_is_clean():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--backbone", "no-such-model", "--gpus", "8"], "registered backbones: ['blip-base-retrieval'"),
+    (["--backbone", "no-such-model", "--gpus", "8"], "registered backbones: ['blip-base-narrow-retrieval', 'blip-base-retrieval'"),
     (["--backbone", BLIP, "--gpus", "0"], "must be positive"),
     (["--backbone", BLIP, "--gpus", "8,abc"], "comma-separated"),
     (["--backbone", BLIP, "--gpus", "8,12", "--nodes", "8"], "12 GPUs cannot be split evenly over 8 nodes"),

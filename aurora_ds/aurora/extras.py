@@ -45,16 +45,20 @@ class GatedQueryTransform(nn.Module):
         memo = self.memo
         if memo is None or not memo.active or any(partitioned(p) for p in (self.gamma, self.beta, self.gate)):
             return GatedQuery.apply(h, self.gamma, self.beta, self.gate, self.scale)
-        members = memo.members[("gqt", self.scale)]
-        count, scale, dtype = len(members), self.scale, h.dtype
+        scale, dtype = self.scale, h.dtype
 
-        def make(*params):  # (2, blocks, d): sγ and sβ of every block
-            s = (torch.tanh(torch.cat(params[:count])) * scale).unsqueeze(1)
-            return torch.stack([s * torch.stack(params[count:2 * count]), s * torch.stack(params[2 * count:])]).to(dtype)
+        def build():
+            members = memo.members[("gqt", scale)]
+            count = len(members)
 
-        params = [m.gate for m in members] + [m.gamma for m in members] + [m.beta for m in members]
-        group = memo.group(("gqt", scale, dtype, torch.is_grad_enabled()), make, params,
-                           lambda: {id(m): i for i, m in enumerate(members)})
+            def make(*params):  # (2, blocks, d): sγ and sβ of every block
+                s = (torch.tanh(torch.cat(params[:count])) * scale).unsqueeze(1)
+                return torch.stack([s * torch.stack(params[count:2 * count]), s * torch.stack(params[2 * count:])]).to(dtype)
+
+            params = [m.gate for m in members] + [m.gamma for m in members] + [m.beta for m in members]
+            return make, params, {id(m): i for i, m in enumerate(members)}
+
+        group = memo.group(("gqt", scale, dtype, torch.is_grad_enabled()), build)
         return GatedQueryShared.apply(h, group.value, group if group.trained else None, group.index[id(self)])
 
     def attach(self, block: nn.Module):

@@ -53,10 +53,9 @@ class ModeDown(nn.Module):
         u's consumers add u's gradient into it instead of returning it."""
         group = None
         if memo is not None and memo.active and not partitioned(self.U):
-            def make(U):
-                return _as(U, x.dtype)
-
-            group = memo.group(("U", id(self), x.dtype, torch.is_grad_enabled()), make, (self.U,))
+            dtype = x.dtype
+            group = memo.group(("U", id(self), dtype, torch.is_grad_enabled()),
+                               lambda: (lambda U: _as(U, dtype), (self.U,), {}))
         U = _as(self.U, x.dtype) if group is None else group.value
         sink_U = group if group is not None and group.trained else None
         norms = None if memo is None else memo.norms
@@ -206,7 +205,8 @@ class ModeDownProjection(torch.autograd.Function):
             ctx.sink.grad = None
         if not shares:
             return (None,) * len(ctx.needs_input_grad)
-        gu2 = sum(shares[1:], shares[0]).reshape(-1, U.shape[0])
+        shares = [t.reshape(-1, U.shape[0]) for t in shares]  # autograd's (..., a*R), a sink's 2-d
+        gu2 = sum(shares[1:], shares[0])
         dU = None
         if ctx.needs_input_grad[1]:  # first: a rebuilt x is freed before the input gradient is made
             x2 = ctx.rebuild(*tensors).reshape(gu2.shape[0], -1)
@@ -396,17 +396,18 @@ class InputSharing(CallMemo):
         up = layer.target.up
         if kind not in self.members or not self.active or any(partitioned(t) for t in (up.core, up.V, layer.coeffs)):
             return None
-        layers = self.members[kind]
 
-        def make(core, V, *coeffs):
-            return _as(update_blocks(core, V, list(coeffs), layer.a == 1, layer.scale), dtype)
-
-        def index():
+        def build():
+            layers = self.members[kind]
             starts = itertools.accumulate((m.a * m.b for m in layers), initial=0)
-            return {id(m): (start, start + m.a * m.b) for m, start in zip(layers, starts)}
 
-        group = self.group(("blocks", kind, dtype, torch.is_grad_enabled()), make,
-                           (up.core, up.V, *(m.coeffs for m in layers)), index)
+            def make(core, V, *coeffs):
+                return _as(update_blocks(core, V, list(coeffs), layer.a == 1, layer.scale), dtype)
+
+            return (make, (up.core, up.V, *(m.coeffs for m in layers)),
+                    {id(m): (start, start + m.a * m.b) for m, start in zip(layers, starts)})
+
+        group = self.group(("blocks", kind, dtype, torch.is_grad_enabled()), build)
         return (group.value, group if group.trained else None, *group.index[id(layer)])
 
 

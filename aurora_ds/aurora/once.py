@@ -63,13 +63,15 @@ class CallMemo:
             self.owner = None
             self.memo.clear()
 
-    def group(self, key, make, inputs, index=dict, keep_graph=True) -> "Group":
-        """The :class:`Group` of ``key`` in this step, made at its first request; ``index()``
-        gives its ``index`` (where each user's share lies)."""
+    def group(self, key, build) -> "Group":
+        """The :class:`Group` of ``key`` in this step, made at its first request from
+        ``build()`` = (make, inputs, index: where each user's share lies). Called once per layer
+        call: nothing is built unless the group is made."""
         group = self.kept.get(key) or self.memo.get(key)
         if group is None or group.done:
-            group = Group(make, inputs, keep_graph)
-            group.index = index()
+            make, inputs, index = build()
+            group = Group(make, inputs)
+            group.index = index
             (self.kept if group.trained else self.memo)[key] = group
         return group
 
@@ -91,14 +93,13 @@ class Group:
     """Tensors made once per call for several users (``make(*inputs)``, plain differentiable
     ops, one stacked result), and the buffer their users' backward passes add their gradient
     shares into (:meth:`buffer`, :meth:`add`), made at the first share: in backward, when
-    activations are being freed, not at the forward's peak. Without ``keep_graph`` the
-    intermediates of ``make`` are not kept from forward to backward: it runs again there.
+    activations are being freed, not at the forward's peak.
     """
 
-    def __init__(self, make, inputs, keep_graph=True):
+    def __init__(self, make, inputs):
         self.grad, self.written, self.index, self.done = None, set(), {}, False
         self.inputs, self.versions = inputs, [t._version for t in inputs]
-        self.value = MadeOnce.apply(self, make, keep_graph, *inputs) if torch.is_grad_enabled() else make(*inputs)
+        self.value = MadeOnce.apply(self, make, *inputs) if torch.is_grad_enabled() else make(*inputs)
         self.trained = self.value.requires_grad
 
     def buffer(self) -> torch.Tensor:
@@ -128,12 +129,12 @@ class MadeOnce(torch.autograd.Function):
     whole stack back per user."""
 
     @staticmethod
-    def forward(ctx, group, make, keep_graph, *inputs):
+    def forward(ctx, group, make, *inputs):
         ctx.set_materialize_grads(False)
         ctx.leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-        with torch.set_grad_enabled(keep_graph):
+        with torch.enable_grad():
             made = make(*ctx.leaves)
-        ctx.made, ctx.make, ctx.group = made if keep_graph else None, make, group
+        ctx.made, ctx.group = made, group
         return made.detach()
 
     @staticmethod
@@ -142,11 +143,8 @@ class MadeOnce(torch.autograd.Function):
         ctx.group = ctx.leaves = ctx.made = None  # group -> value -> this node -> group: a cycle
         group.done = True
         if group.grad is None:  # no user's backward ran
-            return (None,) * (3 + len(leaves))
-        if made is None:
-            with torch.enable_grad():
-                made = ctx.make(*leaves)
+            return (None,) * (2 + len(leaves))
         needs = [t for t in leaves if t.requires_grad]
         grads = iter(torch.autograd.grad(made, needs, group.grad))
         group.grad = None
-        return (None, None, None, *(next(grads) if t.requires_grad else None for t in leaves))
+        return (None, None, *(next(grads) if t.requires_grad else None for t in leaves))
