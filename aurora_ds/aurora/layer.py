@@ -239,8 +239,8 @@ def update_blocks(core: torch.Tensor, V: torch.Tensor, coeffs: list[torch.Tensor
     # Λᵀ (K x R) with each layer's rows contiguous: a single-block layer's gradient (R x 1) then
     # comes out contiguous, where a slice of a gradient laid out R x K would be copied per layer.
     lam = torch.cat([c.t() for c in coeffs]) if len(coeffs) > 1 else coeffs[0].t()
-    # M_k[p, q] = Σ_t C[p, q, t] · Λ[t, k] first: the only intermediate kept is K x R x R
-    mats = torch.mm(lam, core.reshape(rank * rank, rank).t()).view(-1, rank, rank)
+    # M_k first (mode_matrices with every block in one row): the only intermediate kept is K x R x R
+    mats = mode_matrices(core, lam.t(), lam.shape[0], 1).view(-1, rank, rank)
     blocks = torch.mm(mats.view(-1, rank), V.t()).view(-1, rank, width)  # T_k[p, e] = Σ_q M_k[p, q] · V[e, q]
     if rows:
         blocks = blocks.transpose(1, 2).contiguous()
