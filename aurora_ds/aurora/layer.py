@@ -289,30 +289,48 @@ class ModeUp(nn.Module):
         gradient goes into ``sink`` if given. The update matrices come from the call's memo
         (made once for all layers like this one), else are made here for this layer alone (where
         ZeRO-3 has just gathered the core and V)."""
-        shared = None if layer.sharing is None else layer.sharing.blocks(layer, y.dtype)
-        if shared is None:
+        run = None if layer.sharing is None else layer.sharing.blocks(layer, y.dtype)
+        if run is None:
             blocks = _as(layer_update(self.core, self.V, layer.coeffs, layer.a, layer.b, layer.scale), y.dtype)
-            shared = (blocks, None, 0, blocks.shape[0])
-        return ModeUpdate.apply(y, u, *shared, layer.a, dropout, sink)
+            run = Run(blocks, layer.a, self.core.shape[0])
+        return ModeUpdate.apply(y, u, run.T, run, dropout, sink)
+
+
+class Run:
+    """One layer's run of stacked update blocks: its GEMM factor T (a view, made once) and, for
+    blocks made once per step, the view of the group's gradient buffer its backward adds into."""
+
+    __slots__ = ("T", "a", "rows", "group", "span", "rank", "_grad")
+
+    def __init__(self, blocks: torch.Tensor, a: int, rank: int, group=None, span=None):
+        self.a, self.rows, self.rank, self.group, self.span, self._grad = a, a == 1, rank, group, span, None
+        self.T = _gemm_factor(blocks if span is None else blocks[span[0]:span[1]], a, rank)
+
+    def grad(self) -> torch.Tensor:
+        """dT's share in T's stored orientation (:func:`_stored`), within the group's buffer."""
+        if self._grad is None:
+            start, stop = self.span
+            self._grad = _stored(self.group.buffer()[start:stop], self.a, self.rank)
+        return self._grad
 
 
 class ModeUpdate(torch.autograd.Function):
-    """y += dropout(u) · T as one node, in place where possible, in y's dtype; T is the run
-    ``stack[start:stop]`` of update blocks (:func:`_gemm_factor`).
+    """y += dropout(u) · T as one node, in place where possible, in y's dtype; T is a layer's
+    :class:`Run` of update blocks.
 
-    Only rank-space tensors are kept: ud (u itself with dropout 0), the boolean mask of kept
-    entries and the stacked blocks. The blocks' gradient goes into ``group.buffer()`` in place
-    (one GEMM), or, without a group, back through autograd; so does u's, into ``sink``.
+    Only rank-space tensors are kept: ud (u itself with dropout 0) and the boolean mask of kept
+    entries (T is a view of blocks that live for the step anyway). T's gradient goes into the
+    run's share of its group's buffer in place (one GEMM), or, without a group, back through
+    autograd; so does u's, into ``sink``.
     """
 
     @staticmethod
-    def forward(ctx, y, u, stack, group, start, stop, a, dropout, sink):
-        width, rank = y.shape[-1], u.shape[-1] // a
-        T = _gemm_factor(stack[start:stop], a, rank)
+    def forward(ctx, y, u, T, run, dropout, sink):
+        width = y.shape[-1]
         ud, kept = torch.native_dropout(u, dropout, True) if dropout > 0 else (u, None)
         ud2 = ud.reshape(-1, T.shape[0])
-        ctx.save_for_backward(ud, kept, stack)
-        ctx.group, ctx.span, ctx.a, ctx.keep, ctx.sink = group, (start, stop), a, 1.0 - dropout, sink
+        ctx.save_for_backward(ud2, kept, T)
+        ctx.run, ctx.keep, ctx.sink, ctx.u_shape = run, 1.0 - dropout, sink, u.shape
         if torch.compiler.is_compiling() or y._is_view():
             # inductor fuses the add itself (traced in-place writes break its backward); writing into
             # a view would make autograd copy the whole gradient in backward (CopySlices)
@@ -323,11 +341,9 @@ class ModeUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        ud, kept, stack = ctx.saved_tensors
-        a, (start, stop), group, sink = ctx.a, ctx.span, ctx.group, ctx.sink
-        rank = ud.shape[-1] // a
-        T = _gemm_factor(stack[start:stop], a, rank)
-        g2, ud2 = g.reshape(-1, T.shape[1]), ud.reshape(-1, T.shape[0])
+        ud2, kept, T = ctx.saved_tensors
+        run, sink = ctx.run, ctx.sink
+        g2 = g.reshape(-1, T.shape[1])
         du = None
         if ctx.needs_input_grad[1]:
             shared = sink is not None and sink.grad is not None
@@ -342,15 +358,16 @@ class ModeUpdate(torch.autograd.Function):
                 if sink is not None:
                     sink.grad, du = sink.grad if shared else du, None
                 else:
-                    du = du.view(ud.shape)
-        dstack = None
-        if ctx.needs_input_grad[2]:  # dT = ud2ᵀ · g2, in the blocks' stored orientation
-            left, right = (g2.t(), ud2) if a == 1 else (ud2.t(), g2)
-            if group is not None:
-                _stored(group.buffer()[start:stop], a, rank).addmm_(left, right)
+                    du = du.view(ctx.u_shape)
+        dT = None
+        if ctx.needs_input_grad[2] or run.group is not None:  # dT = ud2ᵀ · g2, computed in T's stored orientation
+            left, right = (g2.t(), ud2) if run.rows else (ud2.t(), g2)
+            if run.group is not None:
+                run.grad().addmm_(left, right)
             else:
-                dstack = torch.mm(left, right).view(stack.shape)
-        return g, du, dstack, None, None, None, None, None, None
+                dT = torch.mm(left, right)
+                dT = dT.t() if run.rows else dT
+        return g, du, dT, None, None, None
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -388,10 +405,9 @@ class InputSharing(CallMemo):
         self.memo[key] = (weakref.ref(x, lambda _: memo.pop(key, None)), x._version, grad, (u, sink))
         return u, sink
 
-    def blocks(self, layer: "AuroraLinear", dtype: torch.dtype):
-        """(stacked update blocks, their group, this layer's run start, stop) made once per step
-        for every layer of the layer's kind (:func:`_kind`), or None where they must be made per
-        layer."""
+    def blocks(self, layer: "AuroraLinear", dtype: torch.dtype) -> "Run | None":
+        """The layer's :class:`Run` of the update blocks made once per step for every layer of its
+        kind (:func:`_kind`), or None where they must be made per layer."""
         kind = _kind(layer)
         up = layer.target.up
         if kind not in self.members or not self.active or any(partitioned(t) for t in (up.core, up.V, layer.coeffs)):
@@ -408,7 +424,11 @@ class InputSharing(CallMemo):
                     {id(m): (start, start + m.a * m.b) for m, start in zip(layers, starts)})
 
         group = self.group(("blocks", kind, dtype, torch.is_grad_enabled()), build)
-        return (group.value, group if group.trained else None, *group.index[id(layer)])
+        run = group.index[id(layer)]
+        if not isinstance(run, Run):  # the layer's first call in this group: its views, made once
+            run = group.index[id(layer)] = Run(group.value, layer.a, up.core.shape[0],
+                                                group if group.trained else None, run)
+        return run
 
 
 def _kind(layer: "AuroraLinear") -> tuple | None:

@@ -172,7 +172,9 @@ class Config:
         self.model, self.info, self.adapted = prepare(method, job["backbone"], job["rank"],
                                                       PRECISIONS[job["precision"]], torch.device(job["device"]))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5) if self.params else None
+        # foreach: what a GPU runs (one op per update stage for all tensors); CPU's default is a
+        # Python loop over the tensors, which would time the host per tensor, not per step.
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5, foreach=True) if self.params else None
 
     def forward_backward(self):
         from aurora_ds.backbones import forward_features
@@ -189,8 +191,7 @@ class Config:
 
     def kernel_counts(self) -> dict:
         """Kernel-launching ops of one forward + backward from gradients set to None (no ``.grad``
-        accumulation), the adapted-layer calls in it, and the ops of one AdamW step with
-        ``foreach=True``, what a GPU runs (CPU defaults to a per-tensor loop)."""
+        accumulation), the adapted-layer calls in it, and the ops of one (foreach) AdamW step."""
         from .kernels import count_kernels
 
         self.model.zero_grad(set_to_none=True)
@@ -205,14 +206,10 @@ class Config:
         if self.optimizer is not None:
             if not self.optimizer.state:  # the first step creates the state: count a later one
                 self.optimizer.step()
-            for group in self.optimizer.param_groups:
-                group["foreach"] = True
             ops_by_name = count_kernels(self.optimizer.step)
             # Its reads of the step counts: CPU tensors on a GPU too (the default, capturable=False).
             ops_by_name.pop("_local_scalar_dense", None)
             optimizer_ops = sum(ops_by_name.values())
-            for group in self.optimizer.param_groups:
-                group["foreach"] = None
             self.optimizer.zero_grad(set_to_none=True)
         return {"kernel_ops": sum(ops.values()), "kernel_ops_by_name": dict(ops.most_common()),
                 "adapted_calls": len(calls), "optimizer_kernel_ops": optimizer_ops}
