@@ -153,7 +153,9 @@ class ContextEnhancement(nn.Module):
     @torch.no_grad()
     def track(self, batch_context: torch.Tensor):
         """Fold one training batch's context (its mean text [CLS], over every rank) into the
-        running one: an exponential moving average that the first batch starts."""
-        weight = 1.0 if int(self.batches_tracked) == 0 else self.momentum
+        running one: an exponential moving average that the first batch starts (chosen on the
+        device: no host read inside a training step)."""
+        first = self.batches_tracked == 0
+        weight = torch.where(first, torch.ones_like(first, dtype=self.running_context.dtype), self.momentum)
         self.running_context.lerp_(batch_context.to(self.running_context.dtype), weight)
         self.batches_tracked += 1

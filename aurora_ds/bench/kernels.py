@@ -80,3 +80,36 @@ def count_kernels(step) -> Counter:
     with _DropoutAsOne(counter), counter:
         step()
     return counter.ops
+
+
+# Ops that launch nothing themselves or only through the ops they call (counted instead).
+_NO_LAUNCH = set(_FREE) | {"view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "as_strided",
+                           "select", "slice", "squeeze", "unsqueeze", "unfold", "split", "split_with_sizes", "chunk",
+                           "narrow", "unbind", "view_as", "flatten", "unflatten", "contiguous", "to", "matmul",
+                           "linear", "dropout", "set_", "resize_", "zeros", "ones", "full", "scalar_tensor"}
+
+
+def count_compiled(step, generated: int) -> Counter:
+    """Kernel-launching ops of one call of a compiled ``step()``: the ``generated`` kernels
+    (inductor's, each launched once per call of its graph) and the ATen ops the compiled code
+    still calls (GEMMs and convolutions as extern kernels, anything outside the graphs), read
+    from a profile, since a dispatch mode cannot run under torch.compile. An op is counted
+    where it launches: a composite (``matmul``, ``contiguous``) through the ops it calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    ops = Counter({"generated (inductor)": generated})
+
+    def visit(event):
+        name = event.name.removeprefix("aten::")
+        if event.name.startswith("aten::") and name not in _NO_LAUNCH and not name.startswith(("sym_", "is_", "_has_")):
+            ops[name] += 1
+            return
+        for child in event.cpu_children:
+            visit(child)
+
+    for event in prof.events():
+        if event.cpu_parent is None:
+            visit(event)
+    return ops

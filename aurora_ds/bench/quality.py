@@ -121,7 +121,7 @@ def warm_up(model, batches: task.Batches, steps: int, lr: float, seed: int) -> l
         batch = batches(step)
         image, _ = objective(batch, step, "embed_media")
         text, _ = objective(batch, step, "embed_text")
-        idx = media_index(batch["media_id"])
+        idx = media_index(batch)
         pos = (idx.view(-1, 1) == idx.view(1, -1)).float()
         targets = pos / pos.sum(1, keepdim=True)
         logits = image @ text.t() / 0.07

@@ -46,6 +46,7 @@ import time
 from .report import bar_chart, cli_config, fmt, machine, ratio, table, write
 
 METHODS = ("floor", "floor-nopix", "aurora", "aurora-nodrop", "aurora-plain", "lora", "lora-nodrop", "vera", "full")
+COMPILED = "+compiled"  # a method's suffix: its step under torch.compile (full graph; CUDA graphs on a GPU)
 SIZES = {"tiny": ("blip-tiny-retrieval", 4), "base": ("blip-base-retrieval", 32),
          "narrow": ("blip-base-narrow-retrieval", 32)}
 VERA_RANK = 256
@@ -54,7 +55,8 @@ VERA_RANK = 256
 def add_arguments(p):
     p.add_argument("--out", required=True, help="folder for step.json, step.md and step_*.png")
     p.add_argument("--sizes", default="tiny,base", help=f"comma-separated, from {sorted(SIZES)}")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, from {list(METHODS)}; any with '{COMPILED}' for its compiled step")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed rounds (every configuration once per round)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -123,7 +125,20 @@ def _embeddings_need_grad(module, inputs, output):
     return output.detach().requires_grad_(True) * 1.0
 
 
-def prepare(method: str, backbone: str, rank: int, dtype, device):
+class _ThroughOne:
+    """The same for a compiled step (which cannot make a tensor require grad mid-graph): the
+    output times a trainable 1, three small ops more than the eager floor's."""
+
+    def __init__(self, module):
+        import torch
+
+        self.one = torch.ones((), device=module.weight.device, requires_grad=True)
+
+    def __call__(self, module, inputs, output):
+        return output * self.one
+
+
+def prepare(method: str, backbone: str, rank: int, dtype, device, compiled: bool = False):
     """The backbone set up for ``method``; returns (model, extra info for the report, the adapted
     modules: the AuroraLinear layers or peft's tuner layers)."""
     import torch
@@ -135,11 +150,14 @@ def prepare(method: str, backbone: str, rank: int, dtype, device):
     info, adapted = {}, []
     if method in ("floor", "floor-nopix"):
         model.requires_grad_(False)
+        need_grad = _ThroughOne if compiled else (lambda module: _embeddings_need_grad)
         if hasattr(model, "text_encoder"):
-            model.text_encoder.embeddings.word_embeddings.register_forward_hook(_embeddings_need_grad)
+            embeddings = model.text_encoder.embeddings.word_embeddings
+            embeddings.register_forward_hook(need_grad(embeddings))
         if method == "floor-nopix" and hasattr(model, "vision_model"):
             # Backward through the whole vision tower still, but not the patch convolution's to the pixels.
-            model.vision_model.embeddings.patch_embedding.register_forward_hook(_embeddings_need_grad)
+            patches = model.vision_model.embeddings.patch_embedding
+            patches.register_forward_hook(need_grad(patches))
     elif method in ("aurora", "aurora-nodrop", "aurora-plain"):
         options = {"aurora-nodrop": {"dropout": 0.0},
                    "aurora-plain": {"gated_query": False, "context_enhancement": False}}.get(method, {})
@@ -169,19 +187,40 @@ class Config:
         from aurora_ds.engine.config import PRECISIONS
 
         self.method, self.spec, self.batch = method, spec, batch
-        self.model, self.info, self.adapted = prepare(method, job["backbone"], job["rank"],
-                                                      PRECISIONS[job["precision"]], torch.device(job["device"]))
+        self.base = method.removesuffix(COMPILED)
+        self.model, self.info, self.adapted = prepare(self.base, job["backbone"], job["rank"], PRECISIONS[job["precision"]],
+                                                      torch.device(job["device"]), method.endswith(COMPILED))
+        self.loss = self._loss
+        self.compiled = method.endswith(COMPILED)
+        self.generated_kernels = None  # a compiled step's kernels, counted when they are generated
+        if self.compiled:
+            import torch._functorch.config
+            import torch._inductor.config
+
+            # Generated afresh (a cached graph is not generated, so its kernels would go uncounted).
+            torch._inductor.config.fx_graph_cache = False
+            torch._functorch.config.enable_autograd_cache = False
+            self.loss = torch.compile(self._loss, fullgraph=True,
+                                      mode="reduce-overhead" if job["device"] == "cuda" else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # foreach: what a GPU runs (one op per update stage for all tensors); CPU's default is a
         # Python loop over the tensors, which would time the host per tensor, not per step.
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5, foreach=True) if self.params else None
 
-    def forward_backward(self):
+    def _loss(self, pixels):
         from aurora_ds.backbones import forward_features
 
-        pixels = self.batch["pixel_values"].detach().requires_grad_(self.method == "floor")
         feats = forward_features(self.model, self.spec, {**self.batch, "pixel_values": pixels})
-        sum(f.float().pow(2).sum() for f in feats.values()).backward()
+        return sum(f.float().pow(2).sum() for f in feats.values())
+
+    def forward_backward(self):
+        from torch._inductor import metrics
+
+        pixels = self.batch["pixel_values"].detach().requires_grad_(self.base == "floor")
+        before = metrics.generated_kernel_count
+        self.loss(pixels).backward()
+        if self.compiled and self.generated_kernels is None:  # the first call compiled both graphs
+            self.generated_kernels = metrics.generated_kernel_count - before
 
     def step(self):
         self.forward_backward()
@@ -192,13 +231,18 @@ class Config:
     def kernel_counts(self) -> dict:
         """Kernel-launching ops of one forward + backward from gradients set to None (no ``.grad``
         accumulation), the adapted-layer calls in it, and the ops of one (foreach) AdamW step."""
-        from .kernels import count_kernels
+        from .kernels import count_compiled, count_kernels
 
         self.model.zero_grad(set_to_none=True)
         calls = []
-        hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in self.adapted]
+        # (not while compiled: a hook added now would recompile the step; its eager twin counts the calls)
+        hooks = [] if self.compiled else [
+            m.register_forward_hook(lambda *_: calls.append(1)) for m in self.adapted]
         try:
-            ops = count_kernels(self.forward_backward)
+            if not self.compiled:
+                ops = count_kernels(self.forward_backward)
+            else:
+                ops = count_compiled(self.forward_backward, self.generated_kernels)
         finally:
             for h in hooks:
                 h.remove()
@@ -275,10 +319,12 @@ def measure_interleaved(job: dict, methods: list[str]) -> list[dict]:
                 wall[c.method].append(time.perf_counter() - t0)
                 cpu[c.method].append(time.process_time() - c0)
     counts = {c.method: c.kernel_counts() for c in configs}
-    floor_ops = counts["floor"]["kernel_ops"]
     for c in configs:
         n = counts[c.method]
-        n["ops_per_adapted_call"] = (n["kernel_ops"] - floor_ops) / n["adapted_calls"] if n["adapted_calls"] else None
+        if c.method != c.base:  # compiled: the eager twin's calls, against the compiled floor where there is one
+            n["adapted_calls"] = counts.get(c.base, {}).get("adapted_calls", 0)
+        floor = counts.get("floor" + COMPILED if c.method != c.base else "floor", counts["floor"])
+        n["ops_per_adapted_call"] = (n["kernel_ops"] - floor["kernel_ops"]) / n["adapted_calls"] if n["adapted_calls"] else None
         w = wall[c.method]
         rows.append({**c.row(job), **n, "step_s": statistics.median(w), "step_times_s": w,
                      "cpu_s": statistics.median(cpu[c.method]), "cpu_times_s": cpu[c.method], "samples_per_s": job["batch"] / statistics.median(w),
@@ -340,6 +386,8 @@ def summarise(rows: list[dict]) -> dict:
     for size in dict.fromkeys(r["size"] for r in rows):
         by = {r["method"]: r for r in rows if r["size"] == size and "skipped" not in r}
         pairs = [(m, "floor") for m in by if m != "floor"] + [("aurora", m) for m in by if m not in ("aurora", "floor")]
+        if "floor" + COMPILED in by:  # compiled steps against the compiled floor too
+            pairs += [(m, "floor" + COMPILED) for m in by if m.endswith(COMPILED) and m != "floor" + COMPILED]
         out[size] = {}
         for a, b in pairs:
             out[size][f"{a}/{b}"] = {
@@ -407,8 +455,8 @@ def run(args):
     if unknown:
         raise SystemExit(f"unknown sizes {unknown}; known: {sorted(SIZES)}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not {"floor", "aurora"} <= set(methods) or set(methods) - set(METHODS):
-        raise SystemExit(f"--methods must include floor and aurora, from {list(METHODS)}")
+    if not {"floor", "aurora"} <= set(methods) or {m.removesuffix(COMPILED) for m in methods} - set(METHODS):
+        raise SystemExit(f"--methods must include floor and aurora, from {list(METHODS)} (each may end in {COMPILED})")
     rows = []
     for size in sizes:
         backbone, rank = SIZES[size]

@@ -182,9 +182,11 @@ class EngineSection:
     activation_checkpointing: bool = False
     seed: int = 42
     collective_timeout_s: int = 600  # a rank waiting longer than this in one collective fails
+    compile: str = "off"  # off | on | auto: the training step captured as one graph (backend.compile_step)
 
     def __post_init__(self):
         _choice("engine", "precision", self.precision, PRECISIONS)
+        _choice("engine", "compile", self.compile, ("off", "on", "auto"))
         _positive("engine", self, "collective_timeout_s")
 
 
@@ -228,6 +230,9 @@ class TrainConfig:
         if self.data.source == "shards" and not self.data.train_shards:
             raise ValueError("data.train_shards is empty: give a URL spec (--set data.train_shards=... or "
                              "--train-shards) or data.source=synthetic")
+        if self.engine.compile == "on" and self.engine.deepspeed:
+            raise ValueError("engine.compile=on captures the single-process step (engine.deepspeed=false) only: "
+                             "under DeepSpeed the step's collectives and ZeRO-3's gather hooks are not captured yet")
 
     def adapter_config(self) -> AuroraConfig:
         """The ``aurora`` section as injected: with the backbone's name, and context enhancement

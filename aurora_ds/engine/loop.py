@@ -298,6 +298,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
             trace_batch(step + 1, epoch, batch)
             for reason, n in batch.get("skipped", {}).items():
                 skipped[reason] = skipped.get(reason, 0) + n
+            backend.begin_step()
             losses = objective.losses(backend.forward, batch, step)
             backend.backward(losses["loss"])
             backend.step()

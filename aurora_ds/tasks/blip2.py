@@ -63,7 +63,7 @@ class Blip2RetrievalObjective(Objective):
         image_feat = F.normalize(media_feat.float(), dim=-1)  # (B, Q, D)
         text_feat = F.normalize(text_feat.float(), dim=-1)
         # In-batch ITC over every rank's rows: gathered with gradient, as BLIP-2 does.
-        idx = media_index(batch["media_id"]).to(ids.device).view(-1, 1)
+        idx = media_index(batch).to(ids.device).view(-1, 1)
         many = world()[1] > 1
         idx_all = gather(idx) if many else idx
         image_all = gather_with_grad(image_feat) if many else image_feat

@@ -4,8 +4,8 @@ The objective is BLIP's: image-text contrastive loss (ITC) against momentum feat
 feature queue, softened by momentum distillation, plus image-text matching (ITM) with hard
 negatives mined from the whole global batch. Informative Context Enhancement enters the
 matching [CLS]: in training the batch's mean text [CLS], in evaluation the running mean of
-those (:func:`track_context`). Randomness that depends on the global batch (negative sampling) is drawn from
-a generator seeded by (seed, step) over the global batch, so 1 rank and N ranks draw the same.
+those (:func:`track_context`). Randomness that depends on the global batch (negative sampling) is a pure function of
+(seed, step, row, column) over the global batch, so 1 rank and N ranks draw the same.
 """
 
 from __future__ import annotations
@@ -27,9 +27,14 @@ def _same(x):
     return x
 
 
-def media_index(media_ids: list[str]) -> torch.Tensor:
-    """A stable integer per media id (the same on every rank), to mark positive pairs."""
-    return torch.tensor([int.from_bytes(hashlib.blake2b(m.encode(), digest_size=7).digest(), "big") for m in media_ids])
+def media_index(batch: dict) -> torch.Tensor:
+    """A stable integer per media id of the batch (the same on every rank), to mark positive
+    pairs: ``batch["media_idx"]`` where the objective made it before the step (a compiled step
+    cannot hash strings), else hashed from ``batch["media_id"]``."""
+    if "media_idx" in batch:
+        return batch["media_idx"]
+    return torch.tensor([int.from_bytes(hashlib.blake2b(m.encode(), digest_size=7).digest(), "big")
+                         for m in batch["media_id"]])
 
 
 def similarity(media_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
@@ -38,6 +43,36 @@ def similarity(media_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tenso
     if media_feat.dim() == 3:
         return torch.einsum("mqd,td->mtq", media_feat, text_feat).max(-1).values
     return media_feat @ text_feat.t()
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _times(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x < 2^32, in 16-bit halves: no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def uniform_noise(seed: int, step, stream: int, rows: int, cols: int, device) -> torch.Tensor:
+    """(rows, cols) uniform noise in (0, 1) that is a hash of (seed, step, stream, row, column):
+    the same on every rank, drawn on the device in a few elementwise ops with no generator
+    state and no host read, so a step that samples can be captured as one graph. ``step`` may
+    be an int or a 0-d integer tensor (a compiled step then needs no recompile per step)."""
+    i = torch.arange(rows, device=device).view(-1, 1)
+    j = torch.arange(cols, device=device).view(1, -1)
+    key = ((seed * 0x27D4EB2F + stream * 0x165667B1) & _MASK32) + (step % 0x7FFFFFFF) * 0x61C88647
+    x = (_times(i, 0x9E3779B1) ^ _times(j, 0x85EBCA77)) + key
+    x = x & _MASK32
+    for shift, c in ((16, 0x7FEB352D), (15, 0x846CA68B)):  # a 32-bit integer mixer
+        x = _times(x ^ (x >> shift), c)
+    x = x ^ (x >> 16)
+    return ((x >> 8).float() + 0.5) / 2**24  # 24 random bits: exact in float32, never 0 or 1
+
+
+def draw(weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One column per row with probability proportional to ``weights`` (the Gumbel-max trick:
+    exactly a multinomial draw of one sample)."""
+    return torch.argmax(weights.float().log() - (-noise.log()).log(), dim=1)
 
 
 class MatchingPairs(NamedTuple):
@@ -53,11 +88,11 @@ def matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, s
     """The ITM pairs of a micro-batch: every positive, each media with a hard negative text and
     each text with a hard negative media, negatives drawn over the global batch.
 
-    Negatives are drawn by similarity (positives excluded) from a generator seeded by
-    (seed, step) over the global batch, so any number of ranks draws the same pairs.
+    Negatives are drawn by similarity (positives excluded) with noise hashed from (seed, step)
+    over the global batch (:func:`uniform_noise`), so any number of ranks draws the same pairs.
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    idx = media_index(batch["media_id"]).to(ids.device)
+    idx = media_index(batch).to(ids.device)
     size = world()[1] if cfg.objective.negatives_all_ranks else 1
     pool = gather if size > 1 else _same
     pool_grad = gather_with_grad if size > 1 else _same
@@ -69,10 +104,9 @@ def matching_inputs(cfg, batch, media_tokens, image_feat, text_feat, text_cls, s
         sim = similarity(pool(image_feat), pool(text_feat)) / cfg.objective.temp
         weights_i2t = F.softmax(sim, 1).masked_fill(same, 0) + 1e-12 * ~same
         weights_t2i = F.softmax(sim.t(), 1).masked_fill(same, 0) + 1e-12 * ~same
-        g = torch.Generator().manual_seed(cfg.engine.seed * 1_000_003 + step)
-        neg_media = torch.multinomial(weights_t2i.float().cpu(), 1, generator=g).view(-1)
-        neg_text = torch.multinomial(weights_i2t.float().cpu(), 1, generator=g).view(-1)
-        neg_media, neg_text = neg_media[start:start + b].to(ids.device), neg_text[start:start + b].to(ids.device)
+        n = sim.shape[0]
+        neg_media = draw(weights_t2i, uniform_noise(cfg.engine.seed, step, 0, n, n, sim.device))[start:start + b]
+        neg_text = draw(weights_i2t, uniform_noise(cfg.engine.seed, step, 1, n, n, sim.device))[start:start + b]
     own = torch.arange(start, start + b, device=ids.device)
     rows = torch.cat([own, own, neg_text])
     media = torch.cat([media_tokens, pool_grad(media_tokens)[neg_media], media_tokens])
@@ -164,11 +198,12 @@ class RetrievalObjective(Objective):
         The swap writes into the parameters in place, so it must come before the online
         forward whose backward reads them.
         """
+        batch = {**batch, "media_idx": media_index(batch)}
         self.ema.update()
         with torch.no_grad(), self.ema.swapped():
             image_feat_m, text_feat_m = forward(batch, step, "momentum")
         losses = forward(batch, step, "train", (image_feat_m, text_feat_m))
-        self._enqueue(image_feat_m, text_feat_m, media_index(batch["media_id"]))
+        self._enqueue(image_feat_m, text_feat_m, media_index(batch))
         return losses
 
     def forward(self, batch: dict, step: int, mode: str, momentum=None):
@@ -192,7 +227,7 @@ class RetrievalObjective(Objective):
             return image_feat, text_feat
 
         image_feat_m, text_feat_m = momentum
-        idx = media_index(batch["media_id"]).to(ids.device).view(-1, 1)
+        idx = media_index(batch).to(ids.device).view(-1, 1)
         media_tokens, media_cls = encode_media(model, batch["pixel_values"])
         text_cls = encode_text(model, ids, mask)[:, 0]
         # Similarities and losses in fp32 whatever the backbone's precision (the queue is fp32).
