@@ -410,7 +410,10 @@ class InputSharing(CallMemo):
         kind (:func:`_kind`), or None where they must be made per layer."""
         kind = _kind(layer)
         up = layer.target.up
-        if kind not in self.members or not self.active or any(partitioned(t) for t in (up.core, up.V, layer.coeffs)):
+        if kind not in self.members or any(partitioned(t) for t in (up.core, up.V, layer.coeffs)):
+            return None
+        compiling = torch.compiler.is_compiling() and self.traced_owner is not None
+        if not (compiling or self.active):
             return None
 
         def build():
@@ -423,6 +426,13 @@ class InputSharing(CallMemo):
             return (make, (up.core, up.V, *(m.coeffs for m in layers)),
                     {id(m): (start, start + m.a * m.b) for m, start in zip(layers, starts)})
 
+        if compiling:  # one stack per traced call; its slices' gradients are the compiler's to add
+            key = (kind, dtype, torch.is_grad_enabled())
+            if key not in self.traced:
+                make, inputs, index = build()
+                self.traced[key] = (make(*inputs), index)
+            stack, index = self.traced[key]
+            return Run(stack, layer.a, up.core.shape[0], None, index[id(layer)])
         group = self.group(("blocks", kind, dtype, torch.is_grad_enabled()), build)
         run = group.index[id(layer)]
         if not isinstance(run, Run):  # the layer's first call in this group: its views, made once

@@ -43,6 +43,7 @@ class CallMemo:
         self.kept = {}  # key -> a group made with gradients, until its backward ran
         self.members = {}  # group key -> the modules made for together
         self.norms = {}  # id(weight) -> eps of the model's LayerNorms (to make an input again in backward)
+        self.traced_owner, self.traced = None, {}  # while compiling: the call being traced, what it made once
 
     def register(self, key, member):
         self.members.setdefault(key, []).append(member)
@@ -53,12 +54,20 @@ class CallMemo:
             module.register_forward_hook(self._close, always_call=True)
 
     def _open(self, module, args):
-        if self.owner is None and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            if self.traced_owner is None:
+                self.traced_owner, self.traced = module, {}
+            return
+        if self.owner is None:
             self.owner = module
             for key in [k for k, g in self.kept.items() if not g.current()]:
                 self.kept.pop(key).value = None  # a group whose backward never ran is in a cycle
 
     def _close(self, module, args, output):
+        if torch.compiler.is_compiling():
+            if self.traced_owner is module:
+                self.traced_owner, self.traced = None, {}
+            return
         if self.owner is module:
             self.owner = None
             self.memo.clear()
