@@ -34,6 +34,7 @@ METHODS = {
     "aurora R=2": ("aurora", {"rank": 2}),
     "aurora R=4": ("aurora", {"rank": 4}),
     "aurora R=8": ("aurora", {"rank": 8}),
+    "aurora R=4 dropout 0": ("aurora", {"rank": 4, "dropout": 0.0}),
     "aurora R=4 no GQT": ("aurora", {"rank": 4, "gated_query": False}),
     "aurora R=4 no ICE": ("aurora", {"rank": 4, "context_enhancement": False}),
     "aurora R=4 private": ("aurora", {"rank": 4, "private": True}),
