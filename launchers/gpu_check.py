@@ -2,9 +2,9 @@
 
 Every recipe trains a few steps on one GPU under DeepSpeed ZeRO-3 with NCCL in bf16 (tiny
 backbones: the point is device correctness, not recall), one recipe in fp16, one on the plain
-path, one at BLIP-base size for throughput, one with ZeRO++ quantized frozen weights
+path (and the same with ``engine.compile=on``: CUDA graphs), one at BLIP-base size for throughput, one with ZeRO++ quantized frozen weights
 (``zero3_hpz_quant``); ``aurora-eval`` evaluates one adapter; the step
-benchmark runs at BLIP-base in bf16, at batch 8 and 64, with its kernel-op counts. Every run has
+benchmark runs at BLIP-base in bf16, at batch 8 and 64, eager and compiled, with its kernel-op counts. Every run has
 ``AURORA_STRICT_DEVICES=1``: a tensor that reaches a collective from the wrong device is an error.
 Runs go four at a time (one GPU holds them all easily); a failure is recorded and the rest go on.
 The summary table is printed and written to OUT/summary.md and OUT/summary.json.
@@ -143,6 +143,10 @@ def main():
     jobs[f"coco_retrieval/plain/{main_precision}"] = train_cmd(
         args, "coco_retrieval", "blip-tiny-retrieval", checkpoints["blip-tiny-retrieval"], data["coco"],
         work / "runs" / "coco_plain", main_precision, deepspeed=False)
+    if gpu:  # the captured step: torch.compile in full-graph mode with CUDA graphs
+        jobs[f"coco_retrieval/plain/{main_precision}/compiled"] = train_cmd(
+            args, "coco_retrieval", "blip-tiny-retrieval", checkpoints["blip-tiny-retrieval"], data["coco"],
+            work / "runs" / "coco_plain_compiled", main_precision, extra={"engine.compile": "on"}, deepspeed=False)
     base_size = {"aurora.rank": 32, "optim.batch_size": 16 if gpu else 2, "data.image_size": 224 if gpu else 64,
                  "objective.queue_size": 1024, "eval.k_test": 16}
     jobs[f"coco_retrieval/zero3/{main_precision}/blip-base"] = train_cmd(
@@ -190,7 +194,8 @@ def main():
     for batch in bench_batches:
         step_out = out / f"step_b{batch}"
         cmd = [sys.executable, "-m", "aurora_ds.bench.cli", "step", "--out", str(step_out), "--sizes", "base",
-               "--methods", "floor,aurora,aurora-nodrop,lora,lora-nodrop,full", "--precision", "bf16",
+               "--methods", "floor,aurora,aurora-nodrop,lora,lora-nodrop,full,floor+compiled,aurora+compiled,"
+               "aurora-nodrop+compiled", "--precision", "bf16",
                "--device", "cuda", "--batch", str(batch), "--image-size", "224", "--steps", "10", "--warmup", "3",
                "--no-isolate"]
         name = f"step benchmark (BLIP-base, bf16, batch {batch}, 224 px)"
