@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from aurora_ds.engine.backend import PlainBackend
+from aurora_ds.engine.backend import PlainBackend, compile_step
 from aurora_ds.engine.config import build_config
-from aurora_ds.engine.loop import train
+from aurora_ds.engine.loop import check_backbone, train
 
 # Ops whose result the host must wait for (a value read back, or a shape that depends on values).
 HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "unique_consecutive",
@@ -96,6 +96,14 @@ def test_compile_is_refused_where_the_step_is_not_captured():
         build_config("", {"data.source": "synthetic", "engine.compile": "on"})
     with pytest.raises(ValueError, match="engine.compile must be one of"):
         build_config("", {"data.source": "synthetic", "engine.compile": "yes"})
+    for name, task in (("blip-tiny-vqa", "qa"), ("blip2-tiny-retrieval", "retrieval")):
+        cfg = build_config("", {"data.source": "synthetic", "engine.deepspeed": False, "engine.compile": "on",
+                                "backbone.name": name, "objective.task": task})
+        with pytest.raises(ValueError, match=f"engine.compile=on captures the step of .*{name}"):
+            check_backbone(cfg)
+        cfg.engine.compile = "auto"
+        assert not compile_step(cfg, torch.device("cuda"))  # auto leaves them eager, on a GPU too
+        check_backbone(cfg)
 
 
 @pytest.mark.slow

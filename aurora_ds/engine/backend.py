@@ -47,12 +47,19 @@ def lr_lambda(warmup: int, total: int):
 
 # The objective's modes that run in every training step: captured when engine.compile is on.
 STEP_MODES = ("train", "momentum")
+# (model interface, task) whose step is captured whole (tested). BLIP's QA step has a varying
+# number of answers per question; BLIP-2's Q-Former attention mask does not trace.
+CAPTURED = {("blip", "retrieval")}
 
 
 def compile_step(cfg, device: torch.device) -> bool:
     """Whether the training step's forward and backward run as captured graphs (engine.compile).
     ``auto``: on a GPU, where a step of a BLIP-sized model costs what it launches and CUDA
     graphs launch it at once; not on a CPU, where compiling takes longer than it saves."""
+    from ..backbones import get_spec
+
+    if (get_spec(cfg.backbone.name).interface, cfg.objective.task) not in CAPTURED:
+        return False
     return cfg.engine.compile == "on" or (cfg.engine.compile == "auto" and device.type == "cuda")
 
 

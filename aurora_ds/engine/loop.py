@@ -15,7 +15,7 @@ from ..aurora import inject_aurora
 from ..backbones import backbone_config, build_backbone, get_spec, text_vocab_size
 from ..dist import (barrier, free_port, gather_objects, mean_over_ranks, process_rank, set_compute_device,
                     shutdown, stop_if_any_rank_failed, world)
-from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes, secondary_parameter_bytes
+from .backend import CAPTURED, DeepSpeedBackend, PlainBackend, local_parameter_bytes, secondary_parameter_bytes
 from .adapter_record import AdapterRecord, check_checkpoint, check_evaluation, check_fits, read_record
 from .checkpoint import (find_checkpoint, load_adapter_values, load_checkpoint, save_adapter, save_checkpoint,
                          verify_checkpoint)
@@ -111,6 +111,9 @@ def check_backbone(cfg):
                          "backbone (use the Python API to adapt it inside your own model)")
     if (spec.task == "vqa") != (cfg.objective.task == "qa"):
         raise ValueError(f"objective.task={cfg.objective.task} does not fit backbone {cfg.backbone.name}, a {spec.task} model")
+    if cfg.engine.compile == "on" and (spec.interface, cfg.objective.task) not in CAPTURED:
+        raise ValueError(f"engine.compile=on captures the step of {sorted(CAPTURED)} (model interface, task) only; "
+                         f"{cfg.backbone.name} is ({spec.interface!r}, {cfg.objective.task!r}): set engine.compile=off or auto")
 
 
 def make_objective(cfg, model):

@@ -17,7 +17,7 @@ from ..backbones import blip2
 from ..dist import gather, gather_with_grad, world
 from .base import Objective
 from .qa import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS, Candidates, inference
-from .retrieval import matching_inputs, matching_loss, media_index, similarity, track_context
+from .retrieval import matching_inputs, matching_loss, media_index, similarity, track_context, with_media_index
 
 PROMPT = "Question: {} Answer:"
 MAX_PROMPT_TOKENS = 48
@@ -33,6 +33,9 @@ class Blip2RetrievalObjective(Objective):
         if cfg.objective.frame_aware_attention and cfg.data.media == "video":
             raise ValueError("frame_aware_attention weighs BLIP's frame [CLS] tokens; BLIP-2's Q-Former has none: "
                              "set frame_aware_attention=false for BLIP-2 video retrieval")
+
+    def losses(self, forward, batch: dict, step: int) -> dict:
+        return forward(with_media_index(batch), step, "train")
 
     def _media(self, pixels):
         tokens, _ = blip2.encode_media(self.backbone, pixels)

@@ -53,6 +53,11 @@ def _times(x: torch.Tensor, c: int) -> torch.Tensor:
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
 
 
+def with_media_index(batch: dict) -> dict:
+    """The batch with its media indices made before the step (``media_idx``)."""
+    return batch if "media_idx" in batch else {**batch, "media_idx": media_index(batch)}
+
+
 def uniform_noise(seed: int, step, stream: int, rows: int, cols: int, device) -> torch.Tensor:
     """(rows, cols) uniform noise in (0, 1) that is a hash of (seed, step, stream, row, column):
     the same on every rank, drawn on the device in a few elementwise ops with no generator
@@ -198,7 +203,7 @@ class RetrievalObjective(Objective):
         The swap writes into the parameters in place, so it must come before the online
         forward whose backward reads them.
         """
-        batch = {**batch, "media_idx": media_index(batch)}
+        batch = with_media_index(batch)
         self.ema.update()
         with torch.no_grad(), self.ema.swapped():
             image_feat_m, text_feat_m = forward(batch, step, "momentum")
