@@ -58,13 +58,14 @@ class CallMemo:
             if self.traced_owner is None:
                 self.traced_owner, self.traced = module, {}
             return
+        self.traced_owner, self.traced = None, {}  # nothing made in a trace outlives it (a graph break)
         if self.owner is None:
             self.owner = module
             for key in [k for k, g in self.kept.items() if not g.current()]:
                 self.kept.pop(key).value = None  # a group whose backward never ran is in a cycle
 
     def _close(self, module, args, output):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self.traced_owner is module:
             if self.traced_owner is module:
                 self.traced_owner, self.traced = None, {}
             return
