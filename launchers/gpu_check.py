@@ -194,8 +194,8 @@ def main():
     for batch in bench_batches:
         step_out = out / f"step_b{batch}"
         cmd = [sys.executable, "-m", "aurora_ds.bench.cli", "step", "--out", str(step_out), "--sizes", "base",
-               "--methods", "floor,aurora,aurora-nodrop,lora,lora-nodrop,full,floor+compiled,aurora+compiled,"
-               "aurora-nodrop+compiled", "--precision", "bf16",
+               "--methods", "floor,aurora,aurora-nodrop,lora,lora-nodrop,full,floor+compiled,aurora+compiled",
+               "--precision", "bf16",
                "--device", "cuda", "--batch", str(batch), "--image-size", "224", "--steps", "10", "--warmup", "3",
                "--no-isolate"]
         name = f"step benchmark (BLIP-base, bf16, batch {batch}, 224 px)"

@@ -457,6 +457,10 @@ def run(args):
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not {"floor", "aurora"} <= set(methods) or {m.removesuffix(COMPILED) for m in methods} - set(METHODS):
         raise SystemExit(f"--methods must include floor and aurora, from {list(METHODS)} (each may end in {COMPILED})")
+    if len([m for m in methods if m.endswith(COMPILED) and m != "floor" + COMPILED]) > 1:
+        # torch.compile (2.14) fails with an internal error ("lift_tracked_freevar_to_input ...") when a
+        # second adapted model is compiled in the same process; one run per compiled method instead.
+        raise SystemExit(f"--methods: one adapted method with {COMPILED} per run (besides floor{COMPILED})")
     rows = []
     for size in sizes:
         backbone, rank = SIZES[size]
