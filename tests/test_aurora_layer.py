@@ -552,7 +552,7 @@ def test_merged_in_evaluation_only_where_dropout_is_on():
     """With dropout on, training runs unmerged and evaluation merged (with or without gradients),
     both equal to the reference."""
     model = _shared_layer("auto", 6, 6, 1, 3, dropout=0.3)
-    x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(80, 6, dtype=torch.float64, requires_grad=True)
     assert "MergedLinearBackward" not in _node_names(model.train()(x))
     model.eval()
     out = model(x)
@@ -566,8 +566,8 @@ def test_merged_in_evaluation_only_where_dropout_is_on():
 
 
 def test_auto_merges_where_the_rows_make_it_cheaper():
-    """'auto' merges a 6 -> 18 layer (in·out / (in + out) = 4.5) from 5 rows of input on, not below."""
-    for rows, merged in ((4, False), (5, True)):
+    """'auto' merges a 6 -> 18 layer (16 · in·out / (in + out) = 72) from 72 rows of input on, not below."""
+    for rows, merged in ((71, False), (72, True)):
         model = _shared_layer("auto", 6, 6, 1, 3).train()
         out = model(torch.randn(rows, 6, dtype=torch.float64, requires_grad=True))
         assert ("MergedLinearBackward" in _node_names(out)) == merged, rows

@@ -498,9 +498,11 @@ class InputSharing(CallMemo):
         lives as long as the stack (until the step's backward), remade if U changed in place.
 
         ``merged: auto`` merges a kind where the rows of the call that first uses it (tokens x
-        batch) are at least in·out / (in + out) of that layer: there W' (in·out) costs less
-        memory than the layer's input and output activations, and making it less arithmetic
-        than the rank-space GEMMs it saves (BLIP-base's vision layers from batch 3 at 224 px);
+        batch) are at least ``MERGE_ROWS`` · in·out / (in + out) of that layer: there W' (in·out)
+        is at most 1/16 of the layer's input and output activations, so the copy stays within a
+        few percent of the step's memory (which keeps several activations per layer), and its
+        making is small beside the rank-space GEMMs it saves (BLIP-base's vision layers from
+        batch 47–50 at 224 px, 16–17 at BLIP's 384 px; its text layers not at BLIP's batches);
         ``on`` merges whatever the rows. Not where ZeRO-3 partitions W (it is whole only inside
         its own module's call: the unmerged path, or an error for ``merged: on``), nor under
         autocast.
@@ -523,7 +525,7 @@ class InputSharing(CallMemo):
         U = layer.source.down.U
         if group.merged is None or group.merged[0] != U._version:
             rows, cols = x.numel() // x.shape[-1], layer.in_features * layer.out_features
-            cheaper = rows * (layer.in_features + layer.out_features) >= cols
+            cheaper = rows * (layer.in_features + layer.out_features) >= MERGE_ROWS * cols
             group.merged = (U._version, self._merge(group, layer, U) if self.merging == "on" or cheaper else None)
         return None if group.merged[1] is None else (group.merged[1][id(layer)], run)
 
@@ -542,6 +544,9 @@ class InputSharing(CallMemo):
                 merged = {key: delta[start:stop].view(-1, width).t() for key, (start, stop) in spans.items()}
             torch._foreach_add_([merged[id(m)] for m in layers], [m.base_layer.weight for m in layers])
         return merged
+
+
+MERGE_ROWS = 16  # merged: auto merges where the rows are this many times in·out / (in + out)
 
 
 def _kind(layer: "AuroraLinear") -> tuple | None:
