@@ -270,7 +270,8 @@ def test_layer_without_square_blocks_goes_between_widths():
     assert handle.layers["0"].source.width == 10 and handle.layers["0"].target.width == 15
 
 
-@pytest.mark.parametrize("bad", [{"rank": 0}, {"rank": -3}, {"ranks": {32: 0}}, {"dropout": 1.5}, {"targets": []}])
+@pytest.mark.parametrize("bad", [{"rank": 0}, {"rank": -3}, {"ranks": {32: 0}}, {"dropout": 1.5}, {"targets": []},
+                                 {"merged": "yes"}, {"merged": "on", "dropout": 0.1}])
 def test_bad_config_values(bad):
     with pytest.raises(ValueError, match="AuroraConfig"):
         AuroraConfig(**bad)

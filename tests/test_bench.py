@@ -62,6 +62,10 @@ def test_kernel_counter_counts_what_launches():
     assert count_kernels(lambda: (x.view(8), x.t(), x[0], x.unsqueeze(0))) == {}
     assert count_kernels(lambda: F.dropout(x, 0.5, training=True)) == {"native_dropout": 1}  # CPU runs several
     assert count_kernels(lambda: F.dropout(x, 0.5, training=False)) == {}
+    # a foreach op is one kernel, or one per tensor where its lists differ in strides (CUDA's slow path)
+    a, b = [torch.zeros(3, 4), torch.zeros(3, 4)], [torch.ones(3, 4), torch.ones(4, 3).t()]
+    assert count_kernels(lambda: torch._foreach_add_(a, [t.clone() for t in a])) == {"_foreach_add_": 1, "clone": 2}
+    assert count_kernels(lambda: torch._foreach_add_(a, b))["_foreach_add_"] == 2
 
 
 def _job(size, batch=2, image_size=0):
@@ -87,10 +91,12 @@ def test_narrow_backbone_has_blip_base_structure():
 
 
 def test_step_reports_kernel_ops(tmp_path):
-    assert main(["step", "--out", str(tmp_path), "--sizes", "narrow", "--methods", "floor,aurora,aurora-nodrop",
-                 "--steps", "1", "--warmup", "0", "--no-isolate"]) == 0
+    assert main(["step", "--out", str(tmp_path), "--sizes", "narrow", "--methods",
+                 "floor,aurora,aurora-nodrop,aurora-merged,aurora-unmerged", "--steps", "1", "--warmup", "0",
+                 "--no-isolate"]) == 0
     runs = {r["method"]: r for r in _outputs(tmp_path, "step")["runs"]}
-    assert list(runs) == ["floor", "aurora", "aurora-nodrop"]
+    assert list(runs) == ["floor", "aurora", "aurora-nodrop", "aurora-merged", "aurora-unmerged"]
+    assert runs["aurora-merged"]["kernel_ops"] < runs["aurora-unmerged"]["kernel_ops"] < runs["aurora"]["kernel_ops"]
     assert all(r["kernel_ops"] > 0 and r["kernel_ops_by_name"] for r in runs.values())
     assert runs["floor"]["adapted_calls"] == 0 and runs["floor"]["ops_per_adapted_call"] is None
     names, _, _ = step.aurora_targets("blip-base-narrow-retrieval", 32)

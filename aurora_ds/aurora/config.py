@@ -22,6 +22,13 @@ class AuroraConfig:
     width (``{1408: 64}``). ``tower_ranks`` gives the layers under a module prefix (a tower:
     ``{"qformer": 16}``) factor sets of their own at that rank, instead of sharing the model-wide
     sets of their widths.
+
+    ``merged`` runs a layer through one merged weight W + s·ΔW (made once per step) where the
+    rank-path dropout is 0 (``dropout`` 0, or evaluation), and not while compiling, under
+    activation checkpointing or where ZeRO-3 partitions the frozen weight: ``auto`` where the
+    batch's rows make the merged copy small beside the activations (layer.MERGE_ROWS), ``on`` always (an
+    error where ZeRO-3 partitions the weight), ``off`` never. It changes no result, only what a
+    step launches and holds (layer.py, docs/method.md).
     """
 
     rank: int = 32
@@ -35,6 +42,7 @@ class AuroraConfig:
     gated_query: bool = True
     gated_query_scale: float = 0.1
     gated_query_targets: list[str] = field(default_factory=list)
+    merged: str = "auto"
     backbone: str | None = None
 
     def __post_init__(self):
@@ -52,6 +60,11 @@ class AuroraConfig:
                 raise ValueError(f"AuroraConfig.{f.name} must be a finite number, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AuroraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.merged not in ("auto", "on", "off"):
+            raise ValueError(f"AuroraConfig.merged must be auto, on or off, got {self.merged!r}")
+        if self.merged == "on" and self.dropout > 0:
+            raise ValueError(f"AuroraConfig.merged 'on' needs dropout 0 (the merged weight is exact only without "
+                             f"the rank path's dropout), got dropout {self.dropout}; use 'auto' to merge in evaluation only")
         if isinstance(self.targets, str):
             if not self.targets:
                 raise ValueError("AuroraConfig.targets is empty")

@@ -47,10 +47,12 @@ class ModeDown(nn.Module):
         self.dropout = dropout
         nn.init.kaiming_uniform_(self.U, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor, memo: CallMemo | None = None, sink: Sink | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memo: CallMemo | None = None, sink: Sink | None = None,
+                input_grad: bool = True) -> torch.Tensor:
         """(..., a*d) -> (..., a*R), in x's dtype (the factors are cast, never the activations).
         With ``memo``, U's gradient is added in place into one buffer for the step; with ``sink``,
-        u's consumers add u's gradient into it instead of returning it."""
+        u's consumers add u's gradient into it instead of returning it. Without ``input_grad``, x
+        gets no gradient from here (a merged layer's weight carries it)."""
         group = None
         if memo is not None and memo.active and not partitioned(self.U):
             dtype = x.dtype
@@ -59,7 +61,8 @@ class ModeDown(nn.Module):
         U = _as(self.U, x.dtype) if group is None else group.value
         sink_U = group if group is not None and group.trained else None
         norms = None if memo is None else memo.norms
-        return ModeDownProjection.apply(x, U, sink_U, sink, *rebuild_recipe(x, self.U.shape[1], norms))
+        recipe = rebuild_recipe(x, self.U.shape[1], norms)
+        return ModeDownProjection.apply(x if input_grad else x.detach(), U, sink_U, sink, *recipe)
 
 
 # U's gradient is gu^T · x (gu: the gradient of u, one row per input block). Each recipe below
@@ -342,32 +345,68 @@ class ModeUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         ud2, kept, T = ctx.saved_tensors
-        run, sink = ctx.run, ctx.sink
-        g2 = g.reshape(-1, T.shape[1])
-        du = None
-        if ctx.needs_input_grad[1]:
-            shared = sink is not None and sink.grad is not None
-            if kept is None and shared:
-                sink.grad.addmm_(g2, T.t())
-            else:
-                du = torch.mm(g2, T.t())
-                if kept is not None and shared:
-                    sink.grad.addcmul_(du, kept.view(du.shape), value=1.0 / ctx.keep)
-                elif kept is not None:
-                    du = torch.ops.aten.native_dropout_backward(du, kept.view(du.shape), 1.0 / ctx.keep)
-                if sink is not None:
-                    sink.grad, du = sink.grad if shared else du, None
-                else:
-                    du = du.view(ctx.u_shape)
-        dT = None
-        if ctx.needs_input_grad[2] or run.group is not None:  # dT = ud2ᵀ · g2, computed in T's stored orientation
-            left, right = (g2.t(), ud2) if run.rows else (ud2.t(), g2)
-            if run.group is not None:
-                run.grad().addmm_(left, right)
-            else:
-                dT = torch.mm(left, right)
-                dT = dT.t() if run.rows else dT
+        du, dT = _rank_space_grads(ctx, g.reshape(-1, T.shape[1]), ud2, kept, T, *ctx.needs_input_grad[1:3])
         return g, du, dT, None, None, None
+
+
+def _rank_space_grads(ctx, g2, ud2, kept, T, needs_u, needs_T):
+    """(du, dT) of y += dropout(u) · T from y's gradient: du = g · Tᵀ (masked where ``kept``),
+    added into ``ctx.sink`` where there is one; dT = udᵀ · g, added into the run's share of its
+    group's buffer where there is one. ``ctx`` holds ``run``, ``sink``, ``keep`` and ``u_shape``."""
+    run, sink = ctx.run, ctx.sink
+    du = None
+    if needs_u:
+        shared = sink is not None and sink.grad is not None
+        if kept is None and shared:
+            sink.grad.addmm_(g2, T.t())
+        else:
+            du = torch.mm(g2, T.t())
+            if kept is not None and shared:
+                sink.grad.addcmul_(du, kept.view(du.shape), value=1.0 / ctx.keep)
+            elif kept is not None:
+                du = torch.ops.aten.native_dropout_backward(du, kept.view(du.shape), 1.0 / ctx.keep)
+            if sink is not None:
+                sink.grad, du = sink.grad if shared else du, None
+            else:
+                du = du.view(ctx.u_shape)
+    dT = None
+    if needs_T or run.group is not None:  # dT = ud2ᵀ · g2, computed in T's stored orientation
+        left, right = (g2.t(), ud2) if run.rows else (ud2.t(), g2)
+        if run.group is not None:
+            run.grad().addmm_(left, right)
+        else:
+            dT = torch.mm(left, right)
+            dT = dT.t() if run.rows else dT
+    return du, dT
+
+
+class MergedLinear(torch.autograd.Function):
+    """y = W' x + b through the merged weight W' = W + s·ΔW (made once per step for every layer
+    of a kind, :meth:`InputSharing.merged_weight`), exact where the rank path has no dropout.
+
+    The forward and x's gradient (g · W') are the frozen linear's own two GEMMs; the factors'
+    gradients come from the rank space alone, as in :class:`ModeUpdate`: dT = uᵀ · g into the
+    run's share of its group's buffer, du = g · Tᵀ into ``sink`` (U's gradient duᵀ · x is then
+    made by u's :class:`ModeDownProjection`, which gives x nothing). Kept: u, W' and T, which live
+    for the step anyway."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, u, T, run, sink):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(weight, u.reshape(-1, T.shape[0]), T)
+        ctx.run, ctx.sink, ctx.keep, ctx.u_shape = run, sink, 1.0, u.shape
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, u2, T = ctx.saved_tensors
+        if g is None:
+            return (None,) * 7
+        dx = g.matmul(weight) if ctx.needs_input_grad[0] else None
+        g2 = g.reshape(-1, T.shape[1])
+        dbias = g2.sum(0) if ctx.needs_input_grad[2] else None
+        du, dT = _rank_space_grads(ctx, g2, u2, None, T, *ctx.needs_input_grad[3:5])
+        return dx, None, dbias, du, dT, None, None
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -389,18 +428,20 @@ class InputSharing(CallMemo):
     modules' calls).
     """
 
-    def down(self, down: ModeDown, x: torch.Tensor) -> tuple[torch.Tensor, Sink | None]:
+    merging = "auto"  # AuroraConfig.merged
+
+    def down(self, down: ModeDown, x: torch.Tensor, input_grad: bool = True) -> tuple[torch.Tensor, Sink | None]:
         """(``down(x)``, or the u it already gave for this very x in this call; the sink its
         consumers add u's gradient into, or None)."""
         if not self.active or x.is_inference():
-            return down(x), None
-        key = (id(down), id(x))
+            return down(x, input_grad=input_grad), None
+        key = (id(down), id(x), input_grad)
         entry = self.memo.get(key)
         grad = torch.is_grad_enabled()
         if entry is not None and entry[0]() is x and entry[1:3] == (x._version, grad):
             return entry[3]
         sink = Sink() if grad else None
-        u = down(x, self, sink)
+        u = down(x, self, sink, input_grad)
         memo = self.memo
         self.memo[key] = (weakref.ref(x, lambda _: memo.pop(key, None)), x._version, grad, (u, sink))
         return u, sink
@@ -415,38 +456,106 @@ class InputSharing(CallMemo):
         compiling = torch.compiler.is_compiling() and self.traced_owner is not None
         if not (compiling or self.active):
             return None
-
-        def build():
-            layers = self.members[kind]
-            starts = itertools.accumulate((m.a * m.b for m in layers), initial=0)
-
-            def make(core, V, *coeffs):
-                return _as(update_blocks(core, V, list(coeffs), layer.a == 1, layer.scale), dtype)
-
-            return (make, (up.core, up.V, *(m.coeffs for m in layers)),
-                    {id(m): (start, start + m.a * m.b) for m, start in zip(layers, starts)})
-
         if compiling:  # one stack per traced call; its slices' gradients are the compiler's to add
             key = (kind, dtype, torch.is_grad_enabled())
             if key not in self.traced:
-                make, inputs, index = build()
+                make, inputs, index = self._build(layer, dtype)
                 self.traced[key] = (make(*inputs), index)
             stack, index = self.traced[key]
             return Run(stack, layer.a, up.core.shape[0], None, index[id(layer)])
-        group = self.group(("blocks", kind, dtype, torch.is_grad_enabled()), build)
+        return self._run(self._group(layer, dtype), layer)
+
+    def _group(self, layer: "AuroraLinear", dtype: torch.dtype):
+        return self.group(("blocks", _kind(layer), dtype, torch.is_grad_enabled()), partial(self._build, layer, dtype))
+
+    def _build(self, layer: "AuroraLinear", dtype: torch.dtype):
+        """(make, inputs, index) of the group of update blocks of every layer of ``layer``'s kind."""
+        layers, up = self.members[_kind(layer)], layer.target.up
+        starts = itertools.accumulate((m.a * m.b for m in layers), initial=0)
+
+        def make(core, V, *coeffs):
+            return _as(update_blocks(core, V, list(coeffs), layer.a == 1, layer.scale), dtype)
+
+        return (make, (up.core, up.V, *(m.coeffs for m in layers)),
+                {id(m): (start, start + m.a * m.b) for m, start in zip(layers, starts)})
+
+    @staticmethod
+    def _run(group, layer: "AuroraLinear") -> "Run":
         run = group.index[id(layer)]
         if not isinstance(run, Run):  # the layer's first call in this group: its views, made once
-            run = group.index[id(layer)] = Run(group.value, layer.a, up.core.shape[0],
+            run = group.index[id(layer)] = Run(group.value, layer.a, layer.target.up.core.shape[0],
                                                 group if group.trained else None, run)
         return run
 
+    def merged_weight(self, layer: "AuroraLinear", x: torch.Tensor) -> "tuple[torch.Tensor, Run] | None":
+        """(W' = W + s·ΔW, the layer's :class:`Run`) where the layer runs merged (the caller has
+        checked that its rank path has no dropout), else None.
+
+        W' is made for every layer of the kind at its first use in a step, from the kind's stacked
+        update blocks: ΔW = V · M_ijᵀ · U per block is U's rows mixed by T, so one GEMM of the
+        stack with U gives every block (in W's layout for blocks by output, a == 1; transposed for
+        blocks by input), and one ``_foreach_add_`` adds the frozen weights into it in place. It
+        lives as long as the stack (until the step's backward), remade if U changed in place.
+
+        ``merged: auto`` merges a kind where the rows of the call that first uses it (tokens x
+        batch) are at least ``MERGE_ROWS`` · in·out / (in + out) of that layer: there W' (in·out)
+        is at most 1/16 of the layer's input and output activations, so the copy stays within a
+        few percent of the step's memory (which keeps several activations per layer), and its
+        making is small beside the rank-space GEMMs it saves (BLIP-base's vision layers from
+        batch 47–50 at 224 px, 16–17 at BLIP's 384 px; its text layers not at BLIP's batches);
+        ``on`` merges whatever the rows. Not where ZeRO-3 partitions W (it is whole only inside
+        its own module's call: the unmerged path, or an error for ``merged: on``), nor under
+        autocast.
+        """
+        if self.merging == "off":
+            return None
+        weight = layer.base_layer.weight
+        if partitioned(weight):
+            if self.merging == "on":
+                raise RuntimeError("aurora.merged 'on': ZeRO-3 partitions the frozen weights, which are whole only "
+                                   "inside their own layer's call; use merged 'auto' (unmerged there) or 'off'")
+            return None
+        if (torch.compiler.is_compiling() or weight.requires_grad or weight.dtype != x.dtype
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        run = self.blocks(layer, x.dtype)
+        if run is None:
+            return None
+        group = self._group(layer, x.dtype)
+        U = layer.source.down.U
+        if group.merged is None or group.merged[0] != U._version:
+            rows, cols = x.numel() // x.shape[-1], layer.in_features * layer.out_features
+            cheaper = rows * (layer.in_features + layer.out_features) >= MERGE_ROWS * cols
+            group.merged = (U._version, self._merge(group, layer, U) if self.merging == "on" or cheaper else None)
+        return None if group.merged[1] is None else (group.merged[1][id(layer)], run)
+
+    def _merge(self, group, layer: "AuroraLinear", U: torch.Tensor) -> dict:
+        """{id(layer): W + s·ΔW} for every layer of ``layer``'s kind, from its group's stack."""
+        layers, stack = self.members[_kind(layer)], group.value
+        rank, width = U.shape[0], layer.target.width
+        with torch.no_grad():
+            U = _as(U, stack.dtype)
+            spans = {id(m): self._run(group, m).span for m in layers}
+            if layer.a == 1:  # stack (K, d_out, R): ΔW's rows, b blocks of d_out per layer
+                delta = torch.mm(stack.view(-1, rank), U)
+                merged = {key: delta[start * width:stop * width] for key, (start, stop) in spans.items()}
+            else:  # stack (K, R, d_out): ΔWᵀ, a blocks of d_in rows per layer
+                delta = torch.matmul(U.t(), stack)
+                merged = {key: delta[start:stop].view(-1, width).t() for key, (start, stop) in spans.items()}
+            torch._foreach_add_([merged[id(m)] for m in layers], [m.base_layer.weight for m in layers])
+        return merged
+
+
+MERGE_ROWS = 16  # merged: auto merges where the rows are this many times in·out / (in + out)
+
 
 def _kind(layer: "AuroraLinear") -> tuple | None:
-    """Layers whose update blocks are made together: one output width's factors, a == 1 (blocks
-    by output block) or b == 1 (by input block), one scale. None for a > 1 and b > 1."""
+    """Layers whose update blocks (and merged weights) are made together: one output width's and
+    one input width's factors, a == 1 (blocks by output block) or b == 1 (by input block), one
+    scale. None for a > 1 and b > 1."""
     if layer.a > 1 and layer.b > 1:
         return None
-    return (id(layer.target), layer.a == 1, layer.scale)
+    return (id(layer.target), id(layer.source), layer.a == 1, layer.scale)
 
 
 class AuroraFactors(nn.Module):
@@ -486,6 +595,8 @@ class AuroraLinear(nn.Module):
     (:class:`ModeDownProjection`, shared with the other layers reading the same input through
     ``sharing``) and the rest of the update accumulated into the frozen output in place
     (:class:`ModeUpdate`). Neither keeps x where :func:`rebuild_recipe` can do without it.
+    Without dropout on the rank path, two: U · x (no input gradient) and the merged linear
+    (:class:`MergedLinear`), where ``sharing`` makes the merged weight.
     """
 
     def __init__(self, base: nn.Linear, source: AuroraFactors, target: AuroraFactors, scale: float = 1.0,
@@ -528,12 +639,19 @@ class AuroraLinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         if self.merged:
-            return y
+            return self.base_layer(x)
         down = self.source.down
-        u, sink = (down(x), None) if self.sharing is None else self.sharing.down(down, x)
         dropout = down.dropout if self.training else 0.0
+        merged = None if self.sharing is None or dropout > 0 else self.sharing.merged_weight(self, x)
+        if merged is not None:  # y = (W + s·ΔW) x + b: exact without dropout
+            weight, run = merged
+            if not torch.is_grad_enabled():
+                return F.linear(x, weight, self.bias)
+            u, sink = self.sharing.down(down, x, input_grad=False)
+            return MergedLinear.apply(x, weight, self.bias, u, run.T, run, sink)
+        y = self.base_layer(x)
+        u, sink = (down(x), None) if self.sharing is None else self.sharing.down(down, x)
         base = _whole_base(y)
         out = self.target.up(y if base is None else base, u, self, dropout, sink)
         return out if base is None else out.view(y.shape)

@@ -226,6 +226,7 @@ def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
 
     layers = {}
     sharing = InputSharing()
+    sharing.merging = config.merged
     for name, (source, target) in plan.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -62,7 +62,8 @@ class CallMemo:
         if self.owner is None:
             self.owner = module
             for key in [k for k, g in self.kept.items() if not g.current()]:
-                self.kept.pop(key).value = None  # a group whose backward never ran is in a cycle
+                group = self.kept.pop(key)  # a group whose backward never ran is in a cycle
+                group.value = group.merged = None
 
     def _close(self, module, args, output):
         if torch.compiler.is_compiling() or self.traced_owner is module:
@@ -108,6 +109,7 @@ class Group:
 
     def __init__(self, make, inputs):
         self.grad, self.written, self.index, self.done = None, set(), {}, False
+        self.merged = None  # what merged layers make from ``value`` (layer.py), as long as it lives
         self.inputs, self.versions = inputs, [t._version for t in inputs]
         self.value = MadeOnce.apply(self, make, *inputs) if torch.is_grad_enabled() else make(*inputs)
         self.trained = self.value.requires_grad
@@ -151,7 +153,7 @@ class MadeOnce(torch.autograd.Function):
     def backward(ctx, _unused):
         group, leaves, made = ctx.group, ctx.leaves, ctx.made
         ctx.group = ctx.leaves = ctx.made = None  # group -> value -> this node -> group: a cycle
-        group.done = True
+        group.done, group.merged = True, None  # (its runs refer to it: freed by the collector, not at once)
         if group.grad is None:  # no user's backward ran
             return (None,) * (2 + len(leaves))
         needs = [t for t in leaves if t.requires_grad]

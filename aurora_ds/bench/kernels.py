@@ -7,7 +7,9 @@ views, allocations and metadata queries, which launch nothing. It does not depen
 sizes, so a CPU run at 32 px and batch 2 counts what a GPU run at 224 px and batch 8 launches.
 
 CPU's dropout is several ops (a Bernoulli draw, a division, a product) where CUDA's
-``native_dropout`` is one kernel; a dropout call is counted as one, as CUDA would launch it.
+``native_dropout`` is one kernel; a dropout call is counted as one, as CUDA would launch it. A
+``_foreach_`` op is one (CUDA splits it into a kernel per chunk of tensors), except where its
+tensor lists differ in layout: CUDA then runs it tensor by tensor, counted so.
 """
 
 from __future__ import annotations
@@ -44,12 +46,25 @@ class KernelCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.muted and launches(func):
-            self.ops[func._schema.name.split("::")[-1]] += 1
+            name = func._schema.name.split("::")[-1]
+            self.ops[name] += _foreach_kernels(args) if name.startswith("_foreach_") else 1
         return func(*args, **(kwargs or {}))
 
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple((n, s) for n, s in zip(t.shape, t.stride()) if n > 1)
+
+
+def _foreach_kernels(args) -> int:
+    """1, or one per tensor where the op's tensor lists differ in layout (CUDA's slow path)."""
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    first = lists[0] if lists else []
+    mixed = any(_layout(t) != _layout(f) for other in lists[1:] for t, f in zip(other, first))
+    return len(first) if mixed else 1
 
 
 class _DropoutAsOne(TorchFunctionMode):

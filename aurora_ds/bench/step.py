@@ -5,7 +5,9 @@
 * floor-nopix: the same without the patch convolution's gradient to the pixels (what an
   adapter needs: nothing below the first adapted layer);
 * aurora: the paper's targets (R=4 tiny, R=32 base) with its defaults (GQT, ICE), AdamW step;
-* aurora-nodrop: the same with rank-path dropout 0 (aurora: 0.1);
+* aurora-nodrop: the same with rank-path dropout 0 (aurora: 0.1; ``merged: auto``), and with
+  ``merged: on`` (aurora-merged: every adapted layer through one merged weight) or ``off``
+  (aurora-unmerged);
 * aurora-plain: the same adapted linears without GQT and ICE;
 * lora / lora-nodrop: peft LoRA on exactly the Aurora-adapted linears, rank chosen so its
   trainable count is closest to Aurora's (rank r on an out x in linear costs r * (in + out)),
@@ -45,7 +47,8 @@ import time
 
 from .report import bar_chart, cli_config, fmt, machine, ratio, table, write
 
-METHODS = ("floor", "floor-nopix", "aurora", "aurora-nodrop", "aurora-plain", "lora", "lora-nodrop", "vera", "full")
+METHODS = ("floor", "floor-nopix", "aurora", "aurora-nodrop", "aurora-merged", "aurora-unmerged", "aurora-plain", "lora",
+           "lora-nodrop", "vera", "full")
 COMPILED = "+compiled"  # a method's suffix: its step under torch.compile (full graph; CUDA graphs on a GPU)
 SIZES = {"tiny": ("blip-tiny-retrieval", 4), "base": ("blip-base-retrieval", 32),
          "narrow": ("blip-base-narrow-retrieval", 32)}
@@ -158,8 +161,9 @@ def prepare(method: str, backbone: str, rank: int, dtype, device, compiled: bool
             # Backward through the whole vision tower still, but not the patch convolution's to the pixels.
             patches = model.vision_model.embeddings.patch_embedding
             patches.register_forward_hook(need_grad(patches))
-    elif method in ("aurora", "aurora-nodrop", "aurora-plain"):
-        options = {"aurora-nodrop": {"dropout": 0.0},
+    elif method in ("aurora", "aurora-nodrop", "aurora-merged", "aurora-unmerged", "aurora-plain"):
+        options = {"aurora-nodrop": {"dropout": 0.0}, "aurora-merged": {"dropout": 0.0, "merged": "on"},
+                   "aurora-unmerged": {"dropout": 0.0, "merged": "off"},
                    "aurora-plain": {"gated_query": False, "context_enhancement": False}}.get(method, {})
         adapted = list(inject_aurora(model, AuroraConfig(rank=rank, backbone=backbone, **options)).layers.values())
     elif method in ("lora", "lora-nodrop"):
