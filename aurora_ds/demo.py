@@ -40,7 +40,9 @@ def train(name: str, recipe: str, specs: dict, checkpoint: Path, out: Path, env:
     val = ["--eval-shards", specs["val"]] if "val" in specs else []
     cmd = ["bash", str(ROOT / "launchers" / "local.sh"), str(processes), "--recipe", recipe,
            "--train-shards", specs["train"], *val, "--test-shards", specs["test"], "--out", str(out),
-           "--set", "backbone.name=blip-tiny-retrieval", "--set", f"backbone.checkpoint={checkpoint}", "--set", "output.progress=false"]
+           "--set", "backbone.name=blip-tiny-retrieval", "--set", f"backbone.checkpoint={checkpoint}",
+           # random weights: no tokenizer to keep, one is trained on the captions
+           "--set", "backbone.train_tokenizer=true", "--set", "output.progress=false"]
     for item in extra:
         cmd += ["--set", item]
     run = RunDir(out)

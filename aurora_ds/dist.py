@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as _td
@@ -185,6 +186,18 @@ def any_rank(flag: bool) -> bool:
     return bool(_reduce_int(int(flag), _td.ReduceOp.MAX if is_distributed() else None))
 
 
+class RanksFailed(RuntimeError):
+    """Raised on the ranks that did not fail when others did; names them and their errors."""
+
+
+def fail_once(prog: str, error: BaseException):
+    """End a process on an error found at setup: rank 0 says it (every rank found it, or learnt
+    of it from the ranks that did), the others exit quietly, so a launch of N ranks prints one
+    line, not N tracebacks."""
+    rank = process_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
+    sys.exit(f"{prog}: {error}" if rank == 0 else 1)
+
+
 def stop_if_any_rank_failed(error: BaseException | None, what: str) -> None:
     """Every rank says whether ``what`` failed on it (one small all-reduce); if any did, every
     rank stops: the failing ones with their own error, the others with an error naming the
@@ -196,7 +209,7 @@ def stop_if_any_rank_failed(error: BaseException | None, what: str) -> None:
     if error is not None:
         raise error
     failed = [(r, m) for r, m in enumerate(reports) if m]
-    raise RuntimeError(f"stopping because {what} failed on rank(s) {[r for r, _ in failed]}: "
+    raise RanksFailed(f"stopping because {what} failed on rank(s) {[r for r, _ in failed]}: "
                        + "; ".join(f"rank {r}: {m}" for r, m in failed))
 
 

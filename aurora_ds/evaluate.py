@@ -9,9 +9,9 @@ which records its run (an adapter without that record needs ``--recipe``), with 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .backbones import PRECISIONS
+from .dist import RanksFailed, fail_once
 from .engine.config import EvalRunConfig, list_recipes
 
 
@@ -46,8 +46,8 @@ def main(argv=None):
         from .engine.loop import evaluate
 
         evaluate(cfg, eval_cfg.adapter or None)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"aurora-eval: {e}")
+    except (ValueError, FileNotFoundError, RanksFailed) as e:
+        fail_once("aurora-eval", e)
 
 
 if __name__ == "__main__":

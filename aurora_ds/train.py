@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .dist import RanksFailed, fail_once
 from .engine.config import build_config, list_recipes
 
 
@@ -52,8 +53,8 @@ def main(argv=None):
 
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"aurora-train: {e}")
+    except (ValueError, FileNotFoundError, RanksFailed) as e:
+        fail_once("aurora-train", e)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ def train_cmd(args, recipe, backbone, checkpoint, data, out, precision, extra=()
            "-m", "aurora_ds.train"] if deepspeed else [sys.executable, "-m", "aurora_ds.train", "--no-deepspeed"]
     cmd += ["--recipe", recipe, "--train-shards", data["train"], "--eval-shards", data["test"], "--out", str(out),
             "--max-steps", str(args.steps)]
-    return cmd + sets({"backbone.name": backbone, "backbone.checkpoint": checkpoint, "engine.precision": precision,
-                       **SMALL, **dict(extra)})
+    # random-weight checkpoints: a tokenizer is trained on the captions
+    return cmd + sets({"backbone.name": backbone, "backbone.checkpoint": checkpoint, "backbone.train_tokenizer": True,
+                       "engine.precision": precision, **SMALL, **dict(extra)})
 
 
 def figures(out: Path) -> dict:

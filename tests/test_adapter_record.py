@@ -215,7 +215,8 @@ def test_a_copied_adapter_evaluates_alone_as_in_its_run(tiny_checkpoint, tmp_pat
     data = sample_shards("vqa", 8, tmp_path / "raw", str(tmp_path / "shards"), seed=1, maxcount=3)
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    small = ["backbone.name=blip-tiny-vqa", f"backbone.checkpoint={tmp_path / 'ckpt'}", "aurora.rank=4",
+    small = ["backbone.name=blip-tiny-vqa", f"backbone.checkpoint={tmp_path / 'ckpt'}", "backbone.train_tokenizer=true",
+             "aurora.rank=4",
              "optim.batch_size=4", "eval.batch_size=8", "data.image_size=32", "data.num_workers=1", "output.progress=false"]
     cmd = [sys.executable, "-m", "aurora_ds.train", "--no-deepspeed", "--recipe", "vqa", "--train-shards", data["train"],
            "--eval-shards", data["test"], "--out", str(out), "--max-steps", "2", *sum((["--set", s] for s in small), [])]

@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from aurora_ds.engine.backend import PlainBackend, compile_step
 from aurora_ds.engine.config import build_config
-from aurora_ds.engine.loop import check_backbone, train
+from aurora_ds.engine.loop import train
+from aurora_ds.engine.setup import check_backbone
 
 # Ops whose result the host must wait for (a value read back, or a shape that depends on values).
 HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "unique_consecutive",

@@ -31,6 +31,7 @@ def _env(trace=None):
 
 def _args(checkpoint, shards, out, *extra):
     args = ["--set", f"data.train_shards={shards}", "--set", f"backbone.checkpoint={checkpoint}",
+            "--set", "backbone.train_tokenizer=true",
             "--set", "objective.queue_size=32", "--set", "aurora.rank=4", "--set", "output.progress=false",
             "--set", "output.log_every=1", "--set", "optim.batch_size=3", "--set", "data.num_workers=2",
             "--set", "data.image_size=32", "--out", str(out)]
@@ -219,7 +220,7 @@ def test_summary_and_tensorboard_carry_the_data_wait_fraction(tiny_checkpoint, s
     monkeypatch.setenv("AURORA_TRACE_SAMPLES", str(trace))
     out = tmp_path / "run"
     train(build_config("", {"engine.deepspeed": False, "data.train_shards": shards, "backbone.checkpoint": str(tiny_checkpoint),
-                            "objective.queue_size": 16, "aurora.rank": 4, "optim.batch_size": 2, "optim.epochs": 3,
+                            "backbone.train_tokenizer": True, "objective.queue_size": 16, "aurora.rank": 4, "optim.batch_size": 2, "optim.epochs": 3,
                             "data.num_workers": 1, "data.image_size": 32, "output.dir": str(out),
                             "output.progress": False, "output.log_every": 1}))
     summary = json.loads((out / "summary.json").read_text())

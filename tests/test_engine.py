@@ -444,7 +444,7 @@ from safetensors.torch import load_file
 deepspeed.init_distributed()
 from aurora_ds import AuroraConfig, build_backbone, inject_aurora
 from aurora_ds.dist import shutdown
-from aurora_ds.engine.loop import release_shm_buffer
+from aurora_ds.engine.setup import release_shm_buffer
 release_shm_buffer()
 
 ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},

@@ -249,7 +249,10 @@ def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
             gated[name].attach(block)
 
     if config.context_enhancement and preset.context:
-        head = model.get_submodule(preset.context)
+        head = dict(model.named_modules()).get(preset.context)
+        if head is None:  # e.g. a retrieval configuration given a VQA model
+            raise ValueError(f"Aurora for {config.backbone or 'this model'} enhances the context of {preset.context!r}, "
+                             f"which {type(model).__name__} does not have: the configuration is for another model")
         model.add_module(CONTEXT_ATTR, ContextEnhancement(head.in_features, config.context_scale,
                                                           dtype=head.weight.dtype, device=head.weight.device))
 
@@ -263,7 +266,10 @@ def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
 def load_adapter(model: torch.nn.Module, directory):
     """Inject Aurora as recorded in ``directory`` into ``model`` and load its tensors."""
     meta = read_adapter_config(directory)
-    handle = inject_aurora(model, AuroraConfig.from_dict(meta["aurora"]))
+    try:
+        handle = inject_aurora(model, AuroraConfig.from_dict(meta["aurora"]))
+    except ValueError as exn:
+        raise ValueError(f"adapter {directory} does not fit this {type(model).__name__}: {exn}") from None
     if handle.describe()["layers"] != meta["layers"]:
         got, want = set(handle.describe()["layers"]), set(meta["layers"])
         raise ValueError(

@@ -9,6 +9,7 @@ timm) happen only when a model is built.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -103,11 +104,16 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+WEIGHTS_DIGEST_CACHE = ".aurora_weights_sha256.json"
+
+
 def checkpoint_identity(checkpoint) -> dict:
-    """What identifies a checkpoint directory without reading its weights (GBs for BLIP-2):
-    the SHA-256 over its ``config.json``, its weight index (a sharded checkpoint's) and the
-    names and sizes of its weight files. A copy moved elsewhere keeps it; another model, or
-    the same one re-saved in another dtype or sharding, changes it."""
+    """What identifies a checkpoint directory: the SHA-256 over its ``config.json``, its weight
+    index (a sharded checkpoint's) and the names and sizes of its weight files (``sha256``, the
+    form adapters recorded first), the SHA-256 of the weight bytes themselves
+    (``weights_sha256``: two checkpoints of one config, such as BLIP's COCO and Flickr ITM, differ
+    only there) and the config's ``architectures``. A copy moved elsewhere keeps it; another
+    model, or the same one re-saved in another dtype or sharding, changes it."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise FileNotFoundError(f"backbone.checkpoint: checkpoint directory {path} does not exist")
@@ -115,10 +121,58 @@ def checkpoint_identity(checkpoint) -> dict:
     for name in ("config.json", *WEIGHT_INDEXES):
         if (path / name).is_file():
             digest.update(f"{name}\0".encode() + (path / name).read_bytes() + b"\0")
-    weights = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file() and f.suffix in WEIGHT_SUFFIXES}
+    files = [f for f in sorted(path.iterdir()) if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
+    weights = {f.name: f.stat().st_size for f in files}
     for name, size in weights.items():
         digest.update(f"{name}\0{size}\0".encode())
-    return {"path": str(path.resolve()), "sha256": digest.hexdigest(), "weights": weights}
+    return {"path": str(path.resolve()), "sha256": digest.hexdigest(), "weights": weights,
+            "weights_sha256": weights_digest(path, files), "architectures": checkpoint_architectures(path)}
+
+
+def checkpoint_architectures(path) -> list[str]:
+    """The model classes a checkpoint's ``config.json`` says it holds (empty when it says none)."""
+    import json
+
+    try:
+        return list(json.loads(Path(path, "config.json").read_text()).get("architectures") or [])
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def weights_digest(path: Path, files: list[Path]) -> str:
+    """SHA-256 over the bytes of the weight ``files`` (GBs for BLIP-2: read once), cached in
+    ``WEIGHTS_DIGEST_CACHE`` beside them per file name, size and mtime; a read-only directory
+    is read every time instead."""
+    import json
+
+    cache_file = path / WEIGHTS_DIGEST_CACHE
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    keys = {f.name: f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files}
+    fresh = {}
+    for f in files:
+        known = cache.get(f.name) or {}
+        if known.get("key") == keys[f.name]:
+            fresh[f.name] = known
+            continue
+        one = hashlib.sha256()
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                one.update(block)
+        fresh[f.name] = {"key": keys[f.name], "sha256": one.hexdigest()}
+    if fresh != cache:
+        try:
+            tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(fresh, indent=1, sort_keys=True))
+            tmp.replace(cache_file)
+        except OSError:
+            pass  # a read-only checkpoint: digested again next time
+    digest = hashlib.sha256()
+    for name in sorted(fresh):
+        digest.update(f"{name}\0{fresh[name]['sha256']}\0".encode())
+    return digest.hexdigest()
 
 
 def text_vocab_size(spec: BackboneSpec, config) -> int:

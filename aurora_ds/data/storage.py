@@ -368,6 +368,19 @@ def object_sizes(prefix):
     return {"s3://" + e["name"]: int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
 
 
+def bucket_exists(url):
+    """Whether the bucket of ``s3://bucket/...`` exists (a listing of nothing does not tell)."""
+    fs = s3_filesystem()
+    bucket = _s3_path(url).split("/", 1)[0]
+    try:
+        fs.ls(bucket)
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as exn:
+        raise s3_error(url, exn) from exn
+
+
 def read_bytes(url):
     with open_url(url, "rb") as f:
         return f.read()

@@ -5,8 +5,9 @@ directory, not the recipe. ``aurora/io.py`` writes the record as plain values (t
 
     backbone       name, family, interface (blip | blip2) of the registered backbone
     task, media    objective.task (retrieval | qa) and data.media (image | video)
-    checkpoint     path and SHA-256 over config.json, weight index, weight names and sizes
-                   (backbones.checkpoint_identity), or {"random_init": NAME}
+    checkpoint     path, SHA-256 over config.json, weight index, weight names and sizes, SHA-256
+                   of the weight bytes, architectures (backbones.checkpoint_identity), or
+                   {"random_init": NAME}
     tokenizer      source, SHA-256 of its files, whether it was trained on the run's text (then
                    the adapter carries it in tokenizer/); null for synthetic data
     preprocessing  mean, std, size, resample, as the run fed the images
@@ -101,9 +102,12 @@ def check_fits(record: dict, cfg, adapter_dir, asked_by: str):
         raise ValueError(f"adapter {adapter_dir} was trained for {say(recorded)}; {asked_by} asks for {say(wanted)}")
 
 
-def check_checkpoint(record: dict, cfg, adapter_dir):
+def check_checkpoint(record: dict, cfg, adapter_dir, log=None):
     """The backbone checkpoint (recorded path, or ``--set backbone.checkpoint``) must be the one
-    the adapter was trained on; a moved but identical copy is fine."""
+    the adapter was trained on: another architecture, config or weight layout is an error; the
+    same layout with other weight values (BLIP's COCO and Flickr ITM checkpoints), or a copy at
+    another path, is a warning naming both, said through ``log`` (a print-like callable). An
+    adapter recorded before weights were digested is held to the layout alone."""
     recorded = record["checkpoint"]
     given = cfg.backbone.checkpoint
     if "random_init" in recorded:
@@ -115,11 +119,22 @@ def check_checkpoint(record: dict, cfg, adapter_dir):
         raise ValueError(f"adapter {adapter_dir} was trained from checkpoint {recorded['path']} (SHA-256 "
                          f"{recorded['sha256']}): set backbone.checkpoint=DIR to that checkpoint")
     actual = checkpoint_identity(given)
+    if recorded.get("architectures") and actual["architectures"] != recorded["architectures"]:
+        raise ValueError(f"backbone.checkpoint={given} holds {actual['architectures']}, but adapter {adapter_dir} was "
+                         f"trained on {recorded['architectures']} ({recorded['path']})")
     if actual["sha256"] != recorded["sha256"]:
         raise ValueError(f"backbone.checkpoint={given} is not the checkpoint adapter {adapter_dir} was trained from: "
                          f"its identity (config.json, weight index, weight file names and sizes) has SHA-256 "
                          f"{actual['sha256']}, the adapter recorded {recorded['sha256']} for {recorded['path']} "
                          f"(weights {actual['weights']} here, {recorded.get('weights')} there)")
+    say = log or (lambda message: None)
+    if recorded.get("weights_sha256") and actual["weights_sha256"] != recorded["weights_sha256"]:
+        say(f"[aurora] warning: the weights of backbone.checkpoint={given} (SHA-256 {actual['weights_sha256']}) are "
+            f"not those adapter {adapter_dir} was trained on: {recorded['path']} (SHA-256 {recorded['weights_sha256']}); "
+            "same config and file sizes, other values (another fine-tuning of the same model?)")
+    elif actual["path"] != recorded["path"]:
+        say(f"[aurora] warning: backbone.checkpoint={given} is not where adapter {adapter_dir} was trained from "
+            f"({recorded['path']})" + (": same weights" if recorded.get("weights_sha256") else ""))
 
 
 def check_tokenizer(record: dict, source: tuple[str, str], adapter_dir):
@@ -142,14 +157,14 @@ def check_preprocessing(record: dict, prep: dict, adapter_dir, where: str):
         raise ValueError(f"image preprocessing of {where} is {mine}, but adapter {adapter_dir} was trained with {theirs}")
 
 
-def check_evaluation(record: dict, cfg, adapter_dir, tokenizer: tuple[str, str]):
+def check_evaluation(record: dict, cfg, adapter_dir, tokenizer: tuple[str, str], log=None):
     """What an adapter records, held against an evaluation before the backbone is built (its
     backbone, task and media are checked first, by ``check_fits``): checkpoint identity, the
     tokenizer about to be used (``tokenizer``: its config key and directory), image
     preprocessing, the run directory the adapter sits in, if any."""
     from .data import preprocessing
 
-    check_checkpoint(record, cfg, adapter_dir)
+    check_checkpoint(record, cfg, adapter_dir, log)
     check_tokenizer(record, tokenizer, adapter_dir)
     where = (f"backbone.checkpoint={cfg.backbone.checkpoint} (preprocessor_config.json)" if cfg.backbone.checkpoint
              else f"the {cfg.backbone.name} defaults")

@@ -70,7 +70,11 @@ def usable_cpus() -> int:
 class BackboneSection:
     name: str = "blip-tiny-retrieval"  # a registered backbone (aurora_ds.backbones)
     checkpoint: str = ""  # local backbone directory; empty = random init from the named config
-    tokenizer: str = ""  # tokenizer directory; empty = the checkpoint's, or trained on the captions
+    tokenizer: str = ""  # tokenizer directory; empty = the checkpoint's (required for a checkpoint)
+    # train a WordPiece tokenizer on data.train_shards' text: for random weights only (no
+    # checkpoint, or a random-weight one such as the demo's); a pretrained checkpoint without
+    # its tokenizer is an error, never a fallback
+    train_tokenizer: bool = False
     train_heads: bool = True  # also train the backbone's small task heads (ITM, projections)
     # BLIP's own token conventions (the Salesforce checkpoints were trained with them): [DEC]/[ENC]
     # added to a tokenizer lacking them, [ENC] at position 0 of matching and the VQA question

@@ -130,10 +130,11 @@ def _training_answers(spec: str, size: int) -> list[str]:
 
 def tokenizer_source(cfg) -> tuple[str, str] | None:
     """(config key, directory) of the tokenizer a run uses, when one is given or shipped with
-    the checkpoint; None when one is to be trained on the captions."""
+    the checkpoint; None when one is to be trained on the captions (``backbone.train_tokenizer``,
+    or no checkpoint: random weights)."""
     if cfg.backbone.tokenizer:
         return "backbone.tokenizer", cfg.backbone.tokenizer
-    if cfg.backbone.checkpoint and has_tokenizer(cfg.backbone.checkpoint):
+    if cfg.backbone.checkpoint and not cfg.backbone.train_tokenizer and has_tokenizer(cfg.backbone.checkpoint):
         return "backbone.checkpoint", cfg.backbone.checkpoint
     return None
 

@@ -16,62 +16,29 @@ import tarfile
 from collections import defaultdict
 from urllib.parse import urlparse
 
-from ..dist import stop_if_any_rank_failed
-from .data import read_answer_list
 
 SHARD_KEYS = ("data.train_shards", "data.eval_shards", "data.test_shards")
 
 
 def validate_inputs(cfg, world_size: int = 1) -> None:
-    """Check every input of ``cfg`` on this rank; collective: every rank stops if one failed."""
-    _on_every_rank(_check, cfg, world_size)
+    """Check every input of ``cfg`` on this rank (``setup.check_inputs``); collective: every rank
+    stops if one failed."""
+    from ..backbones import get_spec
+    from .setup import check_inputs, on_every_rank
+
+    on_every_rank(check_inputs, cfg, get_spec(cfg.backbone.name), world_size, {key: key for key in SHARD_KEYS})
 
 
 def validate_eval_shards(spec: str) -> None:
-    """``aurora-eval --shards``: the one input it reads beyond what it checks as it loads."""
-    _on_every_rank(check_shards, "--shards", spec)
+    """``aurora-eval --shards``: the shards it reads."""
+    from .setup import on_every_rank
 
-
-def _on_every_rank(check, *args):
-    try:
-        problem = None
-        check(*args)
-    except (ValueError, OSError) as exn:
-        problem = exn
-    stop_if_any_rank_failed(problem, "checking the run's inputs")
-
-
-def _check(cfg, world_size: int):
-    if cfg.data.source == "shards":
-        for key in SHARD_KEYS:
-            spec = getattr(cfg.data, key.split(".")[1])
-            if spec:
-                check_shards(key, spec)
-    if cfg.backbone.checkpoint:
-        from ..backbones import backbone_config
-
-        backbone_config(cfg.backbone.name, cfg.backbone.checkpoint)  # a directory with a readable config.json
-    if cfg.backbone.tokenizer:
-        from ..backbones.tokenizer import has_tokenizer
-
-        if not os.path.isdir(cfg.backbone.tokenizer):
-            raise FileNotFoundError(f"backbone.tokenizer={cfg.backbone.tokenizer}: tokenizer directory does not exist")
-        if not has_tokenizer(cfg.backbone.tokenizer):
-            raise FileNotFoundError(f"backbone.tokenizer={cfg.backbone.tokenizer}: no tokenizer.json or vocab.txt there")
-    if cfg.eval.answer_list:
-        read_answer_list(cfg.eval.answer_list, "eval.answer_list")
-    if cfg.engine.deepspeed:
-        from .dsconfig import build_ds_config
-
-        try:
-            build_ds_config(cfg.engine.ds_config, cfg, world_size)
-        except (ValueError, OSError) as exn:
-            raise type(exn)(f"engine.ds_config: {exn}") from None  # its message names the file
+    on_every_rank(check_shards, "--shards", spec)
 
 
 def check_shards(key: str, spec: str):
     """Every shard of ``spec`` (the value of config key ``key``) is there and non-empty."""
-    from ..data.storage import is_s3, object_sizes
+    from ..data.storage import bucket_exists, is_s3, object_sizes, s3_settings
     from ..data.urls import expand_urls
 
     try:
@@ -90,6 +57,11 @@ def check_shards(key: str, spec: str):
         except OSError as exn:
             raise ValueError(f"{key}: cannot list the shards under {folder}: {exn}") from None
         missing = [u for u in wanted if u not in sizes]
+        if missing and not sizes and not bucket_exists(folder):
+            bucket = folder[len("s3://"):].split("/", 1)[0]
+            raise FileNotFoundError(f"{key}={spec}: bucket {bucket!r} does not exist at the S3 endpoint "
+                                    f"{s3_settings()['endpoint_url'] or 'of AWS'} (create it, or check the "
+                                    "bucket name and AWS_ENDPOINT_URL)")
         if missing:
             raise FileNotFoundError(f"{key}: {len(missing)} of the {len(wanted)} shards under {folder} do not exist, "
                                     f"e.g. {', '.join(missing[:3])}")

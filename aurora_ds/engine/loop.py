@@ -12,75 +12,21 @@ from pathlib import Path
 import torch
 
 from ..aurora import inject_aurora
-from ..backbones import backbone_config, build_backbone, get_spec, text_vocab_size
-from ..dist import (barrier, free_port, gather_objects, mean_over_ranks, process_rank, set_compute_device,
-                    shutdown, stop_if_any_rank_failed, world)
-from .backend import CAPTURED, DeepSpeedBackend, PlainBackend, local_parameter_bytes, secondary_parameter_bytes
-from .adapter_record import AdapterRecord, check_checkpoint, check_evaluation, check_fits, read_record
-from .checkpoint import (find_checkpoint, load_adapter_values, load_checkpoint, save_adapter, save_checkpoint,
-                         verify_checkpoint)
-from ..backbones import PRECISIONS
-from .dsconfig import build_ds_config, gpus_per_node, zero_stage
+from ..backbones import PRECISIONS, build_backbone
+from ..dist import gather_objects, mean_over_ranks, process_rank, shutdown, stop_if_any_rank_failed
+from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes, secondary_parameter_bytes
+from .checkpoint import load_adapter_values, load_checkpoint, save_adapter, save_checkpoint
+from .dsconfig import zero_stage
 from .ema import EMA
-from .inputs import validate_eval_shards, validate_inputs
 from .logging import RunLogger, peak_memory_mb
-from .rundir import CHECKPOINT_ADAPTER, RunDir
-
-def _stderr(message: str):
-    print(message, file=sys.stderr, flush=True)
+from .rundir import RunDir
+from .setup import RunSetup, prepare
 
 
-def setup_distributed(cfg) -> tuple[int, int]:
-    """DeepSpeed picks gloo on CPU and nccl on GPU by itself; the plain path is one process."""
-    if cfg.engine.deepspeed:
-        import deepspeed
-
-        if "RANK" not in os.environ:  # started without a launcher: a 1-rank group on this host
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-        from datetime import timedelta
-
-        # Bounds every wait across ranks: a rank that died or hangs cannot hold the others forever.
-        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.engine.collective_timeout_s))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        else:
-            release_shm_buffer()
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("--no-deepspeed is the single-process reference path; launch it without a launcher")
-    set_compute_device(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
-    return world()
-
-
-def release_shm_buffer():
-    """DeepSpeed's CPU shared-memory allreduce creates one RAM-backed ``/dev/shm`` file per rank
-    (66 MB) and never removes it: every run would leak them. Once every rank has passed
-    ``init_distributed`` (a barrier), all of them have mapped all the files, so each rank unlinks
-    its own now: the mappings stay valid and nothing is left behind, even by a killed run."""
-    path = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-                               f"{os.environ.get('MASTER_PORT')}_{process_rank()}")
-    barrier()
-    path.unlink(missing_ok=True)
-
-
-def deepspeed_config(cfg, size: int) -> tuple[dict | None, str | None, str]:
-    """The run's DeepSpeed config and its layout name (None, None on the plain path); ``auto``
-    takes aurora-plan's recommended layout for this backbone and world, and says which and why."""
-    if not cfg.engine.deepspeed:
-        return None, None, ""
-    layout, note = cfg.engine.ds_config, ""
-    if layout == "auto":
-        from ..plan import choose_layout
-
-        choice = choose_layout(cfg, size, gpus_per_node(size))
-        layout, note = choice["ds_config"], f"[aurora] --ds-config auto: {choice['ds_config']} ({choice['reason']})"
-    return build_ds_config(layout, cfg, size), layout, note
-
-
-def build_model(cfg, ds_config):
-    """The backbone, partitioned as it is built under ZeRO-3, with Aurora injected after."""
-    spec = get_spec(cfg.backbone.name)
-    keep_alive = None
+def build_model(cfg, setup: RunSetup):
+    """The backbone, partitioned as it is built under ZeRO-3, with Aurora injected after, and
+    the task's objective around it (complete: the run's tokenizer and special tokens)."""
+    spec, ds_config, keep_alive = setup.spec, setup.ds_config, None
     if ds_config is not None and zero_stage(ds_config) == 3:
         if spec.family not in ("hf", "blip2"):
             raise ValueError(f"ZeRO-3 training needs a transformers backbone; {cfg.backbone.name} is {spec.family}")
@@ -100,28 +46,23 @@ def build_model(cfg, ds_config):
         # trips ZeRO-3 (duplicate parameter ids in a gradient bucket).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.disable_input_require_grads()
-    return spec, model, handle, keep_alive
+    return make_objective(cfg, model, setup.tokenizer, setup.special), handle, keep_alive
 
 
-def check_backbone(cfg):
-    """Before anything is built: the backbone must serve the task."""
-    spec = get_spec(cfg.backbone.name)
-    if spec.task not in ("retrieval", "vqa"):
-        raise ValueError(f"backbone {cfg.backbone.name} is a {spec.task} model: aurora-train needs a retrieval or VQA "
-                         "backbone (use the Python API to adapt it inside your own model)")
-    if (spec.task == "vqa") != (cfg.objective.task == "qa"):
-        raise ValueError(f"objective.task={cfg.objective.task} does not fit backbone {cfg.backbone.name}, a {spec.task} model")
-    if cfg.engine.compile == "on" and (spec.interface, cfg.objective.task) not in CAPTURED:
-        raise ValueError(f"engine.compile=on captures the step of {sorted(CAPTURED)} (model interface, task) only; "
-                         f"{cfg.backbone.name} is ({spec.interface!r}, {cfg.objective.task!r}): set engine.compile=off or auto")
+def make_backend(cfg, objective, total_steps: int, setup: RunSetup):
+    """DeepSpeed's engine around the objective, or the single-process reference path."""
+    if cfg.engine.deepspeed:
+        return DeepSpeedBackend(objective, cfg, total_steps, setup.ds_config)
+    return PlainBackend(objective, cfg, total_steps)
 
 
-def make_objective(cfg, model):
+def make_objective(cfg, model, tokenizer=None, special=None):
     """The task's loss as an nn.Module around the backbone (what DeepSpeed wraps), from the
     table of (model interface, task) pairs."""
+    from ..backbones import get_spec
     from ..tasks.objectives import make_objective as from_table
 
-    return from_table(get_spec(cfg.backbone.name).interface, cfg.objective.task, model, cfg)
+    return from_table(get_spec(cfg.backbone.name).interface, cfg.objective.task, model, cfg, tokenizer, special)
 
 
 def loader_state(data) -> dict:
@@ -195,95 +136,21 @@ def train(cfg, data=None, evaluator=None) -> dict:
     ``data`` is an iterable of batches (the streaming loader, or synthetic batches);
     ``evaluator(model, handle, step)`` returns metrics (higher ``select`` is better).
     """
-    check_backbone(cfg)
-    rank, size = setup_distributed(cfg)
-    validate_inputs(cfg, size)  # shards, checkpoint, tokenizer, DeepSpeed config, answer list: before any build
-    torch.manual_seed(cfg.engine.seed)  # identical on every rank: identical Aurora init
-    ds_config, layout, layout_note = deepspeed_config(cfg, size)
-    run = RunDir(cfg.output.dir)
-    checkpoint = find_checkpoint(run, cfg.output.resume) if cfg.output.resume else None
-    if checkpoint is not None:  # every file recorded, present and intact, on every rank
-        verify_checkpoint(checkpoint)
-    resumed = read_record(checkpoint / CHECKPOINT_ADAPTER) if checkpoint is not None else None
-    if resumed is not None:  # the same backbone, task, media and checkpoint, or an error naming both
-        check_fits(resumed, cfg, checkpoint / CHECKPOINT_ADAPTER, f"resuming it (output.resume={cfg.output.resume})")
-        check_checkpoint(resumed, cfg, checkpoint / CHECKPOINT_ADAPTER)
-    # Everything that can be checked is checked before the backbone is built: the inputs above,
-    # the checkpoint's config, the tokenizer against it, the data.
-    spec = get_spec(cfg.backbone.name)
-    config = backbone_config(cfg.backbone.name, cfg.backbone.checkpoint or None)
-    from .data import media_size
-
-    image_size = media_size(cfg, spec, config, _stderr if rank == 0 else None)
-    vocab = text_vocab_size(spec, config)
-    tokenizer = special = given = None
-    if cfg.data.source == "shards":
-        from .data import build_evaluator, build_train_data, resolve_tokenizer, text_conventions, tokenizer_source
-
-        tokenizer = resolve_tokenizer(cfg, vocab, _stderr if rank == 0 else None)
-        given = tokenizer_source(cfg)
-        special = text_conventions(cfg, spec, config, tokenizer, trained_here=given is None)
-        data = data if data is not None else build_train_data(cfg, image_size, tokenizer)
-        if evaluator is None and cfg.data.eval_shards:
-            evaluator = build_evaluator(cfg, image_size, tokenizer, run)
-    elif data is None:
-        from .synthetic import SyntheticBatches
-
-        data = SyntheticBatches(cfg, image_size, vocab, rank, size)
-    tester = None
-    if cfg.data.source == "shards" and cfg.data.test_shards:
-        tester = build_evaluator(cfg, image_size, tokenizer, run, split="test")
-    from .data import preprocessing
-
-    used = None if tokenizer is None else given or ("trained on data.train_shards", str(run.tokenizer))
-    record = AdapterRecord(cfg, image_size, preprocessing(cfg), used, trained=tokenizer is not None and given is None)
-    per_epoch = steps_per_epoch(data, cfg.optim.grad_accum)
-    total_steps = cfg.optim.max_steps or (per_epoch * cfg.optim.epochs if per_epoch else 0)
-    if total_steps <= 0:
-        raise ValueError(f"the training data has no known length per epoch ({length_unknown(data)}): set "
-                         "optim.max_steps (each rank then reads its shards epoch after epoch until that many "
-                         "steps) or data.train_num_samples (training pairs per epoch)")
-    if hasattr(data, "last_epoch") and per_epoch:
-        data.last_epoch = (total_steps - 1) // per_epoch  # workers for an epoch the run never reads would idle
-    if checkpoint is None and hasattr(data, "prefetch"):
+    setup = prepare(cfg)  # everything resolved and checked before the backbone is built
+    rank, size, run = setup.rank, setup.size, RunDir(cfg.output.dir)
+    data, evaluator, tester = inputs(cfg, setup, run, data, evaluator)
+    total_steps = plan_steps(cfg, data)
+    if setup.checkpoint is None and hasattr(data, "prefetch"):
         data.prefetch()  # the loader's workers start while the model is built (a resume positions it first)
-    spec, model, handle, _zero3_context = build_model(cfg, ds_config)  # held for the whole run
-    objective = make_objective(cfg, model)
-    objective.tokenizer = tokenizer
-    if special is not None:
-        objective.special = special
-    if cfg.engine.deepspeed:
-        backend = DeepSpeedBackend(objective, cfg, total_steps, ds_config)
-    else:
-        backend = PlainBackend(objective, cfg, total_steps)
+    objective, handle, _zero3_context = build_model(cfg, setup)  # the context is held for the whole run
+    backend = make_backend(cfg, objective, total_steps, setup)
     objective.train()  # from_pretrained returns eval mode; DeepSpeed does not change it
     objective.ema = EMA(backend, handle.named_trainable_parameters(), cfg.objective.momentum)
-
     log = RunLogger(run.tensorboard, rank == 0, total_steps, 0, cfg.output.progress, cfg.output.log_every)
-    log.message(f"[aurora] {handle.format_parameter_report()}")
-    if layout_note:
-        log.message(layout_note)
-    if cfg.data.test_shards and cfg.data.test_shards == cfg.data.eval_shards:
-        log.message("[aurora] warning: data.eval_shards and data.test_shards are the same shards: adapter_best is "
-                    "chosen on the test set, so its test metrics are not held out")
+    for note in [f"[aurora] {handle.format_parameter_report()}", *setup.notes, *warnings_for(cfg)]:
+        log.message(note)
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
-    step, epoch = 0, 0
-    skipped: dict[str, int] = {}
-    history: list[dict] = []
-    best = None
-    if checkpoint is not None:
-        step, client, data_state = load_checkpoint(checkpoint, backend, handle, log.message)
-        objective.ema.load_state_dict(client["ema"])
-        objective.load_objective_state(client["objective"])
-        epoch = int(client["epoch"])
-        # The summary covers the whole run, not only the steps after the resume.
-        history, skipped = list(client.get("history", [])), dict(client.get("skipped", {}))
-        best = client.get("best")
-        if data_state is not None:
-            data.load_state_dict(data_state)
-        log.message(f"[aurora] resumed from {checkpoint} at step {step}")
-    elif cfg.output.resume == "auto":
-        log.message(f"[aurora] no complete checkpoint in {run.checkpoints}: starting fresh")
+    step, epoch, history, skipped, best = resume(cfg, setup.checkpoint, backend, handle, objective, data, run, log)
 
     stream = batches(data, epoch)
     while step < total_steps:
@@ -328,21 +195,18 @@ def train(cfg, data=None, evaluator=None) -> dict:
             # an evaluation set without labels (VQAv2 test-dev) has nothing to select on
             if metrics.get("select") is not None and (best is None or metrics["select"] > best["select"]):
                 best = {"step": step, **metrics}
-                save_adapter(backend, handle, run.adapter_best, {"step": step, "metrics": metrics}, record)
+                save_adapter(backend, handle, run.adapter_best, {"step": step, "metrics": metrics}, setup.record)
         if (cfg.output.save_every and step % cfg.output.save_every == 0) or last:
             client = {"ema": objective.ema.state_dict(), "objective": objective.objective_state(),
-                      "epoch": epoch, "step": step, "history": history, "skipped": skipped,
-                      "best": best}
-            data_state = loader_state(data)
-            save_checkpoint(run, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints, record)
-            save_adapter(backend, handle, run.adapter_latest, {"step": step}, record)
+                      "epoch": epoch, "step": step, "history": history, "skipped": skipped, "best": best}
+            save_checkpoint(run, step, backend, handle, client, loader_state(data), cfg, cfg.output.keep_checkpoints,
+                            setup.record)
+            save_adapter(backend, handle, run.adapter_latest, {"step": step}, setup.record)
 
-    test = None
-    if tester is not None:
-        test = report_on_test(tester, backend, handle, objective, run, best, step, log)
-    summary = {"steps": step, "world_size": size, "ds_config": layout, "parameters": handle.parameter_report(), "skipped": skipped,
-               "best": best, "test": test, **data_wait(history), "history": history, "peak_memory_mb": peak_memory_mb(),
-               "local_parameter_bytes": local_parameter_bytes(objective),
+    test = report_on_test(tester, backend, handle, objective, run, best, step, log) if tester is not None else None
+    summary = {"steps": step, "world_size": size, "ds_config": setup.layout, "parameters": handle.parameter_report(),
+               "skipped": skipped, "best": best, "test": test, **data_wait(history), "history": history,
+               "peak_memory_mb": peak_memory_mb(), "local_parameter_bytes": local_parameter_bytes(objective),
                "secondary_parameter_bytes": secondary_parameter_bytes(objective)}
     if rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -353,6 +217,64 @@ def train(cfg, data=None, evaluator=None) -> dict:
     shutdown()
     return summary
 
+
+def inputs(cfg, setup: RunSetup, run: RunDir, data, evaluator):
+    """(training data, validation evaluator or None, test evaluator or None): the streaming
+    loaders over the run's shards, or synthetic batches; ``data``/``evaluator`` given win."""
+    from .data import build_evaluator, build_train_data
+
+    if cfg.data.source != "shards":
+        from .synthetic import SyntheticBatches
+
+        return data or SyntheticBatches(cfg, setup.image_size, text_vocab(setup), setup.rank, setup.size), evaluator, None
+    data = data if data is not None else build_train_data(cfg, setup.image_size, setup.tokenizer)
+    if evaluator is None and cfg.data.eval_shards:
+        evaluator = build_evaluator(cfg, setup.image_size, setup.tokenizer, run)
+    tester = build_evaluator(cfg, setup.image_size, setup.tokenizer, run, split="test") if cfg.data.test_shards else None
+    return data, evaluator, tester
+
+
+def text_vocab(setup: RunSetup) -> int:
+    from ..backbones import text_vocab_size
+
+    return text_vocab_size(setup.spec, setup.config)
+
+
+def plan_steps(cfg, data) -> int:
+    """Optimizer steps of the run: ``optim.max_steps``, else epochs x steps per epoch."""
+    per_epoch = steps_per_epoch(data, cfg.optim.grad_accum)
+    total_steps = cfg.optim.max_steps or (per_epoch * cfg.optim.epochs if per_epoch else 0)
+    if total_steps <= 0:
+        raise ValueError(f"the training data has no known length per epoch ({length_unknown(data)}): set "
+                         "optim.max_steps (each rank then reads its shards epoch after epoch until that many "
+                         "steps) or data.train_num_samples (training pairs per epoch)")
+    if hasattr(data, "last_epoch") and per_epoch:
+        data.last_epoch = (total_steps - 1) // per_epoch  # workers for an epoch the run never reads would idle
+    return total_steps
+
+
+def warnings_for(cfg) -> list[str]:
+    if cfg.data.test_shards and cfg.data.test_shards == cfg.data.eval_shards:
+        return ["[aurora] warning: data.eval_shards and data.test_shards are the same shards: adapter_best is "
+                "chosen on the test set, so its test metrics are not held out"]
+    return []
+
+
+def resume(cfg, checkpoint, backend, handle, objective, data, run: RunDir, log):
+    """(step, epoch, history, skipped, best) restored from ``checkpoint``, or a fresh start's."""
+    if checkpoint is None:
+        if cfg.output.resume == "auto":
+            log.message(f"[aurora] no complete checkpoint in {run.checkpoints}: starting fresh")
+        return 0, 0, [], {}, None
+    step, client, data_state = load_checkpoint(checkpoint, backend, handle, log.message)
+    objective.ema.load_state_dict(client["ema"])
+    objective.load_objective_state(client["objective"])
+    if data_state is not None:
+        data.load_state_dict(data_state)
+    log.message(f"[aurora] resumed from {checkpoint} at step {step}")
+    # The summary covers the whole run, not only the steps after the resume.
+    return (step, int(client["epoch"]), list(client.get("history", [])), dict(client.get("skipped", {})),
+            client.get("best"))
 
 
 def data_wait(history: list[dict]) -> dict:
@@ -381,62 +303,24 @@ def report_on_test(tester, backend, handle, objective, run: RunDir, best: dict |
     return {**about, "metrics": metrics}
 
 
-def _trained_here(cfg, tokenizer_dir: Path) -> bool:
-    """For a tokenizer given without an adapter record (``--zero-shot``): one some run trained on
-    its captions (``train_tokenizer`` writes tokenizer.json alone) has [DEC]/[ENC] ids of its own,
-    not held to the checkpoint's config; the checkpoint's own tokenizer, or any WordPiece
-    vocab.txt, is."""
-    same = cfg.backbone.checkpoint and tokenizer_dir.resolve() == Path(cfg.backbone.checkpoint).resolve()
-    return not same and not (tokenizer_dir / "vocab.txt").is_file()
-
-
 def evaluate(cfg, adapter_dir=None) -> dict:
     """Evaluate a saved adapter on cfg.data.eval_shards (``aurora-eval``); any number of ranks.
     Without an adapter, the frozen checkpoint: Aurora is injected with V = 0, an exact no-op.
     An adapter's record (``adapter_record.py``) is checked against ``cfg`` before anything is built."""
-    from .checkpoint import load_adapter_values
-    from .data import build_evaluator, media_size, text_conventions, tokenizer_source
-    from ..backbones.tokenizer import load_tokenizer
+    from .data import build_evaluator
 
-    record = read_record(adapter_dir) if adapter_dir else None
-    if record is not None:
-        check_fits(record, cfg, adapter_dir, "this evaluation (its --recipe and --set)")
-    check_backbone(cfg)
-    source = tokenizer_source(cfg)
-    if source is None:
-        raise FileNotFoundError("no tokenizer for " + (f"adapter {adapter_dir}" if adapter_dir else "the frozen checkpoint")
-                                + ": backbone.checkpoint has none and backbone.tokenizer is empty: --set backbone.tokenizer=DIR")
-    if record is not None:
-        check_evaluation(record, cfg, adapter_dir, source)
-    # Candidate inference ranks the answers the adapter's run ranked (it carries them), or a
-    # configured list; never answers counted from the evaluation shards (that would leak the labels).
-    if cfg.objective.task == "qa" and cfg.eval.inference == "candidates" and not cfg.eval.answer_list:
-        raise ValueError("candidate inference needs the answer list the model was trained with: set "
-                         "eval.answer_list=FILE.json (aurora-eval never counts answers from the evaluation shards)")
-    rank, size = setup_distributed(cfg)
-    validate_eval_shards(cfg.data.eval_shards)
-    if not cfg.backbone.checkpoint and rank == 0:
-        print("[aurora] warning: no backbone checkpoint: evaluating on a random-init backbone, which only "
-              "matches the training run's if built the same way (same seed, same ZeRO stage)", file=sys.stderr)
-    torch.manual_seed(cfg.engine.seed)
-    ds_config, _, _ = deepspeed_config(cfg, size)
-    spec = get_spec(cfg.backbone.name)
-    config = backbone_config(cfg.backbone.name, cfg.backbone.checkpoint or None)
-    tokenizer = load_tokenizer(source[1], source[0])
-    trained = record["tokenizer"]["trained"] if record and record.get("tokenizer") else _trained_here(cfg, Path(source[1]))
-    special = text_conventions(cfg, spec, config, tokenizer, trained)
-    spec, model, handle, _zero3_context = build_model(cfg, ds_config)
-    objective = make_objective(cfg, model)
-    objective.tokenizer = tokenizer
-    if special is not None:
-        objective.special = special
-    backend = DeepSpeedBackend(objective, cfg, 1, ds_config) if cfg.engine.deepspeed else PlainBackend(objective, cfg, 1)
+    setup = prepare(cfg, adapter_dir, evaluation=True)
+    for note in setup.notes:
+        if setup.rank == 0:
+            print(note, file=sys.stderr, flush=True)
+    objective, handle, _zero3_context = build_model(cfg, setup)
+    backend = make_backend(cfg, objective, 1, setup)
     if adapter_dir:
         load_adapter_values(backend, handle, adapter_dir)
     objective.eval()
-    evaluator = build_evaluator(cfg, media_size(cfg, spec, config, _stderr if rank == 0 else None), tokenizer, RunDir(cfg.output.dir))
+    evaluator = build_evaluator(cfg, setup.image_size, setup.tokenizer, RunDir(cfg.output.dir))
     metrics = evaluator(backend.forward, handle, 0)
-    if rank == 0:
+    if setup.rank == 0:
         print(json.dumps(metrics, indent=2))
     shutdown()
     return metrics

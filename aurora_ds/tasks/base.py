@@ -18,12 +18,12 @@ class Objective(nn.Module):
     own state (a feature queue, nothing by default) is checkpointed by the engine through
     ``objective_state`` / ``load_objective_state``."""
 
-    def __init__(self, backbone, cfg):
+    def __init__(self, backbone, cfg, tokenizer=None, special=None):
         super().__init__()
         self.backbone, self.cfg = backbone, cfg
         self.ema = None  # set by the engine once the parameters are wrapped
-        self.tokenizer = None  # set by the engine: objectives that tokenise or decode text need it
-        self.special = None  # BLIP's token conventions (backbones/blip.py SpecialTokens); BLIP-2 keeps its own
+        self.tokenizer = tokenizer  # objectives that tokenise or decode text need it
+        self.special = special  # BLIP's token conventions (backbones/blip.py SpecialTokens); BLIP-2 keeps its own
 
     def forward(self, batch: dict, step: int, mode: str, extra=None):
         raise NotImplementedError

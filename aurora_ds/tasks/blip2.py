@@ -28,8 +28,8 @@ class Blip2RetrievalObjective(Objective):
     :class:`~aurora_ds.tasks.retrieval.RetrievalObjective` (``train``, ``embed_media``,
     ``embed_text``, ``match``), all inside the engine's forward for ZeRO-3."""
 
-    def __init__(self, backbone, cfg):
-        super().__init__(backbone, cfg)  # no momentum encoder: the engine's EMA goes unused
+    def __init__(self, backbone, cfg, tokenizer=None, special=None):
+        super().__init__(backbone, cfg, tokenizer, special)  # no momentum encoder: the engine's EMA goes unused
         if cfg.objective.frame_aware_attention and cfg.data.media == "video":
             raise ValueError("frame_aware_attention weighs BLIP's frame [CLS] tokens; BLIP-2's Q-Former has none: "
                              "set frame_aware_attention=false for BLIP-2 video retrieval")
@@ -95,8 +95,8 @@ class Blip2QAObjective(Objective):
     model's and must be set before training or answering.
     """
 
-    def __init__(self, backbone, cfg):
-        super().__init__(backbone, cfg)
+    def __init__(self, backbone, cfg, tokenizer=None, special=None):
+        super().__init__(backbone, cfg, tokenizer, special)
         if not backbone.config.use_decoder_only_language_model:
             raise ValueError("BLIP-2 VQA here drives a decoder-only language model (OPT); "
                              f"{backbone.config.text_config.model_type} is an encoder-decoder")

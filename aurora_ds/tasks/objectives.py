@@ -19,10 +19,10 @@ OBJECTIVES: dict[tuple[str, str], type[Objective]] = {
 }
 
 
-def make_objective(family: str, task: str, model, cfg) -> Objective:
-    """The objective for (``family``, ``task``) around ``model``; a clear error for a pair
-    nothing serves."""
+def make_objective(family: str, task: str, model, cfg, tokenizer=None, special=None) -> Objective:
+    """The objective for (``family``, ``task``) around ``model``, with the run's tokenizer and
+    special tokens (``engine/setup.py``); a clear error for a pair nothing serves."""
     if (family, task) not in OBJECTIVES:
         known = ", ".join(f"({f!r}, {t!r})" for f, t in OBJECTIVES)
         raise ValueError(f"no objective for model family {family!r} and task {task!r}; known pairs: {known}")
-    return OBJECTIVES[family, task](model, cfg)
+    return OBJECTIVES[family, task](model, cfg, tokenizer, special)

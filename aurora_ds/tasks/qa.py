@@ -77,9 +77,9 @@ class QAObjective(Objective):
     the backbone's config; the engine replaces it with the ids checked against its tokenizer.
     """
 
-    def __init__(self, backbone, cfg):
-        super().__init__(backbone, cfg)
-        self.special = blip.special_tokens(backbone.config, None, cfg.backbone.blip_special_tokens)
+    def __init__(self, backbone, cfg, tokenizer=None, special=None):
+        super().__init__(backbone, cfg, tokenizer, special)
+        self.special = special or blip.special_tokens(backbone.config, None, cfg.backbone.blip_special_tokens)
 
     def forward(self, batch: dict, step: int, mode: str, extra=None):
         """``train``: {"answer", "loss"}; ``generate``: answer strings; ``rank``: the best

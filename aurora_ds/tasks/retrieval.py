@@ -180,11 +180,11 @@ class RetrievalObjective(Objective):
     """ITC (momentum distillation + queue) + ITM (hard negatives) around a BLIP backbone; its
     state is the feature queue, and each micro-batch first runs the momentum (EMA) forward."""
 
-    def __init__(self, backbone, cfg):
-        super().__init__(backbone, cfg)
-        # BLIP's [ENC] for every matching pass (train and eval), from the backbone's config; the
-        # engine replaces it with the ids checked against its tokenizer.
-        self.special = special_tokens(backbone.config, None, cfg.backbone.blip_special_tokens)
+    def __init__(self, backbone, cfg, tokenizer=None, special=None):
+        super().__init__(backbone, cfg, tokenizer, special)
+        # BLIP's [ENC] for every matching pass (train and eval): the run's, checked against its
+        # tokenizer (engine/setup.py), else read from the backbone's config.
+        self.special = special or special_tokens(backbone.config, None, cfg.backbone.blip_special_tokens)
         self.queue = FeatureQueue(cfg.objective.queue_size, backbone.config.image_text_hidden_size, cfg.engine.seed)
         self.frame_weights = None  # (pairs, frames) while a frame-aware matching forward runs
         if cfg.objective.frame_aware_attention and cfg.data.media == "video":
