@@ -13,6 +13,7 @@ import argparse
 from .backbones import PRECISIONS
 from .dist import RanksFailed, fail_once
 from .engine.config import EvalRunConfig, list_recipes
+from .engine.dsconfig import shipped_ds_configs
 
 
 def parse_args(argv=None) -> EvalRunConfig:
@@ -26,7 +27,8 @@ def parse_args(argv=None) -> EvalRunConfig:
     p.add_argument("--batch-size", type=int, default=0, help="evaluation batch size (default: the run's eval.batch_size)")
     p.add_argument("--k-test", type=int, default=0, help="retrieval candidates re-ranked per query (default: the run's)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="", help="default: the run's engine.precision")
-    p.add_argument("--ds-config", default="", help="zero3 | zero3_offload | zero2 | path (default: the run's)")
+    p.add_argument("--ds-config", default="", help=f"a shipped config ({', '.join(sorted(shipped_ds_configs()))}) or the path of a DeepSpeed JSON "
+                        "(default: the run's)")
     p.add_argument("--no-deepspeed", action="store_true", help="evaluate in one process without DeepSpeed")
     p.add_argument("--recipe", default="", help=f"packaged recipe ({', '.join(list_recipes())}) or a YAML path, "
                    "on top of the run configuration the adapter records (needed for an adapter without one)")

@@ -8,6 +8,7 @@ import sys
 
 from .dist import RanksFailed, fail_once
 from .engine.config import build_config, list_recipes
+from .engine.dsconfig import shipped_ds_configs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,7 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="output directory (same as --set output.dir=...)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint directory")
-    p.add_argument("--ds-config", help="auto (the layout aurora-plan recommends) | replicated | zero3 | zero3_offload | zero3_hpz | zero3_hpz_quant | zero2 | path to a DeepSpeed JSON")
+    p.add_argument("--ds-config", help=f"auto (the layout aurora-plan recommends), a shipped config ({', '.join(sorted(shipped_ds_configs()))}) "
+                        "or the path of a DeepSpeed JSON")
     p.add_argument("--no-deepspeed", action="store_true", help="single-process reference path without DeepSpeed")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

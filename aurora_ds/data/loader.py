@@ -84,7 +84,7 @@ class LoaderConfig:
     media: str = "image"
     image_size: int = 384
     num_frames: int = 8
-    frame_sampling: str = "random"
+    frame_sampling: str = "uniform"
     batch_size: int = 32
     num_workers: int = 2
     seed: int = 0

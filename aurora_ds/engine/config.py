@@ -36,7 +36,7 @@ import yaml
 
 from ..aurora.config import AuroraConfig
 from ..backbones import PRECISIONS
-from ..data.shard_format import MAX_MEMBER_MB
+from ..data.loader import LoaderConfig
 
 
 
@@ -84,6 +84,8 @@ class BackboneSection:
 
 @dataclass
 class DataSection:
+    """The loader's keys default to the loader's own defaults (data.LoaderConfig): one set."""
+
     source: str = "shards"  # shards | synthetic
     media: str = "image"  # image | video
     train_shards: str = ""
@@ -91,20 +93,20 @@ class DataSection:
     test_shards: str = ""  # test: the chosen adapter (adapter_best, else the last) evaluated once at the end
     # BLIP counts an epoch in captions: "all" = one training pair per caption per epoch (the
     # paper's recipes); "random" = one pair per image/video, a random caption (OpenCLIP's).
-    caption_per_sample: str = "random"
-    resampled: bool = False  # draw shards with replacement (OpenCLIP's --dataset-resampled)
+    caption_per_sample: str = LoaderConfig.caption_per_sample
+    resampled: bool = LoaderConfig.resampled  # draw shards with replacement (OpenCLIP's --dataset-resampled)
     # training pairs per epoch over all ranks: required with resampled; otherwise, when > 0, the
     # epoch length in place of the manifest's counts (0 = the manifest's)
     train_num_samples: int = 0
     image_size: int = 0  # 0 = the backbone's
-    num_frames: int = 8
-    frame_sampling: str = "uniform"  # uniform | random | headtail
-    max_words: int = 30
-    num_workers: int = 2
-    shuffle_buffer: int = 1000  # training items held for shuffling per loader worker (<= 1: none)
+    num_frames: int = LoaderConfig.num_frames
+    frame_sampling: str = LoaderConfig.frame_sampling  # uniform | random | headtail
+    max_words: int = LoaderConfig.max_words
+    num_workers: int = LoaderConfig.num_workers
+    shuffle_buffer: int = LoaderConfig.shuffle_buffer  # training items held for shuffling per loader worker (<= 1: none)
     # a tar member larger than this is not read: its sample is skipped (member_too_large), so one
     # huge file cannot grow a loader worker by its size; far above COCO images and MSRVTT clips
-    max_member_mb: float = MAX_MEMBER_MB
+    max_member_mb: float = LoaderConfig.max_member_mb
 
     def __post_init__(self):
         _choice("data", "source", self.source, ("shards", "synthetic"))
@@ -181,7 +183,7 @@ class EvalSection:
 @dataclass
 class EngineSection:
     deepspeed: bool = True
-    ds_config: str = "zero3"  # auto (aurora-plan recommends) | replicated | zero3 | zero3_offload | zero3_hpz | zero3_hpz_quant | zero2 | path
+    ds_config: str = "zero3"  # auto (aurora-plan recommends) | a name in ds_configs/ (dsconfig.shipped_ds_configs) | path
     precision: str = "fp32"  # a PRECISIONS name
     activation_checkpointing: bool = False
     seed: int = 42
