@@ -14,7 +14,7 @@ import torch
 from ..aurora import inject_aurora
 from ..backbones import backbone_config, build_backbone, get_spec, text_vocab_size
 from ..dist import (barrier, free_port, gather_objects, mean_over_ranks, process_rank, set_compute_device,
-                    shutdown, stop_if_any_rank_failed, world)
+                    shutdown, stop_if_any_rank_failed, use_current_collectives, world)
 from .backend import CAPTURED, DeepSpeedBackend, PlainBackend, local_parameter_bytes, secondary_parameter_bytes
 from .adapter_record import AdapterRecord, check_checkpoint, check_evaluation, check_fits, read_record
 from .checkpoint import (find_checkpoint, load_adapter_values, load_checkpoint, save_adapter, save_checkpoint,
@@ -24,6 +24,7 @@ from .dsconfig import build_ds_config, gpus_per_node, zero_stage
 from .ema import EMA
 from .inputs import validate_eval_shards, validate_inputs
 from .logging import RunLogger, peak_memory_mb
+from .report import quality_lines
 from .rundir import CHECKPOINT_ADAPTER, RunDir
 
 def _stderr(message: str):
@@ -42,6 +43,7 @@ def setup_distributed(cfg) -> tuple[int, int]:
 
         # Bounds every wait across ranks: a rank that died or hangs cannot hold the others forever.
         deepspeed.init_distributed(timeout=timedelta(seconds=cfg.engine.collective_timeout_s))
+        use_current_collectives()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         else:
@@ -218,12 +220,15 @@ def train(cfg, data=None, evaluator=None) -> dict:
     vocab = text_vocab_size(spec, config)
     tokenizer = special = given = None
     if cfg.data.source == "shards":
-        from .data import build_evaluator, build_train_data, resolve_tokenizer, text_conventions, tokenizer_source
+        from .data import (answer_list, build_evaluator, build_train_data, resolve_tokenizer, text_conventions,
+                           tokenizer_source)
 
         tokenizer = resolve_tokenizer(cfg, vocab, _stderr if rank == 0 else None)
         given = tokenizer_source(cfg)
         special = text_conventions(cfg, spec, config, tokenizer, trained_here=given is None)
         data = data if data is not None else build_train_data(cfg, image_size, tokenizer)
+        if cfg.objective.task == "qa" and cfg.eval.inference == "candidates":
+            answer_list(cfg, run)  # in the run before any adapter is saved: each carries it, evaluation shards or not
         if evaluator is None and cfg.data.eval_shards:
             evaluator = build_evaluator(cfg, image_size, tokenizer, run)
     elif data is None:
@@ -270,7 +275,8 @@ def train(cfg, data=None, evaluator=None) -> dict:
     step, epoch = 0, 0
     skipped: dict[str, int] = {}
     history: list[dict] = []
-    best = None
+    evaluations: list[dict] = []
+    best = frozen = None
     if checkpoint is not None:
         step, client, data_state = load_checkpoint(checkpoint, backend, handle, log.message)
         objective.ema.load_state_dict(client["ema"])
@@ -278,12 +284,15 @@ def train(cfg, data=None, evaluator=None) -> dict:
         epoch = int(client["epoch"])
         # The summary covers the whole run, not only the steps after the resume.
         history, skipped = list(client.get("history", [])), dict(client.get("skipped", {}))
-        best = client.get("best")
+        best, frozen, evaluations = client.get("best"), client.get("frozen"), list(client.get("evaluations", []))
         if data_state is not None:
             data.load_state_dict(data_state)
         log.message(f"[aurora] resumed from {checkpoint} at step {step}")
     elif cfg.output.resume == "auto":
         log.message(f"[aurora] no complete checkpoint in {run.checkpoints}: starting fresh")
+    if checkpoint is None and cfg.eval.at_start and (evaluator or tester):
+        frozen = evaluate_at_start(evaluator, tester, backend, handle, objective, log)
+        evaluations += [{"step": 0, **frozen["val"]}] if "val" in frozen else []
 
     stream = batches(data, epoch)
     while step < total_steps:
@@ -310,7 +319,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
                 terms[k] = terms.get(k, 0.0) + mean_over_ranks(v) / cfg.optim.grad_accum
         step += 1
         elapsed = time.perf_counter() - t0
-        history.append({"step": step, **terms, "time_s": elapsed, "data_wait_s": waited})
+        history.append({"step": step, **terms, "time_s": elapsed, "data_wait_s": waited, "samples": samples})
         if step % cfg.output.log_every == 0 or step == total_steps:
             log.scalars(step, {**terms, "lr": backend.lr(), "samples_per_s": samples / elapsed,
                                "data_wait_s": waited, "data_wait_fraction": waited / elapsed,
@@ -325,6 +334,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
             objective.train()
             log.scalars(step, metrics, prefix="eval")
             log.message(f"[aurora] step {step} eval: {json.dumps(metrics)}")
+            evaluations.append({"step": step, **metrics})
             # an evaluation set without labels (VQAv2 test-dev) has nothing to select on
             if metrics.get("select") is not None and (best is None or metrics["select"] > best["select"]):
                 best = {"step": step, **metrics}
@@ -332,7 +342,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
         if (cfg.output.save_every and step % cfg.output.save_every == 0) or last:
             client = {"ema": objective.ema.state_dict(), "objective": objective.objective_state(),
                       "epoch": epoch, "step": step, "history": history, "skipped": skipped,
-                      "best": best}
+                      "best": best, "frozen": frozen, "evaluations": evaluations}
             data_state = loader_state(data)
             save_checkpoint(run, step, backend, handle, client, data_state, cfg, cfg.output.keep_checkpoints, record)
             save_adapter(backend, handle, run.adapter_latest, {"step": step}, record)
@@ -340,13 +350,17 @@ def train(cfg, data=None, evaluator=None) -> dict:
     test = None
     if tester is not None:
         test = report_on_test(tester, backend, handle, objective, run, best, step, log)
+    peaks = gather_objects(peak_memory_mb())
     summary = {"steps": step, "world_size": size, "ds_config": layout, "parameters": handle.parameter_report(), "skipped": skipped,
-               "best": best, "test": test, **data_wait(history), "history": history, "peak_memory_mb": peak_memory_mb(),
+               "frozen": frozen, "evaluations": evaluations, "best": best, "test": test, **data_wait(history),
+               **throughput(history, size), "history": history, "peak_memory_mb": peaks[0], "peak_memory_mb_per_rank": peaks,
                "local_parameter_bytes": local_parameter_bytes(objective),
-               "secondary_parameter_bytes": secondary_parameter_bytes(objective)}
+               "secondary_parameter_bytes": secondary_parameter_bytes(objective), "run": record.record}
     if rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         run.summary.write_text(json.dumps(summary, indent=2))
+        for line in quality_lines(summary):
+            log.message(f"[aurora] {line}")
         log.message(f"[aurora] done: adapter in {run.adapter_latest}, TensorBoard logs in {run.tensorboard}"
                     + (f", skipped samples {skipped}" if skipped else ""))
     log.close()
@@ -364,6 +378,29 @@ def data_wait(history: list[dict]) -> dict:
         h["data_wait_s"] / h["time_s"] for h in history if h["time_s"] > 0]
     return {"data_wait_fraction": sum(h["data_wait_s"] for h in history) / total if total else None,
             "data_wait_fraction_median": statistics.median(steady) if steady else None}
+
+
+def throughput(history: list[dict], size: int) -> dict:
+    """Training samples per second over the run's steps (all ranks together, and per rank)."""
+    total = sum(h["time_s"] for h in history)
+    rate = sum(h.get("samples", 0) for h in history) / total if total else None
+    return {"samples_per_s": rate, "samples_per_s_per_rank": rate / size if rate is not None else None}
+
+
+def evaluate_at_start(evaluator, tester, backend, handle, objective, log) -> dict:
+    """The frozen model's metrics on each evaluation set, before the first step: Aurora starts as
+    the identity (V = 0, gates at 0), so the model at step 0 is the backbone itself, at no extra
+    build. Step 0 is the baseline every later evaluation is read against, never adapter_best."""
+    objective.eval()
+    frozen = {}
+    for split, prefix, run_eval in (("val", "eval", evaluator), ("test", "test", tester)):
+        if run_eval is not None:
+            about = ({"adapter": "frozen", "step": 0},) if split == "test" else ()
+            frozen[split] = run_eval(backend.forward, handle, 0, *about)
+            log.scalars(0, frozen[split], prefix=prefix)
+            log.message(f"[aurora] step 0 (frozen) {prefix}: {json.dumps(frozen[split])}")
+    objective.train()
+    return frozen
 
 
 def report_on_test(tester, backend, handle, objective, run: RunDir, best: dict | None, step: int, log) -> dict:
@@ -394,6 +431,7 @@ def evaluate(cfg, adapter_dir=None) -> dict:
     """Evaluate a saved adapter on cfg.data.eval_shards (``aurora-eval``); any number of ranks.
     Without an adapter, the frozen checkpoint: Aurora is injected with V = 0, an exact no-op.
     An adapter's record (``adapter_record.py``) is checked against ``cfg`` before anything is built."""
+    from ..aurora.io import read_adapter_config
     from .checkpoint import load_adapter_values
     from .data import build_evaluator, media_size, text_conventions, tokenizer_source
     from ..backbones.tokenizer import load_tokenizer
@@ -435,7 +473,8 @@ def evaluate(cfg, adapter_dir=None) -> dict:
         load_adapter_values(backend, handle, adapter_dir)
     objective.eval()
     evaluator = build_evaluator(cfg, media_size(cfg, spec, config, _stderr if rank == 0 else None), tokenizer, RunDir(cfg.output.dir))
-    metrics = evaluator(backend.forward, handle, 0)
+    step = read_adapter_config(adapter_dir)["extra"].get("step", 0) if adapter_dir else 0
+    metrics = evaluator(backend.forward, handle, step)
     if rank == 0:
         print(json.dumps(metrics, indent=2))
     shutdown()
