@@ -24,6 +24,22 @@ import torch
 import torch.distributed as _td
 
 _compute_device: torch.device | None = None
+# torch 2.14 renamed the flat collectives and warns (FutureWarning) at every call of the old names.
+_ALL_GATHER = getattr(_td, "all_gather_single", None) or _td.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(_td, "reduce_scatter_single", None) or _td.reduce_scatter_tensor
+
+
+def use_current_collectives():
+    """Point DeepSpeed's communication backend (after ``deepspeed.init_distributed``) at torch's
+    current flat collectives: DeepSpeed 0.19 still calls the deprecated names, and each ZeRO
+    gather and gradient reduce-scatter then prints a FutureWarning."""
+    from deepspeed import comm
+
+    backend = comm.comm.cdb
+    if getattr(backend, "all_gather_function", None) is not None:
+        backend.all_gather_function = _ALL_GATHER
+    if getattr(backend, "reduce_scatter_function", None) is not None:
+        backend.reduce_scatter_function = _REDUCE_SCATTER
 
 
 def is_distributed() -> bool:
@@ -147,7 +163,7 @@ def all_gather_flat(shard: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return src.to(shard.device)
     out = src.new_empty(src.numel() * world_size())
-    _td.all_gather_into_tensor(out, src)
+    _ALL_GATHER(out, src)
     return out.to(shard.device)
 
 

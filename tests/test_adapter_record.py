@@ -233,4 +233,4 @@ def test_a_copied_adapter_evaluates_alone_as_in_its_run(tiny_checkpoint, tmp_pat
            "--out", str(tmp_path / "eval"), "--set", f"backbone.checkpoint={tmp_path / 'moved'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads((tmp_path / "eval" / "eval" / "step_000000.json").read_text()) == expected
+    assert json.loads((tmp_path / "eval" / "eval" / "step_000002.json").read_text()) == expected

@@ -54,11 +54,12 @@ def test_the_adapter_chosen_on_validation_is_the_one_reported_on_test(coco, tiny
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tb")).Reload()
-    assert [e.step for e in events.Scalars("test/r_mean")] == [best["step"]]
+    assert [e.step for e in events.Scalars("test/r_mean")] == [0, best["step"]]  # the frozen model, then adapter_best
     # The metrics are adapter_best's: aurora-eval of that adapter on the test shards agrees.
     _run("aurora_ds.evaluate", ["--adapter", str(out / "adapter_best"), "--shards", coco["test"],
                                 "--out", str(tmp_path / "eval")], tmp_path / "eval.log")
-    again = json.loads((tmp_path / "eval" / "eval" / "step_000000.json").read_text())
+    again = json.loads((tmp_path / "eval" / "eval" / f"step_{best['step']:06d}.json").read_text())
+    assert again.pop("chance") == pytest.approx(test["metrics"].pop("chance"))
     assert again == pytest.approx(test["metrics"], abs=1e-6)
 
 

@@ -173,6 +173,7 @@ class EvalSection:
     inference: str = "candidates"  # QA: candidates (BLIP's ranking over the answer list) | generate
     answer_list: str = ""  # QA: JSON list of answers; empty = the most frequent training answers
     every: int = 0  # evaluate every N steps (0 = at the end only)
+    at_start: bool = True  # also before the first step: the frozen model's metrics (Aurora starts as the identity)
 
     def __post_init__(self):
         _choice("eval", "inference", self.inference, ("candidates", "generate"))

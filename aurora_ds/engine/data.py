@@ -74,7 +74,10 @@ def shard_texts(spec: str, skipped: SkippedSamples | None = None):
         yield from texts
 
 
-def answer_list(cfg, run: RunDir, size: int = 3128) -> list[str]:
+ANSWER_LIST_SIZE = 3128  # BLIP's VQA answer list
+
+
+def answer_list(cfg, run: RunDir, size: int = ANSWER_LIST_SIZE) -> list[str]:
     """The answers QA candidate inference ranks, built once by rank 0 (saved in ``run.answer_list``
     for the adapter) and sent to every rank: ``eval.answer_list`` (``aurora-eval`` points it at
     the list the adapter carries), else the ``size`` most frequent answers of the training
@@ -98,8 +101,10 @@ def answer_list(cfg, run: RunDir, size: int = 3128) -> list[str]:
     return from_rank0(answers)
 
 
-def read_answer_list(path, where: str) -> list[str]:
-    """A JSON list of answer strings; errors name ``where`` it was configured (a key) and the path."""
+def read_answer_list(path, where: str, size: int = ANSWER_LIST_SIZE) -> list[str]:
+    """A JSON list of answer strings, or the ``answers.json`` that ``aurora-shard convert`` writes
+    (``{answer: count}``: its ``size`` most frequent, the list a run on those shards ranks);
+    errors name ``where`` it was configured (a key) and the path."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{where}={path}: the answer list file does not exist")
@@ -107,8 +112,11 @@ def read_answer_list(path, where: str) -> list[str]:
         answers = json.loads(path.read_text())
     except ValueError as exn:
         raise ValueError(f"{where}={path}: not valid JSON: {exn}") from None
+    if isinstance(answers, dict) and all(isinstance(n, int) for n in answers.values()):
+        answers = [answer for answer, _ in Counter(answers).most_common(size)]
     if not answers or not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{where}={path}: expected a non-empty JSON list of answer strings")
+        raise ValueError(f"{where}={path}: expected a non-empty JSON list of answer strings, or an answers.json "
+                         "of answer counts as aurora-shard writes it")
     return answers
 
 

@@ -38,10 +38,12 @@ class RunLogger:
             print(text, file=sys.stderr, flush=True)
 
     def scalars(self, step: int, values: dict, prefix: str = "train"):
+        """Numbers only: nested values (an evaluation's chance levels) are no curves."""
         if not self.enabled:
             return
         for key, value in values.items():
-            self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
 
     def advance(self, step: int, postfix: dict):
         """The progress bar, or without one (logs, batch jobs) a line every ``every`` steps."""

@@ -19,6 +19,7 @@ from .checkpoint import load_adapter_values, load_checkpoint, save_adapter, save
 from .dsconfig import zero_stage
 from .ema import EMA
 from .logging import RunLogger, peak_memory_mb
+from .report import quality_lines
 from .rundir import RunDir
 from .setup import RunSetup, prepare
 
@@ -150,7 +151,11 @@ def train(cfg, data=None, evaluator=None) -> dict:
     for note in [f"[aurora] {handle.format_parameter_report()}", *setup.notes, *warnings_for(cfg)]:
         log.message(note)
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
-    step, epoch, history, skipped, best = resume(cfg, setup.checkpoint, backend, handle, objective, data, run, log)
+    step, epoch, history, skipped, best, frozen, evaluations = resume(cfg, setup.checkpoint, backend, handle,
+                                                                      objective, data, run, log)
+    if setup.checkpoint is None and cfg.eval.at_start and (evaluator or tester):
+        frozen = evaluate_at_start(evaluator, tester, backend, handle, objective, log)
+        evaluations += [{"step": 0, **frozen["val"]}] if "val" in frozen else []
 
     stream = batches(data, epoch)
     while step < total_steps:
@@ -177,7 +182,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
                 terms[k] = terms.get(k, 0.0) + mean_over_ranks(v) / cfg.optim.grad_accum
         step += 1
         elapsed = time.perf_counter() - t0
-        history.append({"step": step, **terms, "time_s": elapsed, "data_wait_s": waited})
+        history.append({"step": step, **terms, "time_s": elapsed, "data_wait_s": waited, "samples": samples})
         if step % cfg.output.log_every == 0 or step == total_steps:
             log.scalars(step, {**terms, "lr": backend.lr(), "samples_per_s": samples / elapsed,
                                "data_wait_s": waited, "data_wait_fraction": waited / elapsed,
@@ -192,25 +197,31 @@ def train(cfg, data=None, evaluator=None) -> dict:
             objective.train()
             log.scalars(step, metrics, prefix="eval")
             log.message(f"[aurora] step {step} eval: {json.dumps(metrics)}")
+            evaluations.append({"step": step, **metrics})
             # an evaluation set without labels (VQAv2 test-dev) has nothing to select on
             if metrics.get("select") is not None and (best is None or metrics["select"] > best["select"]):
                 best = {"step": step, **metrics}
                 save_adapter(backend, handle, run.adapter_best, {"step": step, "metrics": metrics}, setup.record)
         if (cfg.output.save_every and step % cfg.output.save_every == 0) or last:
             client = {"ema": objective.ema.state_dict(), "objective": objective.objective_state(),
-                      "epoch": epoch, "step": step, "history": history, "skipped": skipped, "best": best}
+                      "epoch": epoch, "step": step, "history": history, "skipped": skipped, "best": best,
+                      "frozen": frozen, "evaluations": evaluations}
             save_checkpoint(run, step, backend, handle, client, loader_state(data), cfg, cfg.output.keep_checkpoints,
                             setup.record)
             save_adapter(backend, handle, run.adapter_latest, {"step": step}, setup.record)
 
     test = report_on_test(tester, backend, handle, objective, run, best, step, log) if tester is not None else None
+    peaks = gather_objects(peak_memory_mb())
     summary = {"steps": step, "world_size": size, "ds_config": setup.layout, "parameters": handle.parameter_report(),
-               "skipped": skipped, "best": best, "test": test, **data_wait(history), "history": history,
-               "peak_memory_mb": peak_memory_mb(), "local_parameter_bytes": local_parameter_bytes(objective),
-               "secondary_parameter_bytes": secondary_parameter_bytes(objective)}
+               "skipped": skipped, "frozen": frozen, "evaluations": evaluations, "best": best, "test": test,
+               **data_wait(history), **throughput(history, size), "history": history, "peak_memory_mb": peaks[0],
+               "peak_memory_mb_per_rank": peaks, "local_parameter_bytes": local_parameter_bytes(objective),
+               "secondary_parameter_bytes": secondary_parameter_bytes(objective), "run": setup.record.record}
     if rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         run.summary.write_text(json.dumps(summary, indent=2))
+        for line in quality_lines(summary):
+            log.message(f"[aurora] {line}")
         log.message(f"[aurora] done: adapter in {run.adapter_latest}, TensorBoard logs in {run.tensorboard}"
                     + (f", skipped samples {skipped}" if skipped else ""))
     log.close()
@@ -221,13 +232,15 @@ def train(cfg, data=None, evaluator=None) -> dict:
 def inputs(cfg, setup: RunSetup, run: RunDir, data, evaluator):
     """(training data, validation evaluator or None, test evaluator or None): the streaming
     loaders over the run's shards, or synthetic batches; ``data``/``evaluator`` given win."""
-    from .data import build_evaluator, build_train_data
+    from .data import answer_list, build_evaluator, build_train_data
 
     if cfg.data.source != "shards":
         from .synthetic import SyntheticBatches
 
         return data or SyntheticBatches(cfg, setup.image_size, text_vocab(setup), setup.rank, setup.size), evaluator, None
     data = data if data is not None else build_train_data(cfg, setup.image_size, setup.tokenizer)
+    if cfg.objective.task == "qa" and cfg.eval.inference == "candidates":
+        answer_list(cfg, run)  # in the run before any adapter is saved: each carries it, evaluation shards or not
     if evaluator is None and cfg.data.eval_shards:
         evaluator = build_evaluator(cfg, setup.image_size, setup.tokenizer, run)
     tester = build_evaluator(cfg, setup.image_size, setup.tokenizer, run, split="test") if cfg.data.test_shards else None
@@ -261,11 +274,12 @@ def warnings_for(cfg) -> list[str]:
 
 
 def resume(cfg, checkpoint, backend, handle, objective, data, run: RunDir, log):
-    """(step, epoch, history, skipped, best) restored from ``checkpoint``, or a fresh start's."""
+    """(step, epoch, history, skipped, best, frozen, evaluations) restored from ``checkpoint``, or a
+    fresh start's."""
     if checkpoint is None:
         if cfg.output.resume == "auto":
             log.message(f"[aurora] no complete checkpoint in {run.checkpoints}: starting fresh")
-        return 0, 0, [], {}, None
+        return 0, 0, [], {}, None, None, []
     step, client, data_state = load_checkpoint(checkpoint, backend, handle, log.message)
     objective.ema.load_state_dict(client["ema"])
     objective.load_objective_state(client["objective"])
@@ -274,7 +288,7 @@ def resume(cfg, checkpoint, backend, handle, objective, data, run: RunDir, log):
     log.message(f"[aurora] resumed from {checkpoint} at step {step}")
     # The summary covers the whole run, not only the steps after the resume.
     return (step, int(client["epoch"]), list(client.get("history", [])), dict(client.get("skipped", {})),
-            client.get("best"))
+            client.get("best"), client.get("frozen"), list(client.get("evaluations", [])))
 
 
 def data_wait(history: list[dict]) -> dict:
@@ -286,6 +300,29 @@ def data_wait(history: list[dict]) -> dict:
         h["data_wait_s"] / h["time_s"] for h in history if h["time_s"] > 0]
     return {"data_wait_fraction": sum(h["data_wait_s"] for h in history) / total if total else None,
             "data_wait_fraction_median": statistics.median(steady) if steady else None}
+
+
+def throughput(history: list[dict], size: int) -> dict:
+    """Training samples per second over the run's steps (all ranks together, and per rank)."""
+    total = sum(h["time_s"] for h in history)
+    rate = sum(h.get("samples", 0) for h in history) / total if total else None
+    return {"samples_per_s": rate, "samples_per_s_per_rank": rate / size if rate is not None else None}
+
+
+def evaluate_at_start(evaluator, tester, backend, handle, objective, log) -> dict:
+    """The frozen model's metrics on each evaluation set, before the first step: Aurora starts as
+    the identity (V = 0, gates at 0), so the model at step 0 is the backbone itself, at no extra
+    build. Step 0 is the baseline every later evaluation is read against, never adapter_best."""
+    objective.eval()
+    frozen = {}
+    for split, prefix, run_eval in (("val", "eval", evaluator), ("test", "test", tester)):
+        if run_eval is not None:
+            about = ({"adapter": "frozen", "step": 0},) if split == "test" else ()
+            frozen[split] = run_eval(backend.forward, handle, 0, *about)
+            log.scalars(0, frozen[split], prefix=prefix)
+            log.message(f"[aurora] step 0 (frozen) {prefix}: {json.dumps(frozen[split])}")
+    objective.train()
+    return frozen
 
 
 def report_on_test(tester, backend, handle, objective, run: RunDir, best: dict | None, step: int, log) -> dict:
@@ -307,6 +344,7 @@ def evaluate(cfg, adapter_dir=None) -> dict:
     """Evaluate a saved adapter on cfg.data.eval_shards (``aurora-eval``); any number of ranks.
     Without an adapter, the frozen checkpoint: Aurora is injected with V = 0, an exact no-op.
     An adapter's record (``adapter_record.py``) is checked against ``cfg`` before anything is built."""
+    from ..aurora.io import read_adapter_config
     from .data import build_evaluator
 
     setup = prepare(cfg, adapter_dir, evaluation=True)
@@ -319,7 +357,8 @@ def evaluate(cfg, adapter_dir=None) -> dict:
         load_adapter_values(backend, handle, adapter_dir)
     objective.eval()
     evaluator = build_evaluator(cfg, setup.image_size, setup.tokenizer, RunDir(cfg.output.dir))
-    metrics = evaluator(backend.forward, handle, 0)
+    step = read_adapter_config(adapter_dir)["extra"].get("step", 0) if adapter_dir else 0
+    metrics = evaluator(backend.forward, handle, step)
     if setup.rank == 0:
         print(json.dumps(metrics, indent=2))
     shutdown()

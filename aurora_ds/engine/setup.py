@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..backbones import BackboneSpec, backbone_config, checkpoint_architectures, get_spec
-from ..dist import barrier, free_port, process_rank, set_compute_device, stop_if_any_rank_failed, world
+from ..dist import (barrier, free_port, process_rank, set_compute_device, stop_if_any_rank_failed,
+                    use_current_collectives, world)
 from .adapter_record import AdapterRecord, check_checkpoint, check_evaluation, check_fits, read_record
 from .backend import CAPTURED
 from .checkpoint import find_checkpoint, verify_checkpoint
@@ -70,6 +71,7 @@ def setup_distributed(cfg) -> tuple[int, int]:
 
         # Bounds every wait across ranks: a rank that died or hangs cannot hold the others forever.
         deepspeed.init_distributed(timeout=timedelta(seconds=cfg.engine.collective_timeout_s))
+        use_current_collectives()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         else:

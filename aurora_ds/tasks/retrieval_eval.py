@@ -12,6 +12,7 @@ changes no other pair's score.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -42,6 +43,33 @@ def retrieval_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, media2txt: l
     return out
 
 
+def random_hit_rate(num_candidates: int, matches: list[int]) -> np.ndarray:
+    """Element k-1: the probability that a random ranking puts a match within the top k, averaged
+    over queries with ``matches`` matching candidates each. A query with m matches among n misses
+    the top k with probability C(n-m, k) / C(n, k) = prod_{j<k} (n-m-j) / (n-j) (one match: 1 - k/n)."""
+    j = np.arange(num_candidates)
+    rate = np.zeros(num_candidates)
+    for m, count in Counter(matches).items():
+        rate += count * (1 - np.cumprod(np.clip((num_candidates - m - j) / (num_candidates - j), 0, None)))
+    return rate / len(matches)
+
+
+def chance_metrics(media2txt: list[list[int]], num_texts: int) -> dict:
+    """What a random ranking scores on this evaluation set, in expectation, for each metric of
+    :func:`retrieval_metrics`: a set of 12 media makes IR@10 83 % by chance. A median rank's chance
+    is the rank where the random hit rate reaches one half."""
+    rates = {"txt": random_hit_rate(num_texts, [len(t) for t in media2txt]),
+             "img": random_hit_rate(len(media2txt), [1] * num_texts)}
+    out = {}
+    for side, rate in rates.items():
+        for k in (1, 5, 10):
+            out[f"{side}_r{k}"] = 100.0 * float(rate[min(k, len(rate)) - 1])
+        out[f"{side}_r_mean"] = (out[f"{side}_r1"] + out[f"{side}_r5"] + out[f"{side}_r10"]) / 3
+        out[f"{side}_median_rank"] = float(np.argmax(rate >= 0.5) + 1)
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
 class RetrievalScores(NamedTuple):
     """Scores of an evaluation set, media ordered by id and texts by media then caption order;
     a pair outside the top-k candidates holds -100."""
@@ -58,7 +86,8 @@ def evaluate_retrieval(forward, loader, cfg, tokenizer, image_size: int) -> dict
     """Metrics of the model behind ``forward`` on the eval ``loader`` (one entry per media)."""
     s = retrieval_scores(forward, loader, cfg, tokenizer, image_size)
     metrics = retrieval_metrics(s.i2t, s.t2i, s.media2txt, s.txt2media)
-    metrics.update({"num_media": len(s.media_ids), "num_texts": len(s.texts), "select": metrics["r_mean"]})
+    metrics.update({"num_media": len(s.media_ids), "num_texts": len(s.texts), "select": metrics["r_mean"],
+                    "chance": chance_metrics(s.media2txt, len(s.texts))})
     return metrics
 
 

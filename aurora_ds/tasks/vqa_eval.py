@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -125,6 +126,20 @@ def write_submission(path, results: list[dict]):
     os.replace(tmp, path)
 
 
+def prior_scores(scored: list[dict], video: bool) -> list[float]:
+    """Each question's score for answering every question with the set's most given answer: the
+    VQA paper's "prior" baseline, taken on this set; it is what the report calls chance (a uniform
+    pick among thousands of candidate answers scores about zero, which says nothing)."""
+    counts = Counter()
+    for r in scored:
+        for answer, weight in zip(r["gt"], r["weights"]):
+            counts[normalize_answer(answer)] += weight
+    prior = counts.most_common(1)[0][0]
+    if video:
+        return [exact_match(prior, max(zip(r["weights"], r["gt"]))[1]) for r in scored]
+    return [question_accuracy(prior, human_answers(r["gt"], r["weights"])) for r in scored]
+
+
 def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=None, image_size=None) -> dict:
     """Answer every question of ``loader`` with ``cfg.eval.inference`` and score the answers.
 
@@ -171,8 +186,10 @@ def evaluate_qa(forward, loader, cfg, tokenizer, answer_list=None, results_path=
         scores = [question_accuracy(r["answer"], human_answers(r["gt"], r["weights"])) for r in scored]
     metrics = {"num_questions": len(records), "num_scored": len(scored)}
     if scored:  # unlabeled questions (test-dev) get a prediction in the results file, no score
-        metrics.update(summarize(scores, [r["answer_type"] for r in scored]))
+        types = [r["answer_type"] for r in scored]
+        metrics.update(summarize(scores, types))
         metrics["select"] = metrics["accuracy"]
+        metrics["chance"] = summarize(prior_scores(scored, cfg.data.media == "video"), types)
     if results_path is not None and world()[0] == 0:
         write_submission(results_path, records)
     return metrics
