@@ -12,7 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["aurora.rank=4", "optim.batch_size=4", "eval.batch_size=8", "data.image_size=32", "objective.queue_size=16",
+SMALL = ["aurora.rank=4", "backbone.train_tokenizer=true", "optim.batch_size=4", "eval.batch_size=8", "data.image_size=32", "objective.queue_size=16",
          "data.num_workers=0", "eval.k_test=4", "output.progress=false", "output.log_every=1"]
 
 
