@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["aurora.rank=4", "optim.batch_size=4", "eval.batch_size=8", "data.image_size=32", "objective.queue_size=32",
+SMALL = ["aurora.rank=4", "backbone.train_tokenizer=true", "optim.batch_size=4", "eval.batch_size=8", "data.image_size=32", "objective.queue_size=32",
          "data.num_workers=0", "eval.k_test=8", "output.progress=false", "output.log_every=1"]
 
 

@@ -245,7 +245,7 @@ def test_test_dev_shards_give_the_submission_file(tmp_path):
     checkpoint = tmp_path / "blip-tiny-vqa"
     torch.manual_seed(0)
     build_backbone("blip-tiny-vqa").save_pretrained(checkpoint)
-    small = ["aurora.rank=4", "optim.batch_size=4", "eval.batch_size=4", "data.image_size=32", "data.num_workers=1",
+    small = ["aurora.rank=4", "backbone.train_tokenizer=true", "optim.batch_size=4", "eval.batch_size=4", "data.image_size=32", "data.num_workers=1",
              "eval.k_test=4", "output.progress=false", "backbone.name=blip-tiny-vqa", f"backbone.checkpoint={checkpoint}"]
     out = tmp_path / "run"
     _run(["bash", "launchers/local.sh", "2", "--recipe", "vqa", "--train-shards", shard_spec(str(tmp_path / "train"), train),
