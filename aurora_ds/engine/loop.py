@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -151,25 +152,19 @@ def train(cfg, data=None, evaluator=None) -> dict:
     for note in [f"[aurora] {handle.format_parameter_report()}", *setup.notes, *warnings_for(cfg)]:
         log.message(note)
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
-    step, epoch, history, skipped, best, frozen, evaluations = resume(cfg, setup.checkpoint, backend, handle,
-                                                                      objective, data, run, log)
+    done = resume(cfg, setup.checkpoint, backend, handle, objective, data, run, log)
     if setup.checkpoint is None and cfg.eval.at_start and (evaluator or tester):
-        frozen = evaluate_at_start(evaluator, tester, backend, handle, objective, log)
-        evaluations += [{"step": 0, **frozen["val"]}] if "val" in frozen else []
+        done.frozen = evaluate_at_start(evaluator, tester, backend, handle, objective, log)
+        done.evaluations += [{"step": 0, **done.frozen["val"]}] if "val" in done.frozen else []
+    step, epoch, history, skipped = done.step, done.epoch, done.history, done.skipped
 
     stream = batches(data, epoch)
     while step < total_steps:
         t0 = time.perf_counter()
         waited, samples, terms = 0.0, 0, {}
         for _ in range(cfg.optim.grad_accum):
-            t_data = time.perf_counter()
-            try:
-                epoch, batch = next(stream)
-                problem = None
-            except Exception as exn:  # noqa: BLE001 - every rank must learn of it, then all stop
-                problem = exn
-            waited += time.perf_counter() - t_data  # this rank's wait (the check below syncs ranks)
-            stop_if_any_rank_failed(problem, "reading the training data")
+            epoch, batch, wait = next_batch(stream)
+            waited += wait
             trace_batch(step + 1, epoch, batch)
             for reason, n in batch.get("skipped", {}).items():
                 skipped[reason] = skipped.get(reason, 0) + n
@@ -190,6 +185,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
             log.scalars(step, skipped, prefix="skipped")
         log.advance(step, terms)
 
+        done.step, done.epoch = step, epoch
         last = step == total_steps
         if evaluator is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or last):
             objective.eval()  # no dropout while evaluating
@@ -197,26 +193,17 @@ def train(cfg, data=None, evaluator=None) -> dict:
             objective.train()
             log.scalars(step, metrics, prefix="eval")
             log.message(f"[aurora] step {step} eval: {json.dumps(metrics)}")
-            evaluations.append({"step": step, **metrics})
-            # an evaluation set without labels (VQAv2 test-dev) has nothing to select on
-            if metrics.get("select") is not None and (best is None or metrics["select"] > best["select"]):
-                best = {"step": step, **metrics}
+            if done.evaluated(metrics):
                 save_adapter(backend, handle, run.adapter_best, {"step": step, "metrics": metrics}, setup.record)
         if (cfg.output.save_every and step % cfg.output.save_every == 0) or last:
             client = {"ema": objective.ema.state_dict(), "objective": objective.objective_state(),
-                      "epoch": epoch, "step": step, "history": history, "skipped": skipped, "best": best,
-                      "frozen": frozen, "evaluations": evaluations}
+                      **dataclasses.asdict(done)}
             save_checkpoint(run, step, backend, handle, client, loader_state(data), cfg, cfg.output.keep_checkpoints,
                             setup.record)
             save_adapter(backend, handle, run.adapter_latest, {"step": step}, setup.record)
 
-    test = report_on_test(tester, backend, handle, objective, run, best, step, log) if tester is not None else None
-    peaks = gather_objects(peak_memory_mb())
-    summary = {"steps": step, "world_size": size, "ds_config": setup.layout, "parameters": handle.parameter_report(),
-               "skipped": skipped, "frozen": frozen, "evaluations": evaluations, "best": best, "test": test,
-               **data_wait(history), **throughput(history, size), "history": history, "peak_memory_mb": peaks[0],
-               "peak_memory_mb_per_rank": peaks, "local_parameter_bytes": local_parameter_bytes(objective),
-               "secondary_parameter_bytes": secondary_parameter_bytes(objective), "run": setup.record.record}
+    test = report_on_test(tester, backend, handle, objective, run, done.best, step, log) if tester else None
+    summary = summarize(setup, done, handle, objective, test)
     if rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         run.summary.write_text(json.dumps(summary, indent=2))
@@ -227,6 +214,31 @@ def train(cfg, data=None, evaluator=None) -> dict:
     log.close()
     shutdown()
     return summary
+
+
+def next_batch(stream) -> tuple:
+    """(epoch, batch, seconds this rank waited for it); a failure on any rank stops every rank."""
+    t0 = time.perf_counter()
+    epoch = batch = problem = None
+    try:
+        epoch, batch = next(stream)
+    except Exception as exn:  # noqa: BLE001 - every rank must learn of it, then all stop
+        problem = exn
+    waited = time.perf_counter() - t0  # this rank's wait (the check below syncs ranks)
+    stop_if_any_rank_failed(problem, "reading the training data")
+    return epoch, batch, waited
+
+
+def summarize(setup: RunSetup, done: "Progress", handle, objective, test: dict | None) -> dict:
+    """The run's summary.json: how good (frozen, every validation, best, test), how fast and how
+    big (throughput, data wait, peak memory per rank, parameters), and the run's record."""
+    peaks = gather_objects(peak_memory_mb())
+    return {"steps": done.step, "world_size": setup.size, "ds_config": setup.layout,
+            "parameters": handle.parameter_report(), "skipped": done.skipped, "frozen": done.frozen,
+            "evaluations": done.evaluations, "best": done.best, "test": test, **data_wait(done.history),
+            **throughput(done.history, setup.size), "history": done.history, "peak_memory_mb": peaks[0],
+            "peak_memory_mb_per_rank": peaks, "local_parameter_bytes": local_parameter_bytes(objective),
+            "secondary_parameter_bytes": secondary_parameter_bytes(objective), "run": setup.record.record}
 
 
 def inputs(cfg, setup: RunSetup, run: RunDir, data, evaluator):
@@ -273,22 +285,44 @@ def warnings_for(cfg) -> list[str]:
     return []
 
 
-def resume(cfg, checkpoint, backend, handle, objective, data, run: RunDir, log):
-    """(step, epoch, history, skipped, best, frozen, evaluations) restored from ``checkpoint``, or a
-    fresh start's."""
+@dataclasses.dataclass
+class Progress:
+    """How far the run is and what it has seen: kept in each checkpoint (beside the model, the
+    objective and the loader's position), so that the summary covers the whole run, resumed or not."""
+
+    step: int = 0
+    epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)  # one entry per step: loss terms, times, samples
+    skipped: dict = dataclasses.field(default_factory=dict)  # skipped samples per reason
+    best: dict | None = None  # the best validation so far (adapter_best), with its step
+    frozen: dict | None = None  # the frozen model's metrics at step 0, per split
+    evaluations: list = dataclasses.field(default_factory=list)  # every validation, step 0 included
+
+    def evaluated(self, metrics: dict) -> bool:
+        """Record a validation at this step; True where it is the best so far (an evaluation set
+        without labels, VQAv2 test-dev, has nothing to select on)."""
+        self.evaluations.append({"step": self.step, **metrics})
+        if metrics.get("select") is None or (self.best is not None and metrics["select"] <= self.best["select"]):
+            return False
+        self.best = {"step": self.step, **metrics}
+        return True
+
+
+def resume(cfg, checkpoint, backend, handle, objective, data, run: RunDir, log) -> Progress:
+    """The :class:`Progress` restored from ``checkpoint`` (with the model, objective and loader),
+    or a fresh start's."""
     if checkpoint is None:
         if cfg.output.resume == "auto":
             log.message(f"[aurora] no complete checkpoint in {run.checkpoints}: starting fresh")
-        return 0, 0, [], {}, None, None, []
+        return Progress()
     step, client, data_state = load_checkpoint(checkpoint, backend, handle, log.message)
     objective.ema.load_state_dict(client["ema"])
     objective.load_objective_state(client["objective"])
     if data_state is not None:
         data.load_state_dict(data_state)
     log.message(f"[aurora] resumed from {checkpoint} at step {step}")
-    # The summary covers the whole run, not only the steps after the resume.
-    return (step, int(client["epoch"]), list(client.get("history", [])), dict(client.get("skipped", {})),
-            client.get("best"), client.get("frozen"), list(client.get("evaluations", [])))
+    kept = {f.name: client[f.name] for f in dataclasses.fields(Progress) if f.name in client}
+    return Progress(**{**kept, "step": step, "epoch": int(client["epoch"])})
 
 
 def data_wait(history: list[dict]) -> dict:
