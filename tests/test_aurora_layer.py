@@ -594,21 +594,24 @@ def test_merged_with_shared_u():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_merged_falls_back_or_refuses_where_zero3_partitions_the_weight():
-    """A ZeRO-3 partitioned weight is whole only inside its own module's call: 'auto' runs the
-    layer unmerged (same result), 'on' refuses."""
+def test_merged_falls_back_or_refuses_under_zero3():
+    """Under ZeRO-3 a frozen weight is used only through its module's call (whose hooks gather in
+    the same order on every rank), partitioned or persistent alike: 'auto' runs the layer unmerged
+    even where its rows would merge it (same result), 'on' refuses."""
     want = _shared_layer("off", 6, 6, 1, 3)
-    x = torch.randn(4, 6, dtype=torch.float64)
-    for merging in ("auto", "on"):
-        model = _shared_layer(merging, 6, 6, 1, 3)
-        model.layer.base_layer.weight.ds_id = 0  # what partitioned() reads
-        if merging == "on":
-            with pytest.raises(RuntimeError, match="ZeRO-3 partitions the frozen weights"):
-                model(x)
-        else:
-            out = model(x)
-            assert "MergedLinearBackward" not in _node_names(out)
-            torch.testing.assert_close(out, want(x), rtol=1e-12, atol=1e-12)
+    x = torch.randn(80, 6, dtype=torch.float64)  # rows enough for 'auto' to merge without ZeRO-3
+    for persist in (False, True):
+        for merging in ("auto", "on"):
+            model = _shared_layer(merging, 6, 6, 1, 3)
+            model.layer.base_layer.weight.ds_id, model.layer.base_layer.weight.ds_persist = 0, persist
+            if merging == "on":
+                with pytest.raises(RuntimeError, match="ZeRO-3 manages the frozen weights"):
+                    model(x)
+            else:
+                out = model(x)
+                assert "MergedLinearBackward" not in _node_names(out)
+                torch.testing.assert_close(out, want(x), rtol=1e-12, atol=1e-12)
+    assert "MergedLinearBackward" in _node_names(_shared_layer("auto", 6, 6, 1, 3)(x.requires_grad_()))
 
 
 def test_merged_blip_step_equals_unmerged(monkeypatch):

@@ -22,7 +22,7 @@ from shard_tools.quickstart import sample_shards
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
 
-SMALL = ["aurora.rank=4", "optim.batch_size=4", "eval.batch_size=8", "data.image_size=32", "data.num_frames=4", "objective.queue_size=32",
+SMALL = ["aurora.rank=4", "backbone.train_tokenizer=true", "optim.batch_size=4", "eval.batch_size=8", "data.image_size=32", "data.num_frames=4", "objective.queue_size=32",
          "data.num_workers=1", "eval.k_test=16", "output.progress=false"]
 
 

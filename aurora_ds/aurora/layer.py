@@ -510,9 +510,11 @@ class InputSharing(CallMemo):
         if self.merging == "off":
             return None
         weight = layer.base_layer.weight
-        if partitioned(weight):
+        if hasattr(weight, "ds_id"):  # ZeRO-3: even a persistent (small, never partitioned) weight
+            # must be used through its module's call, whose hooks every rank runs in the same order:
+            # a rank merging where another does not (rows differ per rank) would desynchronise the gathers
             if self.merging == "on":
-                raise RuntimeError("aurora.merged 'on': ZeRO-3 partitions the frozen weights, which are whole only "
+                raise RuntimeError("aurora.merged 'on': ZeRO-3 manages the frozen weights, which are whole only "
                                    "inside their own layer's call; use merged 'auto' (unmerged there) or 'off'")
             return None
         if (torch.compiler.is_compiling() or weight.requires_grad or weight.dtype != x.dtype
