@@ -49,7 +49,7 @@ def test_checkpoint_tokenizer_answer_list_and_ds_config_name_their_key(tmp_path)
         validate_inputs(_cfg(**{"data.train_shards": shards, "backbone.checkpoint": str(tmp_path / "ckpt")}))
     with pytest.raises(FileNotFoundError, match=f"backbone.tokenizer={tmp_path / 'tok'}: tokenizer directory does not exist"):
         validate_inputs(_cfg(**{"data.train_shards": shards, "backbone.tokenizer": str(tmp_path / "tok")}))
-    (tmp_path / "answers.json").write_text('{"yes": 1}')
+    (tmp_path / "answers.json").write_text('{"yes": "many"}')  # neither a list nor answers.json's counts
     with pytest.raises(ValueError, match=f"eval.answer_list={tmp_path / 'answers.json'}: expected a non-empty JSON list"):
         validate_inputs(_cfg(**{"data.train_shards": shards, "eval.answer_list": str(tmp_path / "answers.json")}))
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimisation": {"stage": 3}}))
