@@ -120,7 +120,7 @@ def _kill_and_resume(checkpoint, samples, shards, tmp_path, *extra):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("captions", ["random", "all"])
+@pytest.mark.parametrize("captions", ["random", pytest.param("all", marks=pytest.mark.slow)])
 def test_killed_run_on_real_shards_resumes_exactly(tiny_checkpoint, shard_factory, tmp_path, captions):
     """10 shards of 50 images over 2 ranks x 2 workers (uneven: workers end at different times),
     2 epochs: a killed run resumes exactly (``_kill_and_resume``). With one pair per caption
@@ -147,6 +147,7 @@ def test_killed_run_on_real_shards_resumes_exactly(tiny_checkpoint, shard_factor
         assert set(per_epoch.values()) == {2} and len(per_epoch) == 50
 
 
+@pytest.mark.slow  # 2.5-4 min; the default run keeps the [random] kill-and-resume on real shards
 @pytest.mark.timeout(600)
 def test_killed_resampled_run_resumes_exactly(tiny_checkpoint, shard_factory, tmp_path):
     """``data.resampled=true`` (shards drawn with replacement, the epoch cut at
@@ -160,6 +161,7 @@ def test_killed_resampled_run_resumes_exactly(tiny_checkpoint, shard_factory, tm
     assert sum(full_trace.values()) == 48
 
 
+@pytest.mark.slow  # 2.5-4 min; the default run keeps the [random] kill-and-resume on real shards
 @pytest.mark.timeout(600)
 def test_killed_video_run_on_video2dataset_shards_resumes_exactly(tiny_checkpoint, shard_factory, tmp_path):
     """MSRVTT-like video retrieval from shards in the video2dataset layout (``{key}.mp4`` +
