@@ -25,9 +25,9 @@ class AuroraConfig:
 
     ``merged`` runs a layer through one merged weight W + s·ΔW (made once per step) where the
     rank-path dropout is 0 (``dropout`` 0, or evaluation), and not while compiling, under
-    activation checkpointing or where ZeRO-3 partitions the frozen weight: ``auto`` where the
+    activation checkpointing or under ZeRO-3: ``auto`` where the
     batch's rows make the merged copy small beside the activations (layer.MERGE_ROWS), ``on`` always (an
-    error where ZeRO-3 partitions the weight), ``off`` never. It changes no result, only what a
+    error under ZeRO-3), ``off`` never. It changes no result, only what a
     step launches and holds (layer.py, docs/method.md).
     """
 

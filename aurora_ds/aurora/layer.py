@@ -503,9 +503,9 @@ class InputSharing(CallMemo):
         few percent of the step's memory (which keeps several activations per layer), and its
         making is small beside the rank-space GEMMs it saves (BLIP-base's vision layers from
         batch 47–50 at 224 px, 16–17 at BLIP's 384 px; its text layers not at BLIP's batches);
-        ``on`` merges whatever the rows. Not where ZeRO-3 partitions W (it is whole only inside
-        its own module's call: the unmerged path, or an error for ``merged: on``), nor under
-        autocast.
+        ``on`` merges whatever the rows. Not under ZeRO-3 (W, partitioned or persistent, is used only
+        through its own module's call: the unmerged path, or an error for ``merged: on``), nor
+        under autocast.
         """
         if self.merging == "off":
             return None
