@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbones import BackboneSpec, backbone_config, checkpoint_architectures, get_spec
+from ..backbones import BackboneSpec, backbone_config, checkpoint_architectures, checkpoint_identity, get_spec
 from ..dist import (barrier, free_port, process_rank, set_compute_device, stop_if_any_rank_failed,
                     use_current_collectives, world)
 from .adapter_record import AdapterRecord, check_checkpoint, check_evaluation, check_fits, read_record
@@ -274,6 +274,20 @@ def resume_point(cfg):
     return checkpoint
 
 
+def digest_weights_once(cfg):
+    """The checkpoint's weight digest (its GBs read) made by one rank per node into the cache
+    beside the weights, which the node's other ranks then read, rather than every rank reading the
+    weights at once. A failure here is left to the checks that follow, on every rank."""
+    if not (cfg.backbone.checkpoint and os.path.isdir(cfg.backbone.checkpoint)):
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            checkpoint_identity(cfg.backbone.checkpoint)
+        except (OSError, ValueError):
+            pass
+    barrier()
+
+
 def prepare(cfg, adapter=None, evaluation: bool = False) -> RunSetup:
     """Resolve and check the run of ``cfg`` (an evaluation of ``adapter``, or of the frozen
     checkpoint, when ``evaluation``); nothing is built. Starts the process group."""
@@ -288,6 +302,7 @@ def prepare(cfg, adapter=None, evaluation: bool = False) -> RunSetup:
         raise ValueError("candidate inference needs the answer list the model was trained with: set "
                          "eval.answer_list=FILE.json (aurora-eval never counts answers from the evaluation shards)")
     rank, size = setup_distributed(cfg)
+    digest_weights_once(cfg)
     names = {"data.eval_shards": "--shards"} if evaluation else {key: key for key in SHARD_FLAGS}
     notes = on_every_rank(check_inputs, cfg, spec, size, names, adapter, evaluation)
     source = tokenizer_source(cfg)
