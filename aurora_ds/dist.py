@@ -61,6 +61,11 @@ def world_size() -> int:
     return world()[1]
 
 
+def group_rank(group) -> int:
+    """This process's rank within ``group`` (a ZeRO-3 partition group), 0 without one."""
+    return _td.get_rank(group=group) if is_distributed() else 0
+
+
 def comm_device() -> torch.device:
     """Where collective tensors must live: the current CUDA device under NCCL, else the CPU."""
     if is_distributed() and "nccl" in str(_td.get_backend()).lower():

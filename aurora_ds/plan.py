@@ -116,6 +116,7 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
             persistent["aurora" if id(p) in aurora_ids else "backbone"] += p.numel()
             persistent_tensors += 1
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    largest_tensor = max(p.numel() for n, p in model.named_parameters() if id(p) not in aurora_ids)
     calls = module_calls(model, get_spec(backbone).family, persistence_threshold)
     return {
         "total": report["total"],
@@ -125,6 +126,7 @@ def count_parameters(backbone: str, rank: int = 32, persistence_threshold: int =
         "aurora_persistent": persistent["aurora"],
         "persistent_tensors": persistent_tensors,
         "largest_layer": largest,
+        "largest_tensor": largest_tensor,
         **calls,
         **linear_shapes(model, get_spec(backbone)),
     }
@@ -253,18 +255,22 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
          batch: int = 8, image_size: int = 0, frames: int = 1, checkpointing: bool = False,
          intra_bw: float = INTRA_BW["nvlink"], inter_gbit: float = 200.0, tflops: float = TFLOPS,
          cuda: bool = True, gpus_per_node: int = 0, module_overhead: float = MODULE_OVERHEAD_S,
-         latency: float = LATENCY_S, module_bytes_cost: float = MODULE_BYTES_COST) -> list[dict]:
+         latency: float = LATENCY_S, module_bytes_cost: float = MODULE_BYTES_COST,
+         host_memory_gib: float = 0.0, checkpoint_precision: str = "") -> list[dict]:
     """One dict per GPU count in ``gpus_list`` (total GPUs over ``nodes`` nodes, or with
     ``gpus_per_node`` as many nodes as needed): parameter counts, DeepSpeed's full-training
-    estimate, Aurora's ZeRO-3 estimate, and every layout's memory, traffic and step time with the
-    recommended one (``layouts``, ``recommended``, ``reason``); all sizes in bytes."""
+    estimate, Aurora's ZeRO-3 estimate, and every layout's memory (training and loading),
+    traffic and step time with the recommended one (``layouts``, ``recommended``, ``reason``),
+    and ``warnings`` where a node's ``host_memory_gib`` cannot hold what its ranks load from a
+    checkpoint in ``checkpoint_precision`` (default: ``precision``); all sizes in bytes."""
     from aurora_ds import AuroraConfig
     from aurora_ds.backbones import get_spec
 
     get_spec(backbone)
     AuroraConfig(rank=rank)  # a bad rank fails here, before the slow build
-    if precision not in BYTES_PER_PARAM:
-        raise ValueError(f"precision must be one of {sorted(BYTES_PER_PARAM)}, got {precision!r}")
+    for name in (precision, checkpoint_precision or precision):
+        if name not in BYTES_PER_PARAM:
+            raise ValueError(f"precision must be one of {sorted(BYTES_PER_PARAM)}, got {name!r}")
     if nodes <= 0:
         raise ValueError(f"nodes must be positive, got {nodes}")
     gpus_list = list(gpus_list)
@@ -285,8 +291,9 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
         per_node = gpus // n
         layouts = layout_estimates(counts, gpus, per_node, precision, batch, image_size, frames, checkpointing,
                                    intra_bw, network(inter_gbit), latency=latency, tflops=tflops,
-                                   module_overhead=module_overhead, module_bytes_cost=module_bytes_cost)
-        best, why = recommend(layouts, gpu_memory_gib * GIB, per_node, n, cuda)
+                                   module_overhead=module_overhead, module_bytes_cost=module_bytes_cost, cuda=cuda,
+                                   checkpoint_nbytes=BYTES_PER_PARAM[checkpoint_precision or precision])
+        best, why = recommend(layouts, gpu_memory_gib * GIB, per_node, n, cuda, host_memory_gib * GIB)
         rows.append({
             "backbone": backbone,
             "gpus": gpus,
@@ -309,6 +316,7 @@ def plan(backbone: str, gpus_list, nodes: int = 1, offload: bool = False, precis
             "recommended": best,
             "reason": why,
         })
+        rows[-1]["warnings"] = host_memory_warnings(rows[-1], host_memory_gib * GIB)
     return rows
 
 
@@ -316,15 +324,17 @@ def choose_layout(cfg, world_size: int, per_node: int) -> dict:
     """``--ds-config auto``: the recommendation for this run (its backbone, precision, micro-batch,
     image size, frames, world size, GPUs per node, and this GPU's memory when there is one)."""
     cuda = torch.cuda.is_available()
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
     if cuda:
         memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
     else:  # CPU ranks share the host's memory
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB / max(1, per_node)
+        memory = host / max(1, per_node)
     per_node = per_node if world_size % max(1, per_node) == 0 else world_size
     row = plan(cfg.backbone.name, [world_size], precision=cfg.engine.precision, rank=cfg.aurora.rank,
                gpu_memory_gib=memory, batch=cfg.optim.batch_size, image_size=cfg.data.image_size,
                frames=cfg.data.num_frames if cfg.data.media == "video" else 1,
-               checkpointing=cfg.engine.activation_checkpointing, cuda=cuda, gpus_per_node=per_node)[0]
+               checkpointing=cfg.engine.activation_checkpointing, cuda=cuda, gpus_per_node=per_node,
+               host_memory_gib=host)[0]
     return {"ds_config": row["recommended"], "reason": row["reason"], "row": row}
 
 
@@ -371,18 +381,22 @@ def format_layouts(rows: list[dict]) -> str:
              f"{i['gpu_memory_gib']:.0f} GiB per GPU, links {i['intra_gbyte_s']:g} GB/s in a node, "
              f"{i['inter_gbit_s']:g} Gb/s per GPU between nodes, {i['tflops']:g} TFLOPS effective, "
              f"ZeRO-3 {i['module_overhead_s'] * 1e6:g} us per module call"]
-    head = ("states GiB", "activ. GiB", "intra GB", "inter GB", "step ms", "samples/s/GPU")
+    head = ("states GiB", "activ. GiB", "load GPU GiB", "load host/node", "intra GB", "inter GB", "step ms",
+            "samples/s/GPU")
     for r in rows:
         lines += ["", f"{r['gpus']} GPUs = {r['nodes']} node(s) x {r['gpus_per_node']}:",
                   f"  {'layout':<17}" + " ".join(f"{h:>13}" for h in head)]
         for name, e in r["layouts"].items():
             mark = "*" if name == r["recommended"] else " "
-            cells = [e["model_states_bytes"] / GIB, e["activation_bytes"] / GIB, e["intra_node_bytes"] / 1e9,
+            cells = [e["model_states_bytes"] / GIB, e["activation_bytes"] / GIB, e["loading_gpu_bytes"] / GIB,
+                     e["loading_host_bytes_per_node"] / GIB, e["intra_node_bytes"] / 1e9,
                      e["inter_node_bytes"] / 1e9, e["step_s"] * 1e3, e["samples_per_s_per_gpu"]]
             note = f"  ({e['unavailable']})" if "unavailable" in e else ""
             lines.append(f"{mark} {name:<17}" + " ".join(f"{c:>13.2f}" for c in cells) + note)
         lines.append(f"  recommended: {r['recommended']}: {r['reason']}")
-    lines += ["", "intra/inter GB: bytes one GPU receives per step from its node / from other nodes; step ms:",
+    lines += ["", "load GPU GiB / load host/node: peak memory while the backbone is built and loaded from a checkpoint,",
+              "on one GPU and on one node's host (all its ranks; replicated builds the whole model on the host first);",
+              "intra/inter GB: bytes one GPU receives per step from its node / from other nodes; step ms:",
               "compute estimate + communication at the given bandwidths + ZeRO-3's overhead per module call,",
               "no overlap (an upper bound)."]
     return "\n".join(lines)
@@ -451,6 +465,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     layout = parser.add_argument_group("layout recommendation")
     layout.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    layout.add_argument("--host-memory", type=float, default=0.0,
+                        help="GiB of host memory per node: warn where the node's ranks cannot load the backbone in it")
+    layout.add_argument("--checkpoint-precision", choices=sorted(BYTES_PER_PARAM), default="",
+                        help="precision of the checkpoint's weights (default: --precision); a replicated model "
+                             "loaded from another precision is converted into a private copy per rank")
     layout.add_argument("--batch", type=int, default=8, help="micro-batch per GPU")
     layout.add_argument("--image-size", type=int, default=0, help="input resolution (0 = the backbone's)")
     layout.add_argument("--frames", type=int, default=1, help="video frames per sample")
@@ -488,7 +507,8 @@ def main(argv=None) -> int:
     options = dict(precision=args.precision, rank=args.rank, gpu_memory_gib=args.gpu_memory, batch=args.batch,
                    image_size=args.image_size, frames=args.frames, checkpointing=args.activation_checkpointing,
                    intra_bw=intra, inter_gbit=args.inter, tflops=args.tflops, module_overhead=overhead, latency=latency,
-                   module_bytes_cost=args.module_bytes_cost)
+                   module_bytes_cost=args.module_bytes_cost, host_memory_gib=args.host_memory,
+                   checkpoint_precision=args.checkpoint_precision)
     try:
         rows = plan(args.backbone, args.gpus, args.nodes, args.offload, **options)
         if args.plot:
@@ -497,6 +517,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    for warning in sorted({w for r in rows for w in r["warnings"]}):
+        print(f"warning: {warning}", file=__import__("sys").stderr)
     if args.plot:
         print(f"wrote {args.plot}", file=__import__("sys").stderr)
     return 0
@@ -541,8 +563,10 @@ def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "b
                      image_size: int = 224, frames: int = 1, checkpointing: bool = False,
                      intra_bw: float = INTRA_BW["nvlink"], inter_bw: float = network(200), host_bw: float = HOST_BW,
                      latency: float = LATENCY_S, tflops: float = TFLOPS, max_live: int = MAX_LIVE_PARAMETERS,
-                     module_overhead: float = MODULE_OVERHEAD_S, module_bytes_cost: float = MODULE_BYTES_COST) -> dict:
-    """Per layout: per-GPU memory (model states + activations), bytes received per step per GPU
+                     module_overhead: float = MODULE_OVERHEAD_S, module_bytes_cost: float = MODULE_BYTES_COST,
+                     cuda: bool = True, checkpoint_nbytes: int = 0) -> dict:
+    """Per layout: per-GPU memory (model states + activations), memory while loading (GPU and
+    host: :func:`loading_estimate`), bytes received per step per GPU
     (intra-node, inter-node, host), and the step time = compute + communication (no overlap:
     an upper bound; DeepSpeed overlaps prefetch with compute when it can). Bandwidths in GB/s.
 
@@ -611,12 +635,60 @@ def layout_estimates(counts: dict, gpus: int, per_node: int, precision: str = "b
             "comm_s": comm,
             "step_s": compute + comm,
             "samples_per_s_per_gpu": batch / (compute + comm),
+            **loading_estimate(counts, gpus, per_node, name, nbytes, cuda, checkpoint_nbytes),
         }
     return out
 
 
-def recommend(layouts: dict, gpu_memory: float, per_node: int, nodes: int, cuda: bool = True) -> tuple[str, str]:
-    """The fastest layout that fits ``gpu_memory`` bytes per GPU (less the runtime reserve), and why.
+def loading_estimate(counts: dict, gpus: int, per_node: int, layout: str, nbytes: int, cuda: bool = True,
+                     checkpoint_nbytes: int = 0) -> dict:
+    """Peak memory per rank while the backbone is built and its checkpoint loaded, above the
+    process's runtime: on the GPU, private host memory per rank, and checkpoint pages mapped on
+    the host (shared by a node's ranks), for a checkpoint of ``checkpoint_nbytes`` per element
+    (default: the run's precision).
+
+    ZeRO-3 layouts are built partitioned (zero.Init: each module whole for a moment, then its
+    share kept) and each rank reads only the rows of its share from the files
+    (``backbones/loading.py``): the partition, plus the largest module or one tensor's rows in
+    flight; with offload the partition lives on the host. ``replicated`` loads through
+    ``from_pretrained``, whose parameters are the memory-mapped safetensors themselves when the
+    checkpoint is in the run's precision: one copy per node in the page cache, shared by its
+    ranks, until DeepSpeed moves it to the GPU; a checkpoint in another precision is converted
+    into a private copy per rank. Without CUDA device and host are one memory."""
+    checkpoint_nbytes = checkpoint_nbytes or nbytes
+    backbone, tensor = nbytes * counts["backbone"], counts.get("largest_tensor", counts["largest_layer"])
+    transient = nbytes * max(counts["largest_layer"], tensor / gpus)
+    rows = checkpoint_nbytes * tensor / gpus
+    mapped = 0.0
+    if layout == "replicated":
+        device = backbone
+        host, mapped = (0.0, backbone) if checkpoint_nbytes == nbytes else (backbone, 0.0)
+    elif layout == "zero3_offload":
+        device, host = nbytes * counts["largest_layer"], backbone / gpus + rows
+    else:
+        device, host = backbone / gpus + transient, rows
+    if not cuda:  # one memory: what is built on the "device" is on the host
+        device, host = 0.0, (host if layout == "replicated" else backbone / gpus + max(transient, rows))
+    return {"loading_gpu_bytes": int(device), "loading_host_bytes": int(host),
+            "loading_mapped_bytes_per_node": int(mapped),
+            "loading_host_bytes_per_node": int(host * per_node + mapped)}
+
+
+def host_memory_warnings(row: dict, host_memory: float) -> list[str]:
+    """Layouts whose loading needs more host memory per node than ``host_memory`` bytes."""
+    out = []
+    for name, est in row["layouts"].items():
+        need = est["loading_host_bytes_per_node"]
+        if host_memory and need > host_memory:
+            out.append(f"{name}: the {row['gpus_per_node']} ranks of a node need {need / GIB:.1f} GiB of host "
+                       f"memory while loading the backbone, more than the node's {host_memory / GIB:.0f} GiB")
+    return out
+
+
+def recommend(layouts: dict, gpu_memory: float, per_node: int, nodes: int, cuda: bool = True,
+              host_memory: float = 0.0) -> tuple[str, str]:
+    """The fastest layout that fits ``gpu_memory`` bytes per GPU (less the runtime reserve) and,
+    when ``host_memory`` (bytes per node) is known, whose loading fits the node's host, and why.
 
     hpZ is only a layout of its own across nodes with several GPUs each (DeepSpeed turns it off at
     partition size 1; on one node it is ZeRO-3); quantized weights need CUDA."""
@@ -630,6 +702,9 @@ def recommend(layouts: dict, gpu_memory: float, per_node: int, nodes: int, cuda:
             est["unavailable"] = "quantized weights need CUDA"
         elif est["gpu_bytes"] > budget:
             est["unavailable"] = f"needs {est['gpu_bytes'] / GIB:.1f} GiB of {budget / GIB:.1f} usable"
+        elif host_memory and est["loading_host_bytes_per_node"] > host_memory:
+            est["unavailable"] = (f"loading needs {est['loading_host_bytes_per_node'] / GIB:.1f} GiB of host memory "
+                                  f"per node, the node has {host_memory / GIB:.1f}")
         else:
             usable[name] = est
     if not usable:

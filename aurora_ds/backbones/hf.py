@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..aurora.targets import TargetPreset
-from . import BackboneSpec, register_backbone, register_family
+from . import BackboneSpec, backbone_config, register_backbone, register_family
+from .loading import load_weights, uninitialised
 
 
 def build_hf(spec: BackboneSpec, checkpoint, dtype):
+    """Under ZeRO-3 (an ``HfDeepSpeedConfig`` alive) a checkpoint is loaded into the partitions
+    as they are built, each rank reading its own share (``loading.py``), rather than through
+    ``from_pretrained``, which has rank 0 read the whole model."""
     import transformers
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     cls = getattr(transformers, spec.extra["model_class"])
-    if checkpoint is not None:
+    if checkpoint is None:
+        config = getattr(transformers, spec.extra["config_class"])(**spec.shape)
+        return cls._from_config(config, dtype=dtype)
+    if not is_deepspeed_zero3_enabled():
         return cls.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
-    config = getattr(transformers, spec.extra["config_class"])(**spec.shape)
-    return cls._from_config(config, dtype=dtype)
+    model = empty_partitioned(cls, backbone_config(spec.name, checkpoint), dtype)
+    model.load_report = load_weights(model, checkpoint)
+    if (Path(checkpoint) / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(checkpoint, local_files_only=True)
+    return model.eval()  # as from_pretrained returns it
+
+
+def empty_partitioned(cls, config, dtype):
+    """The model built straight into ZeRO-3 partitions with no initial values (the checkpoint
+    overwrites them all). ``_from_config`` would then gather every module whole to initialise it
+    (``initialize_weights_zero3``): at BLIP-2 OPT-2.7B two minutes of all-gathers on 2 CPU ranks,
+    and a whole module at a time on every rank."""
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+    from transformers.modeling_utils import local_torch_dtype, set_zero3_state
+
+    config.dtype = dtype
+    for key in config.sub_configs:
+        if getattr(config, key, None) is not None:
+            getattr(config, key).dtype = dtype
+    # set_zero3_state: the sub-models' own _from_config must not open a second zero.Init
+    with uninitialised(), local_torch_dtype(dtype, cls.__name__), \
+            deepspeed.zero.Init(config_dict_or_path=deepspeed_config()), set_zero3_state():
+        model = cls(config)
+    model.tie_weights()  # uninitialised() skips init_weights, which ties them
+    return model
 
 
 register_family("hf", build_hf)

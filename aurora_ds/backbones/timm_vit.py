@@ -8,19 +8,20 @@ import torch
 
 from ..aurora.targets import TargetPreset
 from . import BackboneSpec, register_backbone, register_family
+from .loading import load_weights
 
 
 def _build(spec: BackboneSpec, checkpoint, dtype, zero3=None):
     import timm  # before zero.Init: importing timm inside it breaks torch's dynamo decorators
-    from safetensors.torch import load_file
 
     with _default_dtype(dtype), _partitioned(zero3, dtype):  # never a whole fp32 copy first
         model = timm.create_model(spec.extra["arch"], pretrained=False, **spec.shape)
     if checkpoint is not None:
-        weights = checkpoint / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"timm checkpoint {weights} does not exist")
-        _load(model, load_file(str(weights)), zero3 is not None)
+        if not (checkpoint / "model.safetensors").is_file():
+            raise FileNotFoundError(f"timm checkpoint {checkpoint / 'model.safetensors'} does not exist")
+        unused = load_weights(model, checkpoint).unused_keys
+        if unused:
+            raise ValueError(f"{checkpoint / 'model.safetensors'} holds tensors the model does not have: {unused[:5]}")
     for module in model.modules():
         # EVA attention with q/v biases calls F.linear on qkv.weight unless the bias is added
         # separately, which would bypass an adapted qkv silently; separate is the same sum.
@@ -35,26 +36,6 @@ def _partitioned(zero3, dtype):
     import deepspeed
 
     return deepspeed.zero.Init(config_dict_or_path=zero3, dtype=dtype)
-
-
-def _load(model, state: dict, partitioned: bool):
-    """load_state_dict, or for partitioned parameters one gathered tensor at a time (rank 0's
-    copy of the file is written and re-partitioned to every rank)."""
-    if not partitioned:
-        model.load_state_dict(state)
-        return
-    import deepspeed
-
-    params = dict(model.named_parameters())
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, param in params.items():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
-            param.copy_(state[name].to(param.dtype))
-    for name, buffer in model.named_buffers():
-        if name in state:
-            buffer.copy_(state[name])
 
 
 @contextlib.contextmanager

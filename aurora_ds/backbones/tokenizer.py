@@ -54,9 +54,12 @@ def train_tokenizer(texts, vocab_size: int = 1024, out_dir: str | Path | None = 
 
 
 def has_tokenizer(path) -> bool:
-    """Whether ``path`` holds a tokenizer: a ``tokenizer.json``, or a WordPiece ``vocab.txt``
-    (the Salesforce BLIP checkpoints ship a BertTokenizer)."""
-    return bool(path) and any(Path(path, f).is_file() for f in ("tokenizer.json", "vocab.txt"))
+    """Whether ``path`` holds a tokenizer: a ``tokenizer.json``, a WordPiece ``vocab.txt`` (the
+    Salesforce BLIP checkpoints ship a BertTokenizer) or GPT-2's BPE files (OPT's tokenizer)."""
+    if not path:
+        return False
+    return (any(Path(path, f).is_file() for f in ("tokenizer.json", "vocab.txt"))
+            or all(Path(path, f).is_file() for f in ("vocab.json", "merges.txt")))
 
 
 def tokenizer_files(path) -> list[Path]:

@@ -14,6 +14,8 @@ COMMANDS = {
     "zero": ("aurora_ds.bench.zero", "ZeRO-3 parameter memory and step time, 1 vs 2 ranks (+ offload), plan estimates"),
     "gather-fit": ("aurora_ds.bench.gather_fit", "aurora-plan's ZeRO-3 communication constants fitted to zero reports, "
                                                  "each checked with a fit to the others"),
+    "load": ("aurora_ds.bench.load", "loading a checkpoint per layout on N ranks: seconds, bytes read, peak host "
+                                      "memory per rank against aurora-plan (--write: a random hub-layout checkpoint)"),
     "quality": ("aurora_ds.bench.quality", "compositional retrieval under a held-out shift: Aurora vs LoRA vs full"),
 }
 

@@ -1,9 +1,12 @@
-"""Rank-0 logging: TensorBoard scalars, a console progress bar with ETA, plain messages."""
+"""Rank-0 logging: TensorBoard scalars, a console progress bar with ETA, plain messages; and
+what each rank measures of itself (peak memory)."""
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
+import threading
 
 import torch
 
@@ -13,6 +16,52 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def anon_memory_mb(kind: str = "RssAnon") -> float | None:
+    """This process's resident anonymous memory (``RssAnon``): what it holds itself. RSS also
+    counts the pages of files it maps (``RssFile``), such as checkpoint shards, which the node's
+    processes share and the kernel can drop and read again. None where ``/proc`` does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            found = re.search(rf"^{kind}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(found.group(1)) / 1024 if found else None
+
+
+class HostMemory:
+    """Peak ``RssAnon`` per phase of a run (loading, training), sampled every 10 ms by a daemon
+    thread: no counter of the kernel keeps an anonymous-memory peak."""
+
+    def __init__(self, phase: str):
+        self.peaks: dict[str, float] = {}
+        self._phase, self._stop = phase, threading.Event()
+        self._lock = threading.Lock()
+        self._sample()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _sample(self) -> None:
+        value = anon_memory_mb()
+        if value is not None:
+            with self._lock:
+                self.peaks[self._phase] = max(self.peaks.get(self._phase, 0.0), value)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.01):
+            self._sample()
+
+    def phase(self, name: str) -> None:
+        """End the current phase (one last sample) and start ``name``."""
+        self._sample()
+        with self._lock:
+            self._phase = name
+        self._sample()
+
+    def stop(self) -> dict[str, float]:
+        self._sample()
+        self._stop.set()
+        return {k: round(v, 1) for k, v in self.peaks.items()}
 
 
 class RunLogger:

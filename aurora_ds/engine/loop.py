@@ -19,7 +19,7 @@ from .backend import DeepSpeedBackend, PlainBackend, local_parameter_bytes, seco
 from .checkpoint import load_adapter_values, load_checkpoint, save_adapter, save_checkpoint
 from .dsconfig import zero_stage
 from .ema import EMA
-from .logging import RunLogger, peak_memory_mb
+from .logging import HostMemory, RunLogger, peak_memory_mb
 from .report import quality_lines
 from .rundir import RunDir
 from .setup import RunSetup, prepare
@@ -144,12 +144,16 @@ def train(cfg, data=None, evaluator=None) -> dict:
     total_steps = plan_steps(cfg, data)
     if setup.checkpoint is None and hasattr(data, "prefetch"):
         data.prefetch()  # the loader's workers start while the model is built (a resume positions it first)
+    memory, began = HostMemory("loading"), time.perf_counter()
     objective, handle, _zero3_context = build_model(cfg, setup)  # the context is held for the whole run
     backend = make_backend(cfg, objective, total_steps, setup)
+    memory.phase("training")
+    done_loading = time.perf_counter() - began
     objective.train()  # from_pretrained returns eval mode; DeepSpeed does not change it
     objective.ema = EMA(backend, handle.named_trainable_parameters(), cfg.objective.momentum)
     log = RunLogger(run.tensorboard, rank == 0, total_steps, 0, cfg.output.progress, cfg.output.log_every)
-    for note in [f"[aurora] {handle.format_parameter_report()}", *setup.notes, *warnings_for(cfg)]:
+    for note in [f"[aurora] {handle.format_parameter_report()}", *setup.notes, *warnings_for(cfg),
+                 loading_note(objective, done_loading)]:
         log.message(note)
     log.message(f"[aurora] {size} rank(s), backbone parameters on this rank: {local_parameter_bytes(objective) / 2**20:.1f} MiB")
     done = resume(cfg, setup.checkpoint, backend, handle, objective, data, run, log)
@@ -203,7 +207,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
             save_adapter(backend, handle, run.adapter_latest, {"step": step}, setup.record)
 
     test = report_on_test(tester, backend, handle, objective, run, done.best, step, log) if tester else None
-    summary = summarize(setup, done, handle, objective, test)
+    summary = summarize(setup, done, handle, objective, test, {"loading_s": done_loading, "host_memory": memory.stop()})
     if rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         run.summary.write_text(json.dumps(summary, indent=2))
@@ -229,15 +233,25 @@ def next_batch(stream) -> tuple:
     return epoch, batch, waited
 
 
-def summarize(setup: RunSetup, done: "Progress", handle, objective, test: dict | None) -> dict:
+def loading_note(objective, seconds: float) -> str:
+    """How long building and loading the backbone took, and how much of the checkpoint this rank
+    read (rank 0's; under ZeRO-3 each rank reads its own share)."""
+    report = getattr(objective.backbone, "load_report", None)
+    read = f", this rank read {report.read_bytes / 2**30:.2f} GiB of {report.files} file(s)" if report else ""
+    return f"[aurora] backbone built and wrapped in {seconds:.1f} s{read}"
+
+
+def summarize(setup: RunSetup, done: "Progress", handle, objective, test: dict | None, loading: dict) -> dict:
     """The run's summary.json: how good (frozen, every validation, best, test), how fast and how
-    big (throughput, data wait, peak memory per rank, parameters), and the run's record."""
-    peaks = gather_objects(peak_memory_mb())
+    big (throughput, data wait, peak memory per rank, loading time and each rank's peak host
+    memory while loading and while training, parameters), and the run's record."""
+    peaks, host = gather_objects(peak_memory_mb()), gather_objects(loading["host_memory"])
     return {"steps": done.step, "world_size": setup.size, "ds_config": setup.layout,
             "parameters": handle.parameter_report(), "skipped": done.skipped, "frozen": done.frozen,
             "evaluations": done.evaluations, "best": done.best, "test": test, **data_wait(done.history),
             **throughput(done.history, setup.size), "history": done.history, "peak_memory_mb": peaks[0],
-            "peak_memory_mb_per_rank": peaks, "local_parameter_bytes": local_parameter_bytes(objective),
+            "peak_memory_mb_per_rank": peaks, "loading_s": round(loading["loading_s"], 2),
+            "host_memory_mb_per_rank": host, "local_parameter_bytes": local_parameter_bytes(objective),
             "secondary_parameter_bytes": secondary_parameter_bytes(objective), "run": setup.record.record}
 
 

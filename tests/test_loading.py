@@ -1,0 +1,154 @@
+"""Loading a checkpoint into a model built partitioned (``backbones/loading.py``): each ZeRO-3
+rank reads its own share of every shard file and holds the checkpoint's values; shapes, missing
+tensors and broken indexes are errors naming the file and key."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from aurora_ds import build_backbone
+from aurora_ds.backbones.loading import load_weights, uninitialised, weight_files
+from aurora_ds.dist import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "blip2-opt-tiny-vqa"
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A tiny BLIP-2 OPT saved as bf16 safetensors in several shards, with its tied LM head."""
+    path = tmp_path_factory.mktemp("ckpt") / "blip2-opt"
+    torch.manual_seed(0)
+    build_backbone(NAME, dtype=torch.bfloat16).save_pretrained(path, max_shard_size="200KB")
+    assert len(weight_files(path)) >= 3
+    return path
+
+
+def _file_values(path) -> dict:
+    values = {}
+    for file in weight_files(path):
+        values.update(load_file(str(file)))
+    return values
+
+
+def _empty(path, dtype=torch.bfloat16):
+    config = transformers.Blip2Config.from_pretrained(path)
+    with uninitialised():
+        model = transformers.Blip2ForConditionalGeneration._from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model
+
+
+def test_whole_model_gets_every_value_of_every_shard(sharded):
+    model = _empty(sharded, torch.float32)
+    report = load_weights(model, sharded)
+    values, state = _file_values(sharded), model.state_dict()
+    assert set(values) < set(state)  # the tied LM head is not in the files
+    for key, value in values.items():
+        assert state[key].dtype == torch.float32 and torch.equal(state[key], value.float()), key
+    assert torch.equal(state["language_model.lm_head.weight"], values["language_model.model.decoder.embed_tokens.weight"].float())
+    assert report.files == len(weight_files(sharded)) and report.unused_keys == []
+    assert report.read_bytes == sum(v.numel() * v.element_size() for v in values.values())
+
+
+def test_older_key_names_are_renamed_as_transformers_does(sharded, tmp_path):
+    """A checkpoint saved with the Q-Former's LayerNorms as gamma/beta (older BERT-style names)."""
+    old = tmp_path / "old"
+    old.mkdir()
+    values = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+              for k, v in _file_values(sharded).items()}
+    assert any(k.endswith("LayerNorm.gamma") for k in values)
+    save_file(values, str(old / "model.safetensors"))
+    model = _empty(sharded)
+    load_weights(model, old)
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("LayerNorm.weight"))
+    assert torch.equal(state[key], _file_values(sharded)[key])
+
+
+def test_a_checkpoint_that_does_not_fit_is_named(sharded, tmp_path):
+    values = _file_values(sharded)
+    other = tmp_path / "other"
+    other.mkdir()
+    key = "language_projection.weight"
+    save_file({**values, key: values[key][:, :-1].contiguous()}, str(other / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"model\.safetensors: {key} has shape"):
+        load_weights(_empty(sharded), other)
+    lacking = tmp_path / "lacking"
+    lacking.mkdir()
+    save_file({k: v for k, v in values.items() if k != key}, str(lacking / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"lacks 1 of the model's tensors.*{key}"):
+        load_weights(_empty(sharded), lacking)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {key: "gone.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
+        load_weights(_empty(sharded), broken)
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        weight_files(tmp_path)
+
+
+RANKS = """
+import json, sys, torch, deepspeed
+from pathlib import Path
+deepspeed.init_distributed()
+from transformers.integrations import HfDeepSpeedConfig
+from aurora_ds.backbones import build_backbone
+from aurora_ds.dist import shutdown
+from aurora_ds.engine.setup import release_shm_buffer
+release_shm_buffer()
+
+checkpoint, out, dtype = sys.argv[1], Path(sys.argv[2]), getattr(torch, sys.argv[3])
+ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "train_micro_batch_size_per_gpu": 1,
+      "bf16": {"enabled": dtype == torch.bfloat16}}  # zero.Init builds in the config's precision
+keep = HfDeepSpeedConfig(ds)
+model = build_backbone("%s", checkpoint, dtype)
+params = dict(model.named_parameters())
+# Blip2Attention makes qkv.bias after its Linear is built: a whole tensor, partitioned by the engine later
+local = sum(p.ds_tensor.numel() if hasattr(p, "ds_id") else p.numel() for p in params.values())
+values = {}
+with deepspeed.zero.GatheredParameters(list(params.values())):
+    for name, p in params.items():
+        values[name] = p.detach().float().clone()
+rank = torch.distributed.get_rank()
+torch.save(values, out / f"values{rank}.pt")
+(out / f"rank{rank}.json").write_text(json.dumps({
+    "local": local, "total": sum(getattr(p, "ds_numel", p.numel()) for p in params.values()), "read": model.load_report.read_bytes,
+    "dtypes": sorted({str(p.dtype) for p in params.values()}), "training": model.training,
+    "eos": model.generation_config.eos_token_id,
+    "tied": model.language_model.lm_head.weight is model.language_model.model.decoder.embed_tokens.weight}))
+shutdown()
+""" % NAME
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_two_ranks_each_read_their_half_and_hold_the_checkpoint(sharded, tmp_path, dtype):
+    """Built under zero.Init from the sharded bf16 checkpoint on 2 ranks: each rank reads about
+    half of the file bytes (its partitions, plus a row per tensor) and the gathered model is the
+    checkpoint's, in the run's dtype, in eval mode, with its generation config."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), str(sharded), str(tmp_path), dtype]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    values = _file_values(sharded)
+    file_bytes = sum(v.numel() * v.element_size() for v in values.values())
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert 0.45 < report["local"] / report["total"] < 0.55
+        assert 0.45 * file_bytes < report["read"] < 0.6 * file_bytes
+        assert report["dtypes"] == [f"torch.{dtype}"] and report["training"] is False
+        assert report["eos"] == build_backbone(NAME).generation_config.eos_token_id and report["tied"]
+    for rank in (0, 1):
+        gathered = torch.load(tmp_path / f"values{rank}.pt", weights_only=True)
+        for key, value in values.items():
+            assert torch.equal(gathered[key], value.float()), (rank, key)
