@@ -237,6 +237,7 @@ def test_quality_smallest(tmp_path):
     count = {name: r["trainable"] for name, r in rows.items()}
     assert count["zero-shot"] == 0 < count["aurora R=2"] < count["aurora R=4"] < count["aurora R=8"]
     assert count["aurora R=4 no GQT"] < count["aurora R=4"] < count["aurora R=4 private"]
+    assert count["aurora R=4 dropout 0"] == count["aurora R=4"]
     for name in ("vera", "vb-lora"):  # matched to Aurora R=4's adapter count
         assert abs(rows[name]["adapter"] - rows["aurora R=4"]["adapter"]) < 0.4 * rows["aurora R=4"]["adapter"]
     assert count["full"] > 30 * max(c for name, c in count.items() if name != "full")

@@ -21,50 +21,92 @@ and the two factors follow as soon as it opens.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .once import partitioned
 
 
 class GatedQueryTransform(nn.Module):
-    """GQT for one attention block; attached with :meth:`attach` as a forward hook."""
+    """GQT for one attention block; attached with :meth:`attach` as a forward hook, or folded
+    into the block's output LayerNorm where the block has one (:class:`GatedNorm`)."""
 
     def __init__(self, width: int, scale: float = 0.1, dtype=None, device=None, memo=None):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.scale = scale
-        self.memo = memo  # the model's once.CallMemo: sγ and sβ of every block made once per call
-        if memo is not None:
-            memo.register(("gqt", scale), self)
+        self.memo = memo  # the model's once.CallMemo: what every block needs made once per call
+        self.folded = None  # the output of this call's folded LayerNorm, until the block's hook has seen it
         self.gamma = nn.Parameter(torch.empty(width, **kw).normal_(0.0, 2e-4))
         self.beta = nn.Parameter(torch.empty(width, **kw).normal_(0.0, 2e-4))
         self.gate = nn.Parameter(torch.zeros(1, **kw))  # 1-d: ZeRO cannot partition 0-d tensors
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         memo = self.memo
-        if memo is None or not memo.active or any(partitioned(p) for p in (self.gamma, self.beta, self.gate)):
+        if memo is None or not memo.active or any(partitioned(p) for p in self.parameters()):
             return GatedQuery.apply(h, self.gamma, self.beta, self.gate, self.scale)
-        scale, dtype = self.scale, h.dtype
-
-        def build():
-            members = memo.members[("gqt", scale)]
-            count = len(members)
-
-            def make(*params):  # (2, blocks, d): sγ and sβ of every block
-                s = (torch.tanh(torch.cat(params[:count])) * scale).unsqueeze(1)
-                return torch.stack([s * torch.stack(params[count:2 * count]), s * torch.stack(params[2 * count:])]).to(dtype)
-
-            params = [m.gate for m in members] + [m.gamma for m in members] + [m.beta for m in members]
-            return make, params, {id(m): i for i, m in enumerate(members)}
-
-        group = memo.group(("gqt", scale, dtype, torch.is_grad_enabled()), build)
+        group = self._group(h.dtype, folded=False)
         return GatedQueryShared.apply(h, group.value, group if group.trained else None, group.index[id(self)])
 
     def attach(self, block: nn.Module):
-        """Register as ``block.aurora_gqt`` and transform the block's output on every call."""
+        """Register as ``block.aurora_gqt`` and transform the block's output on every call:
+        inside its output LayerNorm where that makes the output, else in a forward hook."""
         block.add_module("aurora_gqt", self)
         block.register_forward_hook(_apply_gqt)
+        norm = _output_norm(block, self.gamma.shape[0])
+        # Not a submodule: the LayerNorm's parameters belong to the backbone.
+        object.__setattr__(self, "output_norm", norm)
+        if self.memo is not None:
+            self.memo.register(("gqt", self.scale, norm is not None), self)
+        if norm is not None:
+            norm.forward = partial(self.gated_norm, norm)
+
+    def gated_norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        """The block's output LayerNorm, with GQT folded into its weight and bias where they
+        are made once per call; the plain LayerNorm otherwise (the block's hook then applies GQT)."""
+        memo = self.memo
+        if (memo is None or not memo.active
+                or any(partitioned(p) for p in (*self.parameters(), norm.weight, norm.bias))):
+            return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        group = self._group(x.dtype, folded=True)
+        self.folded = GatedNorm.apply(x, group.value, group if group.trained else None, group.index[id(self)], norm.eps)
+        return self.folded
+
+    def _group(self, dtype: torch.dtype, folded: bool):
+        """(2, blocks, d) made once per call for every block of this scale: sγ and sβ, or, for the
+        blocks whose output LayerNorm GQT is folded into, that LayerNorm's new weight and bias
+        w + w ⊙ sγ and b + b ⊙ sγ + sβ (so that its output h becomes h + h ⊙ sγ + sβ)."""
+        memo, scale = self.memo, self.scale
+
+        def build():
+            members = memo.members[("gqt", scale, folded)]
+            n = len(members)
+
+            def make(*params):
+                s = (torch.tanh(torch.cat(params[:n])) * scale).unsqueeze(1)
+                sg, sb = s * torch.stack(params[n:3 * n]).view(2, n, -1)
+                if not folded:
+                    return torch.stack([sg, sb]).to(dtype)
+                w, b = torch.stack(params[3 * n:]).view(2, n, -1)
+                return torch.stack([torch.addcmul(w, w, sg), torch.addcmul(b + sb, b, sg)]).to(dtype)
+
+            params = [m.gate for m in members] + [m.gamma for m in members] + [m.beta for m in members]
+            if folded:
+                params += [m.output_norm.weight for m in members] + [m.output_norm.bias for m in members]
+            return make, params, {id(m): i for i, m in enumerate(members)}
+
+        return memo.group(("gqt", scale, folded, dtype, torch.is_grad_enabled()), build)
+
+
+def _output_norm(block: nn.Module, width: int) -> nn.LayerNorm | None:
+    """The LayerNorm whose output a BERT-style attention block returns (``block.output.LayerNorm``:
+    BERT, BLIP's text encoder, BLIP-2's Q-Former), or None."""
+    norm = getattr(getattr(block, "output", None), "LayerNorm", None)
+    affine = isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
+    return norm if affine and tuple(norm.normalized_shape) == (width,) else None
 
 
 class GatedQuery(torch.autograd.Function):
@@ -95,7 +137,7 @@ class GatedQuery(torch.autograd.Function):
 
 class GatedQueryShared(torch.autograd.Function):
     """h' = (h + sβ) + h ⊙ sγ with sγ, sβ made once per call for every block (``once.Group``):
-    two ops forward, four backward, the parameters' shares written into the group's buffer."""
+    two ops forward, four backward, the parameters' shares put into the group."""
 
     @staticmethod
     def forward(ctx, h, made, group, index):
@@ -109,19 +151,61 @@ class GatedQueryShared(torch.autograd.Function):
         group, index = ctx.group, ctx.index
         if group is not None:
             go2, h2 = go.reshape(-1, h.shape[-1]), h.reshape(-1, h.shape[-1])
-            group.add((0, index), lambda out: torch.sum(go2 * h2, 0, out=out))
-            group.add((1, index), lambda out: torch.sum(go2, 0, out=out))
+            group.put((0, index), (go2 * h2).sum(0))
+            group.put((1, index), go2.sum(0))
         return torch.addcmul(go, go, made[0, index]), None, None, None
 
 
+class GatedNorm(torch.autograd.Function):
+    """GQT folded into the LayerNorm that makes the block's output h: LN(x) with weight
+    w' = w + w ⊙ sγ and bias b' = b + b ⊙ sγ + sβ (``made[:, index]``, made once per call for
+    every block) is h + h ⊙ sγ + sβ. No op of its own: the forward is the LayerNorm's kernel, and
+    the LayerNorm's backward makes the gradients of w' and b' beside x's (on a GPU a reduction
+    kernel more inside that op), put into the group as they are. Keeps what the LayerNorm keeps.
+    In bf16, w' rounds w + w ⊙ sγ where the hook rounds h + h ⊙ sγ + sβ: the output's error is
+    the same (measured in docs/method.md)."""
+
+    @staticmethod
+    def forward(ctx, x, made, group, index, eps):
+        ctx.set_materialize_grads(False)
+        weight, bias = made[0, index], made[1, index]
+        out, mean, rstd = torch.native_layer_norm(x, weight.shape, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, made)
+        ctx.group, ctx.index = group, index
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        if go is None:
+            return (None,) * 5
+        x, mean, rstd, made = ctx.saved_tensors
+        group, index = ctx.group, ctx.index
+        weight, bias = made[0, index], made[1, index]
+        mask = [ctx.needs_input_grad[0], group is not None, group is not None]
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(go, x, weight.shape, mean, rstd, weight, bias, mask)
+        if group is not None:
+            group.put((0, index), dw)
+            group.put((1, index), db)
+        return dx, None, None, None, None
+
+
 def _apply_gqt(block: nn.Module, args, output):
-    """Forward hook: route the block's (first) output through its GQT module.
+    """Forward hook: route the block's (first) output through its GQT module, unless GQT was
+    folded into the LayerNorm that made it.
 
     Calling the module (not its tensors) keeps ZeRO-3's per-module gathering in charge.
     """
+    gqt = block.aurora_gqt
+    h = output[0] if isinstance(output, tuple) else output
+    folded, gqt.folded = gqt.folded, None
+    if folded is not None:  # the same tensor, or (ZeRO-3 wraps module outputs) a detached alias of it
+        if h.data_ptr() != folded.data_ptr() or h.shape != folded.shape:
+            raise RuntimeError(f"GQT was folded into {type(block).__name__}'s output.LayerNorm, but the block "
+                               f"does not return that LayerNorm's output")
+        return None
     if isinstance(output, tuple):
-        return (block.aurora_gqt(output[0]), *output[1:])
-    return block.aurora_gqt(output)
+        return (gqt(h), *output[1:])
+    return gqt(h)
 
 
 class ContextEnhancement(nn.Module):

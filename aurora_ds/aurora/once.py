@@ -9,6 +9,8 @@ the shares one op at a time.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -102,13 +104,14 @@ class Sink:
 
 class Group:
     """Tensors made once per call for several users (``make(*inputs)``, plain differentiable
-    ops, one stacked result), and the buffer their users' backward passes add their gradient
-    shares into (:meth:`buffer`, :meth:`add`), made at the first share: in backward, when
-    activations are being freed, not at the forward's peak.
+    ops, one stacked result), and their gradient: either a buffer the users' backward passes
+    add their shares into (:meth:`buffer`), made at the first share (in backward, when
+    activations are being freed, not at the forward's peak), or shares put in as their users
+    made them (:meth:`put`), laid out at the group's backward (:meth:`gradient`).
     """
 
     def __init__(self, make, inputs):
-        self.grad, self.written, self.index, self.done = None, set(), {}, False
+        self.grad, self.shares, self.index, self.done = None, {}, {}, False
         self.merged = None  # what merged layers make from ``value`` (layer.py), as long as it lives
         self.inputs, self.versions = inputs, [t._version for t in inputs]
         self.value = MadeOnce.apply(self, make, *inputs) if torch.is_grad_enabled() else make(*inputs)
@@ -123,22 +126,31 @@ class Group:
         """Neither used up by its backward nor made from inputs changed in place since."""
         return not self.done and all(t._version == v for t, v in zip(self.inputs, self.versions))
 
-    def add(self, index, into):
-        """``into(out)`` writes a share into ``out`` (the buffer's slice ``index``): the first
-        share is written (``out=``), later ones are added, so no share costs a separate add."""
-        target = self.buffer()[index]
-        if index in self.written:
-            target.add_(into(None))
-        else:
-            into(target)
-            self.written.add(index)
+    def put(self, index, share: torch.Tensor):
+        """Keep ``share`` (owned by the group from now on) as a share of ``value[index]``: no op
+        per user, where writing it into a buffer would copy or add it."""
+        self.shares.setdefault(index, []).append(share)
+
+    def gradient(self) -> torch.Tensor | None:
+        """The gradient of ``value``: the buffer, or the shares put in, laid out in two ops
+        (one ``_foreach_add_`` per further share of a slice, for all slices; one ``stack``);
+        None where no user's backward ran."""
+        if not self.shares:
+            return self.grad
+        lead = self.value.shape[:len(next(iter(self.shares)))]
+        slots = [self.shares.get(i, []) for i in itertools.product(*map(range, lead))]
+        while any(len(s) > 1 for s in slots):
+            more = [s for s in slots if len(s) > 1]
+            torch._foreach_add_([s[0] for s in more], [s.pop() for s in more])
+        zero = None if all(slots) else torch.zeros_like(next(s[0] for s in slots if s))
+        return torch.stack([s[0] if s else zero for s in slots]).view(self.value.shape)
 
 
 class MadeOnce(torch.autograd.Function):
     """``make(*inputs)`` as one node whose backward runs once, after every user has added its
-    share into ``group.buffer()``. Users return no gradient for the made tensor: autograd would add
-    their shares one op at a time, and a user that reads a slice would have autograd copy the
-    whole stack back per user."""
+    share into ``group.buffer()`` or put it in (``group.put``). Users return no gradient for the
+    made tensor: autograd would add their shares one op at a time, and a user that reads a slice
+    would have autograd copy the whole stack back per user."""
 
     @staticmethod
     def forward(ctx, group, make, *inputs):
@@ -154,9 +166,10 @@ class MadeOnce(torch.autograd.Function):
         group, leaves, made = ctx.group, ctx.leaves, ctx.made
         ctx.group = ctx.leaves = ctx.made = None  # group -> value -> this node -> group: a cycle
         group.done, group.merged = True, None  # (its runs refer to it: freed by the collector, not at once)
-        if group.grad is None:  # no user's backward ran
+        grad = group.gradient()
+        group.grad, group.shares = None, {}
+        if grad is None:  # no user's backward ran
             return (None,) * (2 + len(leaves))
         needs = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(made, needs, group.grad))
-        group.grad = None
+        grads = iter(torch.autograd.grad(made, needs, grad))
         return (None, None, *(next(grads) if t.requires_grad else None for t in leaves))

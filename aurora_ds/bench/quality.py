@@ -28,13 +28,14 @@ VBLORA_RANK, VBLORA_LENGTH = 2, 16
 # Learning-rate grids: one for every few-parameter method, one for full fine-tuning; the sweep
 # picks one rate per method on B validation.
 ADAPTER_GRID, FULL_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), (1e-4, 3e-4, 1e-3, 3e-3)
-# name -> (family, options); Aurora's ablations run at MAIN_RANK.
+# name -> (family, options); Aurora's ablations run at MAIN_RANK. "dropout 0" runs every layer
+# through the merged weight (exact there): what that path costs in learning is dropout 0's cost.
 METHODS = {
     "zero-shot": ("zero", {}),
     "aurora R=2": ("aurora", {"rank": 2}),
     "aurora R=4": ("aurora", {"rank": 4}),
     "aurora R=8": ("aurora", {"rank": 8}),
-    "aurora R=4 dropout 0": ("aurora", {"rank": 4, "dropout": 0.0}),
+    "aurora R=4 dropout 0": ("aurora", {"rank": 4, "dropout": 0.0, "merged": "on"}),
     "aurora R=4 no GQT": ("aurora", {"rank": 4, "gated_query": False}),
     "aurora R=4 no ICE": ("aurora", {"rank": 4, "context_enhancement": False}),
     "aurora R=4 private": ("aurora", {"rank": 4, "private": True}),
