@@ -316,3 +316,30 @@ def test_module_bytes_cost_grows_with_the_parameters_called():
     for name in LAYOUTS:
         extra = costly[name]["comm_s"] - base[name]["comm_s"]
         assert extra == pytest.approx(0.0 if name == "replicated" else 2.0 * 4 * counts["called_numel"] / 1e9)
+
+
+def test_loading_peak_per_layout():
+    """ZeRO-3 layouts: the rank's share plus the largest module built whole (or one tensor's rows);
+    offload keeps the share on the host; replicated maps the files once per node when they are in
+    the run's precision and converts a private copy per rank when not; on CPU one memory."""
+    from aurora_ds.plan import loading_estimate
+
+    counts = {"backbone": 1000, "largest_layer": 100, "largest_tensor": 80}
+    zero3 = loading_estimate(counts, 4, 4, "zero3", 2)
+    assert (zero3["loading_gpu_bytes"], zero3["loading_host_bytes"]) == (2 * 1000 / 4 + 2 * 100, 2 * 80 / 4)
+    offload = loading_estimate(counts, 4, 4, "zero3_offload", 2)
+    assert (offload["loading_gpu_bytes"], offload["loading_host_bytes"]) == (200, 500 + 40)
+    same = loading_estimate(counts, 4, 4, "replicated", 2)
+    assert same["loading_host_bytes"] == 0
+    assert same["loading_mapped_bytes_per_node"] == same["loading_host_bytes_per_node"] == 2000
+    converted = loading_estimate(counts, 4, 4, "replicated", 2, checkpoint_nbytes=4)
+    assert (converted["loading_host_bytes"], converted["loading_host_bytes_per_node"]) == (2000, 8000)
+    cpu = loading_estimate(counts, 4, 4, "zero3", 2, cuda=False)
+    assert (cpu["loading_gpu_bytes"], cpu["loading_host_bytes"]) == (0, 700)
+
+
+def test_host_memory_too_small_for_loading_warns_and_is_not_recommended():
+    row = plan("blip-tiny-retrieval", [2], gpus_per_node=2, host_memory_gib=1e-4, checkpoint_precision="fp32")[0]
+    assert any(w.startswith("replicated: the 2 ranks of a node need") for w in row["warnings"])
+    assert "loading needs" in row["layouts"]["replicated"]["unavailable"] and row["recommended"] != "replicated"
+    assert plan("blip-tiny-retrieval", [2], gpus_per_node=2)[0]["warnings"] == []

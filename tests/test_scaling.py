@@ -122,13 +122,15 @@ def _launch(module: str, args: list, log: Path, timeout: int = 1500) -> None:
 @pytest.mark.parametrize("layout", ["zero3", "zero3_offload"])
 def test_blip2_opt_vqa_trains_evaluates_and_its_adapter_evaluates_alone(opt_checkpoint, tmp_path, layout):
     """``--recipe vqa_blip2`` from the 3.7 B checkpoint on 2 ZeRO-3 ranks in bf16: two steps,
-    validation by generation, the adapter saved; then ``aurora-eval --adapter`` from the adapter
-    alone gives the same answers. 56 px images (the CPU has no bf16 instructions); every
+    validation by generation (3 tokens, the 3 questions of a rank in one batch), the adapter saved;
+    then ``aurora-eval --adapter`` from the adapter alone gives the same answers. 56 px images (the CPU has no bf16 instructions); every
     parameter is the full model's."""
     shards = _vqa_shards(tmp_path / "data")
     out = tmp_path / "run"
-    small = ["data.image_size=56", "optim.batch_size=1", "eval.batch_size=1", "eval.at_start=false",
-             "output.progress=false", "output.log_every=1", "data.num_workers=1", f"backbone.checkpoint={opt_checkpoint}"]
+    # 3 answer tokens: under ZeRO-3 every generated token gathers the 2.7 B language model again
+    small = ["data.image_size=56", "optim.batch_size=1", "eval.batch_size=3", "eval.max_new_tokens=3",
+             "eval.at_start=false", "output.progress=false", "output.log_every=1", "data.num_workers=1",
+             f"backbone.checkpoint={opt_checkpoint}"]
     _launch("aurora_ds.train", ["--recipe", "vqa_blip2", "--train-shards", shards["train"], "--eval-shards",
                                 shards["val"], "--ds-config", layout, "--max-steps", "2", "--out", str(out),
                                 *sum((["--set", s] for s in small), [])], tmp_path / "train.log")
@@ -143,8 +145,9 @@ def test_blip2_opt_vqa_trains_evaluates_and_its_adapter_evaluates_alone(opt_chec
     assert (adapter / "adapter.safetensors").stat().st_size > 0
     _launch("aurora_ds.evaluate", ["--adapter", str(adapter), "--shards", shards["val"], "--ds-config", layout,
                                    "--out", str(tmp_path / "eval"), "--set", f"backbone.checkpoint={opt_checkpoint}",
-                                   "--set", "data.image_size=56", "--set", "eval.batch_size=1"], tmp_path / "eval.log")
+                                   "--set", "data.image_size=56", "--set", "eval.batch_size=3",
+                                   "--set", "eval.max_new_tokens=3"], tmp_path / "eval.log")
     trained = json.loads((out / "eval" / "results_step_000002.json").read_text())
     alone = json.loads((tmp_path / "eval" / "eval" / "results_step_000002.json").read_text())
     assert sorted(trained, key=lambda r: r["question_id"]) == sorted(alone, key=lambda r: r["question_id"])
-    assert len(trained) == 2
+    assert len(trained) == 6 and all(r["answer"] for r in trained)  # OPT's whole vocabulary decodes to text

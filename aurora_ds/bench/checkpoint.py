@@ -53,9 +53,10 @@ def _values(name: str, like: torch.Tensor, norms: set[str], generator) -> torch.
     return torch.randn(like.shape, generator=generator, dtype=torch.float32).mul_(0.02).to(like.dtype)
 
 
-def write_opt_tokenizer(out: Path, vocab_size: int = 512) -> None:
+def write_opt_tokenizer(out: Path, vocab_size: int = 512, size: int = 50265) -> None:
     """OPT's tokenizer files (GPT-2 byte-level BPE: vocab.json, merges.txt, OPT's special ids and
-    tokenizer_config), trained on a few words."""
+    tokenizer_config), trained on a few words and filled up to OPT's ``size`` with added words, so
+    that any id a random model generates decodes to text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,6 +72,7 @@ def write_opt_tokenizer(out: Path, vocab_size: int = 512) -> None:
     tok.model.save(str(out))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", unk_token="</s>",
                                    pad_token="<pad>", model_max_length=2048)
+    fast.add_tokens([f"w{i}" for i in range(len(fast), size)])
     fast.save_pretrained(str(out))
     config = json.loads((out / "tokenizer_config.json").read_text())
     config.update(tokenizer_class="GPT2Tokenizer", add_bos_token=True)
@@ -121,6 +123,7 @@ def write_random_checkpoint(backbone: str, out, dtype: torch.dtype = torch.bfloa
     if hasattr(config, "num_query_tokens"):
         (out / "processor_config.json").write_text(json.dumps(
             {"processor_class": "Blip2Processor", "num_query_tokens": config.num_query_tokens}, indent=2))
-    if getattr(getattr(config, "text_config", None), "model_type", "") == "opt":
-        write_opt_tokenizer(out)
+    text = getattr(config, "text_config", None)
+    if getattr(text, "model_type", "") == "opt":
+        write_opt_tokenizer(out, size=min(50265, text.vocab_size))
     return out

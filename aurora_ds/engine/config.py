@@ -171,13 +171,14 @@ class EvalSection:
     batch_size: int = 32
     k_test: int = 128  # retrieval: candidates re-ranked by ITM per query
     inference: str = "candidates"  # QA: candidates (BLIP's ranking over the answer list) | generate
+    max_new_tokens: int = 10  # QA generate: the longest answer, in tokens (BLIP and BLIP-2 use 10)
     answer_list: str = ""  # QA: JSON list of answers; empty = the most frequent training answers
     every: int = 0  # evaluate every N steps (0 = at the end only)
     at_start: bool = True  # also before the first step: the frozen model's metrics (Aurora starts as the identity)
 
     def __post_init__(self):
         _choice("eval", "inference", self.inference, ("candidates", "generate"))
-        _positive("eval", self, "batch_size", "k_test")
+        _positive("eval", self, "batch_size", "k_test", "max_new_tokens")
         _not_negative("eval", self, "every")
 
 

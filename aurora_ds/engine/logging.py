@@ -31,8 +31,8 @@ def anon_memory_mb(kind: str = "RssAnon") -> float | None:
 
 
 class HostMemory:
-    """Peak ``RssAnon`` per phase of a run (loading, training), sampled every 10 ms by a daemon
-    thread: no counter of the kernel keeps an anonymous-memory peak."""
+    """Peak ``RssAnon`` per phase of a run (loading, training, evaluation), sampled every 10 ms by
+    a daemon thread: no counter of the kernel keeps an anonymous-memory peak."""
 
     def __init__(self, phase: str):
         self.peaks: dict[str, float] = {}
@@ -57,6 +57,21 @@ class HostMemory:
         with self._lock:
             self._phase = name
         self._sample()
+
+    def watching(self, name: str, function):
+        """``function`` whose calls are phase ``name`` (evaluations inside training), or None."""
+        if function is None:
+            return None
+
+        def call(*args, **kwargs):
+            previous = self._phase
+            self.phase(name)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.phase(previous)
+
+        return call
 
     def stop(self) -> dict[str, float]:
         self._sample()

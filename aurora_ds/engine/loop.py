@@ -149,6 +149,7 @@ def train(cfg, data=None, evaluator=None) -> dict:
     backend = make_backend(cfg, objective, total_steps, setup)
     memory.phase("training")
     done_loading = time.perf_counter() - began
+    evaluator, tester = memory.watching("evaluation", evaluator), memory.watching("evaluation", tester)
     objective.train()  # from_pretrained returns eval mode; DeepSpeed does not change it
     objective.ema = EMA(backend, handle.named_trainable_parameters(), cfg.objective.momentum)
     log = RunLogger(run.tensorboard, rank == 0, total_steps, 0, cfg.output.progress, cfg.output.log_every)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..backbones import blip2
 from ..dist import gather, gather_with_grad, world
 from .base import Objective
-from .qa import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS, Candidates, inference
+from .qa import MAX_ANSWER_TOKENS, Candidates, inference
 from .retrieval import matching_inputs, matching_loss, media_index, similarity, track_context, with_media_index
 
 PROMPT = "Question: {} Answer:"
@@ -169,7 +169,8 @@ class Blip2QAObjective(Objective):
         """Greedy decoding until eos (transformers keeps ZeRO-3 ranks in step: synced_gpus)."""
         embeds, mask = self._embed(prefix, prompt, prompt_mask)
         text = self.backbone.config.text_config
-        out = self.backbone.language_model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS,
+        out = self.backbone.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                                    max_new_tokens=self.cfg.eval.max_new_tokens,
                                                     eos_token_id=self._eos, pad_token_id=text.pad_token_id,
                                                     do_sample=False, num_beams=1)
         return [a.strip() for a in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -19,7 +19,6 @@ from ..backbones import blip
 from .base import Objective
 
 MAX_ANSWER_TOKENS = 16
-MAX_NEW_TOKENS = 10
 
 
 class Candidates(NamedTuple):
@@ -113,7 +112,7 @@ class QAObjective(Objective):
 
     def _generate(self, states, mask) -> list[str]:
         """Greedy answers, decoded to strings."""
-        out = blip.generate_answers(self.backbone, states, mask, MAX_NEW_TOKENS)
+        out = blip.generate_answers(self.backbone, states, mask, self.cfg.eval.max_new_tokens)
         return [a.strip() for a in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def _pick_candidate(self, states, mask, candidates: Candidates) -> list[str]:
