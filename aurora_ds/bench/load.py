@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..dist import free_port
+from ..dist import free_port, shutdown, world
 from .report import machine, table, write
 
 LAYOUTS = ("zero3", "zero3_offload", "replicated")
@@ -43,7 +43,6 @@ def add_arguments(p):
 def rank_main(backbone: str, checkpoint: str, precision: str, layout: str, out: str) -> None:
     """One rank: build and load the backbone as ``aurora-train`` does for ``layout``, measure."""
     import deepspeed
-    import torch
 
     deepspeed.init_distributed()
     from ..backbones import PRECISIONS, build_backbone
@@ -58,7 +57,7 @@ def rank_main(backbone: str, checkpoint: str, precision: str, layout: str, out: 
     from ..backbones import get_spec
 
     getattr(transformers, get_spec(backbone).extra.get("model_class", "PreTrainedModel"))
-    rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, size = world()
     cfg = build_config(overrides={"backbone.name": backbone, "engine.precision": precision,
                                   "optim.batch_size": 1, "data.source": "synthetic"})
     ds = build_ds_config(layout, cfg, size)
@@ -82,8 +81,7 @@ def rank_main(backbone: str, checkpoint: str, precision: str, layout: str, out: 
         "held_mb": held / 2**20, "read_mb": report.read_bytes / 2**20 if report else None,
         "dtypes": sorted({str(p.dtype) for p in model.parameters()})}))
     del keep
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    shutdown()
 
 
 def measure(layout: str, args, folder: Path) -> dict:
