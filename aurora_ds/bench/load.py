@@ -5,8 +5,8 @@ rank reads of the files, and each rank's peak host memory while it loads, agains
 Memory is the peak of ``RssAnon`` (what a rank holds itself) sampled every 10 ms, above the
 rank's own runtime before the build, and the checkpoint pages still mapped at the end
 (``RssFile``: shared by the node's ranks; a replicated model loaded by ``from_pretrained`` in
-the checkpoint's precision is those pages). ``--write`` first writes a random-weight checkpoint of the backbone in the hub layout
-(``bench/checkpoint.py``) when the folder has none.
+the checkpoint's precision is those pages). ``--write`` first writes a random-weight checkpoint
+of the backbone in the hub layout (``bench/checkpoint.py``) when the folder has none.
 
     aurora-bench load --backbone blip2-opt-2.7b-vqa --checkpoint /data/blip2-opt --write \\
         --layouts zero3,zero3_offload,replicated --out bench_load
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..dist import free_port, shutdown, world
+from ..engine.config import PRECISIONS
 from .report import machine, table, write
 
 LAYOUTS = ("zero3", "zero3_offload", "replicated")
@@ -35,7 +36,7 @@ def add_arguments(p):
                    help="write a random-weight checkpoint there first if it holds no config.json")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated: {', '.join(LAYOUTS)}")
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--precision", choices=("bf16", "fp32", "fp16"), default="bf16")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="shard file size for --write")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per layout")
 
@@ -44,24 +45,24 @@ def rank_main(backbone: str, checkpoint: str, precision: str, layout: str, out: 
     """One rank: build and load the backbone as ``aurora-train`` does for ``layout``, measure."""
     import deepspeed
 
-    deepspeed.init_distributed()
-    from ..backbones import PRECISIONS, build_backbone
+    import transformers
+
+    from ..backbones import build_backbone, get_spec
+    from ..engine.backend import local_parameter_bytes
     from ..engine.config import build_config
     from ..engine.dsconfig import build_ds_config, zero_stage
-    from ..engine.logging import HostMemory, anon_memory_mb
+    from ..engine.logging import HostMemory, resident_mb
     from ..engine.setup import release_shm_buffer
 
+    deepspeed.init_distributed()
     release_shm_buffer()
-    import transformers  # noqa: F401  (imported before the baseline: the runtime, not the loading)
-
-    from ..backbones import get_spec
-
+    # the model class imported before the baseline: the runtime, not the loading
     getattr(transformers, get_spec(backbone).extra.get("model_class", "PreTrainedModel"))
     rank, size = world()
     cfg = build_config(overrides={"backbone.name": backbone, "engine.precision": precision,
                                   "optim.batch_size": 1, "data.source": "synthetic"})
     ds = build_ds_config(layout, cfg, size)
-    baseline, mapped_before = anon_memory_mb(), anon_memory_mb("RssFile")
+    baseline, mapped_before = resident_mb(), resident_mb("RssFile")
     memory, began = HostMemory("loading"), time.perf_counter()
     keep = None
     if zero_stage(ds) == 3:
@@ -72,8 +73,8 @@ def rank_main(backbone: str, checkpoint: str, precision: str, layout: str, out: 
     seconds = time.perf_counter() - began
     for p in model.parameters():  # read every value once, as the first step does: mapped pages come in lazily
         (p.ds_tensor if hasattr(p, "ds_id") else p.data).view(-1).max()
-    peak, mapped = memory.stop()["loading"], anon_memory_mb("RssFile") - mapped_before
-    held = sum((p.ds_tensor if hasattr(p, "ds_id") else p).numel() * p.element_size() for p in model.parameters())
+    peak, mapped = memory.stop()["loading"], resident_mb("RssFile") - mapped_before
+    held = local_parameter_bytes(model)
     report = getattr(model, "load_report", None)
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "seconds": seconds, "baseline_mb": baseline, "peak_mb": peak, "loading_mb": peak - baseline,
@@ -88,7 +89,6 @@ def measure(layout: str, args, folder: Path) -> dict:
     """Run ``layout`` on ``args.ranks`` local ranks; the per-rank records and the planner's."""
     import torch
 
-    from ..backbones import PRECISIONS
     from ..plan import count_parameters, loading_estimate
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,8 +136,6 @@ def run(args):
 
     checkpoint = Path(args.checkpoint)
     if args.write and not (checkpoint / "config.json").is_file():
-        from ..backbones import PRECISIONS
-
         began = time.perf_counter()
         write_random_checkpoint(args.backbone, checkpoint, PRECISIONS[args.precision], int(args.max_shard_gb * 2**30))
         print(f"wrote {checkpoint} in {time.perf_counter() - began:.0f} s", file=sys.stderr)

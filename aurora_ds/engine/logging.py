@@ -18,8 +18,9 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def anon_memory_mb(kind: str = "RssAnon") -> float | None:
-    """This process's resident anonymous memory (``RssAnon``): what it holds itself. RSS also
+def resident_mb(kind: str = "RssAnon") -> float | None:
+    """This process's resident memory of ``kind``: anonymous (``RssAnon``, what it holds itself) by
+    default. RSS also
     counts the pages of files it maps (``RssFile``), such as checkpoint shards, which the node's
     processes share and the kernel can drop and read again. None where ``/proc`` does not say."""
     try:
@@ -42,7 +43,7 @@ class HostMemory:
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _sample(self) -> None:
-        value = anon_memory_mb()
+        value = resident_mb()
         if value is not None:
             with self._lock:
                 self.peaks[self._phase] = max(self.peaks.get(self._phase, 0.0), value)
