@@ -162,16 +162,12 @@ def test_two_ranks_each_read_their_half_and_hold_the_checkpoint(sharded, tmp_pat
             assert torch.equal(gathered[key], value.float()), (rank, key)
 
 
-@pytest.mark.distributed
-def test_load_bench_writes_a_hub_layout_checkpoint_and_measures_each_layout(tmp_path):
-    """``aurora-bench load --write`` on the tiny BLIP-2 OPT: the checkpoint in the hub layout
-    (shards behind an index, OPT's tokenizer, the processor configs), then per layout each rank's
-    loading time, bytes read and held, and the planner's figure beside them."""
-    from aurora_ds.bench.cli import main
+def test_random_checkpoint_has_the_hub_layout(tmp_path):
+    """``write_random_checkpoint`` (``aurora-bench load --write``) on the tiny BLIP-2 OPT: shards
+    behind an index, OPT's tokenizer over the model's vocabulary, the processor configs."""
+    from aurora_ds.bench.checkpoint import write_random_checkpoint
 
-    checkpoint = tmp_path / "ckpt"
-    assert main(["load", "--backbone", NAME, "--checkpoint", str(checkpoint), "--write", "--max-shard-gb", "0.0002",
-                 "--out", str(tmp_path / "out"), "--layouts", "zero3,replicated"]) == 0
+    checkpoint = write_random_checkpoint(NAME, tmp_path / "ckpt", torch.bfloat16, max_shard_bytes=200_000)
     assert len(weight_files(checkpoint)) >= 3
     for name in ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
                  "vocab.json", "merges.txt", "tokenizer_config.json"):
@@ -179,6 +175,22 @@ def test_load_bench_writes_a_hub_layout_checkpoint_and_measures_each_layout(tmp_
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) == (2, 1, 2)
     assert tokenizer("what color").input_ids[0] == 2 and len(tokenizer) == 1024  # the tiny OPT's vocabulary
+    values = _file_values(checkpoint)
+    assert {v.dtype for v in values.values()} == {torch.bfloat16}
+    assert set(values) >= {n for n, _ in build_backbone(NAME).named_parameters() if "lm_head" not in n}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_load_bench_measures_each_layout(tmp_path):
+    """``aurora-bench load --write`` on the tiny BLIP-2 OPT: per layout each rank's loading time,
+    bytes read and held, and the planner's figure beside them (the 3.7 B run in test_scaling.py
+    asserts the same against the plan)."""
+    from aurora_ds.bench.cli import main
+
+    checkpoint = tmp_path / "ckpt"
+    assert main(["load", "--backbone", NAME, "--checkpoint", str(checkpoint), "--write", "--max-shard-gb", "0.0002",
+                 "--out", str(tmp_path / "out"), "--layouts", "zero3,replicated"]) == 0
     results = json.loads((tmp_path / "out" / "load.json").read_text())
     zero3, replicated = results["runs"]
     model_mb = zero3["model_mb"]
