@@ -239,15 +239,40 @@ def update_blocks(core: torch.Tensor, V: torch.Tensor, coeffs: list[torch.Tensor
     layer's T is a contiguous run of blocks, and its update one GEMM of its rank-space input.
     """
     rank, width = core.shape[0], V.shape[0]
-    # Λᵀ (K x R) with each layer's rows contiguous: a single-block layer's gradient (R x 1) then
-    # comes out contiguous, where a slice of a gradient laid out R x K would be copied per layer.
-    lam = torch.cat([c.t() for c in coeffs]) if len(coeffs) > 1 else coeffs[0].t()
+    lam = _coefficient_rows(coeffs)
     # M_k first (mode_matrices with every block in one row): the only intermediate kept is K x R x R
     mats = mode_matrices(core, lam.t(), lam.shape[0], 1).view(-1, rank, rank)
     blocks = torch.mm(mats.view(-1, rank), V.t()).view(-1, rank, width)  # T_k[p, e] = Σ_q M_k[p, q] · V[e, q]
     if rows:
         blocks = blocks.transpose(1, 2).contiguous()
     return blocks if scale == 1.0 else blocks * scale
+
+
+_ROW_INDEX: dict = {}  # (device, R, each layer's block count) -> the gather index of _coefficient_rows
+
+
+def _coefficient_rows(coeffs: list[torch.Tensor]) -> torch.Tensor:
+    """Λᵀ (K x R): row k holds the coefficients of block k, the layers' blocks one after another.
+
+    Each coefficient's gradient must reach it in its own R x k layout: autograd copies any other
+    layout into the parameter's, one op per layer and step. A transposed slice of Λᵀ's gradient
+    is such a layout wherever k > 1, so Λᵀ is gathered by one ``index_select`` from the layers'
+    flat, concatenated coefficients, Λᵀ[k, p] = Λ_l[p, k - start_l], whose gradient comes back
+    flat: each layer's share a contiguous run, viewed as R x k. One layer's Λᵀ is its Λ
+    transposed (the GEMM reading it gives the gradient in Λ's layout), as are columns (k = 1).
+    """
+    if len(coeffs) == 1 or all(c.shape[1] == 1 for c in coeffs):
+        return coeffs[0].t() if len(coeffs) == 1 else torch.cat([c.t() for c in coeffs])
+    rank, flat = coeffs[0].shape[0], torch.cat([c.reshape(-1) for c in coeffs])
+    key = (flat.device, rank, tuple(c.shape[1] for c in coeffs))
+    index = _ROW_INDEX.get(key)
+    if index is None:
+        starts = itertools.accumulate((rank * k for k in key[2]), initial=0)
+        index = torch.tensor([start + p * k + j for start, k in zip(starts, key[2]) for j in range(k) for p in range(rank)],
+                             device=flat.device)
+        if not torch.compiler.is_compiling():  # made in a trace, it belongs to the trace
+            _ROW_INDEX[key] = index
+    return flat.index_select(0, index).view(-1, rank)
 
 
 def layer_update(core: torch.Tensor, V: torch.Tensor, coeffs: torch.Tensor, a: int, b: int,
