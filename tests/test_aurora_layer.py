@@ -715,3 +715,19 @@ def test_coefficient_gradients_arrive_in_their_layout(merging):
         if want.requires_grad:
             assert got.grad.stride() == got.stride()
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("d_in,d_out,a,b", [(6, 6, 4, 1), (6, 6, 1, 4), (5, 7, 1, 1)])
+def test_merged_weight_is_in_the_frozen_weights_layout(monkeypatch, d_in, d_out, a, b):
+    """The merged weight of fc2 (a = 4), fc1 (b = 4) and a layer between widths is W + s·ΔW laid
+    out as W (contiguous out x in), so the merged linear reads it without a copy."""
+    weights = []
+    apply = layer_mod.MergedLinear.apply
+    monkeypatch.setattr(layer_mod.MergedLinear, "apply", lambda x, w, *rest: weights.append(w) or apply(x, w, *rest))
+    model = _shared_layer("on", d_in, d_out, a, b, dtype=torch.float32).train()
+    model(torch.randn(2, 5, a * d_in, requires_grad=True))
+    (weight,) = weights
+    base = model.layer.base_layer.weight
+    assert weight.shape == base.shape and weight.stride() == base.stride()
+    with torch.no_grad():
+        torch.testing.assert_close(weight, base + model.layer.delta_weight(), rtol=1e-5, atol=1e-5)

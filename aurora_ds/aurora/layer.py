@@ -518,8 +518,9 @@ class InputSharing(CallMemo):
 
         W' is made for every layer of the kind at its first use in a step, from the kind's stacked
         update blocks: ΔW = V · M_ijᵀ · U per block is U's rows mixed by T, so one GEMM of the
-        stack with U gives every block (in W's layout for blocks by output, a == 1; transposed for
-        blocks by input), and one ``_foreach_add_`` adds the frozen weights into it in place. It
+        stack with U gives every block in W's layout (for blocks by input, a > 1, after one copy
+        of the stack ordered as W's rows), and one ``_foreach_add_`` adds the frozen weights into
+        it in place; F.linear then reads W' as it reads W. It
         lives as long as the stack (until the step's backward), remade if U changed in place.
 
         ``merged: auto`` merges a kind where the rows of the call that first uses it (tokens x
@@ -566,9 +567,11 @@ class InputSharing(CallMemo):
             if layer.a == 1:  # stack (K, d_out, R): ΔW's rows, b blocks of d_out per layer
                 delta = torch.mm(stack.view(-1, rank), U)
                 merged = {key: delta[start * width:stop * width] for key, (start, stop) in spans.items()}
-            else:  # stack (K, R, d_out): ΔWᵀ, a blocks of d_in rows per layer
-                delta = torch.matmul(U.t(), stack)
-                merged = {key: delta[start:stop].view(-1, width).t() for key, (start, stop) in spans.items()}
+            else:  # stack (K, R, d_out), a blocks by input per layer: ΔW[o, (i, e)] = Σ_p T_i[p, o] · U[p, e]
+                a = layer.a
+                rows = stack.view(-1, a, rank, width).permute(0, 3, 1, 2).reshape(-1, rank)  # (l, o, i) x p
+                delta = torch.mm(rows, U).view(-1, width, a * U.shape[1])
+                merged = {key: delta[start // a] for key, (start, _) in spans.items()}
             torch._foreach_add_([merged[id(m)] for m in layers], [m.base_layer.weight for m in layers])
         return merged
 
@@ -578,11 +581,12 @@ MERGE_ROWS = 16  # merged: auto merges where the rows are this many times in·ou
 
 def _kind(layer: "AuroraLinear") -> tuple | None:
     """Layers whose update blocks (and merged weights) are made together: one output width's and
-    one input width's factors, a == 1 (blocks by output block) or b == 1 (by input block), one
-    scale. None for a > 1 and b > 1."""
+    one input width's factors, one a (a == 1: blocks by output block, else b == 1: by input block;
+    one a lets the merged weights of all be made in W's layout at once), one scale. None for
+    a > 1 and b > 1."""
     if layer.a > 1 and layer.b > 1:
         return None
-    return (id(layer.target), id(layer.source), layer.a == 1, layer.scale)
+    return (id(layer.target), id(layer.source), layer.a, layer.scale)
 
 
 class AuroraFactors(nn.Module):
