@@ -260,18 +260,18 @@ def _coefficient_rows(coeffs: list[torch.Tensor]) -> torch.Tensor:
     flat, concatenated coefficients, Λᵀ[k, p] = Λ_l[p, k - start_l], whose gradient comes back
     flat: each layer's share a contiguous run, viewed as R x k. One layer's Λᵀ is its Λ
     transposed (the GEMM reading it gives the gradient in Λ's layout), as are columns (k = 1).
+    Compiled, the transposes are concatenated: inductor's gather and scatter for the index
+    launch more kernels than the copies they save (tiny BLIP: 634 against 630 per step).
     """
-    if len(coeffs) == 1 or all(c.shape[1] == 1 for c in coeffs):
+    if len(coeffs) == 1 or torch.compiler.is_compiling() or all(c.shape[1] == 1 for c in coeffs):
         return coeffs[0].t() if len(coeffs) == 1 else torch.cat([c.t() for c in coeffs])
     rank, flat = coeffs[0].shape[0], torch.cat([c.reshape(-1) for c in coeffs])
     key = (flat.device, rank, tuple(c.shape[1] for c in coeffs))
     index = _ROW_INDEX.get(key)
     if index is None:
         starts = itertools.accumulate((rank * k for k in key[2]), initial=0)
-        index = torch.tensor([start + p * k + j for start, k in zip(starts, key[2]) for j in range(k) for p in range(rank)],
-                             device=flat.device)
-        if not torch.compiler.is_compiling():  # made in a trace, it belongs to the trace
-            _ROW_INDEX[key] = index
+        index = _ROW_INDEX[key] = torch.tensor(
+            [start + p * k + j for start, k in zip(starts, key[2]) for j in range(k) for p in range(rank)], device=flat.device)
     return flat.index_select(0, index).view(-1, rank)
 
 
