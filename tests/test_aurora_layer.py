@@ -438,7 +438,7 @@ def test_kernel_launching_ops_per_adapted_call():
     """What a GPU step launches (docs/gpu.md): Aurora's training step on BLIP's structure stays
     within a fixed number of kernel-launching ops per adapted call over the frozen floor's step
     (BLIP-tiny here: at most 11 by default, 9 with dropout 0 unmerged, 7 merged; measured 9.2,
-    7.2 and 5.5; BLIP-base measures 8.1, 6.1 and 4.2, and peft's LoRA r=1 12.4)."""
+    7.2 and 5.4; BLIP-base measures 7.9, 5.9 and 3.9, and peft's LoRA r=1 12.4)."""
     from aurora_ds.bench.kernels import count_kernels
     from aurora_ds.backbones import build_backbone, example_batch, forward_features, get_spec
     from aurora_ds import AuroraConfig, inject_aurora
