@@ -239,15 +239,40 @@ def update_blocks(core: torch.Tensor, V: torch.Tensor, coeffs: list[torch.Tensor
     layer's T is a contiguous run of blocks, and its update one GEMM of its rank-space input.
     """
     rank, width = core.shape[0], V.shape[0]
-    # Λᵀ (K x R) with each layer's rows contiguous: a single-block layer's gradient (R x 1) then
-    # comes out contiguous, where a slice of a gradient laid out R x K would be copied per layer.
-    lam = torch.cat([c.t() for c in coeffs]) if len(coeffs) > 1 else coeffs[0].t()
+    lam = _coefficient_rows(coeffs)
     # M_k first (mode_matrices with every block in one row): the only intermediate kept is K x R x R
     mats = mode_matrices(core, lam.t(), lam.shape[0], 1).view(-1, rank, rank)
     blocks = torch.mm(mats.view(-1, rank), V.t()).view(-1, rank, width)  # T_k[p, e] = Σ_q M_k[p, q] · V[e, q]
     if rows:
         blocks = blocks.transpose(1, 2).contiguous()
     return blocks if scale == 1.0 else blocks * scale
+
+
+_ROW_INDEX: dict = {}  # (device, R, each layer's block count) -> the gather index of _coefficient_rows
+
+
+def _coefficient_rows(coeffs: list[torch.Tensor]) -> torch.Tensor:
+    """Λᵀ (K x R): row k holds the coefficients of block k, the layers' blocks one after another.
+
+    Each coefficient's gradient must reach it in its own R x k layout: autograd copies any other
+    layout into the parameter's, one op per layer and step. A transposed slice of Λᵀ's gradient
+    is such a layout wherever k > 1, so Λᵀ is gathered by one ``index_select`` from the layers'
+    flat, concatenated coefficients, Λᵀ[k, p] = Λ_l[p, k - start_l], whose gradient comes back
+    flat: each layer's share a contiguous run, viewed as R x k. One layer's Λᵀ is its Λ
+    transposed (the GEMM reading it gives the gradient in Λ's layout), as are columns (k = 1).
+    Compiled, the transposes are concatenated: inductor's gather and scatter for the index
+    launch more kernels than the copies they save (tiny BLIP: 634 against 630 per step).
+    """
+    if len(coeffs) == 1 or torch.compiler.is_compiling() or all(c.shape[1] == 1 for c in coeffs):
+        return coeffs[0].t() if len(coeffs) == 1 else torch.cat([c.t() for c in coeffs])
+    rank, flat = coeffs[0].shape[0], torch.cat([c.reshape(-1) for c in coeffs])
+    key = (flat.device, rank, tuple(c.shape[1] for c in coeffs))
+    index = _ROW_INDEX.get(key)
+    if index is None:
+        starts = itertools.accumulate((rank * k for k in key[2]), initial=0)
+        index = _ROW_INDEX[key] = torch.tensor(
+            [start + p * k + j for start, k in zip(starts, key[2]) for j in range(k) for p in range(rank)], device=flat.device)
+    return flat.index_select(0, index).view(-1, rank)
 
 
 def layer_update(core: torch.Tensor, V: torch.Tensor, coeffs: torch.Tensor, a: int, b: int,
@@ -493,8 +518,9 @@ class InputSharing(CallMemo):
 
         W' is made for every layer of the kind at its first use in a step, from the kind's stacked
         update blocks: ΔW = V · M_ijᵀ · U per block is U's rows mixed by T, so one GEMM of the
-        stack with U gives every block (in W's layout for blocks by output, a == 1; transposed for
-        blocks by input), and one ``_foreach_add_`` adds the frozen weights into it in place. It
+        stack with U gives every block in W's layout (for blocks by input, a > 1, after one copy
+        of the stack ordered as W's rows), and one ``_foreach_add_`` adds the frozen weights into
+        it in place; F.linear then reads W' as it reads W. It
         lives as long as the stack (until the step's backward), remade if U changed in place.
 
         ``merged: auto`` merges a kind where the rows of the call that first uses it (tokens x
@@ -541,9 +567,11 @@ class InputSharing(CallMemo):
             if layer.a == 1:  # stack (K, d_out, R): ΔW's rows, b blocks of d_out per layer
                 delta = torch.mm(stack.view(-1, rank), U)
                 merged = {key: delta[start * width:stop * width] for key, (start, stop) in spans.items()}
-            else:  # stack (K, R, d_out): ΔWᵀ, a blocks of d_in rows per layer
-                delta = torch.matmul(U.t(), stack)
-                merged = {key: delta[start:stop].view(-1, width).t() for key, (start, stop) in spans.items()}
+            else:  # stack (K, R, d_out), a blocks by input per layer: ΔW[o, (i, e)] = Σ_p T_i[p, o] · U[p, e]
+                a = layer.a
+                rows = stack.view(-1, a, rank, width).permute(0, 3, 1, 2).reshape(-1, rank)  # (l, o, i) x p
+                delta = torch.mm(rows, U).view(-1, width, a * U.shape[1])
+                merged = {key: delta[start // a] for key, (start, _) in spans.items()}
             torch._foreach_add_([merged[id(m)] for m in layers], [m.base_layer.weight for m in layers])
         return merged
 
@@ -553,11 +581,12 @@ MERGE_ROWS = 16  # merged: auto merges where the rows are this many times in·ou
 
 def _kind(layer: "AuroraLinear") -> tuple | None:
     """Layers whose update blocks (and merged weights) are made together: one output width's and
-    one input width's factors, a == 1 (blocks by output block) or b == 1 (by input block), one
-    scale. None for a > 1 and b > 1."""
+    one input width's factors, one a (a == 1: blocks by output block, else b == 1: by input block;
+    one a lets the merged weights of all be made in W's layout at once), one scale. None for
+    a > 1 and b > 1."""
     if layer.a > 1 and layer.b > 1:
         return None
-    return (id(layer.target), id(layer.source), layer.a == 1, layer.scale)
+    return (id(layer.target), id(layer.source), layer.a, layer.scale)
 
 
 class AuroraFactors(nn.Module):
