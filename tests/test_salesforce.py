@@ -160,12 +160,8 @@ SMALL = ["aurora.rank=4", "optim.batch_size=4", "eval.batch_size=8", "data.image
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("recipe, kind, dataset", [
-    ("coco_retrieval", "retrieval", "coco"),
-    # slow (about a minute each on 2 ranks): by default the VQA checkpoint's layout is loaded in one
-    # process (test_vqa_enc_*), and these recipes train on 2 ranks in test_recipes
-    pytest.param("vqa", "vqa", "vqa", marks=pytest.mark.slow),
-    pytest.param("coco_retrieval_blip2", "blip2", "coco", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("recipe, kind, dataset", [("coco_retrieval", "retrieval", "coco"), ("vqa", "vqa", "vqa"),
+                                                   ("coco_retrieval_blip2", "blip2", "coco")])
 def test_recipe_trains_from_a_salesforce_checkpoint_and_its_adapter_evaluates_alone(salesforce_checkpoints, tmp_path,
                                                                                       recipe, kind, dataset):
     """The recipe as shipped (its backbone name, the checkpoint's tokenizer and preprocessing) on
