@@ -602,6 +602,52 @@ def test_merged_with_shared_u():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+class _Rerouted(CrossLayers):
+    """CrossLayers whose value projection reads ``other`` instead of the hidden state, when given."""
+
+    def forward(self, h, memory, other=None):
+        for layer in self.layers:
+            v = layer["value"](h if other is None else other)
+            h = torch.tanh(layer["query"](h) + layer["key"](h) * v)
+            h = h + (layer["cross_key"](memory) * layer["cross_value"](memory)).mean(1, keepdim=True)
+        return h
+
+
+def test_merged_layers_reading_one_input_run_as_one(monkeypatch):
+    """Merged layers that read one input one after another in the previous call (q, k, v; the
+    cross-attention's k, v) run as one merged call from then on, with the per-layer path's outputs
+    and gradients; a call that reads differently (v of another input, and v first) still gives
+    them, and the next calls learn the new pattern, and the old one again."""
+    sharing = layer_mod.InputSharing()
+    sharing.merging = "on"
+    merged, plain = _Rerouted(sharing, dropout=0.0), _Rerouted(None, dropout=0.0)
+    plain.load_state_dict(merged.state_dict())
+    widths = []
+    apply = layer_mod.MergedLinear.apply
+    monkeypatch.setattr(layer_mod.MergedLinear, "apply", lambda x, w, *a: widths[-1].append(w.shape[0]) or apply(x, w, *a))
+    g = torch.Generator().manual_seed(0)
+    h, memory, other = (torch.randn(2, n, 6, dtype=torch.float64, generator=g, requires_grad=True) for n in (4, 7, 4))
+    for rerouted in (False, False, True, True, False):
+        results = []
+        for model in (merged, plain):
+            widths.append([])
+            out = model.train()(h, memory, other if rerouted else None)
+            params = [h, memory, other, model.factors.down.U, model.factors.up.V, model.factors.up.core,
+                      *(m.coeffs for layer in model.layers for m in layer.values())]
+            results.append((out, torch.autograd.grad((out ** 2).sum(), params, allow_unused=True)))
+            with torch.no_grad():
+                for p in params[3:]:
+                    p.mul_(0.9).add_(0.01)  # an optimizer step: the next call merges anew
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert widths.pop() == []
+    # learnt: nothing; q, k, v (called v first) and cross k, v; q, k (v of one input, then q, k of
+    # another: all three for each); q, k; q, k again (v of h alone: it read `other` last time)
+    assert widths == [[6] * 10, [18, 12] * 2, [18, 18, 12] * 2, [6, 12, 12] * 2, [6, 12, 12] * 2]
+    assert sharing.owner is None and not sharing.memo
+
+
 def test_merged_falls_back_or_refuses_under_zero3():
     """Under ZeRO-3 a frozen weight is used only through its module's call (whose hooks gather in
     the same order on every rank), partitioned or persistent alike: 'auto' runs the layer unmerged
@@ -625,33 +671,49 @@ def test_merged_falls_back_or_refuses_under_zero3():
 def test_merged_blip_step_equals_unmerged(monkeypatch):
     """BLIP-tiny steps at dropout 0 (vision once, text alone and fused), merged and unmerged: the
     same losses and gradients, also after an in-place change of the factors (an optimizer step,
-    so the merged weights are made anew) and in evaluation."""
+    so the merged weights are made anew) and in evaluation. Merged, every adapted call's output
+    comes from a merged call, and from the second step on the layers that read one input (the
+    text's query, key and value; the cross-attention's key and value) run as one."""
     from aurora_ds.backbones import example_batch, forward_features, get_spec
 
     spec = get_spec("blip-tiny-retrieval")
     batch = {k: v.double() if v.is_floating_point() else v for k, v in example_batch(spec, 2).items()}
-    calls = []
+    merged_widths = []
     apply = layer_mod.MergedLinear.apply
-    monkeypatch.setattr(layer_mod.MergedLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(layer_mod.MergedLinear, "apply",
+                        lambda x, weight, *a: merged_widths[-1].append(weight.shape[0]) or apply(x, weight, *a))
     runs = []
     for merging in ("on", "off"):
         model, handle = _blip_step_model(True, 0.0)
+        layer_widths = []
         for layer in handle.layers.values():
             layer.sharing.merging = merging
+            layer.register_forward_hook(lambda m, *_: layer_widths[-1].append(m.out_features))
         params = [p for _, p in handle.named_trainable_parameters()]
         results = []
         for _ in range(2):
+            merged_widths.append([])
+            layer_widths.append([])
             loss = sum(o.pow(2).mean() for o in forward_features(model, spec, batch).values())
             results.append((loss.detach(), torch.autograd.grad(loss, params)))
             with torch.no_grad():
                 for p in params:
                     p.mul_(0.9).add_(0.01)
         model.eval()
+        layer_widths.append([])  # (evaluation runs without MergedLinear)
         with torch.no_grad():
             results.append((sum(o.sum() for o in forward_features(model, spec, batch).values()), ()))
         runs.append(results)
-        calls.append(None)
-    assert calls == [1] * 2 * 26 + [None, None]  # every adapted call of both training steps merged; none with 'off'
+        if merging == "on":
+            layer_widths = layer_widths[:2]
+            assert [len(c) for c in layer_widths] == [26, 26]
+            assert [sum(c) for c in merged_widths] == [sum(c) for c in layer_widths]  # every output merged
+            # vision (fused qkv, proj, fc1, fc2) x 2 layers alone; then the fused text call, then the text
+            # alone, both 2 layers: its q, k, v learnt in the first step's fused call, its cross k, v in the first step
+            assert merged_widths[0][8:] == [32] * 12 + [96, 96]
+            assert merged_widths[1][8:] == [96, 32, 64] * 2 + [96, 96]
+        else:
+            assert merged_widths[-2:] == [[], []]
     for (loss_a, grads_a), (loss_b, grads_b) in zip(*runs):
         torch.testing.assert_close(loss_a, loss_b, rtol=1e-10, atol=1e-12)
         for a, b in zip(grads_a, grads_b):

@@ -455,6 +455,11 @@ class InputSharing(CallMemo):
 
     merging = "auto"  # AuroraConfig.merged
 
+    def __init__(self):
+        super().__init__()
+        self.reading = None  # (x, its version, the layers of one kind that read it one after another)
+        self.readers = {}  # id(layer) -> the layers that read one x with it in the previous call
+
     def down(self, down: ModeDown, x: torch.Tensor, input_grad: bool = True) -> tuple[torch.Tensor, Sink | None]:
         """(``down(x)``, or the u it already gave for this very x in this call; the sink its
         consumers add u's gradient into, or None)."""
@@ -551,32 +556,114 @@ class InputSharing(CallMemo):
             return None
         group = self._group(layer, x.dtype)
         U = layer.source.down.U
-        if group.merged is None or group.merged[0] != U._version:
+        if group.merged is None or group.merged.version != U._version:
             rows, cols = x.numel() // x.shape[-1], layer.in_features * layer.out_features
             cheaper = rows * (layer.in_features + layer.out_features) >= MERGE_ROWS * cols
-            group.merged = (U._version, self._merge(group, layer, U) if self.merging == "on" or cheaper else None)
-        return None if group.merged[1] is None else (group.merged[1][id(layer)], run)
+            group.merged = self._merge(group, layer, U) if self.merging == "on" or cheaper else Merged(U._version)
+        return None if group.merged.rows is None else (group.merged.weights[id(layer)], run)
 
-    def _merge(self, group, layer: "AuroraLinear", U: torch.Tensor) -> dict:
-        """{id(layer): W + s·ΔW} for every layer of ``layer``'s kind, from its group's stack."""
+    def _merge(self, group, layer: "AuroraLinear", U: torch.Tensor) -> "Merged":
+        """W + s·ΔW of every layer of ``layer``'s kind, from its group's stack, in one tensor."""
         layers, stack = self.members[_kind(layer)], group.value
         rank, width = U.shape[0], layer.target.width
         with torch.no_grad():
             U = _as(U, stack.dtype)
-            spans = {id(m): self._run(group, m).span for m in layers}
             if layer.a == 1:  # stack (K, d_out, R): ΔW's rows, b blocks of d_out per layer
                 delta = torch.mm(stack.view(-1, rank), U)
-                merged = {key: delta[start * width:stop * width] for key, (start, stop) in spans.items()}
             else:  # stack (K, R, d_out), a blocks by input per layer: ΔW[o, (i, e)] = Σ_p T_i[p, o] · U[p, e]
                 a = layer.a
                 rows = stack.view(-1, a, rank, width).permute(0, 3, 1, 2).reshape(-1, rank)  # (l, o, i) x p
-                delta = torch.mm(rows, U).view(-1, width, a * U.shape[1])
-                merged = {key: delta[start // a] for key, (start, _) in spans.items()}
-            torch._foreach_add_([merged[id(m)] for m in layers], [m.base_layer.weight for m in layers])
+                delta = torch.mm(rows, U).view(-1, a * U.shape[1])
+            merged = Merged(U._version, delta, layers)
+            torch._foreach_add_(list(merged.weights.values()), [m.base_layer.weight for m in layers])
         return merged
+
+    def merged_linear(self, layer: "AuroraLinear", x: torch.Tensor, weight: torch.Tensor, run: "Run") -> torch.Tensor:
+        """``layer``'s y = W' x + b (:class:`MergedLinear`). Where layers of its kind read this very
+        x one after another in the model's previous call (BERT's query, key and value; a
+        cross-attention's key and value), the first of them to be called runs them all as one
+        layer: W' of consecutive layers are consecutive rows of their kind's merged tensor, and
+        their blocks consecutive in its stack, so one GEMM each for y, x's, u's and T's gradients
+        serves all, and the others take their slice of y. Learned from the calls rather than
+        declared per backbone; a layer called with another x than its readers' runs alone."""
+        readers = self._note_reader(layer, x)
+        if readers is not None:
+            key, grad = ("readers", id(readers[0]), id(x)), torch.is_grad_enabled()
+            entry = self.memo.get(key)
+            if entry is None or entry[0]() is not x or entry[1] != (x._version, grad):
+                entry = self.memo[key] = (weakref.ref(x), (x._version, grad), self._read_together(readers, x))
+            if entry[2] is not None:
+                return entry[2][id(layer)]
+        return self._merged_call(layer.source.down, x, weight, layer.bias, run)
+
+    def _merged_call(self, down: ModeDown, x, weight, bias, run: "Run") -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return F.linear(x, weight, bias)
+        u, sink = self.down(down, x, input_grad=False)
+        return MergedLinear.apply(x, weight, bias, u, run.T, run, sink)
+
+    def _note_reader(self, layer: "AuroraLinear", x: torch.Tensor) -> "tuple | None":
+        """Record that ``layer`` reads x now; return the layers that read one x with it last time."""
+        run = self.reading
+        if run and run[0]() is x and run[1] == x._version and _kind(run[2][0]) == _kind(layer) and layer not in run[2]:
+            run[2].append(layer)
+        else:
+            if run:
+                self._settle(run[2])
+            self.reading = (weakref.ref(x), x._version, [layer])
+        return self.readers.get(id(layer))
+
+    def _settle(self, layers: list):
+        for m in layers:
+            if len(layers) > 1:
+                self.readers[id(m)] = tuple(layers)
+            else:
+                self.readers.pop(id(m), None)
+
+    def _read_together(self, layers: tuple, x: torch.Tensor) -> dict | None:
+        """{id(layer): its slice of one merged call for all ``layers``}, or None where they are
+        not consecutive rows of one merged tensor (blocks by input, a > 1: their u differ)."""
+        merged = [self.merged_weight(m, x) for m in layers]
+        if layers[0].a != 1 or any(m is None for m in merged):
+            return None
+        order = sorted(range(len(layers)), key=lambda i: merged[i][1].span)  # as their rows lie
+        layers, spans = [layers[i] for i in order], [merged[i][1].span for i in order]
+        if any(s[1] != t[0] for s, t in zip(spans, spans[1:])):
+            return None
+        first, group = layers[0], self._group(layers[0], x.dtype)
+        made = group.merged
+        start, count = made.starts[id(first)], sum(m.out_features for m in layers)
+        if made.bias is None:
+            made.bias = _biases(self.members[_kind(first)])
+        bias = None if made.bias is False else made.bias.narrow(0, start, count)
+        run = Run(group.value, 1, first.target.up.core.shape[0], group if group.trained else None, (spans[0][0], spans[-1][1]))
+        y = self._merged_call(first.source.down, x, made.rows.narrow(0, start, count), bias, run)
+        return dict(zip(map(id, layers), y.split([m.out_features for m in layers], -1)))
 
 
 MERGE_ROWS = 16  # merged: auto merges where the rows are this many times in·out / (in + out)
+
+
+class Merged:
+    """A kind's merged weights for one step: ``rows`` (every layer's W' + s·ΔW, one layer's rows
+    after another; None where the kind is not merged), each layer's view of it, and the layers'
+    biases laid out alike (made at the first call that reads several layers together; False
+    where the layers have none)."""
+
+    __slots__ = ("version", "rows", "starts", "weights", "bias")
+
+    def __init__(self, version: int, rows: torch.Tensor | None = None, layers=()):
+        self.version, self.rows, self.bias = version, rows, None
+        self.starts = dict(zip(map(id, layers), itertools.accumulate((m.out_features for m in layers), initial=0)))
+        self.weights = {id(m): rows.narrow(0, self.starts[id(m)], m.out_features) for m in layers}
+
+
+def _biases(layers: list) -> "torch.Tensor | bool":
+    """The layers' biases one after another (zeros for a layer without one), or False if none has one."""
+    if all(m.bias is None for m in layers):
+        return False
+    with torch.no_grad():
+        return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in layers])
 
 
 def _kind(layer: "AuroraLinear") -> tuple | None:
@@ -676,11 +763,7 @@ class AuroraLinear(nn.Module):
         dropout = down.dropout if self.training else 0.0
         merged = None if self.sharing is None or dropout > 0 else self.sharing.merged_weight(self, x)
         if merged is not None:  # y = (W + s·ΔW) x + b: exact without dropout
-            weight, run = merged
-            if not torch.is_grad_enabled():
-                return F.linear(x, weight, self.bias)
-            u, sink = self.sharing.down(down, x, input_grad=False)
-            return MergedLinear.apply(x, weight, self.bias, u, run.T, run, sink)
+            return self.sharing.merged_linear(self, x, *merged)
         y = self.base_layer(x)
         u, sink = (down(x), None) if self.sharing is None else self.sharing.down(down, x)
         base = _whole_base(y)
