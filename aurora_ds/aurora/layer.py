@@ -588,7 +588,7 @@ class InputSharing(CallMemo):
         declared per backbone; a layer called with another x than its readers' runs alone."""
         readers = self._note_reader(layer, x)
         if readers is not None:
-            key, grad = ("readers", id(readers[0]), id(x)), torch.is_grad_enabled()
+            key, grad = (readers, id(x)), torch.is_grad_enabled()
             entry = self.memo.get(key)
             if entry is None or entry[0]() is not x or entry[1] != (x._version, grad):
                 entry = self.memo[key] = (weakref.ref(x), (x._version, grad), self._read_together(readers, x))
