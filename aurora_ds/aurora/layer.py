@@ -578,25 +578,36 @@ class InputSharing(CallMemo):
             torch._foreach_add_(list(merged.weights.values()), [m.base_layer.weight for m in layers])
         return merged
 
-    def merged_linear(self, layer: "AuroraLinear", x: torch.Tensor, weight: torch.Tensor, run: "Run") -> torch.Tensor:
-        """``layer``'s y = W' x + b (:class:`MergedLinear`). Where layers of its kind read this very
-        x one after another in the model's previous call (BERT's query, key and value; a
-        cross-attention's key and value), the first of them to be called runs them all as one
-        layer: W' of consecutive layers are consecutive rows of their kind's merged tensor, and
-        their blocks consecutive in its stack, so one GEMM each for y, x's, u's and T's gradients
-        serves all, and the others take their slice of y. Learned from the calls rather than
-        declared per backbone; a layer called with another x than its readers' runs alone."""
-        readers = self._note_reader(layer, x)
-        if readers is not None:
-            key, grad = (readers, id(x)), torch.is_grad_enabled()
-            entry = self.memo.get(key)
-            if entry is None or entry[0]() is not x or entry[1] != (x._version, grad):
-                entry = self.memo[key] = (weakref.ref(x), (x._version, grad), self._read_together(readers, x))
-            if entry[2] is not None:
-                return entry[2][id(layer)]
-        return self._merged_call(layer.source.down, x, weight, layer.bias, run)
+    def merged_linear(self, layer: "AuroraLinear", x: torch.Tensor) -> torch.Tensor | None:
+        """``layer``'s y = W' x + b (:class:`MergedLinear`) where it runs merged
+        (:meth:`merged_weight`; the caller has checked that its rank path has no dropout), else None.
 
-    def _merged_call(self, down: ModeDown, x, weight, bias, run: "Run") -> torch.Tensor:
+        Where layers of its kind read this very x one after another in the model's previous call
+        (BERT's query, key and value; a cross-attention's key and value), the first of them to be
+        called runs them all as one layer: W' of consecutive layers are consecutive rows of their
+        kind's merged tensor, and their blocks consecutive in its stack, so one GEMM each for y,
+        x's, u's and T's gradients serves all, and the others take their slice of y (looked up
+        before anything else: on a GPU a call's Python is what it costs). Learned from the calls
+        rather than declared per backbone; a layer called with another x than its readers' runs
+        alone."""
+        if self.merging == "off" or not self.active:
+            return None
+        readers, grad = self._note_reader(layer, x), torch.is_grad_enabled()
+        if readers is not None:
+            entry = self.memo.get((readers, id(x)))
+            if entry is not None and entry[0]() is x and entry[1] == (x._version, grad) and entry[2] is not None:
+                return entry[2][id(layer)]
+        merged = self.merged_weight(layer, x)
+        if merged is None:
+            return None
+        if readers is not None and (readers, id(x)) not in self.memo:
+            together = self._read_together(readers, x)
+            self.memo[(readers, id(x))] = (weakref.ref(x), (x._version, grad), together)
+            if together is not None:
+                return together[id(layer)]
+        return self._merged_call(layer.source.down, x, *merged, layer.bias)
+
+    def _merged_call(self, down: ModeDown, x, weight, run: "Run", bias) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return F.linear(x, weight, bias)
         u, sink = self.down(down, x, input_grad=False)
@@ -623,21 +634,21 @@ class InputSharing(CallMemo):
     def _read_together(self, layers: tuple, x: torch.Tensor) -> dict | None:
         """{id(layer): its slice of one merged call for all ``layers``}, or None where they are
         not consecutive rows of one merged tensor (blocks by input, a > 1: their u differ)."""
-        merged = [self.merged_weight(m, x) for m in layers]
-        if layers[0].a != 1 or any(m is None for m in merged):
+        group = self._group(layers[0], x.dtype)
+        made = group.merged  # made by the merged_weight() of the layer calling (one of the layers, one kind)
+        if layers[0].a != 1 or any(m.weight.requires_grad or m.weight.dtype != x.dtype for m in layers):
             return None
-        order = sorted(range(len(layers)), key=lambda i: merged[i][1].span)  # as their rows lie
-        layers, spans = [layers[i] for i in order], [merged[i][1].span for i in order]
+        layers = sorted(layers, key=lambda m: self._run(group, m).span)  # as their rows lie
+        spans = [self._run(group, m).span for m in layers]
         if any(s[1] != t[0] for s, t in zip(spans, spans[1:])):
             return None
-        first, group = layers[0], self._group(layers[0], x.dtype)
-        made = group.merged
+        first = layers[0]
         start, count = made.starts[id(first)], sum(m.out_features for m in layers)
         if made.bias is None:
             made.bias = _biases(self.members[_kind(first)])
         bias = None if made.bias is False else made.bias.narrow(0, start, count)
         run = Run(group.value, 1, first.target.up.core.shape[0], group if group.trained else None, (spans[0][0], spans[-1][1]))
-        y = self._merged_call(first.source.down, x, made.rows.narrow(0, start, count), bias, run)
+        y = self._merged_call(first.source.down, x, made.rows.narrow(0, start, count), run, bias)
         return dict(zip(map(id, layers), y.split([m.out_features for m in layers], -1)))
 
 
@@ -761,9 +772,10 @@ class AuroraLinear(nn.Module):
             return self.base_layer(x)
         down = self.source.down
         dropout = down.dropout if self.training else 0.0
-        merged = None if self.sharing is None or dropout > 0 else self.sharing.merged_weight(self, x)
-        if merged is not None:  # y = (W + s·ΔW) x + b: exact without dropout
-            return self.sharing.merged_linear(self, x, *merged)
+        if self.sharing is not None and dropout == 0:  # y = (W + s·ΔW) x + b where merged: exact without dropout
+            y = self.sharing.merged_linear(self, x)
+            if y is not None:
+                return y
         y = self.base_layer(x)
         u, sink = (down(x), None) if self.sharing is None else self.sharing.down(down, x)
         base = _whole_base(y)
