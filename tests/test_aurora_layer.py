@@ -3,6 +3,8 @@ dropout on (same mask) and off; U's gradient from LayerNorm, GELU and attention 
 a kept x; U·x shared within a model call; GQT as one node; coverage per backbone family;
 torch.compile; the merged path (W + s·ΔW without dropout) against the unmerged one."""
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -613,24 +615,30 @@ class _Rerouted(CrossLayers):
         return h
 
 
-def test_merged_layers_reading_one_input_run_as_one(monkeypatch):
-    """Merged layers that read one input one after another in the previous call (q, k, v; the
-    cross-attention's k, v) run as one merged call from then on, with the per-layer path's outputs
-    and gradients; a call that reads differently (v of another input, and v first) still gives
-    them, and the next calls learn the new pattern, and the old one again."""
+@pytest.mark.parametrize("merging,dropout", [("on", 0.0), ("off", 0.0), ("off", 0.3)])
+def test_layers_reading_one_input_run_as_one(monkeypatch, merging, dropout):
+    """Layers that read one input one after another in the previous call (q, k, v; the
+    cross-attention's k, v) run as one call from then on, merged or not, with or without dropout,
+    with the per-layer path's outputs and gradients (each layer drawing the mask it would draw
+    alone); a call that reads differently (v of another input, and v first) still gives them,
+    and the next calls learn the new pattern, and the old one again (with dropout, that call's
+    masks are not the per-layer path's: the group it learnt runs twice, once per input, and draws
+    masks for layers whose output it does not use)."""
     sharing = layer_mod.InputSharing()
-    sharing.merging = "on"
-    merged, plain = _Rerouted(sharing, dropout=0.0), _Rerouted(None, dropout=0.0)
-    plain.load_state_dict(merged.state_dict())
-    widths = []
-    apply = layer_mod.MergedLinear.apply
-    monkeypatch.setattr(layer_mod.MergedLinear, "apply", lambda x, w, *a: widths[-1].append(w.shape[0]) or apply(x, w, *a))
+    sharing.merging = merging
+    shared, plain = _Rerouted(sharing, dropout=dropout), _Rerouted(None, dropout=dropout)
+    plain.load_state_dict(shared.state_dict())
+    widths = []  # the output width of each call of the three paths
+    for fn, width in ((layer_mod.MergedLinear, lambda a: a[1].shape[0]), (layer_mod.ModeUpdate, lambda a: a[0].shape[-1]),
+                      (layer_mod.ReadTogether, lambda a: a[3].shape[1])):
+        monkeypatch.setattr(fn, "apply", partial(lambda apply, width, *a: widths[-1].append(width(a)) or apply(*a), fn.apply, width))
     g = torch.Generator().manual_seed(0)
     h, memory, other = (torch.randn(2, n, 6, dtype=torch.float64, generator=g, requires_grad=True) for n in (4, 7, 4))
-    for rerouted in (False, False, True, True, False):
+    for call, rerouted in enumerate((False, False, True, True, False)):
         results = []
-        for model in (merged, plain):
+        for model in (shared, plain):
             widths.append([])
+            torch.manual_seed(1)
             out = model.train()(h, memory, other if rerouted else None)
             params = [h, memory, other, model.factors.down.U, model.factors.up.V, model.factors.up.core,
                       *(m.coeffs for layer in model.layers for m in layer.values())]
@@ -638,14 +646,18 @@ def test_merged_layers_reading_one_input_run_as_one(monkeypatch):
             with torch.no_grad():
                 for p in params[3:]:
                     p.mul_(0.9).add_(0.01)  # an optimizer step: the next call merges anew
+        assert widths.pop() == [6] * 10  # the plain model: each layer alone
+        if dropout and call == 2:
+            continue
         torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
         for a, b in zip(results[0][1], results[1][1]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-        assert widths.pop() == []
     # learnt: nothing; q, k, v (called v first) and cross k, v; q, k (v of one input, then q, k of
     # another: all three for each); q, k; q, k again (v of h alone: it read `other` last time)
     assert widths == [[6] * 10, [18, 12] * 2, [18, 18, 12] * 2, [6, 12, 12] * 2, [6, 12, 12] * 2]
     assert sharing.owner is None and not sharing.memo
+    if merging == "off":
+        assert "ReadTogetherBackward" in _node_names(shared(h, memory))
 
 
 def test_merged_falls_back_or_refuses_under_zero3():

@@ -434,6 +434,57 @@ class MergedLinear(torch.autograd.Function):
         return dx, None, dbias, du, dT, None, None
 
 
+class ReadTogether(torch.autograd.Function):
+    """y_i = W_i x + b_i + dropout_i(u) · T_i for layers that read one x (:meth:`InputSharing.linear`),
+    side by side in one output: one GEMM through their frozen weights laid side by side (made
+    for the call, and again for x's gradient, rather than kept: a copy of the weights held for
+    the step), then each layer's update written into its columns, as :class:`ModeUpdate` does.
+    Each layer draws its own mask, in the order of the layers' calls (``draws``: indices into
+    ``runs``; nothing runs between them), so the masks are those of the layers run alone. Without
+    dropout the updates are one GEMM (u · T of the run of blocks), as are u's and T's gradients."""
+
+    @staticmethod
+    def forward(ctx, x, u, bias, T, run, runs, draws, dropout, sink, *weights):
+        ctx.set_materialize_grads(False)
+        x2, u2 = x.reshape(-1, x.shape[-1]), u.reshape(-1, T.shape[0])
+        y = F.linear(x2, torch.cat(weights), bias)
+        if dropout == 0:
+            y.addmm_(u2, T)
+            saved = [u2]
+        else:
+            masks = dict(zip(draws, (torch.native_dropout(u2, dropout, True) for _ in draws)))
+            saved, col = [], 0
+            for i, r in enumerate(runs):
+                ud, kept = masks[i]
+                y[:, col:col + r.T.shape[1]].addmm_(ud, r.T)
+                saved += [ud, kept]
+                col += r.T.shape[1]
+        ctx.save_for_backward(T, *weights, *saved)
+        ctx.run, ctx.runs, ctx.sink, ctx.keep, ctx.u_shape, ctx.x_shape = run, runs, sink, 1.0 - dropout, u.shape, x.shape
+        ctx.count = len(weights)
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return (None,) * (9 + ctx.count)
+        T, *rest = ctx.saved_tensors
+        weights, saved = rest[:ctx.count], rest[ctx.count:]
+        g2 = g.reshape(-1, T.shape[1])
+        dx = g2.mm(torch.cat(weights)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        if len(saved) == 1:  # no dropout: the run of blocks at once
+            du, _ = _rank_space_grads(ctx, g2, saved[0], None, T, ctx.needs_input_grad[1], False)
+        else:
+            du, col, run = None, 0, ctx.run
+            for r, ud, kept in zip(ctx.runs, saved[0::2], saved[1::2]):
+                ctx.run = r
+                share, _ = _rank_space_grads(ctx, g2[:, col:col + r.T.shape[1]], ud, kept, r.T, ctx.needs_input_grad[1], False)
+                du = share if du is None else du + share if share is not None else du
+                col += r.T.shape[1]
+            ctx.run = run
+        return (dx, du) + (None,) * (7 + ctx.count)
+
+
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` without a dispatcher call when nothing changes (it runs several times per layer)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -459,6 +510,7 @@ class InputSharing(CallMemo):
         super().__init__()
         self.reading = None  # (x, its version, the layers of one kind that read it one after another)
         self.readers = {}  # id(layer) -> the layers that read one x with it in the previous call
+        self.bias_rows = {}  # ids of layers read together -> (their biases' versions, the biases side by side)
 
     def down(self, down: ModeDown, x: torch.Tensor, input_grad: bool = True) -> tuple[torch.Tensor, Sink | None]:
         """(``down(x)``, or the u it already gave for this very x in this call; the sink its
@@ -578,34 +630,34 @@ class InputSharing(CallMemo):
             torch._foreach_add_(list(merged.weights.values()), [m.base_layer.weight for m in layers])
         return merged
 
-    def merged_linear(self, layer: "AuroraLinear", x: torch.Tensor) -> torch.Tensor | None:
-        """``layer``'s y = W' x + b (:class:`MergedLinear`) where it runs merged
-        (:meth:`merged_weight`; the caller has checked that its rank path has no dropout), else None.
+    def linear(self, layer: "AuroraLinear", x: torch.Tensor, dropout: float) -> torch.Tensor | None:
+        """``layer``'s output where it runs merged (:meth:`merged_weight`, only without dropout)
+        or together with the layers that read x with it, else None (the caller runs it alone).
 
-        Where layers of its kind read this very x one after another in the model's previous call
-        (BERT's query, key and value; a cross-attention's key and value), the first of them to be
-        called runs them all as one layer: W' of consecutive layers are consecutive rows of their
-        kind's merged tensor, and their blocks consecutive in its stack, so one GEMM each for y,
-        x's, u's and T's gradients serves all, and the others take their slice of y (looked up
-        before anything else: on a GPU a call's Python is what it costs). Learned from the calls
-        rather than declared per backbone; a layer called with another x than its readers' runs
-        alone."""
-        if self.merging == "off" or not self.active:
+        Layers of one kind that read this very x one after another in the model's previous call
+        (BERT's query, key and value; a cross-attention's key and value) run as one at the first
+        call of any of them, and the others take their slice of its output (looked up before
+        anything else: on a GPU a call's Python is what it costs). Their blocks are consecutive
+        in their kind's stack, so one GEMM each for T's and u's gradients serves them all
+        without dropout; merged, their W' are consecutive rows of one tensor; unmerged, their
+        frozen weights are laid side by side for the call (:class:`ReadTogether`). Learned from
+        the calls rather than declared per backbone; a layer called with another x than its
+        readers' runs alone."""
+        if not self.active:
             return None
         readers, grad = self._note_reader(layer, x), torch.is_grad_enabled()
-        if readers is not None:
-            entry = self.memo.get((readers, id(x)))
+        key = None if readers is None else (readers, id(x))
+        if key is not None:
+            entry = self.memo.get(key)
             if entry is not None and entry[0]() is x and entry[1] == (x._version, grad) and entry[2] is not None:
                 return entry[2][id(layer)]
-        merged = self.merged_weight(layer, x)
-        if merged is None:
-            return None
-        if readers is not None and (readers, id(x)) not in self.memo:
-            together = self._read_together(readers, x)
-            self.memo[(readers, id(x))] = (weakref.ref(x), (x._version, grad), together)
+        merged = None if dropout > 0 or self.merging == "off" else self.merged_weight(layer, x)
+        if key is not None and key not in self.memo:
+            together = self._read_together(readers, x, merged is not None, dropout)
+            self.memo[key] = (weakref.ref(x), (x._version, grad), together)
             if together is not None:
                 return together[id(layer)]
-        return self._merged_call(layer.source.down, x, *merged, layer.bias)
+        return None if merged is None else self._merged_call(layer.source.down, x, *merged, layer.bias)
 
     def _merged_call(self, down: ModeDown, x, weight, run: "Run", bias) -> torch.Tensor:
         if not torch.is_grad_enabled():
@@ -631,25 +683,50 @@ class InputSharing(CallMemo):
             else:
                 self.readers.pop(id(m), None)
 
-    def _read_together(self, layers: tuple, x: torch.Tensor) -> dict | None:
-        """{id(layer): its slice of one merged call for all ``layers``}, or None where they are
-        not consecutive rows of one merged tensor (blocks by input, a > 1: their u differ)."""
-        group = self._group(layers[0], x.dtype)
-        made = group.merged  # made by the merged_weight() of the layer calling (one of the layers, one kind)
-        if layers[0].a != 1 or any(m.weight.requires_grad or m.weight.dtype != x.dtype for m in layers):
-            return None
-        layers = sorted(layers, key=lambda m: self._run(group, m).span)  # as their rows lie
-        spans = [self._run(group, m).span for m in layers]
-        if any(s[1] != t[0] for s, t in zip(spans, spans[1:])):
-            return None
+    def _read_together(self, layers: tuple, x: torch.Tensor, merged: bool, dropout: float) -> dict | None:
+        """{id(layer): its slice of one call for all ``layers``}, or None where they cannot run as
+        one: blocks by input (a > 1: their u differ), blocks not consecutive, frozen weights that
+        ZeRO-3 manages (used only through their own modules' calls) or that train, or factors
+        that make no gradient (their blocks have no group buffer)."""
         first = layers[0]
-        start, count = made.starts[id(first)], sum(m.out_features for m in layers)
-        if made.bias is None:
-            made.bias = _biases(self.members[_kind(first)])
-        bias = None if made.bias is False else made.bias.narrow(0, start, count)
-        run = Run(group.value, 1, first.target.up.core.shape[0], group if group.trained else None, (spans[0][0], spans[-1][1]))
-        y = self._merged_call(first.source.down, x, made.rows.narrow(0, start, count), run, bias)
+        weights = [m.weight for m in layers]
+        if first.a != 1 or any(w.requires_grad or w.dtype != x.dtype or hasattr(w, "ds_id") for w in weights):
+            return None
+        if not merged and (torch.is_autocast_enabled(x.device.type) or self.blocks(first, x.dtype) is None):
+            return None
+        group = self._group(first, x.dtype)
+        if not (merged or group.trained or not torch.is_grad_enabled()):
+            return None
+        calls = layers  # in the order they were called
+        layers = sorted(layers, key=lambda m: self._run(group, m).span)  # as their blocks lie
+        runs = [self._run(group, m) for m in layers]
+        if any(r.span[1] != t.span[0] for r, t in zip(runs, runs[1:])):
+            return None
+        rank, first = first.target.up.core.shape[0], layers[0]
+        run = Run(group.value, 1, rank, group if group.trained else None, (runs[0].span[0], runs[-1].span[1]))
+        bias = self._biases(layers)
+        if merged:
+            made = group.merged
+            start, count = made.starts[id(first)], sum(m.out_features for m in layers)
+            y = self._merged_call(first.source.down, x, made.rows.narrow(0, start, count), run, bias)
+        else:
+            u, sink = self.down(first.source.down, x)
+            draws = [layers.index(m) for m in calls]
+            y = ReadTogether.apply(x, u, bias, run.T, run, runs, draws, dropout, sink, *(m.weight for m in layers))
         return dict(zip(map(id, layers), y.split([m.out_features for m in layers], -1)))
+
+    def _biases(self, layers: list) -> torch.Tensor | None:
+        """The layers' biases one after another (zeros for a layer without one), or None if none
+        has one; kept while the biases are unchanged (they are frozen)."""
+        if all(m.bias is None for m in layers):
+            return None
+        key, versions = tuple(map(id, layers)), tuple(m.bias._version for m in layers if m.bias is not None)
+        kept = self.bias_rows.get(key)
+        if kept is None or kept[0] != versions:
+            with torch.no_grad():
+                kept = self.bias_rows[key] = (versions, torch.cat(
+                    [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in layers]))
+        return kept[1]
 
 
 MERGE_ROWS = 16  # merged: auto merges where the rows are this many times in·out / (in + out)
@@ -657,24 +734,14 @@ MERGE_ROWS = 16  # merged: auto merges where the rows are this many times in·ou
 
 class Merged:
     """A kind's merged weights for one step: ``rows`` (every layer's W' + s·ΔW, one layer's rows
-    after another; None where the kind is not merged), each layer's view of it, and the layers'
-    biases laid out alike (made at the first call that reads several layers together; False
-    where the layers have none)."""
+    after another; None where the kind is not merged) and each layer's view of it."""
 
-    __slots__ = ("version", "rows", "starts", "weights", "bias")
+    __slots__ = ("version", "rows", "starts", "weights")
 
     def __init__(self, version: int, rows: torch.Tensor | None = None, layers=()):
-        self.version, self.rows, self.bias = version, rows, None
+        self.version, self.rows = version, rows
         self.starts = dict(zip(map(id, layers), itertools.accumulate((m.out_features for m in layers), initial=0)))
         self.weights = {id(m): rows.narrow(0, self.starts[id(m)], m.out_features) for m in layers}
-
-
-def _biases(layers: list) -> "torch.Tensor | bool":
-    """The layers' biases one after another (zeros for a layer without one), or False if none has one."""
-    if all(m.bias is None for m in layers):
-        return False
-    with torch.no_grad():
-        return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in layers])
 
 
 def _kind(layer: "AuroraLinear") -> tuple | None:
@@ -772,8 +839,8 @@ class AuroraLinear(nn.Module):
             return self.base_layer(x)
         down = self.source.down
         dropout = down.dropout if self.training else 0.0
-        if self.sharing is not None and dropout == 0:  # y = (W + s·ΔW) x + b where merged: exact without dropout
-            y = self.sharing.merged_linear(self, x)
+        if self.sharing is not None:  # merged (y = (W + s·ΔW) x + b, exact without dropout) or read together
+            y = self.sharing.linear(self, x, dropout)
             if y is not None:
                 return y
         y = self.base_layer(x)
