@@ -792,7 +792,9 @@ class AuroraLinear(nn.Module):
     ``sharing``) and the rest of the update accumulated into the frozen output in place
     (:class:`ModeUpdate`). Neither keeps x where :func:`rebuild_recipe` can do without it.
     Without dropout on the rank path, two: U · x (no input gradient) and the merged linear
-    (:class:`MergedLinear`), where ``sharing`` makes the merged weight.
+    (:class:`MergedLinear`), where ``sharing`` makes the merged weight. Layers that read one
+    input (q, k, v) share one such call, merged or :class:`ReadTogether`
+    (:meth:`InputSharing.linear`).
     """
 
     def __init__(self, base: nn.Linear, source: AuroraFactors, target: AuroraFactors, scale: float = 1.0,

@@ -234,9 +234,11 @@ class Config:
 
     def kernel_counts(self) -> dict:
         """Kernel-launching ops of one forward + backward from gradients set to None (no ``.grad``
-        accumulation), the adapted-layer calls in it, and the ops of one (foreach) AdamW step."""
+        accumulation), after one more step (so that the count is a steady step's, whatever
+        ``--steps``), the adapted-layer calls in it, and the ops of one (foreach) AdamW step."""
         from .kernels import count_compiled, count_kernels
 
+        self.step()  # what is made at a first use (groups learnt from the calls before) is counted made
         self.model.zero_grad(set_to_none=True)
         calls = []
         # (not while compiled: a hook added now would recompile the step; its eager twin counts the calls)
