@@ -658,6 +658,12 @@ def test_layers_reading_one_input_run_as_one(monkeypatch, merging, dropout):
     assert sharing.owner is None and not sharing.memo
     if merging == "off":
         assert "ReadTogetherBackward" in _node_names(shared(h, memory))
+    shared.float(), plain.float()  # new bias tensors: the biases side by side are made again
+    outs = []
+    for model in (shared, plain):
+        torch.manual_seed(2)
+        outs.append(model(h.float(), memory.float()))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
 def test_merged_falls_back_or_refuses_under_zero3():

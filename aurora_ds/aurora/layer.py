@@ -474,14 +474,15 @@ class ReadTogether(torch.autograd.Function):
         dx = g2.mm(torch.cat(weights)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         if len(saved) == 1:  # no dropout: the run of blocks at once
             du, _ = _rank_space_grads(ctx, g2, saved[0], None, T, ctx.needs_input_grad[1], False)
-        else:
-            du, col, run = None, 0, ctx.run
+        else:  # each layer's own mask: its columns of g with its run (u's gradient goes into the sink)
+            shares, col, run = [], 0, ctx.run
             for r, ud, kept in zip(ctx.runs, saved[0::2], saved[1::2]):
                 ctx.run = r
                 share, _ = _rank_space_grads(ctx, g2[:, col:col + r.T.shape[1]], ud, kept, r.T, ctx.needs_input_grad[1], False)
-                du = share if du is None else du + share if share is not None else du
+                shares += [] if share is None else [share]
                 col += r.T.shape[1]
             ctx.run = run
+            du = sum(shares[1:], shares[0]) if shares else None
         return (dx, du) + (None,) * (7 + ctx.count)
 
 
@@ -717,10 +718,12 @@ class InputSharing(CallMemo):
 
     def _biases(self, layers: list) -> torch.Tensor | None:
         """The layers' biases one after another (zeros for a layer without one), or None if none
-        has one; kept while the biases are unchanged (they are frozen)."""
+        has one; kept while the biases are the same tensors, unchanged (they are frozen; moved to
+        another device or dtype, they are new tensors)."""
         if all(m.bias is None for m in layers):
             return None
-        key, versions = tuple(map(id, layers)), tuple(m.bias._version for m in layers if m.bias is not None)
+        key = tuple(map(id, layers))
+        versions = tuple((m.bias.data_ptr(), m.bias.dtype, m.bias._version) for m in layers if m.bias is not None)
         kept = self.bias_rows.get(key)
         if kept is None or kept[0] != versions:
             with torch.no_grad():
