@@ -628,9 +628,10 @@ def test_layers_reading_one_input_run_as_one(monkeypatch, merging, dropout):
     sharing.merging = merging
     shared, plain = _Rerouted(sharing, dropout=dropout), _Rerouted(None, dropout=dropout)
     plain.load_state_dict(shared.state_dict())
+    ids = [id(p) for p in shared.parameters()]
     widths = []  # the output width of each call of the three paths
     for fn, width in ((layer_mod.MergedLinear, lambda a: a[1].shape[0]), (layer_mod.ModeUpdate, lambda a: a[0].shape[-1]),
-                      (layer_mod.ReadTogether, lambda a: a[3].shape[1])):
+                      (layer_mod.ReadTogether, lambda a: a[4].shape[1])):
         monkeypatch.setattr(fn, "apply", partial(lambda apply, width, *a: widths[-1].append(width(a)) or apply(*a), fn.apply, width))
     g = torch.Generator().manual_seed(0)
     h, memory, other = (torch.randn(2, n, 6, dtype=torch.float64, generator=g, requires_grad=True) for n in (4, 7, 4))
@@ -658,12 +659,27 @@ def test_layers_reading_one_input_run_as_one(monkeypatch, merging, dropout):
     assert sharing.owner is None and not sharing.memo
     if merging == "off":
         assert "ReadTogetherBackward" in _node_names(shared(h, memory))
-    shared.float(), plain.float()  # new bias tensors: the biases side by side are made again
+        _assert_laid_out(shared, 8, ids)
+    shared.float(), plain.float()  # new tensors: the weights and biases are laid out again
     outs = []
     for model in (shared, plain):
         torch.manual_seed(2)
         outs.append(model(h.float(), memory.float()))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    if merging == "off":
+        _assert_laid_out(shared, 4, ids)
+
+
+def _assert_laid_out(model: "CrossLayers", size: int, ids: list[int]):
+    """The frozen weights and biases of the layers read together are each group's rows of one
+    tensor, in their order, the model's parameters the same objects and no bigger in memory."""
+    for layer in model.layers:
+        for names in (("query", "key", "value"), ("cross_key", "cross_value")):
+            for part, numel in (("weight", 36), ("bias", 6)):
+                tensors = [getattr(layer[n], part) for n in names]
+                assert [t.data_ptr() for t in tensors] == [tensors[0].data_ptr() + i * numel * size for i in range(len(names))]
+                assert tensors[0].untyped_storage().nbytes() == len(names) * numel * size
+    assert [id(p) for p in model.parameters()] == ids
 
 
 def test_merged_falls_back_or_refuses_under_zero3():

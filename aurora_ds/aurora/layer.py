@@ -436,18 +436,18 @@ class MergedLinear(torch.autograd.Function):
 
 class ReadTogether(torch.autograd.Function):
     """y_i = W_i x + b_i + dropout_i(u) · T_i for layers that read one x (:meth:`InputSharing.linear`),
-    side by side in one output: one GEMM through their frozen weights laid side by side (made
-    for the call, and again for x's gradient, rather than kept: a copy of the weights held for
-    the step), then each layer's update written into its columns, as :class:`ModeUpdate` does.
-    Each layer draws its own mask, in the order of the layers' calls (``draws``: indices into
-    ``runs``; nothing runs between them), so the masks are those of the layers run alone. Without
-    dropout the updates are one GEMM (u · T of the run of blocks), as are u's and T's gradients."""
+    side by side in one output: one GEMM through their frozen weights, which live one layer's
+    rows after another in one tensor (:meth:`InputSharing._side_by_side`), then each layer's
+    update written into its columns, as :class:`ModeUpdate` does. Each layer draws its own mask,
+    in the order of the layers' calls (``draws``: indices into ``runs``; nothing runs between
+    them), so the masks are those of the layers run alone. Without dropout the updates are one
+    GEMM (u · T of the run of blocks), as are u's and T's gradients."""
 
     @staticmethod
-    def forward(ctx, x, u, bias, T, run, runs, draws, dropout, sink, *weights):
+    def forward(ctx, x, u, weight, bias, T, run, runs, draws, dropout, sink):
         ctx.set_materialize_grads(False)
         x2, u2 = x.reshape(-1, x.shape[-1]), u.reshape(-1, T.shape[0])
-        y = F.linear(x2, torch.cat(weights), bias)
+        y = F.linear(x2, weight, bias)
         if dropout == 0:
             y.addmm_(u2, T)
             saved = [u2]
@@ -459,19 +459,17 @@ class ReadTogether(torch.autograd.Function):
                 y[:, col:col + r.T.shape[1]].addmm_(ud, r.T)
                 saved += [ud, kept]
                 col += r.T.shape[1]
-        ctx.save_for_backward(T, *weights, *saved)
+        ctx.save_for_backward(T, weight, *saved)
         ctx.run, ctx.runs, ctx.sink, ctx.keep, ctx.u_shape, ctx.x_shape = run, runs, sink, 1.0 - dropout, u.shape, x.shape
-        ctx.count = len(weights)
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, g):
         if g is None:
-            return (None,) * (9 + ctx.count)
-        T, *rest = ctx.saved_tensors
-        weights, saved = rest[:ctx.count], rest[ctx.count:]
+            return (None,) * 10
+        T, weight, *saved = ctx.saved_tensors
         g2 = g.reshape(-1, T.shape[1])
-        dx = g2.mm(torch.cat(weights)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dx = g2.mm(weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         if len(saved) == 1:  # no dropout: the run of blocks at once
             du, _ = _rank_space_grads(ctx, g2, saved[0], None, T, ctx.needs_input_grad[1], False)
         else:  # each layer's own mask: its columns of g with its run (u's gradient goes into the sink)
@@ -483,7 +481,7 @@ class ReadTogether(torch.autograd.Function):
                 col += r.T.shape[1]
             ctx.run = run
             du = sum(shares[1:], shares[0]) if shares else None
-        return (dx, du) + (None,) * (7 + ctx.count)
+        return (dx, du) + (None,) * 8
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -511,7 +509,7 @@ class InputSharing(CallMemo):
         super().__init__()
         self.reading = None  # (x, its version, the layers of one kind that read it one after another)
         self.readers = {}  # id(layer) -> the layers that read one x with it in the previous call
-        self.bias_rows = {}  # ids of layers read together -> (their biases' versions, the biases side by side)
+        self.laid_out = {}  # (weight or bias, ids of layers read together) -> their tensors in one
 
     def down(self, down: ModeDown, x: torch.Tensor, input_grad: bool = True) -> tuple[torch.Tensor, Sink | None]:
         """(``down(x)``, or the u it already gave for this very x in this call; the sink its
@@ -641,7 +639,7 @@ class InputSharing(CallMemo):
         anything else: on a GPU a call's Python is what it costs). Their blocks are consecutive
         in their kind's stack, so one GEMM each for T's and u's gradients serves them all
         without dropout; merged, their W' are consecutive rows of one tensor; unmerged, their
-        frozen weights are laid side by side for the call (:class:`ReadTogether`). Learned from
+        frozen weights are rows of one tensor (:class:`ReadTogether`). Learned from
         the calls rather than declared per backbone; a layer called with another x than its
         readers' runs alone."""
         if not self.active:
@@ -705,7 +703,7 @@ class InputSharing(CallMemo):
             return None
         rank, first = first.target.up.core.shape[0], layers[0]
         run = Run(group.value, 1, rank, group if group.trained else None, (runs[0].span[0], runs[-1].span[1]))
-        bias = self._biases(layers)
+        bias = self._side_by_side(layers, "bias")
         if merged:
             made = group.merged
             start, count = made.starts[id(first)], sum(m.out_features for m in layers)
@@ -713,23 +711,39 @@ class InputSharing(CallMemo):
         else:
             u, sink = self.down(first.source.down, x)
             draws = [layers.index(m) for m in calls]
-            y = ReadTogether.apply(x, u, bias, run.T, run, runs, draws, dropout, sink, *(m.weight for m in layers))
+            weight = self._side_by_side(layers, "weight")
+            y = ReadTogether.apply(x, u, weight, bias, run.T, run, runs, draws, dropout, sink)
         return dict(zip(map(id, layers), y.split([m.out_features for m in layers], -1)))
 
-    def _biases(self, layers: list) -> torch.Tensor | None:
-        """The layers' biases one after another (zeros for a layer without one), or None if none
-        has one; kept while the biases are the same tensors, unchanged (they are frozen; moved to
-        another device or dtype, they are new tensors)."""
-        if all(m.bias is None for m in layers):
+    def _side_by_side(self, layers: list, name: str) -> torch.Tensor | None:
+        """The layers' frozen ``weight``s (or ``bias``es, zeros for a layer without one; None if none
+        has one) in one tensor, one layer's rows after another, read by one GEMM (or add) with no
+        copy per call: at the first such call each tensor moves into it (the parameter, same
+        object, becomes a view of its rows, so the model's memory does not grow). Laid out again
+        where a tensor is no longer in its place (the model moved to another device or dtype)."""
+        tensors = [getattr(m, name) for m in layers]
+        if all(t is None for t in tensors):
             return None
-        key = tuple(map(id, layers))
-        versions = tuple((m.bias.data_ptr(), m.bias.dtype, m.bias._version) for m in layers if m.bias is not None)
-        kept = self.bias_rows.get(key)
-        if kept is None or kept[0] != versions:
+        key, sizes = (name, *map(id, layers)), [m.out_features for m in layers]
+        kept = self.laid_out.get(key)
+        if kept is None or not _in_place(kept, tensors, sizes):
             with torch.no_grad():
-                kept = self.bias_rows[key] = (versions, torch.cat(
-                    [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in layers]))
-        return kept[1]
+                kept = torch.cat([m.weight.new_zeros(m.out_features) if t is None else t for m, t in zip(layers, tensors)])
+                for t, rows in zip(tensors, kept.split(sizes)):
+                    if t is not None:
+                        t.data = rows
+            self.laid_out[key] = kept
+        return kept
+
+
+def _in_place(kept: torch.Tensor, tensors: list, sizes: list[int]) -> bool:
+    """Whether each tensor (or None) is still its run of ``sizes`` rows of ``kept``."""
+    start, row = kept.data_ptr(), kept.stride(0) * kept.element_size()
+    for t, size in zip(tensors, sizes):
+        if t is not None and (t.data_ptr() != start or t.dtype != kept.dtype or t.device != kept.device):
+            return False
+        start += size * row
+    return True
 
 
 MERGE_ROWS = 16  # merged: auto merges where the rows are this many times in·out / (in + out)
