@@ -535,7 +535,7 @@ def _shared_layer(merging, d_in, d_out, a, b, dropout=0.0, dtype=torch.float64):
     layer.source.to(dtype), layer.target.to(dtype)  # not submodules of the layer
     layer.sharing = layer_mod.InputSharing()
     layer.sharing.merging = merging
-    layer.sharing.register(layer_mod._kind(layer), layer)
+    layer.sharing.register(layer.kind, layer)
     return _Wrapped(layer)
 
 
@@ -682,6 +682,22 @@ def _assert_laid_out(model: "CrossLayers", size: int, ids: list[int]):
     assert [id(p) for p in model.parameters()] == ids
 
 
+def _assert_saved_as_is(model: nn.Module, directory):
+    """A model whose frozen weights share storage (layers read together) saves and loads each
+    tensor's own values: ``torch.save`` (read back without unpickling code) and
+    ``save_pretrained`` (safetensors, which refuses tensors sharing memory unless told)."""
+    from safetensors.torch import load_file
+
+    state = model.state_dict()
+    assert len({t.untyped_storage().data_ptr() for t in state.values()}) < len(state)  # some are shared
+    torch.save(state, directory / "state.pt")
+    model.save_pretrained(directory / "pretrained")
+    for loaded in (torch.load(directory / "state.pt", weights_only=True), load_file(directory / "pretrained" / "model.safetensors")):
+        assert loaded.keys() == state.keys()
+        for name, tensor in state.items():
+            assert torch.equal(loaded[name], tensor), name
+
+
 def test_merged_falls_back_or_refuses_under_zero3():
     """Under ZeRO-3 a frozen weight is used only through its module's call (whose hooks gather in
     the same order on every rank), partitioned or persistent alike: 'auto' runs the layer unmerged
@@ -702,7 +718,7 @@ def test_merged_falls_back_or_refuses_under_zero3():
     assert "MergedLinearBackward" in _node_names(_shared_layer("auto", 6, 6, 1, 3)(x.requires_grad_()))
 
 
-def test_merged_blip_step_equals_unmerged(monkeypatch):
+def test_merged_blip_step_equals_unmerged(monkeypatch, tmp_path):
     """BLIP-tiny steps at dropout 0 (vision once, text alone and fused), merged and unmerged: the
     same losses and gradients, also after an in-place change of the factors (an optimizer step,
     so the merged weights are made anew) and in evaluation. Merged, every adapted call's output
@@ -748,6 +764,7 @@ def test_merged_blip_step_equals_unmerged(monkeypatch):
             assert merged_widths[1][8:] == [96, 32, 64] * 2 + [96, 96]
         else:
             assert merged_widths[-2:] == [[], []]
+            _assert_saved_as_is(model, tmp_path)
     for (loss_a, grads_a), (loss_b, grads_b) in zip(*runs):
         torch.testing.assert_close(loss_a, loss_b, rtol=1e-10, atol=1e-12)
         for a, b in zip(grads_a, grads_b):

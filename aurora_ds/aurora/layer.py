@@ -530,7 +530,7 @@ class InputSharing(CallMemo):
     def blocks(self, layer: "AuroraLinear", dtype: torch.dtype) -> "Run | None":
         """The layer's :class:`Run` of the update blocks made once per step for every layer of its
         kind (:func:`_kind`), or None where they must be made per layer."""
-        kind = _kind(layer)
+        kind = layer.kind
         up = layer.target.up
         if kind not in self.members or any(partitioned(t) for t in (up.core, up.V, layer.coeffs)):
             return None
@@ -547,11 +547,11 @@ class InputSharing(CallMemo):
         return self._run(self._group(layer, dtype), layer)
 
     def _group(self, layer: "AuroraLinear", dtype: torch.dtype):
-        return self.group(("blocks", _kind(layer), dtype, torch.is_grad_enabled()), partial(self._build, layer, dtype))
+        return self.group(("blocks", layer.kind, dtype, torch.is_grad_enabled()), partial(self._build, layer, dtype))
 
     def _build(self, layer: "AuroraLinear", dtype: torch.dtype):
         """(make, inputs, index) of the group of update blocks of every layer of ``layer``'s kind."""
-        layers, up = self.members[_kind(layer)], layer.target.up
+        layers, up = self.members[layer.kind], layer.target.up
         starts = itertools.accumulate((m.a * m.b for m in layers), initial=0)
 
         def make(core, V, *coeffs):
@@ -615,7 +615,7 @@ class InputSharing(CallMemo):
 
     def _merge(self, group, layer: "AuroraLinear", U: torch.Tensor) -> "Merged":
         """W + s·ΔW of every layer of ``layer``'s kind, from its group's stack, in one tensor."""
-        layers, stack = self.members[_kind(layer)], group.value
+        layers, stack = self.members[layer.kind], group.value
         rank, width = U.shape[0], layer.target.width
         with torch.no_grad():
             U = _as(U, stack.dtype)
@@ -667,7 +667,7 @@ class InputSharing(CallMemo):
     def _note_reader(self, layer: "AuroraLinear", x: torch.Tensor) -> "tuple | None":
         """Record that ``layer`` reads x now; return the layers that read one x with it last time."""
         run = self.reading
-        if run and run[0]() is x and run[1] == x._version and _kind(run[2][0]) == _kind(layer) and layer not in run[2]:
+        if run and run[0]() is x and run[1] == x._version and run[2][0].kind == layer.kind and layer not in run[2]:
             run[2].append(layer)
         else:
             if run:
@@ -834,8 +834,9 @@ class AuroraLinear(nn.Module):
         object.__setattr__(self, "source", source)
         object.__setattr__(self, "target", target)
         self.sharing = sharing
-        if sharing is not None and _kind(self) is not None:
-            sharing.register(_kind(self), self)
+        self.kind = _kind(self)  # fixed: read on every call
+        if sharing is not None and self.kind is not None:
+            sharing.register(self.kind, self)
 
     @property
     def in_features(self) -> int:
