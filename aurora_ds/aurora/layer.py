@@ -510,6 +510,12 @@ class InputSharing(CallMemo):
         self.reading = None  # (x, its version, the layers of one kind that read it one after another)
         self.readers = {}  # id(layer) -> the layers that read one x with it in the previous call
         self.laid_out = {}  # (weight or bias, ids of layers read together) -> their tensors in one
+        self.used = set()  # ids of layers whose frozen tensors autograd may keep until a backward to come
+
+    def _open(self, module, args):
+        super()._open(module, args)
+        if self.owner is module and not self.kept:  # no backward to come: nothing keeps them
+            self.used.clear()
 
     def down(self, down: ModeDown, x: torch.Tensor, input_grad: bool = True) -> tuple[torch.Tensor, Sink | None]:
         """(``down(x)``, or the u it already gave for this very x in this call; the sink its
@@ -656,6 +662,8 @@ class InputSharing(CallMemo):
             self.memo[key] = (weakref.ref(x), (x._version, grad), together)
             if together is not None:
                 return together[id(layer)]
+        if grad:
+            self.used.add(id(layer))
         return None if merged is None else self._merged_call(layer.source.down, x, *merged, layer.bias)
 
     def _merged_call(self, down: ModeDown, x, weight, run: "Run", bias) -> torch.Tensor:
@@ -701,6 +709,9 @@ class InputSharing(CallMemo):
         runs = [self._run(group, m) for m in layers]
         if any(r.span[1] != t.span[0] for r, t in zip(runs, runs[1:])):
             return None
+        moving = [n for n in (("bias",) if merged else ("weight", "bias")) if not self._in_place(layers, n)]
+        if moving and torch.is_grad_enabled() and any(id(m) in self.used for m in layers):
+            return None  # moved now, their present tensors would live on beside the new one until that backward
         rank, first = first.target.up.core.shape[0], layers[0]
         run = Run(group.value, 1, rank, group if group.trained else None, (runs[0].span[0], runs[-1].span[1]))
         bias = self._side_by_side(layers, "bias")
@@ -713,6 +724,8 @@ class InputSharing(CallMemo):
             draws = [layers.index(m) for m in calls]
             weight = self._side_by_side(layers, "weight")
             y = ReadTogether.apply(x, u, weight, bias, run.T, run, runs, draws, dropout, sink)
+        if torch.is_grad_enabled():
+            self.used.update(map(id, layers))
         return dict(zip(map(id, layers), y.split([m.out_features for m in layers], -1)))
 
     def _side_by_side(self, layers: list, name: str) -> torch.Tensor | None:
@@ -720,30 +733,36 @@ class InputSharing(CallMemo):
         has one) in one tensor, one layer's rows after another, read by one GEMM (or add) with no
         copy per call: at the first such call each tensor moves into it (the parameter, same
         object, becomes a view of its rows, so the model's memory does not grow). Laid out again
-        where a tensor is no longer in its place (the model moved to another device or dtype)."""
+        where a tensor is no longer in its place (the model moved to another device or dtype).
+        Moved only where no backward to come keeps the present tensors (:meth:`_read_together`)."""
         tensors = [getattr(m, name) for m in layers]
         if all(t is None for t in tensors):
             return None
-        key, sizes = (name, *map(id, layers)), [m.out_features for m in layers]
-        kept = self.laid_out.get(key)
-        if kept is None or not _in_place(kept, tensors, sizes):
+        if not self._in_place(layers, name):
             with torch.no_grad():
                 kept = torch.cat([m.weight.new_zeros(m.out_features) if t is None else t for m, t in zip(layers, tensors)])
-                for t, rows in zip(tensors, kept.split(sizes)):
+                for t, rows in zip(tensors, kept.split([m.out_features for m in layers])):
                     if t is not None:
                         t.data = rows
-            self.laid_out[key] = kept
-        return kept
+            ids = set(map(id, layers))  # a layout these layers had before (another group, device or dtype) is gone
+            for key in [k for k in self.laid_out if k[0] == name and ids.intersection(k[1:])]:
+                del self.laid_out[key]
+            self.laid_out[(name, *map(id, layers))] = kept
+        return self.laid_out[(name, *map(id, layers))]
 
-
-def _in_place(kept: torch.Tensor, tensors: list, sizes: list[int]) -> bool:
-    """Whether each tensor (or None) is still its run of ``sizes`` rows of ``kept``."""
-    start, row = kept.data_ptr(), kept.stride(0) * kept.element_size()
-    for t, size in zip(tensors, sizes):
-        if t is not None and (t.data_ptr() != start or t.dtype != kept.dtype or t.device != kept.device):
-            return False
-        start += size * row
-    return True
+    def _in_place(self, layers: list, name: str) -> bool:
+        """Whether the layers' ``name`` tensors (each may be None) are their rows of the one tensor
+        laid out for them, one layer's after another."""
+        kept = self.laid_out.get((name, *map(id, layers)))
+        if kept is None:
+            return all(getattr(m, name) is None for m in layers)
+        start, row = kept.data_ptr(), kept.stride(0) * kept.element_size()
+        for m in layers:
+            t = getattr(m, name)
+            if t is not None and (t.data_ptr() != start or t.dtype != kept.dtype or t.device != kept.device):
+                return False
+            start += m.out_features * row
+        return True
 
 
 MERGE_ROWS = 16  # merged: auto merges where the rows are this many times in·out / (in + out)
