@@ -860,3 +860,54 @@ def test_merged_weight_is_in_the_frozen_weights_layout(monkeypatch, d_in, d_out,
     assert weight.shape == base.shape and weight.stride() == base.stride()
     with torch.no_grad():
         torch.testing.assert_close(weight, base + model.layer.delta_weight(), rtol=1e-5, atol=1e-5)
+
+
+
+class _ThreeReaders(nn.Module):
+    """Three adapted layers reading one x through one factor set, of two kinds (scales 1 and 0.5,
+    then 1 again: never consecutive, so never read together); the last one's base weight trains."""
+
+    def __init__(self, sharing):
+        super().__init__()
+        torch.manual_seed(0)
+        self.factors = AuroraFactors(6, 3, 0.3, dtype=torch.float64)
+        with torch.no_grad():
+            self.factors.up.V.normal_()
+        self.layers = nn.ModuleList(AuroraLinear(nn.Linear(6, 6, dtype=torch.float64).requires_grad_(False), self.factors,
+                                                 self.factors, scale, sharing=sharing) for scale in (1.0, 0.5, 1.0))
+        self.layers[2].base_layer.weight.requires_grad_(True)
+        if sharing is not None:
+            sharing.attach([self])
+
+    def forward(self, x):
+        return sum(layer(x).pow(2).sum() for layer in self.layers)
+
+
+def test_input_gradient_gathered_through_the_shared_u(monkeypatch):
+    """Layers that read one x through one factor set but run apart share u: the two run alone in
+    one node (frozen linear and update) hand x's gradient to u's producer, which adds its own
+    share in place and returns the sum; autograd adds the trained layer's (frozen linear and
+    update as two nodes). Outputs and every gradient, x's included, equal the per-layer path's,
+    with dropout, over steps with an in-place factor change between them."""
+    calls = []
+    for fn in (layer_mod.ReadTogether, layer_mod.ModeUpdate):
+        monkeypatch.setattr(fn, "apply", partial(lambda apply, name, *a: calls.append(name) or apply(*a), fn.apply, fn.__name__))
+    models = _ThreeReaders(layer_mod.InputSharing()), _ThreeReaders(None)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    for step in range(3):
+        results = []
+        for model in models:
+            calls.clear()
+            torch.manual_seed(step)
+            loss = model.train()(x)
+            params = [x] + [p for p in model.parameters() if p.requires_grad]
+            results.append((loss, torch.autograd.grad(loss, params)))
+            with torch.no_grad():
+                model.factors.down.U.mul_(0.9)
+        assert calls == ["ModeUpdate"] * 3  # the per-layer path, just run
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
+        for a, b in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    calls.clear()
+    models[0](x)
+    assert calls == ["ReadTogether", "ReadTogether", "ModeUpdate"]

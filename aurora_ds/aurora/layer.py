@@ -203,11 +203,13 @@ class ModeDownProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gu):
         U, *tensors = ctx.saved_tensors
-        shares = [t for t in (gu, None if ctx.sink is None else ctx.sink.grad) if t is not None]
-        if ctx.sink is not None:
-            ctx.sink.grad = None
+        sink, rest = ctx.sink, (None,) * (len(ctx.needs_input_grad) - 2)
+        shares = [t for t in (gu, None if sink is None else sink.grad) if t is not None]
+        gathered = None if sink is None else sink.dx  # x's gradient from the consumers that also read x
+        if sink is not None:
+            sink.grad = sink.dx = None
         if not shares:
-            return (None,) * len(ctx.needs_input_grad)
+            return (None if gathered is None else gathered.view(ctx.x_shape), None) + rest
         shares = [t.reshape(-1, U.shape[0]) for t in shares]  # autograd's (..., a*R), a sink's 2-d
         gu2 = sum(shares[1:], shares[0])
         dU = None
@@ -217,8 +219,11 @@ class ModeDownProjection(torch.autograd.Function):
                 ctx.sink_U.buffer().addmm_(gu2.t(), x2)
             else:
                 dU = torch.mm(gu2.t(), x2)
-        dx = torch.mm(gu2, U).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        return (dx, dU) + (None,) * (len(ctx.needs_input_grad) - 2)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(gu2, U) if gathered is None else gathered.view(-1, U.shape[1]).addmm_(gu2, U)
+            dx = dx.view(ctx.x_shape)
+        return (dx, dU) + rest
 
 
 def mode_matrices(core: torch.Tensor, coeffs: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -438,10 +443,13 @@ class ReadTogether(torch.autograd.Function):
     """y_i = W_i x + b_i + dropout_i(u) · T_i for layers that read one x (:meth:`InputSharing.linear`),
     side by side in one output: one GEMM through their frozen weights, which live one layer's
     rows after another in one tensor (:meth:`InputSharing._side_by_side`), then each layer's
-    update written into its columns, as :class:`ModeUpdate` does. Each layer draws its own mask,
+    update written into its columns, as :class:`ModeUpdate` does; also one layer alone (a == 1),
+    one node where the frozen linear and the update would be two. Each layer draws its own mask,
     in the order of the layers' calls (``draws``: indices into ``runs``; nothing runs between
     them), so the masks are those of the layers run alone. Without dropout the updates are one
-    GEMM (u · T of the run of blocks), as are u's and T's gradients."""
+    GEMM (u · T of the run of blocks), as are u's and T's gradients. x's gradient g · W goes into
+    u's ``sink`` (``dx``), where u's producer adds its own share g_u · U in place: autograd would
+    add the two branches. The output is 2-d (rows x the layers' widths), viewed by the caller."""
 
     @staticmethod
     def forward(ctx, x, u, weight, bias, T, run, runs, draws, dropout, sink):
@@ -461,7 +469,7 @@ class ReadTogether(torch.autograd.Function):
                 col += r.T.shape[1]
         ctx.save_for_backward(T, weight, *saved)
         ctx.run, ctx.runs, ctx.sink, ctx.keep, ctx.u_shape, ctx.x_shape = run, runs, sink, 1.0 - dropout, u.shape, x.shape
-        return y.view(*x.shape[:-1], -1)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -469,7 +477,11 @@ class ReadTogether(torch.autograd.Function):
             return (None,) * 10
         T, weight, *saved = ctx.saved_tensors
         g2 = g.reshape(-1, T.shape[1])
-        dx = g2.mm(weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dx, sink = None, ctx.sink
+        if ctx.needs_input_grad[0] and sink is None:
+            dx = g2.mm(weight).view(ctx.x_shape)
+        elif ctx.needs_input_grad[0]:  # u's producer returns it with its own share added
+            sink.dx = g2.mm(weight) if sink.dx is None else sink.dx.addmm_(g2, weight)
         if len(saved) == 1:  # no dropout: the run of blocks at once
             du, _ = _rank_space_grads(ctx, g2, saved[0], None, T, ctx.needs_input_grad[1], False)
         else:  # each layer's own mask: its columns of g with its run (u's gradient goes into the sink)
@@ -516,6 +528,12 @@ class InputSharing(CallMemo):
         super()._open(module, args)
         if self.owner is module and not self.kept:  # no backward to come: nothing keeps them
             self.used.clear()
+
+    def _close(self, module, args, output):
+        super()._close(module, args, output)
+        if self.owner is None and self.reading:  # a run of readers ends with the call
+            self._settle(self.reading[2])
+            self.reading = None
 
     def down(self, down: ModeDown, x: torch.Tensor, input_grad: bool = True) -> tuple[torch.Tensor, Sink | None]:
         """(``down(x)``, or the u it already gave for this very x in this call; the sink its
@@ -662,6 +680,10 @@ class InputSharing(CallMemo):
             self.memo[key] = (weakref.ref(x), (x._version, grad), together)
             if together is not None:
                 return together[id(layer)]
+        if merged is None:  # alone: the frozen linear and the update as one node
+            alone = self._read_together((layer,), x, False, dropout)
+            if alone is not None:
+                return alone[id(layer)]
         if grad:
             self.used.add(id(layer))
         return None if merged is None else self._merged_call(layer.source.down, x, *merged, layer.bias)
@@ -723,9 +745,11 @@ class InputSharing(CallMemo):
             u, sink = self.down(first.source.down, x)
             draws = [layers.index(m) for m in calls]
             weight = self._side_by_side(layers, "weight")
-            y = ReadTogether.apply(x, u, weight, bias, run.T, run, runs, draws, dropout, sink)
+            y = ReadTogether.apply(x, u, weight, bias, run.T, run, runs, draws, dropout, sink).view(*x.shape[:-1], -1)
         if torch.is_grad_enabled():
             self.used.update(map(id, layers))
+        if len(layers) == 1:
+            return {id(first): y}
         return dict(zip(map(id, layers), y.split([m.out_features for m in layers], -1)))
 
     def _side_by_side(self, layers: list, name: str) -> torch.Tensor | None:
@@ -736,8 +760,8 @@ class InputSharing(CallMemo):
         where a tensor is no longer in its place (the model moved to another device or dtype).
         Moved only where no backward to come keeps the present tensors (:meth:`_read_together`)."""
         tensors = [getattr(m, name) for m in layers]
-        if all(t is None for t in tensors):
-            return None
+        if len(layers) == 1 or all(t is None for t in tensors):
+            return tensors[0] if len(layers) == 1 else None
         if not self._in_place(layers, name):
             with torch.no_grad():
                 kept = torch.cat([m.weight.new_zeros(m.out_features) if t is None else t for m, t in zip(layers, tensors)])
@@ -755,7 +779,7 @@ class InputSharing(CallMemo):
         laid out for them, one layer's after another."""
         kept = self.laid_out.get((name, *map(id, layers)))
         if kept is None:
-            return all(getattr(m, name) is None for m in layers)
+            return len(layers) == 1 or all(getattr(m, name) is None for m in layers)
         start, row = kept.data_ptr(), kept.stride(0) * kept.element_size()
         for m in layers:
             t = getattr(m, name)

@@ -97,9 +97,12 @@ class CallMemo:
 class Sink:
     """A gradient that several consumers of one tensor add their shares into in place (the first
     share is the buffer), read by the tensor's producer once they all ran: autograd would add the
-    shares one op at a time."""
+    shares one op at a time. ``dx``: the same for the gradient of the producer's input, from
+    consumers that read that input too (the frozen linear run with the update), to which the
+    producer adds its own share and returns the sum."""
 
     grad = None
+    dx = None
 
 
 class Group:
