@@ -713,8 +713,8 @@ class InputSharing(CallMemo):
                 self.readers.pop(id(m), None)
 
     def _read_together(self, layers: tuple, x: torch.Tensor, merged: bool, dropout: float) -> dict | None:
-        """{id(layer): its slice of one call for all ``layers``}, or None where they cannot run as
-        one: blocks by input (a > 1: their u differ), blocks not consecutive, frozen weights that
+        """{id(layer): its slice of one call for all ``layers``} (one layer: its output), or None
+        where they cannot run as one: blocks by input (a > 1: their u differ), blocks not consecutive, frozen weights that
         ZeRO-3 manages (used only through their own modules' calls) or that train, or factors
         that make no gradient (their blocks have no group buffer)."""
         first = layers[0]
@@ -735,7 +735,8 @@ class InputSharing(CallMemo):
         if moving and torch.is_grad_enabled() and any(id(m) in self.used for m in layers):
             return None  # moved now, their present tensors would live on beside the new one until that backward
         rank, first = first.target.up.core.shape[0], layers[0]
-        run = Run(group.value, 1, rank, group if group.trained else None, (runs[0].span[0], runs[-1].span[1]))
+        run = runs[0] if len(runs) == 1 else Run(group.value, 1, rank, group if group.trained else None,
+                                                 (runs[0].span[0], runs[-1].span[1]))
         bias = self._side_by_side(layers, "bias")
         if merged:
             made = group.merged
