@@ -665,7 +665,7 @@ class InputSharing(CallMemo):
         without dropout; merged, their W' are consecutive rows of one tensor; unmerged, their
         frozen weights are rows of one tensor (:class:`ReadTogether`). Learned from
         the calls rather than declared per backbone; a layer called with another x than its
-        readers' runs alone."""
+        readers' runs alone, its frozen linear and update one node all the same (unmerged, a == 1)."""
         if not self.active:
             return None
         readers, grad = self._note_reader(layer, x), torch.is_grad_enabled()
@@ -714,9 +714,10 @@ class InputSharing(CallMemo):
 
     def _read_together(self, layers: tuple, x: torch.Tensor, merged: bool, dropout: float) -> dict | None:
         """{id(layer): its slice of one call for all ``layers``} (one layer: its output), or None
-        where they cannot run as one: blocks by input (a > 1: their u differ), blocks not consecutive, frozen weights that
-        ZeRO-3 manages (used only through their own modules' calls) or that train, or factors
-        that make no gradient (their blocks have no group buffer)."""
+        where they cannot run as one: blocks by input (a > 1: their u differ), blocks not
+        consecutive, frozen weights that ZeRO-3 manages (used only through their own modules'
+        calls) or that train, factors that make no gradient (their blocks have no group buffer),
+        or tensors to be moved into one while a backward to come may keep them."""
         first = layers[0]
         weights = [m.weight for m in layers]
         if first.a != 1 or any(w.requires_grad or w.dtype != x.dtype or hasattr(w, "ds_id") for w in weights):
@@ -731,7 +732,7 @@ class InputSharing(CallMemo):
         runs = [self._run(group, m) for m in layers]
         if any(r.span[1] != t.span[0] for r, t in zip(runs, runs[1:])):
             return None
-        moving = [n for n in (("bias",) if merged else ("weight", "bias")) if not self._in_place(layers, n)]
+        moving = any(not self._in_place(layers, n) for n in (("bias",) if merged else ("weight", "bias")))
         if moving and torch.is_grad_enabled() and any(id(m) in self.used for m in layers):
             return None  # moved now, their present tensors would live on beside the new one until that backward
         rank, first = first.target.up.core.shape[0], layers[0]
@@ -760,9 +761,11 @@ class InputSharing(CallMemo):
         object, becomes a view of its rows, so the model's memory does not grow). Laid out again
         where a tensor is no longer in its place (the model moved to another device or dtype).
         Moved only where no backward to come keeps the present tensors (:meth:`_read_together`)."""
+        if len(layers) == 1:
+            return getattr(layers[0], name)
         tensors = [getattr(m, name) for m in layers]
-        if len(layers) == 1 or all(t is None for t in tensors):
-            return tensors[0] if len(layers) == 1 else None
+        if all(t is None for t in tensors):
+            return None
         if not self._in_place(layers, name):
             with torch.no_grad():
                 kept = torch.cat([m.weight.new_zeros(m.out_features) if t is None else t for m, t in zip(layers, tensors)])
@@ -848,14 +851,14 @@ class AuroraLinear(nn.Module):
     same set for a layer made of square blocks). The layer sits at the original attribute
     path, so the backbone's own code calls it unchanged.
 
-    Three nodes per call: the frozen linear (its own module, so ZeRO-3 gathers W there), U · x
-    (:class:`ModeDownProjection`, shared with the other layers reading the same input through
-    ``sharing``) and the rest of the update accumulated into the frozen output in place
-    (:class:`ModeUpdate`). Neither keeps x where :func:`rebuild_recipe` can do without it.
-    Without dropout on the rank path, two: U · x (no input gradient) and the merged linear
-    (:class:`MergedLinear`), where ``sharing`` makes the merged weight. Layers that read one
-    input (q, k, v) share one such call, merged or :class:`ReadTogether`
-    (:meth:`InputSharing.linear`).
+    Two nodes per call with ``sharing``: U · x (:class:`ModeDownProjection`, shared with the
+    other layers reading the same input) and the frozen linear with the update written into its
+    output (:class:`ReadTogether`, one node for the layers that read one input: q, k, v), which
+    hands x's gradient to U · x's node to add its own into. Without dropout on the rank path,
+    U · x (no input gradient) and the merged linear (:class:`MergedLinear`) where ``sharing``
+    makes the merged weight (:meth:`InputSharing.linear`). Three where the frozen linear must run
+    as its own module (ZeRO-3 gathers W there; blocks by input; no ``sharing``): it, U · x and
+    the update (:class:`ModeUpdate`). None keeps x where :func:`rebuild_recipe` can do without it.
     """
 
     def __init__(self, base: nn.Linear, source: AuroraFactors, target: AuroraFactors, scale: float = 1.0,
