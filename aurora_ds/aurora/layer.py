@@ -554,21 +554,27 @@ class InputSharing(CallMemo):
     def blocks(self, layer: "AuroraLinear", dtype: torch.dtype) -> "Run | None":
         """The layer's :class:`Run` of the update blocks made once per step for every layer of its
         kind (:func:`_kind`), or None where they must be made per layer."""
-        kind = layer.kind
-        up = layer.target.up
-        if kind not in self.members or any(partitioned(t) for t in (up.core, up.V, layer.coeffs)):
-            return None
-        compiling = torch.compiler.is_compiling() and self.traced_owner is not None
-        if not (compiling or self.active):
-            return None
-        if compiling:  # one stack per traced call; its slices' gradients are the compiler's to add
-            key = (kind, dtype, torch.is_grad_enabled())
-            if key not in self.traced:
+        if torch.compiler.is_compiling() and self.traced_owner is not None:
+            if not self._stacked(layer):
+                return None
+            key = (layer.kind, dtype, torch.is_grad_enabled())  # one stack per traced call; its
+            if key not in self.traced:  # slices' gradients are the compiler's to add
                 make, inputs, index = self._build(layer, dtype)
                 self.traced[key] = (make(*inputs), index)
             stack, index = self.traced[key]
-            return Run(stack, layer.a, up.core.shape[0], None, index[id(layer)])
-        return self._run(self._group(layer, dtype), layer)
+            return Run(stack, layer.a, layer.target.up.core.shape[0], None, index[id(layer)])
+        group = self.stack(layer, dtype)
+        return None if group is None else self._run(group, layer)
+
+    def stack(self, layer: "AuroraLinear", dtype: torch.dtype) -> "Group | None":
+        """The group of update blocks of ``layer``'s kind in this step (eager), or None where they
+        must be made per layer. Looked up once per call and passed on: on a GPU a call's Python
+        is what it costs."""
+        return self._group(layer, dtype) if self.active and self._stacked(layer) else None
+
+    def _stacked(self, layer: "AuroraLinear") -> bool:
+        up = layer.target.up
+        return layer.kind in self.members and not any(partitioned(t) for t in (up.core, up.V, layer.coeffs))
 
     def _group(self, layer: "AuroraLinear", dtype: torch.dtype):
         return self.group(("blocks", layer.kind, dtype, torch.is_grad_enabled()), partial(self._build, layer, dtype))
@@ -592,9 +598,9 @@ class InputSharing(CallMemo):
                                                 group if group.trained else None, run)
         return run
 
-    def merged_weight(self, layer: "AuroraLinear", x: torch.Tensor) -> "tuple[torch.Tensor, Run] | None":
+    def merged_weight(self, layer: "AuroraLinear", x: torch.Tensor, group) -> "tuple[torch.Tensor, Run] | None":
         """(W' = W + s·ΔW, the layer's :class:`Run`) where the layer runs merged (the caller has
-        checked that its rank path has no dropout), else None.
+        checked that its rank path has no dropout), else None. ``group``: :meth:`stack`'s.
 
         W' is made for every layer of the kind at its first use in a step, from the kind's stacked
         update blocks: ΔW = V · M_ijᵀ · U per block is U's rows mixed by T, so one GEMM of the
@@ -626,16 +632,14 @@ class InputSharing(CallMemo):
         if (torch.compiler.is_compiling() or weight.requires_grad or weight.dtype != x.dtype
                 or torch.is_autocast_enabled(x.device.type)):
             return None
-        run = self.blocks(layer, x.dtype)
-        if run is None:
+        if group is None:
             return None
-        group = self._group(layer, x.dtype)
         U = layer.source.down.U
         if group.merged is None or group.merged.version != U._version:
             rows, cols = x.numel() // x.shape[-1], layer.in_features * layer.out_features
             cheaper = rows * (layer.in_features + layer.out_features) >= MERGE_ROWS * cols
             group.merged = self._merge(group, layer, U) if self.merging == "on" or cheaper else Merged(U._version)
-        return None if group.merged.rows is None else (group.merged.weights[id(layer)], run)
+        return None if group.merged.rows is None else (group.merged.weights[id(layer)], self._run(group, layer))
 
     def _merge(self, group, layer: "AuroraLinear", U: torch.Tensor) -> "Merged":
         """W + s·ΔW of every layer of ``layer``'s kind, from its group's stack, in one tensor."""
@@ -674,14 +678,15 @@ class InputSharing(CallMemo):
             entry = self.memo.get(key)
             if entry is not None and entry[0]() is x and entry[1] == (x._version, grad) and entry[2] is not None:
                 return entry[2][id(layer)]
-        merged = None if dropout > 0 or self.merging == "off" else self.merged_weight(layer, x)
+        group = self.stack(layer, x.dtype)
+        merged = None if dropout > 0 or self.merging == "off" else self.merged_weight(layer, x, group)
         if key is not None and key not in self.memo:
-            together = self._read_together(readers, x, merged is not None, dropout)
+            together = self._read_together(readers, x, merged is not None, dropout, group)
             self.memo[key] = (weakref.ref(x), (x._version, grad), together)
             if together is not None:
                 return together[id(layer)]
         if merged is None:  # alone: the frozen linear and the update as one node
-            alone = self._read_together((layer,), x, False, dropout)
+            alone = self._read_together((layer,), x, False, dropout, group)
             if alone is not None:
                 return alone[id(layer)]
         if grad:
@@ -712,33 +717,33 @@ class InputSharing(CallMemo):
             else:
                 self.readers.pop(id(m), None)
 
-    def _read_together(self, layers: tuple, x: torch.Tensor, merged: bool, dropout: float) -> dict | None:
+    def _read_together(self, layers: tuple, x: torch.Tensor, merged: bool, dropout: float, group) -> dict | None:
         """{id(layer): its slice of one call for all ``layers``} (one layer: its output), or None
         where they cannot run as one: blocks by input (a > 1: their u differ), blocks not
         consecutive, frozen weights that ZeRO-3 manages (used only through their own modules'
         calls) or that train, factors that make no gradient (their blocks have no group buffer),
-        or tensors to be moved into one while a backward to come may keep them."""
+        or tensors to be moved into one while a backward to come may keep them. ``group``: the
+        kind's (:meth:`stack`), None where its blocks are made per layer."""
         first = layers[0]
         weights = [m.weight for m in layers]
         if first.a != 1 or any(w.requires_grad or w.dtype != x.dtype or hasattr(w, "ds_id") for w in weights):
             return None
-        if not merged and (torch.is_autocast_enabled(x.device.type) or self.blocks(first, x.dtype) is None):
+        if group is None or not (merged or group.trained or not torch.is_grad_enabled()):
             return None
-        group = self._group(first, x.dtype)
-        if not (merged or group.trained or not torch.is_grad_enabled()):
+        if not merged and torch.is_autocast_enabled(x.device.type):
             return None
         calls = layers  # in the order they were called
         layers = sorted(layers, key=lambda m: self._run(group, m).span)  # as their blocks lie
         runs = [self._run(group, m) for m in layers]
         if any(r.span[1] != t.span[0] for r, t in zip(runs, runs[1:])):
             return None
-        moving = any(not self._in_place(layers, n) for n in (("bias",) if merged else ("weight", "bias")))
-        if moving and torch.is_grad_enabled() and any(id(m) in self.used for m in layers):
+        placed = {n: self._in_place(layers, n) for n in (("bias",) if merged else ("weight", "bias"))}
+        if not all(placed.values()) and torch.is_grad_enabled() and any(id(m) in self.used for m in layers):
             return None  # moved now, their present tensors would live on beside the new one until that backward
         rank, first = first.target.up.core.shape[0], layers[0]
         run = runs[0] if len(runs) == 1 else Run(group.value, 1, rank, group if group.trained else None,
                                                  (runs[0].span[0], runs[-1].span[1]))
-        bias = self._side_by_side(layers, "bias")
+        bias = self._side_by_side(layers, "bias", placed["bias"])
         if merged:
             made = group.merged
             start, count = made.starts[id(first)], sum(m.out_features for m in layers)
@@ -746,7 +751,7 @@ class InputSharing(CallMemo):
         else:
             u, sink = self.down(first.source.down, x)
             draws = [layers.index(m) for m in calls]
-            weight = self._side_by_side(layers, "weight")
+            weight = self._side_by_side(layers, "weight", placed["weight"])
             y = ReadTogether.apply(x, u, weight, bias, run.T, run, runs, draws, dropout, sink).view(*x.shape[:-1], -1)
         if torch.is_grad_enabled():
             self.used.update(map(id, layers))
@@ -754,29 +759,30 @@ class InputSharing(CallMemo):
             return {id(first): y}
         return dict(zip(map(id, layers), y.split([m.out_features for m in layers], -1)))
 
-    def _side_by_side(self, layers: list, name: str) -> torch.Tensor | None:
+    def _side_by_side(self, layers: list, name: str, in_place: bool) -> torch.Tensor | None:
         """The layers' frozen ``weight``s (or ``bias``es, zeros for a layer without one; None if none
         has one) in one tensor, one layer's rows after another, read by one GEMM (or add) with no
         copy per call: at the first such call each tensor moves into it (the parameter, same
         object, becomes a view of its rows, so the model's memory does not grow). Laid out again
         where a tensor is no longer in its place (the model moved to another device or dtype).
-        Moved only where no backward to come keeps the present tensors (:meth:`_read_together`)."""
+        Moved only where no backward to come keeps the present tensors (:meth:`_read_together`),
+        which has checked whether they are ``in_place`` (:meth:`_in_place`)."""
         if len(layers) == 1:
             return getattr(layers[0], name)
+        key = (name, *map(id, layers))
+        if in_place:
+            return self.laid_out.get(key)  # None: none of the layers has one
         tensors = [getattr(m, name) for m in layers]
-        if all(t is None for t in tensors):
-            return None
-        if not self._in_place(layers, name):
-            with torch.no_grad():
-                kept = torch.cat([m.weight.new_zeros(m.out_features) if t is None else t for m, t in zip(layers, tensors)])
-                for t, rows in zip(tensors, kept.split([m.out_features for m in layers])):
-                    if t is not None:
-                        t.data = rows
-            ids = set(map(id, layers))  # a layout these layers had before (another group, device or dtype) is gone
-            for key in [k for k in self.laid_out if k[0] == name and ids.intersection(k[1:])]:
-                del self.laid_out[key]
-            self.laid_out[(name, *map(id, layers))] = kept
-        return self.laid_out[(name, *map(id, layers))]
+        with torch.no_grad():
+            kept = torch.cat([m.weight.new_zeros(m.out_features) if t is None else t for m, t in zip(layers, tensors)])
+            for t, rows in zip(tensors, kept.split([m.out_features for m in layers])):
+                if t is not None:
+                    t.data = rows
+        ids = set(map(id, layers))  # a layout these layers had before (another group, device or dtype) is gone
+        for old in [k for k in self.laid_out if k[0] == name and ids.intersection(k[1:])]:
+            del self.laid_out[old]
+        self.laid_out[key] = kept
+        return kept
 
     def _in_place(self, layers: list, name: str) -> bool:
         """Whether the layers' ``name`` tensors (each may be None) are their rows of the one tensor
