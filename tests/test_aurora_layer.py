@@ -623,7 +623,8 @@ def test_layers_reading_one_input_run_as_one(monkeypatch, merging, dropout):
     alone); a call that reads differently (v of another input, and v first) still gives them,
     and the next calls learn the new pattern, and the old one again (with dropout, that call's
     masks are not the per-layer path's: the group it learnt runs twice, once per input, and draws
-    masks for layers whose output it does not use)."""
+    masks for layers whose output it does not use). With dropout, a group called in the order its
+    blocks lie draws its k masks in one draw (:func:`test_one_draw_of_k_masks_is_k_draws_on_cpu`)."""
     sharing = layer_mod.InputSharing()
     sharing.merging = merging
     shared, plain = _Rerouted(sharing, dropout=dropout), _Rerouted(None, dropout=dropout)
@@ -633,12 +634,17 @@ def test_layers_reading_one_input_run_as_one(monkeypatch, merging, dropout):
     for fn, width in ((layer_mod.MergedLinear, lambda a: a[1].shape[0]), (layer_mod.ModeUpdate, lambda a: a[0].shape[-1]),
                       (layer_mod.ReadTogether, lambda a: a[4].shape[1])):
         monkeypatch.setattr(fn, "apply", partial(lambda apply, width, *a: widths[-1].append(width(a)) or apply(*a), fn.apply, width))
+    draws = []  # the masks of each draw of each call (a batched draw expands one u)
+    native_dropout = torch.native_dropout
+    monkeypatch.setattr(torch, "native_dropout",
+                        lambda u, *a: draws[-1].append(u.shape[0] if u.stride(0) == 0 else 1) or native_dropout(u, *a))
     g = torch.Generator().manual_seed(0)
     h, memory, other = (torch.randn(2, n, 6, dtype=torch.float64, generator=g, requires_grad=True) for n in (4, 7, 4))
     for call, rerouted in enumerate((False, False, True, True, False)):
         results = []
         for model in (shared, plain):
             widths.append([])
+            draws.append([])
             torch.manual_seed(1)
             out = model.train()(h, memory, other if rerouted else None)
             params = [h, memory, other, model.factors.down.U, model.factors.up.V, model.factors.up.core,
@@ -648,6 +654,7 @@ def test_layers_reading_one_input_run_as_one(monkeypatch, merging, dropout):
                 for p in params[3:]:
                     p.mul_(0.9).add_(0.01)  # an optimizer step: the next call merges anew
         assert widths.pop() == [6] * 10  # the plain model: each layer alone
+        assert draws.pop() == ([1] * 10 if dropout else [])
         if dropout and call == 2:
             continue
         torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
@@ -656,6 +663,9 @@ def test_layers_reading_one_input_run_as_one(monkeypatch, merging, dropout):
     # learnt: nothing; q, k, v (called v first) and cross k, v; q, k (v of one input, then q, k of
     # another: all three for each); q, k; q, k again (v of h alone: it read `other` last time)
     assert widths == [[6] * 10, [18, 12] * 2, [18, 18, 12] * 2, [6, 12, 12] * 2, [6, 12, 12] * 2]
+    # v called first: a draw per layer; the cross k, v and (from the fourth call) q, k: one draw each
+    assert draws == ([[1] * 10, [1, 1, 1, 2] * 2, ([1] * 6 + [2]) * 2, [1, 2, 2] * 2, [1, 2, 2] * 2]
+                     if dropout else [[]] * 5)
     assert sharing.owner is None and not sharing.memo
     if merging == "off":
         out = shared(h, memory)
@@ -682,6 +692,20 @@ def test_layers_reading_one_input_run_as_one(monkeypatch, merging, dropout):
         assert widths[-1] == [18, 12] * 2
         _assert_laid_out(shared, 8, ids)
         assert {t.dtype for t in sharing.laid_out.values()} == {torch.float64}  # none of the old layouts is kept
+
+
+def test_one_draw_of_k_masks_is_k_draws_on_cpu():
+    """Layers read together draw their k dropout masks in one draw (:class:`ReadTogether`). On a
+    CPU the generator draws them element by element, so they are the masks the layers draw one
+    after another when run alone: what lets the tests compare the two paths under one seed."""
+    u = torch.randn(35, 8, dtype=torch.float64)
+    torch.manual_seed(0)
+    together = torch.native_dropout(u.expand(3, *u.shape), 0.3, True)
+    torch.manual_seed(0)
+    alone = [torch.native_dropout(u, 0.3, True) for _ in range(3)]
+    for got, want in zip(together, zip(*alone)):
+        assert torch.equal(got, torch.stack(want))
+    assert 0 < together[1].sum() < together[1].numel()
 
 
 def _assert_laid_out(model: "CrossLayers", size: int, ids: list[int]):

@@ -410,6 +410,30 @@ def _rank_space_grads(ctx, g2, ud2, kept, T, needs_u, needs_T):
     return du, dT
 
 
+def _by_layer(T: torch.Tensor, k: int) -> torch.Tensor:
+    """The R x (k*d) update factor of k layers of width d as k factors R x d (a view)."""
+    return T.view(T.shape[0], k, -1).transpose(0, 1)
+
+
+def _batched_rank_space_grads(ctx, g2, ud, kept, T, needs_u):
+    """:func:`_rank_space_grads` for k layers of one width with their own masks (``ud``, ``kept``:
+    k x rows x R) in one call: du = Σ_i dropout_i(g_i · T_iᵀ) (three ops, into ``ctx.sink`` where
+    there is one) and dT_i = ud_iᵀ · g_i into the run's share of the group's buffer (one op)."""
+    k, run, sink = ud.shape[0], ctx.run, ctx.sink
+    g3 = g2.view(g2.shape[0], k, -1).transpose(0, 1)
+    du = None
+    if needs_u:
+        du = torch.ops.aten.native_dropout_backward(torch.bmm(g3, _by_layer(T, k).transpose(1, 2)), kept,
+                                                   1.0 / ctx.keep).sum(0)
+        if sink is not None:
+            sink.grad, du = du if sink.grad is None else sink.grad.add_(du), None
+        else:
+            du = du.view(ctx.u_shape)
+    if run.group is not None:
+        run.grad().view(k, -1, ud.shape[2]).baddbmm_(g3.transpose(1, 2), ud)
+    return du
+
+
 class MergedLinear(torch.autograd.Function):
     """y = W' x + b through the merged weight W' = W + s·ΔW (made once per step for every layer
     of a kind, :meth:`InputSharing.merged_weight`), exact where the rank path has no dropout.
@@ -444,10 +468,14 @@ class ReadTogether(torch.autograd.Function):
     side by side in one output: one GEMM through their frozen weights, which live one layer's
     rows after another in one tensor (:meth:`InputSharing._side_by_side`), then each layer's
     update written into its columns, as :class:`ModeUpdate` does; also one layer alone (a == 1),
-    one node where the frozen linear and the update would be two. Each layer draws its own mask,
-    in the order of the layers' calls (``draws``: indices into ``runs``; nothing runs between
-    them), so the masks are those of the layers run alone. Without dropout the updates are one
-    GEMM (u · T of the run of blocks), as are u's and T's gradients. x's gradient g · W goes into
+    one node where the frozen linear and the update would be two. Each layer has its own mask.
+    Layers of one width called in the order their blocks lie draw theirs as one draw of k masks
+    (the i-th for the i-th called), and their updates and gradients are batched GEMMs: per call
+    two ops forward and four or five backward, where a layer each would take two and three
+    per layer. Otherwise each draws its own, in the order of the calls (``draws``: indices into
+    ``runs``; nothing runs between them), so the masks are those of the layers run alone.
+    Without dropout the updates are one GEMM (u · T of the run of blocks), as are u's and T's
+    gradients. x's gradient g · W goes into
     u's ``sink`` (``dx``), where u's producer adds its own share g_u · U in place: autograd would
     add the two branches. The output is 2-d (rows x the layers' widths), viewed by the caller."""
 
@@ -456,9 +484,15 @@ class ReadTogether(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         x2, u2 = x.reshape(-1, x.shape[-1]), u.reshape(-1, T.shape[0])
         y = F.linear(x2, weight, bias)
+        k, width = len(runs), y.shape[1] // len(runs)
+        ctx.batched = k > 1 and dropout > 0 and draws == list(range(k)) and all(r.T.shape[1] == width for r in runs)
         if dropout == 0:
             y.addmm_(u2, T)
             saved = [u2]
+        elif ctx.batched:  # y_i += ud_i · T_i for the k layers at once, in y's columns
+            ud, kept = torch.native_dropout(u2.expand(k, *u2.shape), dropout, True)
+            y.view(-1, k, width).transpose(0, 1).baddbmm_(ud, _by_layer(T, k))
+            saved = [ud, kept]
         else:
             masks = dict(zip(draws, (torch.native_dropout(u2, dropout, True) for _ in draws)))
             saved, col = [], 0
@@ -484,6 +518,8 @@ class ReadTogether(torch.autograd.Function):
             sink.dx = g2.mm(weight) if sink.dx is None else sink.dx.addmm_(g2, weight)
         if len(saved) == 1:  # no dropout: the run of blocks at once
             du, _ = _rank_space_grads(ctx, g2, saved[0], None, T, ctx.needs_input_grad[1], False)
+        elif ctx.batched:
+            du = _batched_rank_space_grads(ctx, g2, *saved, T, ctx.needs_input_grad[1])
         else:  # each layer's own mask: its columns of g with its run (u's gradient goes into the sink)
             shares, col, run = [], 0, ctx.run
             for r, ud, kept in zip(ctx.runs, saved[0::2], saved[1::2]):
