@@ -440,7 +440,7 @@ def test_made_once_per_step_equals_made_per_layer(dropout):
 def test_a_step_leaves_nothing_to_the_cycle_collector():
     """What a step makes once (the update blocks, each layer's run of them) is freed when its
     backward has run, not whenever Python's cycle collector next runs: that can be hundreds of
-    steps later, and BLIP-base's blocks are ~20 MB a step (on a GPU, its memory)."""
+    steps later, and BLIP-base left 40 MB of tensors a step to it (on a GPU, its memory)."""
     import gc
 
     from aurora_ds.backbones import example_batch, forward_features, get_spec
