@@ -471,8 +471,8 @@ class ReadTogether(torch.autograd.Function):
     one node where the frozen linear and the update would be two. Each layer has its own mask.
     Layers of one width called in the order their blocks lie draw theirs as one draw of k masks
     (the i-th for the i-th called), and their updates and gradients are batched GEMMs: per call
-    two ops forward and four or five backward, where a layer each would take two and three
-    per layer. Otherwise each draws its own, in the order of the calls (``draws``: indices into
+    two ops forward and four or five backward, where the layers one at a time take two and
+    three each. Otherwise each draws its own, in the order of the calls (``draws``: indices into
     ``runs``; nothing runs between them), so the masks are those of the layers run alone.
     Without dropout the updates are one GEMM (u · T of the run of blocks), as are u's and T's
     gradients. x's gradient g · W goes into
