@@ -712,15 +712,17 @@ class InputSharing(CallMemo):
         key = None if readers is None else (readers, id(x))
         if key is not None:
             entry = self.memo.get(key)
-            if entry is not None and entry[0]() is x and entry[1] == (x._version, grad) and entry[2] is not None:
-                return entry[2][id(layer)]
+            if entry is not None and entry[0]() is x and entry[1] == (x._version, grad) and entry[2]:
+                y = entry[2].pop(id(layer), None)  # taken out: the memo must not keep the output alive
+                if y is not None:
+                    return y
         group = self.stack(layer, x.dtype)
         merged = None if dropout > 0 or self.merging == "off" else self.merged_weight(layer, x, group)
         if key is not None and key not in self.memo:
             together = self._read_together(readers, x, merged is not None, dropout, group)
             self.memo[key] = (weakref.ref(x), (x._version, grad), together)
             if together is not None:
-                return together[id(layer)]
+                return together.pop(id(layer))
         if merged is None:  # alone: the frozen linear and the update as one node
             alone = self._read_together((layer,), x, False, dropout, group)
             if alone is not None:
