@@ -125,12 +125,12 @@ class Group:
         return self.grad
 
     def release(self):
-        """Drop what the group made, now that no user will read it: its runs (layer.py) refer to
-        the group and its value to the node that made it, so it would otherwise be freed only by
-        Python's cycle collector, which may run hundreds of steps later (BLIP-base: 40 MB of
-        tensors a step in fp32 until then)."""
-        self.value = self.merged = None
-        self.index = {}
+        """Drop what the group made and gathered, now that no user will read it: its runs
+        (layer.py) refer to the group and its value to the node that made it, so it would
+        otherwise be freed only by Python's cycle collector, which may run hundreds of steps
+        later (BLIP-base: 40 MB of tensors a step in fp32 until then)."""
+        self.value = self.merged = self.grad = None
+        self.index, self.shares = {}, {}
 
     def current(self) -> bool:
         """Neither used up by its backward nor made from inputs changed in place since."""
@@ -178,7 +178,6 @@ class MadeOnce(torch.autograd.Function):
         group.done = True
         grad = group.gradient()
         group.release()
-        group.grad, group.shares = None, {}
         if grad is None:  # no user's backward ran
             return (None,) * (2 + len(leaves))
         needs = [t for t in leaves if t.requires_grad]
