@@ -1003,3 +1003,46 @@ def test_input_gradient_gathered_through_the_shared_u(monkeypatch):
     calls.clear()
     models[0](x)
     assert calls == ["ReadTogether", "ReadTogether", "ModeUpdate"]
+
+
+class _ByInput(nn.Module):
+    """An MLP's fc2: one layer with blocks by input (a = 4) reading x alone."""
+
+    def __init__(self, sharing):
+        super().__init__()
+        torch.manual_seed(0)
+        self.factors = AuroraFactors(6, 3, 0.3, dtype=torch.float64)
+        with torch.no_grad():
+            self.factors.up.V.normal_()
+        self.fc2 = AuroraLinear(nn.Linear(24, 6, dtype=torch.float64).requires_grad_(False), self.factors, self.factors,
+                                sharing=sharing)
+        if sharing is not None:
+            sharing.attach([self])
+
+    def forward(self, x):
+        return self.fc2(x).pow(2).sum()
+
+
+def test_blocks_by_input_alone_run_as_one_node(monkeypatch):
+    """A layer with blocks by input (fc2) runs its frozen linear and its update as one node too,
+    x's gradient added in place by u's producer, not by autograd's add of two branches: outputs
+    and every gradient equal the per-layer path's, with dropout, across an in-place factor change."""
+    calls = []
+    for fn in (layer_mod.ReadTogether, layer_mod.ModeUpdate):
+        monkeypatch.setattr(fn, "apply", partial(lambda apply, name, *a: calls.append(name) or apply(*a), fn.apply, fn.__name__))
+    x = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
+    models = ((_ByInput(layer_mod.InputSharing()), "ReadTogether"), (_ByInput(None), "ModeUpdate"))
+    for step in range(2):
+        results = []
+        for model, node in models:
+            calls.clear()
+            torch.manual_seed(step)
+            loss = model.train()(x)
+            assert calls == [node]
+            params = [x] + [p for p in model.parameters() if p.requires_grad]
+            results.append((loss, torch.autograd.grad(loss, params)))
+            with torch.no_grad():
+                model.factors.down.U.mul_(0.9)
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
+        for a, b in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -467,8 +467,8 @@ class ReadTogether(torch.autograd.Function):
     """y_i = W_i x + b_i + dropout_i(u) · T_i for layers that read one x (:meth:`InputSharing.linear`),
     side by side in one output: one GEMM through their frozen weights, which live one layer's
     rows after another in one tensor (:meth:`InputSharing._side_by_side`), then each layer's
-    update written into its columns, as :class:`ModeUpdate` does; also one layer alone (a == 1),
-    one node where the frozen linear and the update would be two. Each layer has its own mask.
+    update written into its columns, as :class:`ModeUpdate` does; also one layer alone (fc2's
+    blocks by input too), one node where the frozen linear and the update would be two. Each layer has its own mask.
     Layers of one width called in the order their blocks lie draw theirs as one draw of k masks
     (the i-th for the i-th called), and their updates and gradients are batched GEMMs: per call
     two ops forward and four or five backward, where the layers one at a time take two and
@@ -705,7 +705,7 @@ class InputSharing(CallMemo):
         without dropout; merged, their W' are consecutive rows of one tensor; unmerged, their
         frozen weights are rows of one tensor (:class:`ReadTogether`). Learned from
         the calls rather than declared per backbone; a layer called with another x than its
-        readers' runs alone, its frozen linear and update one node all the same (unmerged, a == 1)."""
+        readers' runs alone, its frozen linear and update one node all the same (unmerged)."""
         if not self.active:
             return None
         readers, grad = self._note_reader(layer, x), torch.is_grad_enabled()
@@ -757,14 +757,15 @@ class InputSharing(CallMemo):
 
     def _read_together(self, layers: tuple, x: torch.Tensor, merged: bool, dropout: float, group) -> dict | None:
         """{id(layer): its slice of one call for all ``layers``} (one layer: its output), or None
-        where they cannot run as one: blocks by input (a > 1: their u differ), blocks not
+        where they cannot run as one: several with blocks by input (a > 1: their runs of blocks make
+        no one GEMM factor), blocks not
         consecutive, frozen weights that ZeRO-3 manages (used only through their own modules'
         calls) or that train, factors that make no gradient (their blocks have no group buffer),
         or tensors to be moved into one while a backward to come may keep them. ``group``: the
         kind's (:meth:`stack`), None where its blocks are made per layer."""
         first = layers[0]
         weights = [m.weight for m in layers]
-        if first.a != 1 or any(w.requires_grad or w.dtype != x.dtype or hasattr(w, "ds_id") for w in weights):
+        if (first.a != 1 and len(layers) > 1) or any(w.requires_grad or w.dtype != x.dtype or hasattr(w, "ds_id") for w in weights):
             return None
         if group is None or not (merged or group.trained or not torch.is_grad_enabled()):
             return None
@@ -901,7 +902,7 @@ class AuroraLinear(nn.Module):
     hands x's gradient to U · x's node to add its own into. Without dropout on the rank path,
     U · x (no input gradient) and the merged linear (:class:`MergedLinear`) where ``sharing``
     makes the merged weight (:meth:`InputSharing.linear`). Three where the frozen linear must run
-    as its own module (ZeRO-3 gathers W there; blocks by input; no ``sharing``): it, U · x and
+    as its own module (ZeRO-3 gathers W there; no ``sharing``): it, U · x and
     the update (:class:`ModeUpdate`). None keeps x where :func:`rebuild_recipe` can do without it.
     """
 
