@@ -475,7 +475,7 @@ def test_kernel_launching_ops_per_adapted_call():
     """What a GPU step launches (docs/gpu.md): Aurora's training step on BLIP's structure stays
     within a fixed number of kernel-launching ops per adapted call over the frozen floor's step
     (BLIP-tiny here: at most 8 by default, 6 with dropout 0 unmerged, 5 merged; measured 6.5,
-    5.0 and 4.0; BLIP-base measures 4.7, 3.2 and 2.0, and peft's LoRA r=1 12.4)."""
+    5.0 and 4.0; BLIP-base measures 4.6, 3.1 and 2.0, and peft's LoRA r=1 12.4)."""
     from aurora_ds.bench.kernels import count_kernels
     from aurora_ds.backbones import build_backbone, example_batch, forward_features, get_spec
     from aurora_ds import AuroraConfig, inject_aurora
