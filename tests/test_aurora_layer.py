@@ -955,16 +955,30 @@ def test_merged_weight_is_in_the_frozen_weights_layout(monkeypatch, d_in, d_out,
 
 
 
+def _seeded_factors() -> AuroraFactors:
+    """One factor set (width 6, rank 3, dropout 0.3, fp64) with V non-zero, so every gradient flows."""
+    torch.manual_seed(0)
+    factors = AuroraFactors(6, 3, 0.3, dtype=torch.float64)
+    with torch.no_grad():
+        factors.up.V.normal_()
+    return factors
+
+
+def _record_nodes(monkeypatch) -> list:
+    """The names of the layer nodes applied (ReadTogether, ModeUpdate), in order, from now on."""
+    calls = []
+    for fn in (layer_mod.ReadTogether, layer_mod.ModeUpdate):
+        monkeypatch.setattr(fn, "apply", partial(lambda apply, name, *a: calls.append(name) or apply(*a), fn.apply, fn.__name__))
+    return calls
+
+
 class _ThreeReaders(nn.Module):
     """Three adapted layers reading one x through one factor set, of two kinds (scales 1 and 0.5,
     then 1 again: never consecutive, so never read together); the last one's base weight trains."""
 
     def __init__(self, sharing):
         super().__init__()
-        torch.manual_seed(0)
-        self.factors = AuroraFactors(6, 3, 0.3, dtype=torch.float64)
-        with torch.no_grad():
-            self.factors.up.V.normal_()
+        self.factors = _seeded_factors()
         self.layers = nn.ModuleList(AuroraLinear(nn.Linear(6, 6, dtype=torch.float64).requires_grad_(False), self.factors,
                                                  self.factors, scale, sharing=sharing) for scale in (1.0, 0.5, 1.0))
         self.layers[2].base_layer.weight.requires_grad_(True)
@@ -981,9 +995,7 @@ def test_input_gradient_gathered_through_the_shared_u(monkeypatch):
     share in place and returns the sum; autograd adds the trained layer's (frozen linear and
     update as two nodes). Outputs and every gradient, x's included, equal the per-layer path's,
     with dropout, over steps with an in-place factor change between them."""
-    calls = []
-    for fn in (layer_mod.ReadTogether, layer_mod.ModeUpdate):
-        monkeypatch.setattr(fn, "apply", partial(lambda apply, name, *a: calls.append(name) or apply(*a), fn.apply, fn.__name__))
+    calls = _record_nodes(monkeypatch)
     models = _ThreeReaders(layer_mod.InputSharing()), _ThreeReaders(None)
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     for step in range(3):
@@ -1010,10 +1022,7 @@ class _ByInput(nn.Module):
 
     def __init__(self, sharing):
         super().__init__()
-        torch.manual_seed(0)
-        self.factors = AuroraFactors(6, 3, 0.3, dtype=torch.float64)
-        with torch.no_grad():
-            self.factors.up.V.normal_()
+        self.factors = _seeded_factors()
         self.fc2 = AuroraLinear(nn.Linear(24, 6, dtype=torch.float64).requires_grad_(False), self.factors, self.factors,
                                 sharing=sharing)
         if sharing is not None:
@@ -1027,9 +1036,7 @@ def test_blocks_by_input_alone_run_as_one_node(monkeypatch):
     """A layer with blocks by input (fc2) runs its frozen linear and its update as one node too,
     x's gradient added in place by u's producer, not by autograd's add of two branches: outputs
     and every gradient equal the per-layer path's, with dropout, across an in-place factor change."""
-    calls = []
-    for fn in (layer_mod.ReadTogether, layer_mod.ModeUpdate):
-        monkeypatch.setattr(fn, "apply", partial(lambda apply, name, *a: calls.append(name) or apply(*a), fn.apply, fn.__name__))
+    calls = _record_nodes(monkeypatch)
     x = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
     models = ((_ByInput(layer_mod.InputSharing()), "ReadTogether"), (_ByInput(None), "ModeUpdate"))
     for step in range(2):

@@ -468,7 +468,8 @@ class ReadTogether(torch.autograd.Function):
     side by side in one output: one GEMM through their frozen weights, which live one layer's
     rows after another in one tensor (:meth:`InputSharing._side_by_side`), then each layer's
     update written into its columns, as :class:`ModeUpdate` does; also one layer alone (fc2's
-    blocks by input too), one node where the frozen linear and the update would be two. Each layer has its own mask.
+    blocks by input too), one node where the frozen linear and the update would be two. Each
+    layer has its own mask.
     Layers of one width called in the order their blocks lie draw theirs as one draw of k masks
     (the i-th for the i-th called), and their updates and gradients are batched GEMMs: per call
     two ops forward and four or five backward, where the layers one at a time take two and
@@ -757,15 +758,17 @@ class InputSharing(CallMemo):
 
     def _read_together(self, layers: tuple, x: torch.Tensor, merged: bool, dropout: float, group) -> dict | None:
         """{id(layer): its slice of one call for all ``layers``} (one layer: its output), or None
-        where they cannot run as one: several with blocks by input (a > 1: their runs of blocks make
-        no one GEMM factor), blocks not
-        consecutive, frozen weights that ZeRO-3 manages (used only through their own modules'
-        calls) or that train, factors that make no gradient (their blocks have no group buffer),
-        or tensors to be moved into one while a backward to come may keep them. ``group``: the
-        kind's (:meth:`stack`), None where its blocks are made per layer."""
+        where they cannot run as one: several with blocks by input (a > 1: their runs of blocks
+        make no one GEMM factor), blocks not consecutive, frozen weights that ZeRO-3 manages
+        (used only through their own modules' calls) or that train, factors that make no
+        gradient (their blocks have no group buffer), or tensors to be moved into one while a
+        backward to come may keep them. ``group``: the kind's (:meth:`stack`), None where its
+        blocks are made per layer."""
         first = layers[0]
         weights = [m.weight for m in layers]
-        if (first.a != 1 and len(layers) > 1) or any(w.requires_grad or w.dtype != x.dtype or hasattr(w, "ds_id") for w in weights):
+        if first.a != 1 and len(layers) > 1:
+            return None
+        if any(w.requires_grad or w.dtype != x.dtype or hasattr(w, "ds_id") for w in weights):
             return None
         if group is None or not (merged or group.trained or not torch.is_grad_enabled()):
             return None
