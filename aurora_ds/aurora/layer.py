@@ -330,14 +330,22 @@ class ModeUp(nn.Module):
 
 
 class Run:
-    """One layer's run of stacked update blocks: its GEMM factor T (a view, made once) and, for
-    blocks made once per step, the view of the group's gradient buffer its backward adds into."""
+    """One layer's run of stacked update blocks: its GEMM factor T (a view, made at its first
+    use: layers read together use their joint run's) and, for blocks made once per step, the
+    view of the group's gradient buffer its backward adds into."""
 
-    __slots__ = ("T", "a", "rows", "group", "span", "rank", "_grad")
+    __slots__ = ("blocks", "a", "rows", "group", "span", "rank", "_T", "_grad")
 
     def __init__(self, blocks: torch.Tensor, a: int, rank: int, group=None, span=None):
-        self.a, self.rows, self.rank, self.group, self.span, self._grad = a, a == 1, rank, group, span, None
-        self.T = _gemm_factor(blocks if span is None else blocks[span[0]:span[1]], a, rank)
+        self.a, self.rows, self.rank, self.group, self.span = a, a == 1, rank, group, span
+        self.blocks, self._T, self._grad = blocks, None, None
+
+    @property
+    def T(self) -> torch.Tensor:
+        if self._T is None:
+            span = self.span
+            self._T = _gemm_factor(self.blocks if span is None else self.blocks[span[0]:span[1]], self.a, self.rank)
+        return self._T
 
     def grad(self) -> torch.Tensor:
         """dT's share in T's stored orientation (:func:`_stored`), within the group's buffer."""
@@ -470,23 +478,24 @@ class ReadTogether(torch.autograd.Function):
     update written into its columns, as :class:`ModeUpdate` does; also one layer alone (fc2's
     blocks by input too), one node where the frozen linear and the update would be two. Each
     layer has its own mask.
-    Layers of one width called in the order their blocks lie draw theirs as one draw of k masks
-    (the i-th for the i-th called), and their updates and gradients are batched GEMMs: per call
-    two ops forward and four or five backward, where the layers one at a time take two and
-    three each. Otherwise each draws its own, in the order of the calls (``draws``: indices into
-    ``runs``; nothing runs between them), so the masks are those of the layers run alone.
+    Layers of one width called in the order their blocks lie (``batched``) draw theirs as one
+    draw of k masks (the i-th for the i-th called), and their updates and gradients are batched
+    GEMMs: per call two ops forward and four or five backward, where the layers one at a time
+    take two and three each. Otherwise each draws its own, in the order of the calls
+    (``draws``: indices into ``runs``; nothing runs between them), so the masks are those of the
+    layers run alone.
     Without dropout the updates are one GEMM (u · T of the run of blocks), as are u's and T's
     gradients. x's gradient g · W goes into
     u's ``sink`` (``dx``), where u's producer adds its own share g_u · U in place: autograd would
     add the two branches. The output is 2-d (rows x the layers' widths), viewed by the caller."""
 
     @staticmethod
-    def forward(ctx, x, u, weight, bias, T, run, runs, draws, dropout, sink):
+    def forward(ctx, x, u, weight, bias, T, run, runs, draws, batched, dropout, sink):
         ctx.set_materialize_grads(False)
         x2, u2 = x.reshape(-1, x.shape[-1]), u.reshape(-1, T.shape[0])
         y = F.linear(x2, weight, bias)
         k, width = len(runs), y.shape[1] // len(runs)
-        ctx.batched = k > 1 and dropout > 0 and draws == list(range(k)) and all(r.T.shape[1] == width for r in runs)
+        ctx.batched = batched and dropout > 0
         if dropout == 0:
             y.addmm_(u2, T)
             saved = [u2]
@@ -509,7 +518,7 @@ class ReadTogether(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if g is None:
-            return (None,) * 10
+            return (None,) * 11
         T, weight, *saved = ctx.saved_tensors
         g2 = g.reshape(-1, T.shape[1])
         dx, sink = None, ctx.sink
@@ -530,7 +539,7 @@ class ReadTogether(torch.autograd.Function):
                 col += r.T.shape[1]
             ctx.run = run
             du = sum(shares[1:], shares[0]) if shares else None
-        return (dx, du) + (None,) * 8
+        return (dx, du) + (None,) * 9
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -560,6 +569,7 @@ class InputSharing(CallMemo):
         self.readers = {}  # id(layer) -> the layers that read one x with it in the previous call
         self.laid_out = {}  # (weight or bias, ids of layers read together) -> their tensors in one
         self.used = set()  # ids of layers whose frozen tensors autograd may keep until a backward to come
+        self.plans = {}  # layers in the order they read one x -> how they run together (_Together), or None
 
     def _open(self, module, args):
         super()._open(module, args)
@@ -619,13 +629,17 @@ class InputSharing(CallMemo):
     def _build(self, layer: "AuroraLinear", dtype: torch.dtype):
         """(make, inputs, index) of the group of update blocks of every layer of ``layer``'s kind."""
         layers, up = self.members[layer.kind], layer.target.up
-        starts = itertools.accumulate((m.a * m.b for m in layers), initial=0)
 
         def make(core, V, *coeffs):
             return _as(update_blocks(core, V, list(coeffs), layer.a == 1, layer.scale), dtype)
 
-        return (make, (up.core, up.V, *(m.coeffs for m in layers)),
-                {id(m): (start, start + m.a * m.b) for m, start in zip(layers, starts)})
+        return make, (up.core, up.V, *(m.coeffs for m in layers)), self._spans(layer.kind)
+
+    def _spans(self, kind) -> dict:
+        """{id(layer): (start, stop)}: each layer's run of blocks in its kind's stack."""
+        layers = self.members[kind]
+        starts = itertools.accumulate((m.a * m.b for m in layers), initial=0)
+        return {id(m): (start, start + m.a * m.b) for m, start in zip(layers, starts)}
 
     @staticmethod
     def _run(group, layer: "AuroraLinear") -> "Run":
@@ -764,42 +778,53 @@ class InputSharing(CallMemo):
         gradient (their blocks have no group buffer), or tensors to be moved into one while a
         backward to come may keep them. ``group``: the kind's (:meth:`stack`), None where its
         blocks are made per layer."""
-        first = layers[0]
-        weights = [m.weight for m in layers]
-        if first.a != 1 and len(layers) > 1:
-            return None
-        if any(w.requires_grad or w.dtype != x.dtype or hasattr(w, "ds_id") for w in weights):
+        if any(w.requires_grad or w.dtype != x.dtype or hasattr(w, "ds_id") for w in (m.weight for m in layers)):
             return None
         if group is None or not (merged or group.trained or not torch.is_grad_enabled()):
             return None
         if not merged and torch.is_autocast_enabled(x.device.type):
             return None
-        calls = layers  # in the order they were called
-        layers = sorted(layers, key=lambda m: self._run(group, m).span)  # as their blocks lie
-        runs = [self._run(group, m) for m in layers]
-        if any(r.span[1] != t.span[0] for r, t in zip(runs, runs[1:])):
+        plan = self._plan(layers)
+        if plan is None:
             return None
+        layers, first = plan.layers, plan.layers[0]
         placed = {n: self._in_place(layers, n) for n in (("bias",) if merged else ("weight", "bias"))}
-        if not all(placed.values()) and torch.is_grad_enabled() and any(id(m) in self.used for m in layers):
+        if not all(placed.values()) and torch.is_grad_enabled() and any(i in self.used for i in plan.ids):
             return None  # moved now, their present tensors would live on beside the new one until that backward
-        rank, first = first.target.up.core.shape[0], layers[0]
-        run = runs[0] if len(runs) == 1 else Run(group.value, 1, rank, group if group.trained else None,
-                                                 (runs[0].span[0], runs[-1].span[1]))
+        runs = [self._run(group, m) for m in layers]
+        run = runs[0] if len(runs) == 1 else Run(group.value, 1, first.target.up.core.shape[0],
+                                                 group if group.trained else None, plan.span)
         bias = self._side_by_side(layers, "bias", placed["bias"])
         if merged:
             made = group.merged
-            start, count = made.starts[id(first)], sum(m.out_features for m in layers)
-            y = self._merged_call(first.source.down, x, made.rows.narrow(0, start, count), run, bias)
+            y = self._merged_call(first.source.down, x, made.rows.narrow(0, made.starts[id(first)], sum(plan.widths)),
+                                  run, bias)
         else:
             u, sink = self.down(first.source.down, x)
-            draws = [layers.index(m) for m in calls]
             weight = self._side_by_side(layers, "weight", placed["weight"])
-            y = ReadTogether.apply(x, u, weight, bias, run.T, run, runs, draws, dropout, sink).view(*x.shape[:-1], -1)
+            y = ReadTogether.apply(x, u, weight, bias, run.T, run, runs, plan.draws, plan.batched, dropout,
+                                   sink).view(*x.shape[:-1], -1)
         if torch.is_grad_enabled():
-            self.used.update(map(id, layers))
+            self.used.update(plan.ids)
         if len(layers) == 1:
             return {id(first): y}
-        return dict(zip(map(id, layers), y.split([m.out_features for m in layers], -1)))
+        return dict(zip(plan.ids, y.split(plan.widths, -1)))
+
+    def _plan(self, calls: tuple) -> "_Together | None":
+        """How the layers ``calls`` (in the order they were called) run together, worked out at
+        their first call together (it depends on the layers alone), or None where they cannot:
+        several with blocks by input (a > 1: their runs of blocks make no one GEMM factor), or
+        blocks not consecutive in their kind's stack."""
+        if calls in self.plans:
+            return self.plans[calls]
+        plan = None
+        if calls[0].a == 1 or len(calls) == 1:
+            spans = self._spans(calls[0].kind)
+            layers = sorted(calls, key=lambda m: spans[id(m)])  # as their blocks lie
+            if all(spans[id(m)][1] == spans[id(n)][0] for m, n in zip(layers, layers[1:])):
+                plan = _Together(layers, calls, (spans[id(layers[0])][0], spans[id(layers[-1])][1]))
+        self.plans[calls] = plan
+        return plan
 
     def _side_by_side(self, layers: list, name: str, in_place: bool) -> torch.Tensor | None:
         """The layers' frozen ``weight``s (or ``bias``es, zeros for a layer without one; None if none
@@ -839,6 +864,21 @@ class InputSharing(CallMemo):
                 return False
             start += m.out_features * row
         return True
+
+
+class _Together:
+    """Layers that read one x, as they run together (:meth:`InputSharing._read_together`):
+    ``layers`` in the order their blocks lie in their kind's stack, their joint ``span`` of
+    blocks, ``draws`` (for each call in call order, its layer's index in ``layers``) and
+    ``batched``: several of one width called in that order, whose masks are one draw of k."""
+
+    __slots__ = ("layers", "ids", "widths", "span", "draws", "batched")
+
+    def __init__(self, layers: list, calls: tuple, span: tuple):
+        self.layers, self.ids, self.span = layers, [id(m) for m in layers], span
+        self.widths = [m.out_features for m in layers]
+        self.draws = [layers.index(m) for m in calls]
+        self.batched = len(layers) > 1 and self.draws == list(range(len(layers))) and len(set(self.widths)) == 1
 
 
 MERGE_ROWS = 16  # merged: auto merges where the rows are this many times in·out / (in + out)
