@@ -582,9 +582,12 @@ class InputSharing(CallMemo):
             self._settle(self.reading[2])
             self.reading = None
 
-    def down(self, down: ModeDown, x: torch.Tensor, input_grad: bool = True) -> tuple[torch.Tensor, Sink | None]:
+    def down(self, down: ModeDown, x: torch.Tensor, input_grad: bool = True,
+             layer: "AuroraLinear | None" = None) -> tuple[torch.Tensor, Sink | None]:
         """(``down(x)``, or the u it already gave for this very x in this call; the sink its
-        consumers add u's gradient into, or None)."""
+        consumers add u's gradient into, or None). While compiling, see :meth:`_traced_down`."""
+        if torch.compiler.is_compiling() and self.traced_owner is not None:
+            return self._traced_down(down, x, input_grad, layer), None
         if not self.active or x.is_inference():
             return down(x, input_grad=input_grad), None
         key = (id(down), id(x), input_grad)
@@ -597,6 +600,22 @@ class InputSharing(CallMemo):
         memo = self.memo
         self.memo[key] = (weakref.ref(x, lambda _: memo.pop(key, None)), x._version, grad, (u, sink))
         return u, sink
+
+    def _traced_down(self, down: ModeDown, x: torch.Tensor, input_grad: bool, layer) -> torch.Tensor:
+        """U·x traced once for the layers that read one x one after another in the eager call
+        before (their readers), so that its backward is one duᵀ·x and one du·U for them all
+        (autograd adds their du first). Only there: a traced graph cannot read version counters,
+        so it would not see x changed in place between two reads, which the eager call that
+        learnt the readers ruled out (a reader follows only at x's same version)."""
+        readers = None if layer is None else self.readers.get(id(layer))
+        first = None if readers is None else readers[0]  # a layer is in one set of readers at a time
+        last = self.traced.get("u")  # (first of the readers, down, input_grad, x, u) of the previous call
+        if first is not None and last is not None and last[0] is first and last[1] is down \
+                and last[2] == input_grad and last[3] is x:
+            return last[4]
+        u = down(x, input_grad=input_grad)
+        self.traced["u"] = (first, down, input_grad, x, u)
+        return u
 
     def blocks(self, layer: "AuroraLinear", dtype: torch.dtype) -> "Run | None":
         """The layer's :class:`Run` of the update blocks made once per step for every layer of its
@@ -999,7 +1018,7 @@ class AuroraLinear(nn.Module):
             if y is not None:
                 return y
         y = self.base_layer(x)
-        u, sink = (down(x), None) if self.sharing is None else self.sharing.down(down, x)
+        u, sink = (down(x), None) if self.sharing is None else self.sharing.down(down, x, layer=self)
         base = _whole_base(y)
         out = self.target.up(y if base is None else base, u, self, dropout, sink)
         return out if base is None else out.view(y.shape)

@@ -68,7 +68,9 @@ class PlainBackend:
 
     With engine.compile the objective's training modes run through ``torch.compile`` in
     full-graph mode (an error, not a silent fallback, where the step cannot be captured whole),
-    CUDA graphs on a GPU; the step number goes in as a tensor so that no step recompiles.
+    CUDA graphs on a GPU; the step number goes in as a tensor so that no step recompiles. Each
+    mode's first call runs eagerly: the adapted layers learn there which of them read one input
+    together, which the traced graph then shares U·x among (``InputSharing._traced_down``).
     """
 
     distributed = False
@@ -82,7 +84,7 @@ class PlainBackend:
         self.optimizer = make_optimizer(cfg, self.params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim.warmup_steps, total_steps))
         self.micro = 0
-        self.compiled = None
+        self.compiled, self.eager_once = None, set()
         if compile_step(cfg, self.device):
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.compiled = torch.compile(self.module, fullgraph=True, mode=mode)
@@ -95,8 +97,10 @@ class PlainBackend:
     def forward(self, batch, *args):
         batch = to_device(batch, self.device)
         if self.compiled is not None and len(args) > 1 and args[1] in STEP_MODES:
-            step, *rest = args
-            return self.compiled(batch, torch.tensor(step, device=self.device), *rest)
+            if args[1] in self.eager_once:
+                step, *rest = args
+                return self.compiled(batch, torch.tensor(step, device=self.device), *rest)
+            self.eager_once.add(args[1])  # eager first: the adapted layers learn which read one input together
         return self.module(batch, *args)
 
     def backward(self, loss):
