@@ -96,7 +96,8 @@ def test_eval_mode_has_no_dropout_and_merge_agrees():
 @pytest.mark.slow
 def test_torch_compile_matches_eager_in_one_graph():
     """A whole adapted BLIP step under torch.compile: one graph (no breaks, so no per-layer
-    frames to recompile for each block shape), the same loss and gradients as eager."""
+    frames to recompile for each block shape), the same loss and gradients as eager, its
+    readers run as one (learnt and laid out by two eager calls)."""
     from torch._dynamo.utils import counters
 
     from aurora_ds import AuroraConfig, build_backbone, inject_aurora
@@ -118,6 +119,7 @@ def test_torch_compile_matches_eager_in_one_graph():
     def loss_fn():
         return sum(o.float().pow(2).mean() for o in forward_features(model, spec, batch).values())
 
+    loss_fn().backward()  # as engine.compile's eager calls: the layers learn their readers, then lay them out
     want = loss_fn()
     want_grads = torch.autograd.grad(want, params)
     torch._dynamo.reset()
@@ -288,15 +290,18 @@ def test_u_is_computed_once_per_input_within_a_call(monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_u_is_computed_once_per_input_in_a_compiled_call(monkeypatch):
-    """Compiled (one graph), U·x is traced once for each set of layers that the eager call before
-    learnt to read one input one after another, so that its backward is one duᵀ·x and one du·U
-    for the set (autograd adds their du first): the same loss and gradients as eager, in fp32.
-    Fails where each layer traces its own (10 calls)."""
+@pytest.mark.parametrize("dropout", [0.0, 1e-9])
+def test_readers_run_as_one_in_a_compiled_call(monkeypatch, dropout):
+    """Compiled (one graph), the layers that eager calls before learnt to read one input one after
+    another and laid out side by side run as one (U·x traced once, so that its backward is one
+    duᵀ·x and one du·U for the set; one GEMM through their frozen weights; their updates one
+    GEMM, or with dropout one batched GEMM over one draw of masks): the same loss and gradients
+    as eager, in fp32. At dropout 1e-9 every mask keeps all (the batched path, comparable with
+    eager's masks). Fails where each layer traces its own U·x (10 calls) or runs alone."""
     from torch._dynamo.utils import counters
 
     sharing = layer_mod.InputSharing()
-    model = CrossLayers(sharing, d=8, dropout=0.0).float().train()
+    model = CrossLayers(sharing, d=8, dropout=dropout).float().train()
     h = torch.randn(2, 4, 8, requires_grad=True)
     memory = torch.randn(2, 7, 8, requires_grad=True)
     params = [h, memory, model.factors.down.U, model.factors.up.V, model.factors.up.core,
@@ -305,15 +310,19 @@ def test_u_is_computed_once_per_input_in_a_compiled_call(monkeypatch):
     def loss():
         return model(h, memory).pow(2).sum()
 
+    loss().backward()  # learns the readers; the next call (no backward to come) lays their weights out
     want = loss()
     want_grads = torch.autograd.grad(want, params)
     torch._dynamo.reset()
     counters.clear()
     calls, forward = [], layer_mod.ModeDown.forward
     monkeypatch.setattr(layer_mod.ModeDown, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    served, together = [], layer_mod.InputSharing._traced_together
+    monkeypatch.setattr(layer_mod.InputSharing, "_traced_together",
+                        lambda *a: (lambda y: served.append(y is not None) or y)(together(*a)))
     got = torch.compile(loss, fullgraph=True)()
-    # per layer once for q, k, v and once for the cross k, v (readers learnt by the eager call), not per layer (10)
-    assert len(calls) == 4
+    # per layer once for q, k, v and once for the cross k, v, not per layer (10); every layer served as one of its set
+    assert len(calls) == 4 and served == [True] * 10
     got_grads = torch.autograd.grad(got, params)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_grads, want_grads):

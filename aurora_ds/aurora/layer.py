@@ -621,16 +621,55 @@ class InputSharing(CallMemo):
         """The layer's :class:`Run` of the update blocks made once per step for every layer of its
         kind (:func:`_kind`), or None where they must be made per layer."""
         if torch.compiler.is_compiling() and self.traced_owner is not None:
-            if not self._stacked(layer):
-                return None
-            key = (layer.kind, dtype, torch.is_grad_enabled())  # one stack per traced call; its
-            if key not in self.traced:  # slices' gradients are the compiler's to add
-                make, inputs, index = self._build(layer, dtype)
-                self.traced[key] = (make(*inputs), index)
-            stack, index = self.traced[key]
-            return Run(stack, layer.a, layer.target.up.core.shape[0], None, index[id(layer)])
+            made = self._traced_stack(layer, dtype)
+            return None if made is None else Run(made[0], layer.a, layer.target.up.core.shape[0], None, made[1][id(layer)])
         group = self.stack(layer, dtype)
         return None if group is None else self._run(group, layer)
+
+    def _traced_stack(self, layer: "AuroraLinear", dtype: torch.dtype) -> "tuple | None":
+        """While compiling: (the update blocks of ``layer``'s kind, each layer's span), made once
+        per traced call (their slices' gradients are the compiler's to add), or None where the
+        blocks are made per layer."""
+        if not self._stacked(layer):
+            return None
+        key = (layer.kind, dtype, torch.is_grad_enabled())
+        if key not in self.traced:
+            make, inputs, index = self._build(layer, dtype)
+            self.traced[key] = (make(*inputs), index)
+        return self.traced[key]
+
+    def _traced_together(self, layer: "AuroraLinear", x: torch.Tensor, dropout: float) -> torch.Tensor | None:
+        """While compiling, :class:`ReadTogether`'s computation in plain ops for the readers an
+        eager call learnt (:meth:`_traced_down` says why only those): at the first of them, one
+        GEMM through their frozen weights as laid out side by side, their updates in one GEMM
+        (without dropout) or one batched GEMM over one draw of k masks; the others take their
+        slice. None where the readers cannot run so (their weights not laid out by that eager
+        call, masks not one draw), so that ``layer`` runs alone."""
+        readers = self.readers.get(id(layer))
+        last = self.traced.get("together")  # (first of the readers, x, {id(layer): slice}) of the previous call
+        if readers is not None and last is not None and last[0] is readers[0] and last[1] is x and id(layer) in last[2]:
+            return last[2].pop(id(layer))
+        plan = None if readers is None else self.plans.get(readers)
+        if plan is None or plan.layers[0].a != 1 or (dropout > 0 and not plan.batched):
+            return None
+        weight, bias = self.laid_out.get(("weight", *plan.ids)), self.laid_out.get(("bias", *plan.ids))
+        made = self._traced_stack(layer, x.dtype)
+        if weight is None or made is None or weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type):
+            return None
+        first = plan.layers[0]
+        T = Run(made[0], 1, first.target.up.core.shape[0], None, plan.span).T
+        u = self._traced_down(first.source.down, x, True, first)
+        x2, u2 = x.reshape(-1, x.shape[-1]), u.reshape(-1, T.shape[0])
+        y = F.linear(x2, weight, bias)
+        k, width = len(plan.layers), plan.widths[0]
+        if dropout == 0:
+            outs = torch.addmm(y, u2, T).split(plan.widths, -1)
+        else:
+            ud = F.dropout(u2.expand(k, *u2.shape), dropout)
+            outs = torch.baddbmm(y.view(-1, k, width).transpose(0, 1), ud, _by_layer(T, k)).unbind(0)
+        outs = {i: out.view(*x.shape[:-1], out.shape[-1]) for i, out in zip(plan.ids, outs)}
+        self.traced["together"] = (readers[0], x, outs)
+        return outs.pop(id(layer))
 
     def stack(self, layer: "AuroraLinear", dtype: torch.dtype) -> "Group | None":
         """The group of update blocks of ``layer``'s kind in this step (eager), or None where they
@@ -739,7 +778,10 @@ class InputSharing(CallMemo):
         without dropout; merged, their W' are consecutive rows of one tensor; unmerged, their
         frozen weights are rows of one tensor (:class:`ReadTogether`). Learned from
         the calls rather than declared per backbone; a layer called with another x than its
-        readers' runs alone, its frozen linear and update one node all the same (unmerged)."""
+        readers' runs alone, its frozen linear and update one node all the same (unmerged).
+        While compiling, :meth:`_traced_together`."""
+        if torch.compiler.is_compiling() and self.traced_owner is not None:
+            return self._traced_together(layer, x, dropout)
         if not self.active:
             return None
         readers, grad = self._note_reader(layer, x), torch.is_grad_enabled()

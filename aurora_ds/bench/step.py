@@ -206,8 +206,11 @@ class Config:
             torch._functorch.config.enable_autograd_cache = False
             self.loss = torch.compile(self._loss, fullgraph=True,
                                       mode="reduce-overhead" if job["device"] == "cuda" else None)
-            with torch.no_grad():  # one eager call first, as engine.compile makes: the adapted layers learn their readers
-                self._loss(batch["pixel_values"])
+            from aurora_ds.engine.backend import EAGER_CALLS
+
+            with torch.no_grad():  # eager calls first, as engine.compile makes (the adapted layers learn their readers)
+                for _ in range(EAGER_CALLS):
+                    self._loss(batch["pixel_values"])
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # foreach: what a GPU runs (one op per update stage for all tensors); CPU's default is a
         # Python loop over the tensors, which would time the host per tensor, not per step.

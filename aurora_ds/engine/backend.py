@@ -8,6 +8,7 @@ what full_values / swapped / checkpoints hide.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -47,6 +48,7 @@ def lr_lambda(warmup: int, total: int):
 
 # The objective's modes that run in every training step: captured when engine.compile is on.
 STEP_MODES = ("train", "momentum")
+EAGER_CALLS = 2  # per mode before the compiled step: one learns the readers, the next lays their weights out
 # (model interface, task) whose step is captured whole (tested). BLIP's QA step has a varying
 # number of answers per question; BLIP-2's Q-Former attention mask does not trace.
 CAPTURED = {("blip", "retrieval")}
@@ -69,8 +71,9 @@ class PlainBackend:
     With engine.compile the objective's training modes run through ``torch.compile`` in
     full-graph mode (an error, not a silent fallback, where the step cannot be captured whole),
     CUDA graphs on a GPU; the step number goes in as a tensor so that no step recompiles. Each
-    mode's first call runs eagerly: the adapted layers learn there which of them read one input
-    together, which the traced graph then shares U·x among (``InputSharing._traced_down``).
+    mode's first ``EAGER_CALLS`` calls run eagerly: the adapted layers learn there which of them
+    read one input together and lay their frozen weights side by side, which the traced graph
+    then runs as one (``InputSharing._traced_together``).
     """
 
     distributed = False
@@ -84,7 +87,7 @@ class PlainBackend:
         self.optimizer = make_optimizer(cfg, self.params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim.warmup_steps, total_steps))
         self.micro = 0
-        self.compiled, self.eager_once = None, set()
+        self.compiled, self.eager_calls = None, collections.Counter()
         if compile_step(cfg, self.device):
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.compiled = torch.compile(self.module, fullgraph=True, mode=mode)
@@ -97,10 +100,10 @@ class PlainBackend:
     def forward(self, batch, *args):
         batch = to_device(batch, self.device)
         if self.compiled is not None and len(args) > 1 and args[1] in STEP_MODES:
-            if args[1] in self.eager_once:
+            if self.eager_calls[args[1]] == EAGER_CALLS:
                 step, *rest = args
                 return self.compiled(batch, torch.tensor(step, device=self.device), *rest)
-            self.eager_once.add(args[1])  # eager first: the adapted layers learn which read one input together
+            self.eager_calls[args[1]] += 1
         return self.module(batch, *args)
 
     def backward(self, loss):
