@@ -639,12 +639,13 @@ class InputSharing(CallMemo):
         return self.traced[key]
 
     def _traced_together(self, layer: "AuroraLinear", x: torch.Tensor, dropout: float) -> torch.Tensor | None:
-        """While compiling, :class:`ReadTogether`'s computation in plain ops for the readers an
-        eager call learnt (:meth:`_traced_down` says why only those): at the first of them, one
+        """While compiling, :class:`ReadTogether`'s computation in plain ops for the readers eager
+        calls learnt (:meth:`_traced_down` says why only those): at the first of them, one
         GEMM through their frozen weights as laid out side by side, their updates in one GEMM
         (without dropout) or one batched GEMM over one draw of k masks; the others take their
-        slice. None where the readers cannot run so (their weights not laid out by that eager
-        call, masks not one draw), so that ``layer`` runs alone."""
+        slice. The weights are taken as the eager calls laid them out (a graph cannot check a
+        tensor's storage; the model is not moved after them). None where the readers cannot run
+        so (their weights not laid out by those calls, masks not one draw): ``layer`` runs alone."""
         readers = self.readers.get(id(layer))
         last = self.traced.get("together")  # (first of the readers, x, {id(layer): slice}) of the previous call
         if readers is not None and last is not None and last[0] is readers[0] and last[1] is x and id(layer) in last[2]:
