@@ -330,6 +330,40 @@ def test_readers_run_as_one_in_a_compiled_call(monkeypatch, dropout):
     assert counters["stats"]["unique_graphs"] == 1 and not sharing.traced
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("one_call", [True, False])
+def test_a_compiled_step_makes_the_blocks_once_for_every_call_of_the_model(monkeypatch, one_call):
+    """A compiled step that calls the model twice (BLIP's calls its text encoder twice), run as one
+    call of it (``as_one_call``): each kind's update blocks are traced once for the step, so that
+    their backward runs once; without it, once per call of the model. The loss and gradients are
+    eager's either way."""
+    from aurora_ds.aurora import as_one_call
+
+    sharing = layer_mod.InputSharing()
+    model = CrossLayers(sharing, d=8, dropout=0.0).float().train()
+    h = torch.randn(2, 4, 8, requires_grad=True)
+    memory = torch.randn(2, 7, 8, requires_grad=True)
+    params = [h, memory, model.factors.down.U, model.factors.up.V, model.factors.up.core,
+              *(m.coeffs for layer in model.layers for m in layer.values())]
+
+    def loss():
+        return (model(h, memory) * model(h.flip(1), memory)).sum()
+
+    loss().backward()
+    want = loss()
+    want_grads = torch.autograd.grad(want, params)
+    torch._dynamo.reset()
+    builds, build = [], layer_mod.InputSharing._build
+    monkeypatch.setattr(layer_mod.InputSharing, "_build", lambda *a: builds.append(1) or build(*a))
+    got = torch.compile(as_one_call(loss, model) if one_call else loss, fullgraph=True)()
+    assert len(builds) == (1 if one_call else 2)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert sharing.traced_owner is None and not sharing.traced
+
+
 class _ChangedBetweenReads(nn.Module):
     """Two layers read h, which changes in place between the reads (nothing saved needs it)."""
 

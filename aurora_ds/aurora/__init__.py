@@ -7,7 +7,7 @@ from .config import AuroraConfig
 from .extras import ContextEnhancement, GatedQueryTransform
 from .io import read_adapter_config, write_adapter
 from .layer import AuroraFactors, AuroraLinear
-from .model import AuroraModel, context_module, inject_aurora, load_adapter, numel
+from .model import AuroraModel, as_one_call, context_module, inject_aurora, load_adapter, numel
 from .targets import TargetPreset, register_presets
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ContextEnhancement",
     "GatedQueryTransform",
     "TargetPreset",
+    "as_one_call",
     "context_module",
     "inject_aurora",
     "load_adapter",

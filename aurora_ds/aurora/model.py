@@ -187,6 +187,13 @@ def load_adapter_tensors(handle: AuroraModel, tensors: dict[str, torch.Tensor]):
         targets[name].copy_(value.to(targets[name].dtype))
 
 
+def as_one_call(fn, model: nn.Module):
+    """``fn``, which calls ``model``'s adapted towers (maybe several times), run as one call of
+    the adapted model (:meth:`CallMemo.as_one_call`): what to compile for a training step."""
+    sharing = next((m.sharing for m in model.modules() if isinstance(m, AuroraLinear) and m.sharing), None)
+    return fn if sharing is None else sharing.as_one_call(fn)
+
+
 def inject_aurora(model: nn.Module, config: AuroraConfig) -> AuroraModel:
     """Freeze ``model`` and add Aurora in place; returns the managing handle.
 

@@ -55,6 +55,22 @@ class CallMemo:
             module.register_forward_pre_hook(self._open)
             module.register_forward_hook(self._close, always_call=True)
 
+    def as_one_call(self, fn):
+        """``fn`` run as one call of the model, opened and closed around it as a hooked module's
+        call is, so that what is made once per call is made once for every tower ``fn`` calls.
+        Eagerly a group made with gradients lives until its backward anyway; a traced call keeps
+        what it made only until its outermost hooked module returns, so a compiled step that
+        calls BLIP's vision tower and then its text encoder twice would make each kind's update
+        blocks three times, and run their backward three times."""
+        def call(*args, **kwargs):
+            self._open(call, args)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._close(call, args, None)
+
+        return call
+
     def _open(self, module, args):
         if torch.compiler.is_compiling():
             if self.traced_owner is None:

@@ -204,7 +204,9 @@ class Config:
             # Generated afresh (a cached graph is not generated, so its kernels would go uncounted).
             torch._inductor.config.fx_graph_cache = False
             torch._functorch.config.enable_autograd_cache = False
-            self.loss = torch.compile(self._loss, fullgraph=True,
+            from aurora_ds.aurora import as_one_call
+
+            self.loss = torch.compile(as_one_call(self._loss, self.model), fullgraph=True,
                                       mode="reduce-overhead" if job["device"] == "cuda" else None)
             from aurora_ds.engine.backend import EAGER_CALLS
 

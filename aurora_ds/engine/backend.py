@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from ..aurora import as_one_call
 from ..dist import compute_device
 from ..backbones import PRECISIONS
 
@@ -73,7 +74,8 @@ class PlainBackend:
     CUDA graphs on a GPU; the step number goes in as a tensor so that no step recompiles. Each
     mode's first ``EAGER_CALLS`` calls run eagerly: the adapted layers learn there which of them
     read one input together and lay their frozen weights side by side, which the traced graph
-    then runs as one (``InputSharing._traced_together``).
+    then runs as one (``InputSharing._traced_together``). The step is traced as one call of
+    the adapted model (``as_one_call``), so what Aurora makes once per call is made once for it.
     """
 
     distributed = False
@@ -90,7 +92,7 @@ class PlainBackend:
         self.compiled, self.eager_calls = None, collections.Counter()
         if compile_step(cfg, self.device):
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.compiled = torch.compile(self.module, fullgraph=True, mode=mode)
+            self.compiled = torch.compile(as_one_call(self.module, self.module), fullgraph=True, mode=mode)
 
     def begin_step(self):
         """A new micro-batch: CUDA graphs may now reuse the memory of the previous one's outputs."""
