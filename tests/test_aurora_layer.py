@@ -97,10 +97,12 @@ def test_eval_mode_has_no_dropout_and_merge_agrees():
 def test_torch_compile_matches_eager_in_one_graph():
     """A whole adapted BLIP step under torch.compile: one graph (no breaks, so no per-layer
     frames to recompile for each block shape), the same loss and gradients as eager, its
-    readers run as one (learnt and laid out by two eager calls)."""
+    readers run as one (learnt and laid out by two eager calls), traced as one call of the
+    model as engine.compile traces it."""
     from torch._dynamo.utils import counters
 
     from aurora_ds import AuroraConfig, build_backbone, inject_aurora
+    from aurora_ds.aurora import as_one_call
     from aurora_ds.backbones import example_batch, forward_features, get_spec
 
     name = "blip-tiny-retrieval"
@@ -124,7 +126,7 @@ def test_torch_compile_matches_eager_in_one_graph():
     want_grads = torch.autograd.grad(want, params)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(loss_fn)
+    compiled = torch.compile(as_one_call(loss_fn, model))
     for _ in range(2):
         got = compiled()
         got_grads = torch.autograd.grad(got, params)
@@ -1047,6 +1049,43 @@ def test_coefficient_gradients_arrive_in_their_layout(merging):
         if want.requires_grad:
             assert got.grad.stride() == got.stride()
             torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.timeout(300)
+def test_compiled_coefficients_are_gathered_by_one_op_each_way():
+    """Compiled, each kind's Λᵀ is one op the compiled code calls, and so is the coefficients'
+    flat gradient (inductor copies each input of a concatenation of graph inputs by a kernel of
+    its own: one per adapted layer); the gradients are eager's, in the parameters' layout."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    model = MultiBlockLayers(layer_mod.InputSharing())
+    h = torch.randn(2, 4, 6, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss():
+        return model(h).pow(2).sum()
+
+    loss().backward()
+    want = torch.autograd.grad(loss(), params)
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    for backend in (aot_autograd(fw_compiler=keep, bw_compiler=keep), "inductor"):
+        torch._dynamo.reset()
+        got = torch.autograd.grad(torch.compile(loss, backend=backend, fullgraph=True)(), params)
+        for a, b in zip(got, want):
+            assert a.stride() == b.stride()
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    nodes = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    targets = collections.Counter(str(n.target) for n in nodes)
+    # two kinds (a == 1: qkv, projection, fc1; b == 1: fc2)
+    assert targets["aurora_ds.gathered_rows.default"] == targets["aurora_ds.gathered_rows_grad.default"] == 2
+    # no concatenation of the coefficients (the model's own, prod's backward, joins two tensors)
+    assert all(len(n.args[0]) == 2 for n in nodes if n.target is torch.ops.aten.cat.default)
 
 
 @pytest.mark.parametrize("d_in,d_out,a,b", [(6, 6, 4, 1), (6, 6, 1, 4), (5, 7, 1, 1)])

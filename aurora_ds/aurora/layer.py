@@ -253,7 +253,7 @@ def update_blocks(core: torch.Tensor, V: torch.Tensor, coeffs: list[torch.Tensor
     return blocks if scale == 1.0 else blocks * scale
 
 
-_ROW_INDEX: dict = {}  # (device, R, each layer's block count) -> the gather index of _coefficient_rows
+_ROW_INDEX: dict = {}  # (device, R, each layer's block count) -> _coefficient_rows' gather index and its inverse
 
 
 def _coefficient_rows(coeffs: list[torch.Tensor]) -> torch.Tensor:
@@ -263,21 +263,64 @@ def _coefficient_rows(coeffs: list[torch.Tensor]) -> torch.Tensor:
     layout into the parameter's, one op per layer and step. A transposed slice of Λᵀ's gradient
     is such a layout wherever k > 1, so Λᵀ is gathered by one ``index_select`` from the layers'
     flat, concatenated coefficients, Λᵀ[k, p] = Λ_l[p, k - start_l], whose gradient comes back
-    flat: each layer's share a contiguous run, viewed as R x k. One layer's Λᵀ is its Λ
-    transposed (the GEMM reading it gives the gradient in Λ's layout), as are columns (k = 1).
-    Compiled, the transposes are concatenated: inductor's gather and scatter for the index
-    launch more kernels than the copies they save (tiny BLIP: 634 against 630 per step).
+    flat (one ``index_select`` through the inverse index): each layer's share a contiguous run,
+    viewed as R x k. One layer's Λᵀ is its Λ transposed (the GEMM reading it gives the gradient
+    in Λ's layout), as are columns (k = 1), concatenated, except while compiling: inductor would
+    copy each input of a concatenation of graph inputs by a kernel of its own (one per adapted
+    layer), where the gather is one op the compiled code calls each way.
     """
-    if len(coeffs) == 1 or torch.compiler.is_compiling() or all(c.shape[1] == 1 for c in coeffs):
-        return coeffs[0].t() if len(coeffs) == 1 else torch.cat([c.t() for c in coeffs])
+    if len(coeffs) == 1:
+        return coeffs[0].t()
+    if all(c.shape[1] == 1 for c in coeffs) and not torch.compiler.is_compiling():
+        return torch.cat([c.t() for c in coeffs])
+    return _gathered_rows(coeffs)
+
+
+def _row_index(device, rank: int, widths: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(where each element of Λᵀ lies in the flat coefficients, where each flat one lies in Λᵀ)."""
+    key = (device, rank, widths)
+    if key not in _ROW_INDEX:
+        starts = itertools.accumulate((rank * k for k in widths), initial=0)
+        index = torch.tensor([start + p * k + j for start, k in zip(starts, widths) for j in range(k) for p in range(rank)],
+                             device=device)
+        _ROW_INDEX[key] = (index, torch.argsort(index))
+    return _ROW_INDEX[key]
+
+
+@torch.library.custom_op("aurora_ds::gathered_rows", mutates_args=())
+def _gathered_rows(coeffs: list[torch.Tensor]) -> torch.Tensor:
+    """Λᵀ gathered from the flat coefficients, as one op the compiler calls."""
     rank, flat = coeffs[0].shape[0], torch.cat([c.reshape(-1) for c in coeffs])
-    key = (flat.device, rank, tuple(c.shape[1] for c in coeffs))
-    index = _ROW_INDEX.get(key)
-    if index is None:
-        starts = itertools.accumulate((rank * k for k in key[2]), initial=0)
-        index = _ROW_INDEX[key] = torch.tensor(
-            [start + p * k + j for start, k in zip(starts, key[2]) for j in range(k) for p in range(rank)], device=flat.device)
-    return flat.index_select(0, index).view(-1, rank)
+    return flat.index_select(0, _row_index(flat.device, rank, tuple(c.shape[1] for c in coeffs))[0]).view(-1, rank)
+
+
+@torch.library.custom_op("aurora_ds::gathered_rows_grad", mutates_args=())
+def _gathered_rows_grad(grad: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """The coefficients' flat gradient from Λᵀ's: each layer's share a contiguous run."""
+    return grad.reshape(-1).index_select(0, _row_index(grad.device, grad.shape[1], tuple(widths))[1])
+
+
+@_gathered_rows.register_fake
+def _(coeffs):
+    return coeffs[0].new_empty(sum(c.shape[1] for c in coeffs), coeffs[0].shape[0])
+
+
+@_gathered_rows_grad.register_fake
+def _(grad, widths):
+    return grad.new_empty(grad.numel())
+
+
+def _gathered_rows_setup(ctx, inputs, output):
+    ctx.widths = [c.shape[1] for c in inputs[0]]
+
+
+def _gathered_rows_backward(ctx, grad):
+    rank, widths = grad.shape[1], ctx.widths
+    flat = _gathered_rows_grad(grad, widths)
+    return [run.view(rank, k) for run, k in zip(flat.split([rank * k for k in widths]), widths)]
+
+
+_gathered_rows.register_autograd(_gathered_rows_backward, setup_context=_gathered_rows_setup)
 
 
 def layer_update(core: torch.Tensor, V: torch.Tensor, coeffs: torch.Tensor, a: int, b: int,
