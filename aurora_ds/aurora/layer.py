@@ -694,7 +694,7 @@ class InputSharing(CallMemo):
         if readers is not None and last is not None and last[0] is readers[0] and last[1] is x and id(layer) in last[2]:
             return last[2].pop(id(layer))
         plan = None if readers is None else self.plans.get(readers)
-        if plan is None or plan.layers[0].a != 1 or (dropout > 0 and not plan.batched):
+        if plan is None or (dropout > 0 and not plan.batched):
             return None
         weight, bias = self.laid_out.get(("weight", *plan.ids)), self.laid_out.get(("bias", *plan.ids))
         made = self._traced_stack(layer, x.dtype)
