@@ -366,6 +366,28 @@ def test_a_compiled_step_makes_the_blocks_once_for_every_call_of_the_model(monke
     assert sharing.traced_owner is None and not sharing.traced
 
 
+def test_one_call_closes_when_its_function_fails():
+    """Eagerly, ``as_one_call`` opens one call of the model around its function and closes it
+    even when the function raises, so the next call starts afresh (a call left open would keep
+    its memo of inputs for ever)."""
+    from aurora_ds.aurora import as_one_call
+
+    sharing = layer_mod.InputSharing()
+    model = CrossLayers(sharing, d=8, dropout=0.0).float().train()
+    h, memory = torch.randn(2, 4, 8), torch.randn(2, 7, 8)
+
+    def fails():
+        model(h, memory)
+        assert sharing.owner is not model and sharing.memo  # the function's call owns the memo
+        raise RuntimeError("in the step")
+
+    with pytest.raises(RuntimeError, match="in the step"):
+        as_one_call(fails, model)()
+    assert sharing.owner is None and not sharing.memo
+    model(h, memory)
+    assert sharing.owner is None and not sharing.memo
+
+
 class _ChangedBetweenReads(nn.Module):
     """Two layers read h, which changes in place between the reads (nothing saved needs it)."""
 
