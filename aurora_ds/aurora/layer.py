@@ -265,15 +265,11 @@ def _coefficient_rows(coeffs: list[torch.Tensor]) -> torch.Tensor:
     flat, concatenated coefficients, Λᵀ[k, p] = Λ_l[p, k - start_l], whose gradient comes back
     flat (one ``index_select`` through the inverse index): each layer's share a contiguous run,
     viewed as R x k. One layer's Λᵀ is its Λ transposed (the GEMM reading it gives the gradient
-    in Λ's layout), as are columns (k = 1), concatenated, except while compiling: inductor would
-    copy each input of a concatenation of graph inputs by a kernel of its own (one per adapted
-    layer), where the gather is one op the compiled code calls each way.
+    in Λ's layout); columns (k = 1) need no gather, their concatenation is Λᵀ. One op each way
+    that the compiled code calls, too: inductor would copy each input of a concatenation of
+    graph inputs by a kernel of its own, one per adapted layer.
     """
-    if len(coeffs) == 1:
-        return coeffs[0].t()
-    if all(c.shape[1] == 1 for c in coeffs) and not torch.compiler.is_compiling():
-        return torch.cat([c.t() for c in coeffs])
-    return _gathered_rows(coeffs)
+    return coeffs[0].t() if len(coeffs) == 1 else _gathered_rows(coeffs)
 
 
 def _row_index(device, rank: int, widths: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +287,10 @@ def _row_index(device, rank: int, widths: tuple) -> tuple[torch.Tensor, torch.Te
 def _gathered_rows(coeffs: list[torch.Tensor]) -> torch.Tensor:
     """Λᵀ gathered from the flat coefficients, as one op the compiler calls."""
     rank, flat = coeffs[0].shape[0], torch.cat([c.reshape(-1) for c in coeffs])
-    return flat.index_select(0, _row_index(flat.device, rank, tuple(c.shape[1] for c in coeffs))[0]).view(-1, rank)
+    widths = tuple(c.shape[1] for c in coeffs)
+    if all(k == 1 for k in widths):
+        return flat.view(-1, rank)
+    return flat.index_select(0, _row_index(flat.device, rank, widths)[0]).view(-1, rank)
 
 
 @torch.library.custom_op("aurora_ds::gathered_rows_grad", mutates_args=())
@@ -316,7 +315,7 @@ def _gathered_rows_setup(ctx, inputs, output):
 
 def _gathered_rows_backward(ctx, grad):
     rank, widths = grad.shape[1], ctx.widths
-    flat = _gathered_rows_grad(grad, widths)
+    flat = grad.reshape(-1) if all(k == 1 for k in widths) else _gathered_rows_grad(grad, widths)
     return [run.view(rank, k) for run, k in zip(flat.split([rank * k for k in widths]), widths)]
 
 
