@@ -311,11 +311,12 @@ def _(grad, widths):
 
 def _gathered_rows_setup(ctx, inputs, output):
     ctx.widths = [c.shape[1] for c in inputs[0]]
+    ctx.columns = all(k == 1 for k in ctx.widths)  # no gather was made: none to undo
 
 
 def _gathered_rows_backward(ctx, grad):
     rank, widths = grad.shape[1], ctx.widths
-    flat = grad.reshape(-1) if all(k == 1 for k in widths) else _gathered_rows_grad(grad, widths)
+    flat = grad.reshape(-1) if ctx.columns else _gathered_rows_grad(grad, widths)
     return [run.view(rank, k) for run, k in zip(flat.split([rank * k for k in widths]), widths)]
 
 
@@ -651,13 +652,19 @@ class InputSharing(CallMemo):
         learnt the readers ruled out (a reader follows only at x's same version)."""
         readers = None if layer is None else self.readers.get(id(layer))
         first = None if readers is None else readers[0]  # a layer is in one set of readers at a time
-        last = self.traced.get("u")  # (first of the readers, down, input_grad, x, u) of the previous call
-        if first is not None and last is not None and last[0] is first and last[1] is down \
-                and last[2] == input_grad and last[3] is x:
-            return last[4]
-        u = down(x, input_grad=input_grad)
-        self.traced["u"] = (first, down, input_grad, x, u)
+        u = self._traced_again("u", first, down, input_grad, x)
+        if u is None:
+            u = down(x, input_grad=input_grad)
+            self.traced["u"] = (first, (down, input_grad, x), u)
         return u
+
+    def _traced_again(self, name: str, first, *inputs):
+        """What the previous traced call of ``name`` made, where the same readers (led by ``first``)
+        asked it of the very same inputs, else None."""
+        last = self.traced.get(name)  # (first of the readers, inputs, what was made)
+        if first is None or last is None or last[0] is not first or len(last[1]) != len(inputs):
+            return None
+        return last[2] if all(a is b for a, b in zip(last[1], inputs)) else None
 
     def blocks(self, layer: "AuroraLinear", dtype: torch.dtype) -> "Run | None":
         """The layer's :class:`Run` of the update blocks made once per step for every layer of its
@@ -689,9 +696,9 @@ class InputSharing(CallMemo):
         tensor's storage; the model is not moved after them). None where the readers cannot run
         so (their weights not laid out by those calls, masks not one draw): ``layer`` runs alone."""
         readers = self.readers.get(id(layer))
-        last = self.traced.get("together")  # (first of the readers, x, {id(layer): slice}) of the previous call
-        if readers is not None and last is not None and last[0] is readers[0] and last[1] is x and id(layer) in last[2]:
-            return last[2].pop(id(layer))
+        outs = None if readers is None else self._traced_again("together", readers[0], x)  # {id(layer): slice}
+        if outs is not None and id(layer) in outs:
+            return outs.pop(id(layer))
         plan = None if readers is None else self.plans.get(readers)
         if plan is None or (dropout > 0 and not plan.batched):
             return None
@@ -711,7 +718,7 @@ class InputSharing(CallMemo):
             ud = F.dropout(u2.expand(k, *u2.shape), dropout)
             outs = torch.baddbmm(y.view(-1, k, width).transpose(0, 1), ud, _by_layer(T, k)).unbind(0)
         outs = {i: out.view(*x.shape[:-1], out.shape[-1]) for i, out in zip(plan.ids, outs)}
-        self.traced["together"] = (readers[0], x, outs)
+        self.traced["together"] = (readers[0], (x,), outs)
         return outs.pop(id(layer))
 
     def stack(self, layer: "AuroraLinear", dtype: torch.dtype) -> "Group | None":
