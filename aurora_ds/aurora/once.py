@@ -132,7 +132,7 @@ class Group:
         self.grad, self.shares, self.index, self.done = None, {}, {}, False
         self.merged = None  # what merged layers make from ``value`` (layer.py), as long as it lives
         self.inputs, self.versions = inputs, [t._version for t in inputs]
-        self.value = MadeOnce.apply(self, make, *inputs) if torch.is_grad_enabled() else make(*inputs)
+        self.value = MadeOnce.apply(self, make(*inputs)) if torch.is_grad_enabled() else make(*inputs)
         self.trained = self.value.requires_grad
 
     def buffer(self) -> torch.Tensor:
@@ -173,29 +173,23 @@ class Group:
 
 
 class MadeOnce(torch.autograd.Function):
-    """``make(*inputs)`` as one node whose backward runs once, after every user has added its
-    share into ``group.buffer()`` or put it in (``group.put``). Users return no gradient for the
-    made tensor: autograd would add their shares one op at a time, and a user that reads a slice
-    would have autograd copy the whole stack back per user."""
+    """The tensor ``made`` by a group's ``make``, handed to its users as one node whose backward
+    runs once, after every user has added its share into ``group.buffer()`` or put it in
+    (``group.put``), and returns the sum as ``made``'s gradient: autograd then runs ``make``'s
+    own backward in the same pass. Users return no gradient for the made tensor: autograd would
+    add their shares one op at a time, and a user that reads a slice would have autograd copy
+    the whole stack back per user."""
 
     @staticmethod
-    def forward(ctx, group, make, *inputs):
+    def forward(ctx, group, made):
         ctx.set_materialize_grads(False)
-        ctx.leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-        with torch.enable_grad():
-            made = make(*ctx.leaves)
-        ctx.made, ctx.group = made, group
+        ctx.group = group
         return made.detach()
 
     @staticmethod
     def backward(ctx, _unused):
-        group, leaves, made = ctx.group, ctx.leaves, ctx.made
-        ctx.group = ctx.leaves = ctx.made = None  # group -> value -> this node -> group: a cycle
+        group, ctx.group = ctx.group, None  # group -> value -> this node -> group: a cycle
         group.done = True
         grad = group.gradient()
         group.release()
-        if grad is None:  # no user's backward ran
-            return (None,) * (2 + len(leaves))
-        needs = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(made, needs, grad))
-        return (None, None, *(next(grads) if t.requires_grad else None for t in leaves))
+        return None, grad
