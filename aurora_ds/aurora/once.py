@@ -132,7 +132,8 @@ class Group:
         self.grad, self.shares, self.index, self.done = None, {}, {}, False
         self.merged = None  # what merged layers make from ``value`` (layer.py), as long as it lives
         self.inputs, self.versions = inputs, [t._version for t in inputs]
-        self.value = MadeOnce.apply(self, make(*inputs)) if torch.is_grad_enabled() else make(*inputs)
+        made = make(*inputs)
+        self.value = MadeOnce.apply(self, made) if torch.is_grad_enabled() else made
         self.trained = self.value.requires_grad
 
     def buffer(self) -> torch.Tensor:

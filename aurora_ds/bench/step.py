@@ -28,7 +28,7 @@ step, in the timing process itself.
 Kernel ops (``bench/kernels.py``): at BLIP sizes a GPU step is bound by kernel launches, not
 arithmetic, so each configuration also reports the kernel-launching ATen ops of one forward +
 backward, counted from gradients set to None (no ``.grad`` accumulation), and their multiple of
-the floor's; the optimizer separately, as one ``AdamW(foreach=True)`` step (what a GPU runs);
+the floor's; the optimizer separately, as one fused AdamW step (what the engine runs);
 and the ops per adapted-layer call, (ops - floor ops) / calls, the calls counted by forward
 hooks on the adapted modules. The counts do not depend on image size or batch (from batch 2 on),
 so a CPU run at 32 px counts what a GPU run at 224 px launches.
@@ -214,9 +214,8 @@ class Config:
                 for _ in range(EAGER_CALLS):
                     self._loss(batch["pixel_values"])
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # foreach: what a GPU runs (one op per update stage for all tensors); CPU's default is a
-        # Python loop over the tensors, which would time the host per tensor, not per step.
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5, foreach=True) if self.params else None
+        # fused, as the engine runs it (engine/backend.make_optimizer): one op for all tensors.
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5, fused=True) if self.params else None
 
     def _loss(self, pixels):
         from aurora_ds.backbones import forward_features
@@ -242,7 +241,7 @@ class Config:
     def kernel_counts(self) -> dict:
         """Kernel-launching ops of one forward + backward from gradients set to None (no ``.grad``
         accumulation), after one more step (so that the count is a steady step's, whatever
-        ``--steps``), the adapted-layer calls in it, and the ops of one (foreach) AdamW step."""
+        ``--steps``), the adapted-layer calls in it, and the ops of one (fused) AdamW step."""
         from .kernels import count_compiled, count_kernels
 
         self.step()  # what is made at a first use (groups learnt from the calls before) is counted made
@@ -426,7 +425,7 @@ def markdown(results: dict) -> str:
              fmt(r["ops_per_adapted_call"], ".1f")]
             for r in results["runs"]]
     text = table(["size", "method", "trainable", "step s (median)", "CPU s (median)", "samples/s", "peak memory MB",
-                  "kernel ops/step", "× floor", "AdamW (foreach) ops", "adapted calls", "ops per adapted call"], rows)
+                  "kernel ops/step", "× floor", "AdamW ops", "adapted calls", "ops per adapted call"], rows)
     def spread(v):
         return f"{v['median']:.3f} ({v['min']:.3f}–{v['max']:.3f})"
 

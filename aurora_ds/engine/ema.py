@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class EMA:
@@ -16,13 +17,14 @@ class EMA:
         self.backend, self.momentum = backend, momentum
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        self.values = backend.full_values(self.params)
+        self.values = [v.clone() for v in backend.full_values(self.params)]
+        self._average = get_ema_multi_avg_fn(momentum)
 
-    @torch.no_grad()
     def update(self):
-        """ema <- m * ema + (1 - m) * online (collective under DeepSpeed: call on all ranks)."""
-        for ema, online in zip(self.values, self.backend.full_values(self.params)):
-            ema.mul_(self.momentum).add_(online, alpha=1.0 - self.momentum)
+        """ema <- m * ema + (1 - m) * online as one foreach lerp over every tensor: a GPU
+        launches a kernel per chunk of tensors, where an update per tensor launched two for each
+        of an adapter's ~200 (collective under DeepSpeed: call on all ranks)."""
+        self._average(self.values, self.backend.full_values(self.params), None)
 
     @contextlib.contextmanager
     def swapped(self):
