@@ -319,3 +319,37 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     build_backbone("blip-tiny-retrieval").save_pretrained(path)
     return path
+
+
+def _rank_main(rank, size, port, errors, body):
+    """One spawned rank: gloo on 127.0.0.1, then ``body(rank, size)``; what it raises goes to the parent."""
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
+                      LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        body(rank, size)
+    except BaseException as e:  # reported to the parent, which fails the test
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def on_two_ranks():
+    """``on_two_ranks(body)``: ``body(rank, size)``, a module-level function, in two spawned
+    processes joined by gloo; the test fails with whatever a rank raised."""
+    import torch.multiprocessing as mp
+
+    from aurora_ds.dist import free_port
+
+    def run(body):
+        errors = mp.get_context("spawn").SimpleQueue()
+        mp.start_processes(_rank_main, args=(2, free_port(), errors, body), nprocs=2, join=True, start_method="spawn")
+        found = []
+        while not errors.empty():
+            found.append(errors.get())
+        assert not found, found
+
+    return run

@@ -9,12 +9,10 @@ one left behind.
 """
 
 import ast
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from aurora_ds import AuroraConfig, build_backbone, inject_aurora
 from aurora_ds import dist
@@ -121,41 +119,28 @@ def test_place_buffers_moves_buffers_and_strict_mode_refuses_stragglers(monkeypa
         place_buffers(module, "meta")  # its parameters are still on the CPU
 
 
-def _worker(rank, size, port, errors):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), AURORA_STRICT_DEVICES="1")
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
+def _dist_helpers(rank, size):
+    dist.set_compute_device("cpu")
+    assert dist.comm_device() == torch.device("cpu") and dist.world() == (rank, size)
+    x = torch.full((rank + 1, 2), float(rank))  # unequal rows per rank
+    assert dist.batch_sizes(len(x)) == [1, 2] and dist.row_offset(len(x)) == rank
+    assert dist.gather(x).tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    y = x.clone().requires_grad_(True)
+    (dist.gather_with_grad(y) * torch.arange(3.0).view(3, 1)).sum().backward()
+    assert y.grad.tolist() == ([[0.0, 0.0]] if rank == 0 else [[2.0, 2.0], [4.0, 4.0]])  # summed over 2 ranks
+    assert dist.sum_over_ranks(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert dist.all_gather_flat(torch.full((2,), float(rank))).tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert dist.min_over_ranks(5 + rank) == 5 and dist.any_rank(rank == 1) and not dist.any_rank(False)
+    assert dist.mean_over_ranks(torch.tensor(float(rank))) == 0.5
+    assert dist.gather_objects({"r": rank}) == [{"r": 0}, {"r": 1}]
+    assert [real for _, real in dist.lockstep(range(rank + 1), {})] == ([True, False] if rank == 0 else [True, True])
     try:
-        dist.set_compute_device("cpu")
-        assert dist.comm_device() == torch.device("cpu") and dist.world() == (rank, size)
-        x = torch.full((rank + 1, 2), float(rank))  # unequal rows per rank
-        assert dist.batch_sizes(len(x)) == [1, 2] and dist.row_offset(len(x)) == rank
-        assert dist.gather(x).tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
-        y = x.clone().requires_grad_(True)
-        (dist.gather_with_grad(y) * torch.arange(3.0).view(3, 1)).sum().backward()
-        assert y.grad.tolist() == ([[0.0, 0.0]] if rank == 0 else [[2.0, 2.0], [4.0, 4.0]])  # summed over 2 ranks
-        assert dist.sum_over_ranks(torch.ones(2)).tolist() == [2.0, 2.0]
-        assert dist.all_gather_flat(torch.full((2,), float(rank))).tolist() == [0.0, 0.0, 1.0, 1.0]
-        assert dist.min_over_ranks(5 + rank) == 5 and dist.any_rank(rank == 1) and not dist.any_rank(False)
-        assert dist.mean_over_ranks(torch.tensor(float(rank))) == 0.5
-        assert dist.gather_objects({"r": rank}) == [{"r": 0}, {"r": 1}]
-        assert [real for _, real in dist.lockstep(range(rank + 1), {})] == ([True, False] if rank == 0 else [True, True])
-        try:
-            dist.sum_over_ranks(torch.ones(2, device="meta"))
-            raise AssertionError("strict mode let a tensor from another device through")
-        except RuntimeError as e:
-            assert "AURORA_STRICT_DEVICES" in str(e)
-    except BaseException as e:  # reported to the parent, which fails the test
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-    finally:
-        torch.distributed.destroy_process_group()
+        dist.sum_over_ranks(torch.ones(2, device="meta"))
+        raise AssertionError("strict mode let a tensor from another device through")
+    except RuntimeError as e:
+        assert "AURORA_STRICT_DEVICES" in str(e)
 
 
 @pytest.mark.timeout(120)
-def test_dist_helpers_on_two_ranks_in_strict_mode():
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(2, dist.free_port(), errors), nprocs=2, join=True, start_method="spawn")
-    found = []
-    while not errors.empty():
-        found.append(errors.get())
-    assert not found, found
+def test_dist_helpers_on_two_ranks_in_strict_mode(on_two_ranks):
+    on_two_ranks(_dist_helpers)

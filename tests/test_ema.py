@@ -1,5 +1,6 @@
 """The momentum encoder's EMA: its values, the exact swap, and what a step of it launches."""
 
+import pytest
 import torch
 
 from aurora_ds import AuroraConfig, build_backbone, inject_aurora
@@ -52,3 +53,36 @@ def test_a_step_of_the_ema_launches_a_few_kernels_whatever_the_tensor_count():
 
     ops = count_kernels(step)
     assert sum(ops.values()) <= 5, ops  # one lerp; two copies each way (was 7 per tensor)
+
+
+def _zero2_masters(rank, size):
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from aurora_ds import dist
+    from aurora_ds.engine.backend import _whole_masters
+
+    dist.set_compute_device("cpu")
+    torch.manual_seed(0)
+    # odd sizes: ZeRO-2's flat partition splits some tensors between the ranks, others not
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3, bias=False), torch.nn.Linear(3, 1))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                      config={"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+                                              "zero_optimization": {"stage": 2},
+                                              "zero_allow_untested_optimizer": True})
+    engine.backward(engine(torch.randn(1, 7, dtype=torch.bfloat16)).float().sum())
+    engine.step()  # fp32 masters now differ from their bf16 copies in the model
+    params = list(engine.module.parameters())
+    whole = _whole_masters(params)
+    for p, w in zip(params, whole):
+        want = safe_get_full_fp32_param(p)
+        assert w.dtype == torch.float32 and torch.equal(w, want), (tuple(p.shape), w, want)
+    assert any(not torch.equal(w, p.float()) for p, w in zip(params, whole))  # not the bf16 copies
+
+
+@pytest.mark.timeout(180)
+def test_zero2_whole_masters_in_one_sum_equal_deepspeeds_per_tensor_reads(on_two_ranks):
+    """What the EMA reads every step under the replicated layout (ZeRO-2): every tensor's fp32
+    master made whole by one collective equals DeepSpeed's own read of each tensor."""
+    on_two_ranks(_zero2_masters)

@@ -16,7 +16,7 @@ import os
 import torch
 
 from ..aurora import as_one_call
-from ..dist import compute_device
+from ..dist import compute_device, sum_over_ranks
 from ..backbones import PRECISIONS
 
 
@@ -198,10 +198,14 @@ class DeepSpeedBackend:
         return self.scheduler.get_last_lr()[0]
 
     def full_values(self, params) -> list[torch.Tensor]:
-        """Full fp32 values of (partitioned) trainable parameters; collective on all ranks."""
+        """Full fp32 values of (partitioned) trainable parameters, each a new tensor; collective on
+        all ranks. Read every step by the EMA: under ZeRO-1/2 one sum over the ranks for all
+        tensors (:func:`_whole_masters`), where DeepSpeed's helper sums each tensor apart."""
+        if not self.zero3:
+            return _whole_masters(params)
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return [safe_get_full_fp32_param(p).detach().float() for p in params]  # each a new tensor
+        return [safe_get_full_fp32_param(p).detach().float() for p in params]
 
     def exchange(self, params, values) -> list[torch.Tensor]:
         """Put ``values`` into the model's copy of ``params``; return what was there.
@@ -226,6 +230,26 @@ class DeepSpeedBackend:
                 _set_zero3_master(p, v)
             else:
                 safe_set_full_fp32_param(p, v.float())
+
+
+@torch.no_grad()
+def _whole_masters(params) -> list[torch.Tensor]:
+    """ZeRO-1/2: each rank holds a fragment of each tensor's fp32 master (``_hp_mapping``, as
+    DeepSpeed's ``safe_get_full_fp32_param`` reads it). Laid at their places in one zero buffer,
+    the fragments of every tensor are made whole by one sum over the ranks: one collective and
+    three ops a step, not one collective and two ops per tensor."""
+    sizes = [p.numel() for p in params]
+    flat = torch.zeros(sum(sizes), dtype=torch.float32, device=params[0].device)
+    places, fragments = [], []
+    for p, part in zip(params, flat.split(sizes)):
+        mapping = p._hp_mapping  # None where this rank holds none of it
+        if mapping is not None:
+            address = mapping.lp_fragment_address
+            places.append(part.narrow(0, address.start, address.numel))
+            fragments.append(mapping.get_hp_fragment().view(-1))
+    if places:
+        torch._foreach_copy_(places, fragments)
+    return [part.view_as(p) for p, part in zip(params, sum_over_ranks(flat).split(sizes))]
 
 
 def _set_zero3_master(param, value):
