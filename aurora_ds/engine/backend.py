@@ -199,9 +199,10 @@ class DeepSpeedBackend:
 
     def full_values(self, params) -> list[torch.Tensor]:
         """Full fp32 values of (partitioned) trainable parameters, each a new tensor; collective on
-        all ranks. Read every step by the EMA: under ZeRO-1/2 one sum over the ranks for all
-        tensors (:func:`_whole_masters`), where DeepSpeed's helper sums each tensor apart."""
-        if not self.zero3:
+        all ranks. Read every step by the EMA: where ZeRO-1/2 maps each tensor to fragments of
+        the masters, one sum over the ranks for all tensors (:func:`_whole_masters`), where
+        DeepSpeed's helper sums each tensor apart."""
+        if not self.zero3 and all(hasattr(p, "_hp_mapping") for p in params):
             return _whole_masters(params)
         from deepspeed.utils import safe_get_full_fp32_param
 
