@@ -16,7 +16,7 @@ def _ema(momentum=0.9):
     model = build_backbone("blip-tiny-retrieval")
     handle = inject_aurora(model, AuroraConfig(rank=4, backbone="blip-tiny-retrieval"))
     backend = PlainBackend(model, cfg, 3)
-    return EMA(backend, handle.named_trainable_parameters(), momentum), backend
+    return EMA(backend, handle.named_trainable_parameters(), momentum)
 
 
 def _perturb(params):
@@ -26,7 +26,7 @@ def _perturb(params):
 
 
 def test_update_is_the_moving_average_and_the_swap_restores_exactly():
-    ema, _ = _ema(momentum=0.9)
+    ema = _ema(momentum=0.9)
     start = [v.clone() for v in ema.values]
     _perturb(ema.params)  # the values are the EMA's own copies: changing the parameters leaves them
     assert all(torch.equal(v, s) for v, s in zip(ema.values, start))
@@ -43,7 +43,7 @@ def test_update_is_the_moving_average_and_the_swap_restores_exactly():
 def test_a_step_of_the_ema_launches_a_few_kernels_whatever_the_tensor_count():
     """Update and swap in and out, every step of momentum distillation: a handful of foreach
     ops, not several per tensor (a GPU launches each, and an adapter has ~200 tensors)."""
-    ema, _ = _ema()
+    ema = _ema()
     assert len(ema.params) > 20
 
     def step():

@@ -14,7 +14,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 class EMA:
     def __init__(self, backend, named_params: list[tuple[str, torch.nn.Parameter]], momentum: float):
-        self.backend, self.momentum = backend, momentum
+        self.backend = backend
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.values = [v.clone() for v in backend.full_values(self.params)]
